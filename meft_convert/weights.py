@@ -1,0 +1,185 @@
+"""Reading the original checkpoint's tensors and writing the converted ones.
+
+The PLM's safetensors shards are copied byte for byte (so every tensor keeps its name and
+its bytes, and a large model never has to fit in memory); the adapters MEFT adds go into a
+shard of their own, and an index ties the shards together.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .errors import BadInputError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors dtype name, e.g. "F32"
+    shape: tuple[int, ...]
+    file: Path
+
+
+@dataclass
+class SourceWeights:
+    """The original weights: safetensors shards (or, with allow_pickle, .bin shards)."""
+
+    files: list[Path]
+    pickle: bool
+    tensors: dict[str, TensorInfo]
+
+
+def _index_files(folder: Path, index_name: str) -> list[Path]:
+    index = json.loads((folder / index_name).read_text())
+    return [folder / name for name in sorted(set(index["weight_map"].values()))]
+
+
+def find_weights(folder: Path, allow_pickle: bool = False) -> SourceWeights:
+    """Locates and inspects the weights in `folder`; raises BadInputError if unusable."""
+    if (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    elif (folder / SAFETENSORS_INDEX).is_file():
+        files = _index_files(folder, SAFETENSORS_INDEX)
+    elif (folder / "pytorch_model.bin").is_file() or (folder / PICKLE_INDEX).is_file():
+        if not allow_pickle:
+            raise BadInputError(
+                f"{folder} has only pickle weights (pytorch_model.bin), which meft-convert does not unpickle "
+                "by default; pass --allow-pickle to read them with torch.load(weights_only=True), "
+                "or use a revision that has safetensors"
+            )
+        files = [folder / "pytorch_model.bin"] if (folder / "pytorch_model.bin").is_file() else _index_files(folder, PICKLE_INDEX)
+        return SourceWeights(files, True, _pickle_tensor_infos(files))
+    else:
+        raise BadInputError(f"no model weights (model.safetensors or {SAFETENSORS_INDEX}) in {folder}")
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        if not file.is_file():
+            raise BadInputError(f"weight shard {file.name} listed in {SAFETENSORS_INDEX} is missing from {folder}")
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    meta = f.get_slice(key)
+                    tensors[key] = TensorInfo(meta.get_dtype(), tuple(meta.get_shape()), file)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise BadInputError(f"{file} is not a readable safetensors file ({e})") from None
+    return SourceWeights(files, False, tensors)
+
+
+def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        # weights_only=True: tensors and plain containers only, never arbitrary objects
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise BadInputError(f"{file} could not be read as weights only ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BadInputError(f"{file} does not hold a plain state dict of tensors")
+    return state
+
+
+_TORCH_TO_SAFETENSORS = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def _pickle_tensor_infos(files: list[Path]) -> dict[str, TensorInfo]:
+    tensors = {}
+    for file in files:
+        for key, t in _load_pickle(file).items():
+            tensors[key] = TensorInfo(_TORCH_TO_SAFETENSORS.get(t.dtype, str(t.dtype)), tuple(t.shape), file)
+    return tensors
+
+
+def _copy_with_progress(src: Path, dst: Path, progress: tqdm) -> None:
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(64 << 20):
+            fout.write(chunk)
+            progress.update(len(chunk))
+
+
+def _has_pt_metadata(file: Path) -> bool:
+    with safe_open(str(file), framework="pt") as f:
+        return (f.metadata() or {}).get("format") == "pt"
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    # safetensors refuses tensors sharing storage (tied weights in pickle checkpoints): give
+    # each its own copy; bytes and names are unchanged
+    seen, owned = set(), {}
+    for key, t in tensors.items():
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset())
+        owned[key] = t.clone() if ptr in seen or not t.is_contiguous() else t
+        seen.add(ptr)
+    save_file(owned, str(path), metadata={"format": "pt"})
+
+
+def write_weights(source: SourceWeights, adapters: dict[str, torch.Tensor], out: Path, show_progress: bool = True) -> None:
+    """Writes the PLM shards (byte-identical copies where possible) and an adapter shard,
+    plus the index transformers reads to load them together."""
+    n = len(source.files) + 1
+    names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    total_bytes = sum(f.stat().st_size for f in source.files)
+    weight_map: dict[str, str] = {}
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="Writing weights", disable=not show_progress) as progress:
+        for file, name in zip(source.files, names):
+            if not source.pickle and _has_pt_metadata(file):
+                _copy_with_progress(file, out / name, progress)
+            else:
+                tensors = _load_pickle(file) if source.pickle else _read_all(file)
+                _save_tensors(tensors, out / name)
+                progress.update(file.stat().st_size)
+            for key, info in source.tensors.items():
+                if info.file == file:
+                    weight_map[key] = name
+        overlap = sorted(set(adapters) & set(weight_map))
+        if overlap:
+            raise BadInputError(f"the checkpoint already has tensors named like MEFT adapters: {overlap[:3]}")
+        _save_tensors(adapters, out / names[-1])
+        weight_map.update({key: names[-1] for key in adapters})
+    total_size = sum(_nbytes(info) for info in source.tensors.values()) + sum(
+        t.numel() * t.element_size() for t in adapters.values()
+    )
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _read_all(file: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(file), framework="pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+
+
+def _nbytes(info: TensorInfo) -> int:
+    count = 1
+    for dim in info.shape:
+        count *= dim
+    return count * _DTYPE_BYTES.get(info.dtype, 1)
+
+
+def read_tensor(source: SourceWeights, key: str) -> torch.Tensor:
+    info = source.tensors[key]
+    if source.pickle:
+        return _load_pickle(info.file)[key]
+    with safe_open(str(info.file), framework="pt") as f:
+        return f.get_tensor(key)
+
+
+def copy_if_present(src_folder: Path, dst_folder: Path, names: list[str]) -> list[str]:
+    copied = []
+    for name in names:
+        if (src_folder / name).is_file():
+            shutil.copyfile(src_folder / name, dst_folder / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,68 @@
+"""The bottleneck adapter MEFT trains while the pretrained model stays frozen."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+
+ADAPTER_INITS = ("paper", "zero")
+
+
+class MeftAdapter(nn.Module):
+    """d → r → d: down-projection, the PLM's own activation, dropout, up-projection.
+
+    init "paper": both projections N(0, σ²) and zero biases, so the output starts near zero
+    and the pretrained model's computation is (almost) kept. init "zero": the up-projection
+    starts at zero too, so the adapter outputs exactly zero until it is trained.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        adapter_dim: int,
+        activation: str,
+        dropout: float,
+        init: str = "paper",
+        init_std: float = 0.02,
+    ):
+        super().__init__()
+        if init not in ADAPTER_INITS:
+            raise ValueError(f"adapter init must be one of {ADAPTER_INITS}, got {init!r}")
+        self.init, self.init_std, self.activation = init, init_std, activation
+        self.down_proj = nn.Linear(hidden_size, adapter_dim)
+        self.act = ACT2FN[activation]
+        self.dropout = nn.Dropout(dropout)
+        self.up_proj = nn.Linear(adapter_dim, hidden_size)
+        # each projection carries its own init rule: transformers initialises the weights a
+        # checkpoint lacks module by module, and the PLM's rule must not apply to these
+        self.down_proj._meft_init = (init_std, False)
+        self.up_proj._meft_init = (init_std, init == "zero")
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        init_adapter_projection(self.down_proj, generator)
+        init_adapter_projection(self.up_proj, generator)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.up_proj(self.dropout(self.act(self.down_proj(hidden_states))))
+
+
+def is_adapter_projection(module: nn.Module) -> bool:
+    return hasattr(module, "_meft_init")
+
+
+@torch.no_grad()
+def init_adapter_projection(linear: nn.Linear, generator: torch.Generator | None = None) -> None:
+    """N(0, σ²) weights (zeros for a zero-initialised up-projection) and zero bias. Uses
+    transformers' init functions: they skip tensors already loaded from a checkpoint and,
+    unlike torch.nn.init, are not switched off while from_pretrained fills in missing ones."""
+    if linear.weight.is_meta:
+        return
+    std, zero = linear._meft_init
+    if zero:
+        init.zeros_(linear.weight)
+    else:
+        init.normal_(linear.weight, 0.0, std, generator=generator)
+    init.zeros_(linear.bias)

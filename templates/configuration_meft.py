@@ -1,0 +1,192 @@
+"""Configuration of a MEFT checkpoint: the PLM's own config plus the MEFT settings.
+
+Each family gets one config class, `Meft<PLMConfig>` (e.g. MeftBertConfig), that is the
+PLM's transformers config class with MeftConfig mixed in. Its model_type is
+"meft_<plm type>", so a converted checkpoint is never mistaken for the original, and all
+of the PLM's fields, defaults and aliases keep working for the PLM's own modules.
+"""
+
+from __future__ import annotations
+
+import math
+
+import transformers
+
+from .adapters import ADAPTER_INITS
+from .families import FAMILIES, Family, family_for
+from .reversible import denominator_of
+
+# λ and β of each variant in the paper, and which blocks F and G are
+VARIANT_DEFAULTS = {
+    "meft1": {"lambda_": 0.1, "beta": 1.0},
+    "meft2": {"lambda_": 1.0, "beta": 0.1},
+    "meft3": {"lambda_": 0.1, "beta": 0.1},
+}
+OUTPUT_STREAMS = ("plm", "mean")
+
+
+def validate_meft_settings(
+    variant: str = "meft3",
+    lambda_: float | None = None,
+    beta: float | None = None,
+    adapter_dim: int = 8,
+    adapter_init: str = "paper",
+    init_std: float = 0.02,
+    reversible_layers: int | None = None,
+    output_stream: str = "plm",
+    exact: bool = True,
+    frac_bits: int = 32,
+    audit: bool = True,
+) -> dict:
+    """Checks MEFT settings and fills λ and β from the variant; returns them as a dict.
+    Raises ValueError with a message meant for the user."""
+    if variant not in VARIANT_DEFAULTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANT_DEFAULTS)}, got {variant!r}")
+    lambda_ = VARIANT_DEFAULTS[variant]["lambda_"] if lambda_ is None else float(lambda_)
+    beta = VARIANT_DEFAULTS[variant]["beta"] if beta is None else float(beta)
+    for name, value in (("lambda", lambda_), ("beta", beta)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive number, got {value}")
+        if exact:
+            try:
+                denominator_of(value)
+            except ValueError:
+                raise ValueError(
+                    f"{name}={value} is not 1/m for a positive integer m, which exact mode needs "
+                    f"(e.g. 1, 0.1 = 1/10, 1/1024); use the float mode (exact=False) for other values"
+                ) from None
+    if not (isinstance(adapter_dim, int) and adapter_dim > 0):
+        raise ValueError(f"adapter_dim must be a positive integer, got {adapter_dim!r}")
+    if adapter_init not in ADAPTER_INITS:
+        raise ValueError(f"adapter_init must be one of {', '.join(ADAPTER_INITS)}, got {adapter_init!r}")
+    if not (math.isfinite(init_std) and init_std >= 0):
+        raise ValueError(f"init_std must be >= 0, got {init_std}")
+    if reversible_layers is not None and not (isinstance(reversible_layers, int) and reversible_layers >= 0):
+        raise ValueError(f"reversible_layers must be a non-negative integer or None (all), got {reversible_layers!r}")
+    if output_stream not in OUTPUT_STREAMS:
+        raise ValueError(f"output_stream must be one of {', '.join(OUTPUT_STREAMS)}, got {output_stream!r}")
+    if not (isinstance(frac_bits, int) and 8 <= frac_bits <= 48):
+        raise ValueError(f"frac_bits must be an integer in [8, 48], got {frac_bits!r}")
+    return dict(
+        variant=variant,
+        lambda_=lambda_,
+        beta=beta,
+        adapter_dim=adapter_dim,
+        adapter_init=adapter_init,
+        init_std=float(init_std),
+        reversible_layers=reversible_layers,
+        output_stream=output_stream,
+        exact=bool(exact),
+        frac_bits=frac_bits,
+        audit=bool(audit),
+    )
+
+
+MEFT_SETTINGS = tuple(validate_meft_settings())
+
+
+class MeftConfig:
+    """The MEFT settings a converted checkpoint carries, on top of its PLM's config.
+
+    Args:
+        variant: "meft1" (F = PLM layer, G = adapter), "meft2" (F = adapter, G = PLM layer)
+            or "meft3" (F = attention block, G = MLP block).
+        lambda_, beta: scale of x1 and x2 in the coupling; None takes the variant's default
+            from the paper. Exact mode needs 1/m for a positive integer m.
+        adapter_dim: bottleneck width r of every adapter.
+        adapter_init: "paper" (both projections N(0, init_std²)) or "zero" (up-projection 0).
+        init_std: σ of the adapter initialisation.
+        reversible_layers: how many of the lowest layers recompute their inputs in backward;
+            None means all. The layers above store activations as usual (the paper's hybrid).
+        output_stream: "plm", the stream that follows the pretrained layers, or "mean", the
+            paper's (x1 + x2) / 2.
+        exact: int64 fixed-point streams with an exact inverse (default), or the paper's
+            float reconstruction, which is approximate.
+        frac_bits: fractional bits K of the fixed-point streams.
+        audit: compare a checksum of every layer's input with its reconstruction in backward.
+    """
+
+    _plm_config_class: type = None  # set on each family's class
+
+    def __init__(
+        self,
+        variant: str = "meft3",
+        lambda_: float | None = None,
+        beta: float | None = None,
+        adapter_dim: int = 8,
+        adapter_init: str = "paper",
+        init_std: float = 0.02,
+        reversible_layers: int | None = None,
+        output_stream: str = "plm",
+        exact: bool = True,
+        frac_bits: int = 32,
+        audit: bool = True,
+        **kwargs,
+    ):
+        settings = validate_meft_settings(
+            variant, lambda_, beta, adapter_dim, adapter_init, init_std, reversible_layers, output_stream, exact, frac_bits, audit
+        )
+        for key, value in settings.items():
+            setattr(self, key, value)
+        self._plm_config_class.__init__(self, **kwargs)
+        layers = self.num_hidden_layers
+        if reversible_layers is not None and reversible_layers > layers:
+            raise ValueError(f"reversible_layers={reversible_layers} exceeds the model's {layers} layers")
+
+    @property
+    def plm_model_type(self) -> str:
+        return self._plm_config_class.model_type
+
+    def meft_settings(self) -> dict:
+        return {key: getattr(self, key) for key in MEFT_SETTINGS}
+
+    def to_diff_dict(self) -> dict:
+        # MEFT settings are always written, default or not, so config.json shows them all
+        output = super().to_diff_dict()
+        output.update(self.meft_settings())
+        return output
+
+
+_CONFIG_CLASSES: dict[str, type] = {}
+
+
+def config_class_name(family: Family) -> str:
+    return "Meft" + family.config_class
+
+
+def config_class_for(family: Family) -> type:
+    name = config_class_name(family)
+    if name not in _CONFIG_CLASSES:
+        plm_config_class = getattr(transformers, family.config_class)
+        _CONFIG_CLASSES[name] = type(
+            name,
+            (MeftConfig, plm_config_class),
+            {
+                # defined on the class itself so that transformers' dataclass machinery keeps it
+                "__init__": MeftConfig.__init__,
+                "model_type": "meft_" + family.model_type,
+                "_plm_config_class": plm_config_class,
+                "__module__": __name__,
+                "__doc__": f"{plm_config_class.__name__} with MEFT settings.\n\n{MeftConfig.__doc__}",
+            },
+        )
+    return _CONFIG_CLASSES[name]
+
+
+def auto_map_for(family: Family, auto_classes: list[str]) -> dict[str, str]:
+    """The `auto_map` a converted checkpoint's config.json carries: the one place it is built."""
+    auto_map = {"AutoConfig": f"configuration_meft.{config_class_name(family)}"}
+    for auto_class in auto_classes:
+        auto_map[auto_class] = f"modeling_meft.Meft{family.heads[auto_class].library_class}"
+    return auto_map
+
+
+def __getattr__(name: str):
+    # `configuration_meft.MeftBertConfig` in auto_map resolves here
+    for family in FAMILIES.values():
+        if config_class_name(family) == name:
+            return config_class_for(family)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["MeftConfig", "auto_map_for", "config_class_for", "family_for", "validate_meft_settings"]

@@ -1,0 +1,171 @@
+"""What MEFT needs to know about each model family, in one table.
+
+A family description says where the layers are, how one layer splits into an attention
+block and an MLP block (each with its residual connection and norm), where adapters go,
+and which task heads exist. The blocks call the PLM's own submodules in the order the
+library's layer does, so with adapters off `mlp(attention(x))` is the library layer
+bit for bit (tests check this). The converter and the checkpoint's code read this same
+table; adding a family means adding one description here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Head:
+    """A task head: the transformers class that has it and the modules MEFT trains with the adapters."""
+
+    library_class: str
+    trainable: tuple[str, ...] = ()
+    # listed in a converted checkpoint only if the original's tensors include this prefix
+    requires_keys: str | None = None
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str  # the PLM's config.model_type
+    config_class: str  # its transformers config class
+    layers: str  # path of the layer list inside the base model
+    norm: str  # "pre" or "post": where the layer normalises (documentation and reports)
+    # attention(layer, x, layer_args, adapter): the attention block output, residual and norm included;
+    # `adapter` (or None) is applied to the attention sublayer output, before the residual
+    attention: Callable[[nn.Module, torch.Tensor, dict, nn.Module | None], torch.Tensor]
+    # mlp(layer, x, adapter): the MLP block output; `adapter` (or None) runs parallel to the FFN
+    mlp: Callable[[nn.Module, torch.Tensor, nn.Module | None], torch.Tensor]
+    activation: Callable[[object], str]  # the PLM's activation name, used by its adapters
+    dropout: Callable[[object], float]  # the PLM's hidden dropout, used by its adapters
+    heads: dict[str, Head] = field(default_factory=dict)  # Auto class name -> head
+    # returns why a config cannot be converted, or None
+    unsupported: Callable[[object], str | None] = lambda config: None
+
+
+def _without(args: dict, *names: str) -> dict:
+    return {k: v for k, v in args.items() if k not in names}
+
+
+# ------------------------------------------------------------------------------------ BERT
+# Post-LN: each sublayer is LayerNorm(x + dropout(sublayer(x))).
+
+
+def _bert_attention(layer, x, args, adapter):
+    attention = layer.attention
+    # the cache (named `cache` or `past_key_values`, by transformers version) and any
+    # attention kwargs pass through unchanged, as BertLayer passes them
+    context, _ = attention.self(
+        x,
+        attention_mask=args.get("attention_mask"),
+        **_without(args, "attention_mask", "encoder_hidden_states", "encoder_attention_mask"),
+    )
+    h = attention.output.dropout(attention.output.dense(context))
+    if adapter is not None:
+        h = h + adapter(h)
+    return attention.output.LayerNorm(h + x)
+
+
+def _bert_mlp(layer, x, adapter):
+    h = layer.output.dropout(layer.output.dense(layer.intermediate(x)))
+    if adapter is not None:
+        h = h + adapter(x)  # parallel to the FFN: it reads the FFN's input
+    return layer.output.LayerNorm(h + x)
+
+
+def _bert_unsupported(config):
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        return "BERT used as a decoder (is_decoder / add_cross_attention) is not supported"
+    return None
+
+
+BERT = Family(
+    model_type="bert",
+    config_class="BertConfig",
+    layers="encoder.layer",
+    norm="post",
+    attention=_bert_attention,
+    mlp=_bert_mlp,
+    activation=lambda config: config.hidden_act,
+    dropout=lambda config: config.hidden_dropout_prob,
+    heads={
+        "AutoModel": Head("BertModel"),
+        "AutoModelForSequenceClassification": Head("BertForSequenceClassification", trainable=("classifier",)),
+        "AutoModelForMaskedLM": Head("BertForMaskedLM", requires_keys="cls.predictions."),
+    },
+    unsupported=_bert_unsupported,
+)
+
+
+# ------------------------------------------------------------------------------------- OPT
+# Pre-LN (x + dropout(sublayer(LN(x)))), except OPT-350m, which normalises after the
+# residual like BERT: `do_layer_norm_before` tells them apart, as in OPTDecoderLayer.
+
+
+def _opt_attention(layer, x, args, adapter):
+    residual = x
+    h = layer.self_attn_layer_norm(x) if layer.do_layer_norm_before else x
+    h, _ = layer.self_attn(hidden_states=h, **_without(args, "use_cache"))
+    h = nn.functional.dropout(h, p=layer.dropout, training=layer.training)
+    if adapter is not None:
+        h = h + adapter(h)
+    h = residual + h
+    if not layer.do_layer_norm_before:
+        h = layer.self_attn_layer_norm(h)
+    return h
+
+
+def _opt_mlp(layer, x, adapter):
+    shape = x.shape
+    x = x.reshape(-1, x.size(-1))  # OPTDecoderLayer runs its FFN on (tokens, hidden)
+    residual = x
+    h = layer.final_layer_norm(x) if layer.do_layer_norm_before else x
+    ffn_input = h
+    h = layer.fc2(layer.activation_fn(layer.fc1(h)))
+    h = nn.functional.dropout(h, p=layer.dropout, training=layer.training)
+    if adapter is not None:
+        h = h + adapter(ffn_input)
+    h = (residual + h).view(shape)
+    if not layer.do_layer_norm_before:
+        h = layer.final_layer_norm(h)
+    return h
+
+
+OPT = Family(
+    model_type="opt",
+    config_class="OPTConfig",
+    layers="decoder.layers",
+    norm="pre",
+    attention=_opt_attention,
+    mlp=_opt_mlp,
+    activation=lambda config: config.activation_function,
+    dropout=lambda config: config.dropout,
+    heads={
+        "AutoModel": Head("OPTModel"),
+        "AutoModelForCausalLM": Head("OPTForCausalLM"),
+    },
+)
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> None:
+    if family.model_type in FAMILIES:
+        raise ValueError(f"family {family.model_type!r} is already registered")
+    FAMILIES[family.model_type] = family
+
+
+for _family in (BERT, OPT):
+    register_family(_family)
+
+
+def family_for(model_type: str) -> Family:
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise ValueError(
+            f"model type {model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))}"
+        ) from None

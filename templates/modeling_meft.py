@@ -1,0 +1,312 @@
+"""MEFT models: a transformers model of a supported family, made reversible in place.
+
+`Meft<LibraryClass>` (e.g. MeftOPTForCausalLM) is the library class itself with three
+changes made after it is built:
+
+1. every layer gets its MEFT adapters (`<layer>.meft.<name>`), so the PLM's tensors keep
+   their names and FSDP or device maps that split by layer keep adapters with their layer;
+2. the layer list is replaced by MeftLayers, the same list, which during its owner's forward
+   presents itself as one layer that runs the whole reversible stack: embeddings, masks,
+   caches, final norms, heads, losses and generate() stay the library's own code;
+3. the PLM is frozen; adapters and new task heads train.
+
+Each layer becomes one coupling of two streams (DESIGN: y1 = λ·x1 + F(x2), y2 = β·x2 + G(y1)):
+
+    MEFT1: F = the PLM layer with an adapter parallel to its FFN, G = an adapter,   swap
+    MEFT2: F = an adapter, G = the PLM layer with an adapter parallel to its FFN,   swap
+    MEFT3: F = attention block, adapter on its output; G = MLP block with a parallel adapter
+
+Both streams start as the embedding output. With λ, β small, one stream follows the PLM's
+own chain of layers (the paper's starting point); `output_stream="plm"` returns it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+
+import torch
+import transformers
+from torch import nn
+
+from .adapters import MeftAdapter, init_adapter_projection, is_adapter_projection
+from .configuration_meft import config_class_for
+from .families import FAMILIES, Family, family_for
+from .reversible import Coupling, CouplingSettings, run_stack
+
+
+@dataclass(frozen=True)
+class Variant:
+    F: str  # "layer", "adapter" or "attention"
+    G: str  # "layer", "adapter" or "mlp"
+    swap: bool  # swap the streams after each layer
+    adapters: tuple[str, ...]  # the adapters each layer carries
+    plm_stream: int  # which final stream (0 = x1, 1 = x2) holds the PLM path's output
+
+
+VARIANTS = {
+    # with the swap, F's output y1 becomes the next layer's x2 and G's output y2 its x1
+    "meft1": Variant(F="layer", G="adapter", swap=True, adapters=("ffn", "coupling"), plm_stream=1),
+    "meft2": Variant(F="adapter", G="layer", swap=True, adapters=("coupling", "ffn"), plm_stream=0),
+    "meft3": Variant(F="attention", G="mlp", swap=False, adapters=("attn", "ffn"), plm_stream=1),
+}
+BACKWARD_MODES = ("reversible", "vanilla")
+
+
+def _make_block(kind: str, family: Family, layer: nn.Module):
+    adapters = layer.meft
+    if kind == "layer":
+        return lambda x, args: family.mlp(layer, family.attention(layer, x, args, None), adapters["ffn"])
+    if kind == "adapter":
+        return lambda x, args: adapters["coupling"](x)
+    if kind == "attention":
+        return lambda x, args: family.attention(layer, x, args, adapters["attn"])
+    if kind == "mlp":
+        return lambda x, args: family.mlp(layer, x, adapters["ffn"])
+    raise ValueError(f"unknown block {kind!r}")
+
+
+def _is_cache(value) -> bool:
+    return isinstance(value, transformers.Cache)
+
+
+class MeftLayers(nn.ModuleList):
+    """The PLM's layer list, unchanged for anyone who iterates or indexes it, except its owner's
+    forward: while that runs, iterating the list yields one "layer", the list itself, whose
+    forward runs all layers as reversible couplings. The owner's loop calls it with the
+    arguments a layer takes; they are bound to the layer's signature and routed to every block.
+    """
+
+    def __init__(self, layers: nn.ModuleList, family: Family, config):
+        super().__init__(list(layers))
+        variant = VARIANTS[config.variant]
+        self.family = family
+        self.variant = variant
+        self.coupling = CouplingSettings(
+            config.lambda_, config.beta, variant.swap, exact=config.exact, frac_bits=config.frac_bits, audit=config.audit
+        )
+        self.reversible_layers = config.reversible_layers
+        self.output_stream = config.output_stream
+        self.backward_mode = "reversible"
+        self.trace = None  # a list to record stream values per layer (diagnostics, tests)
+        self._layer_signature = inspect.signature(self[0].forward)
+        self._owner_calls = 0  # > 0 while the owner's forward runs
+        self._ran = False
+
+    # --- the owner's view -----------------------------------------------------------------
+    def __iter__(self):
+        if self._owner_calls:
+            return iter((self,))
+        return super().__iter__()
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            if self._owner_calls and range(len(self))[idx] == range(len(self)):
+                return self
+            return nn.ModuleList(list(self._modules.values())[idx])
+        return super().__getitem__(idx)
+
+    def _enter_owner(self, module, args):
+        self._owner_calls += 1
+        self._ran = False
+
+    def _exit_owner(self, module, args, output):
+        self._owner_calls -= 1
+        if output is not None and not self._ran:
+            raise RuntimeError(
+                f"{type(module).__name__}.forward ran without calling its layers through their list; "
+                f"this transformers version ({transformers.__version__}) lays out the layer loop in a way "
+                "MEFT does not know, so the output would not be MEFT's"
+            )
+
+    # --- the stack ------------------------------------------------------------------------
+    def couplings(self) -> list[Coupling]:
+        result = []
+        for index, layer in enumerate(self._modules.values()):
+            params = tuple(p for p in layer.parameters() if p.requires_grad)
+            F = _make_block(self.variant.F, self.family, layer)
+            G = _make_block(self.variant.G, self.family, layer)
+            result.append(Coupling(F, G, params, f"layer {index}"))
+        return result
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        self._ran = True
+        bound = self._layer_signature.bind(*args, **kwargs)
+        arguments = dict(bound.arguments)
+        hidden_states = arguments.pop(next(iter(self._layer_signature.parameters)))
+        layer_args = {}
+        for name, value in arguments.items():
+            if self._layer_signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                layer_args.update(value)
+            else:
+                layer_args[name] = value
+        return self.run(hidden_states, layer_args)
+
+    def run(self, hidden_states: torch.Tensor, layer_args: dict) -> torch.Tensor:
+        couplings = self.couplings()
+        trains = (
+            self.training
+            and torch.is_grad_enabled()
+            and (hidden_states.requires_grad or any(c.params for c in couplings))
+        )
+        if trains:
+            mode = self.backward_mode
+            layer_args = _without_cache(layer_args)
+        else:
+            mode = "float"
+        x1, x2 = run_stack(
+            hidden_states,
+            couplings,
+            self.coupling,
+            layer_args,
+            mode=mode,
+            reversible_layers=self.reversible_layers,
+            record_rng=self.training,
+            trace=self.trace,
+        )
+        out = (x1 + x2) / 2 if self.output_stream == "mean" else (x1, x2)[self.variant.plm_stream]
+        return out.to(hidden_states.dtype)
+
+
+def _without_cache(layer_args: dict) -> dict:
+    """Training recomputes every layer, so a KV cache would be filled twice: layers get none."""
+    result = {}
+    for key, value in layer_args.items():
+        if _is_cache(value):
+            if value.get_seq_length() > 0:
+                raise ValueError("MEFT cannot train on top of a filled KV cache; pass no cache when training")
+            value = None
+        elif key == "use_cache":
+            value = False
+        result[key] = value
+    return result
+
+
+class _OwnerHook:
+    """Forward hooks on the module that owns the layer list; found by attribute name, so
+    deep copies of the model toggle their own list."""
+
+    def __init__(self, attribute: str):
+        self.attribute = attribute
+
+    def enter(self, module, args):
+        getattr(module, self.attribute)._enter_owner(module, args)
+
+    def exit(self, module, args, output):
+        getattr(module, self.attribute)._exit_owner(module, args, output)
+
+
+def install_meft(model: nn.Module, config, trainable_modules: tuple[str, ...] = ()) -> None:
+    """Adds adapters, makes the layers reversible and freezes the PLM, in place."""
+    family = family_for(config.plm_model_type)
+    variant = VARIANTS[config.variant]
+    base = model.base_model
+    owner_path, attribute = family.layers.rpartition(".")[::2]
+    owner = base.get_submodule(owner_path) if owner_path else base
+    layers = getattr(owner, attribute)
+    for layer in layers:
+        layer.meft = nn.ModuleDict(
+            {
+                name: MeftAdapter(
+                    config.hidden_size,
+                    config.adapter_dim,
+                    family.activation(config),
+                    family.dropout(config),
+                    init=config.adapter_init,
+                    init_std=config.init_std,
+                )
+                for name in variant.adapters
+            }
+        )
+    setattr(owner, attribute, MeftLayers(layers, family, config))
+    hook = _OwnerHook(attribute)
+    owner.register_forward_pre_hook(hook.enter)
+    owner.register_forward_hook(hook.exit, always_call=True)
+    freeze_plm(model, trainable_modules)
+
+
+def freeze_plm(model: nn.Module, trainable_modules: tuple[str, ...] = ()) -> None:
+    """Freezes everything but the adapters (found by type, not by name) and the task head."""
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, MeftAdapter):
+            module.requires_grad_(True)
+    for name in trainable_modules:
+        model.get_submodule(name).requires_grad_(True)
+
+
+class MeftModelMixin:
+    """What every Meft<LibraryClass> adds to its library class."""
+
+    _meft_trainable_modules: tuple[str, ...] = ()
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        install_meft(self, config, self._meft_trainable_modules)
+
+    def _init_weights(self, module):
+        if is_adapter_projection(module):
+            init_adapter_projection(module)
+        elif not isinstance(module, MeftAdapter):
+            super()._init_weights(module)
+
+    @property
+    def meft_layers(self) -> MeftLayers:
+        return next(m for m in self.modules() if isinstance(m, MeftLayers))
+
+    @contextlib.contextmanager
+    def meft_backward(self, mode: str):
+        """Temporarily train with `mode`: "reversible" (default) or "vanilla" (ordinary autograd
+        through the same couplings: the reference for gradients, and a debugging aid)."""
+        if mode not in BACKWARD_MODES:
+            raise ValueError(f"mode must be one of {BACKWARD_MODES}, got {mode!r}")
+        layers = self.meft_layers
+        previous, layers.backward_mode = layers.backward_mode, mode
+        try:
+            yield self
+        finally:
+            layers.backward_mode = previous
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts."""
+        trainable = total = 0
+        for p in self.parameters():
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+
+_MODEL_CLASSES: dict[str, type] = {}
+
+
+def model_class_for(family: Family, auto_class: str) -> type:
+    head = family.heads[auto_class]
+    name = "Meft" + head.library_class
+    if name not in _MODEL_CLASSES:
+        library_class = getattr(transformers, head.library_class)
+        _MODEL_CLASSES[name] = type(
+            name,
+            (MeftModelMixin, library_class),
+            {
+                "config_class": config_class_for(family),
+                "_meft_trainable_modules": head.trainable,
+                "__module__": __name__,
+                "__doc__": f"{head.library_class} with exact-reversible MEFT layers.\n\n{__doc__}",
+            },
+        )
+    return _MODEL_CLASSES[name]
+
+
+def __getattr__(name: str):
+    # `modeling_meft.MeftBertModel` in auto_map resolves here; classes are built on first use
+    # so that loading one family never imports the others
+    for family in FAMILIES.values():
+        for auto_class, head in family.heads.items():
+            if "Meft" + head.library_class == name:
+                return model_class_for(family, auto_class)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

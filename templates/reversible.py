@@ -1,0 +1,573 @@
+"""Exact reversible coupling: the engine every MEFT checkpoint carries.
+
+A reversible layer keeps two streams and couples them with two functions F and G:
+
+    y1 = λ·x1 + F(x2)            inverse:  x2 = (y2 − G(y1)) / β
+    y2 = β·x2 + G(y1)                      x1 = (y1 − F(x2)) / λ
+
+Because each layer's input can be recomputed from its output, training keeps only the
+last layer's output instead of every layer's activations.
+
+In floating point the inverse divides by λ and β at every layer, so rounding errors are
+multiplied layer after layer (with λ = 0.1 the error of a 6-layer BERT is already 10%).
+This engine makes the inverse exact. The streams are int64 fixed-point numbers with K
+fractional bits, fix(t) = round(t·2^K), and λ = 1/m for a positive integer m:
+
+    forward:  q1, r1 = divmod(x1, m)       y1 = q1 + fix(F(x2))
+    inverse:  x1 = m·(y1 − fix(F(x2))) + r1
+
+Integer arithmetic has no rounding, so the inverse reproduces every bit provided F is
+recomputed bit-identically: same input (the dequantised integers), same dropout masks
+(the RNG state is recorded before each block and replayed), same kernels (the forward
+runs each block exactly as the recompute does). The remainders r (⌈log2 m⌉ bits per
+element, none for m = 1) are the only per-layer state, packed into bit planes.
+
+Gradients follow the real-valued coupling (dx1 = λ·dy1 + ..., fix and the integer
+division count as identity), so they equal plain autograd through the same forward.
+
+This module knows nothing about transformers: it sees F, G, λ, β and tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.checkpoint import get_device_states, set_device_states
+
+# A block maps a stream (in the compute dtype) and the routed layer arguments to a tensor.
+Block = Callable[[torch.Tensor, dict], torch.Tensor]
+
+# Block outputs must stay below 2^(RANGE_BITS − K) in magnitude: int64 streams then have
+# room for the sum of 2^(63 − RANGE_BITS) = 128 such outputs before they could overflow.
+RANGE_BITS = 56
+
+
+class ReconstructionError(RuntimeError):
+    """A layer's input, recomputed in backward, differs from the one seen in forward."""
+
+
+@dataclass(frozen=True)
+class CouplingSettings:
+    """How the two streams are coupled; the same for every layer of a stack.
+
+    lambda_ and beta scale x1 and x2. In exact mode they must be 1/m for positive
+    integers m, given as lambda_m and beta_m; in float mode any positive value works.
+    """
+
+    lambda_: float
+    beta: float
+    swap: bool  # swap the two streams after every layer (MEFT1 and MEFT2 do)
+    exact: bool = True
+    frac_bits: int = 32
+    audit: bool = True
+
+    @property
+    def lambda_m(self) -> int:
+        return denominator_of(self.lambda_)
+
+    @property
+    def beta_m(self) -> int:
+        return denominator_of(self.beta)
+
+
+def denominator_of(scale: float) -> int:
+    """m such that scale == 1/m; ValueError if scale is not of that form."""
+    if not scale > 0:
+        raise ValueError(f"scale factors must be > 0, got {scale}")
+    m = round(1.0 / scale)
+    if m < 1 or abs(m * scale - 1.0) > 1e-9:
+        raise ValueError(f"{scale} is not 1/m for a positive integer m")
+    return m
+
+
+@dataclass
+class Coupling:
+    """One reversible layer: its two blocks and the trainable tensors they read."""
+
+    F: Block
+    G: Block
+    params: tuple[torch.Tensor, ...]  # trainable parameters used by F or G
+    name: str  # e.g. "layer 3", used in error messages
+
+
+# ----------------------------------------------------------------------------- fixed point
+
+
+def stream_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
+    """Streams and their gradients are kept in at least float32, even for 16-bit models."""
+    return torch.promote_types(compute_dtype, torch.float32)
+
+
+def to_fixed(t: torch.Tensor, frac_bits: int, range_flags: list | None = None) -> torch.Tensor:
+    """round(t · 2^K) as int64 (exact through float64: 2^K scaling only moves the exponent)."""
+    scaled = t.to(torch.float64) * (2.0**frac_bits)
+    if range_flags is not None:
+        # `not (|v| < limit)` is also true for NaN; one flag per block, checked once per stack
+        range_flags.append(~(scaled.abs() < 2.0**RANGE_BITS).all())
+    return scaled.round_().to(torch.int64)
+
+
+def from_fixed(i: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
+    return (i.to(torch.float64) * (2.0**-frac_bits)).to(dtype)
+
+
+def floor_divmod(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, r) with x = m·q + r and 0 <= r < m, for int64 x."""
+    if m == 1:
+        return x, None
+    q = torch.div(x, m, rounding_mode="floor")
+    return q, x - q * m
+
+
+def remainder_bits(m: int) -> int:
+    """Bits needed for a remainder modulo m: 4 for m = 10, 0 for m = 1."""
+    return (m - 1).bit_length()
+
+
+_BIT_WEIGHTS = {}
+
+
+def pack_remainders(r: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Remainders in [0, 2^bits) → uint8 bit planes of shape (bits, ⌈n/8⌉): bits/8 bytes each."""
+    if r is None or bits == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    flat = r.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    narrow = flat.to(torch.uint8 if bits <= 8 else torch.int32)
+    weights = 1 << torch.arange(8, dtype=torch.uint8, device=r.device)  # 1, 2, ..., 128
+    planes = torch.empty(bits, flat.numel() // 8, dtype=torch.uint8, device=r.device)
+    for j in range(bits):
+        bit = ((narrow >> j) & 1).to(torch.uint8).view(-1, 8)
+        torch.sum(bit * weights, dim=1, dtype=torch.uint8, out=planes[j])
+    return planes
+
+
+def unpack_remainders(planes: torch.Tensor, bits: int, like: torch.Tensor) -> torch.Tensor | int:
+    """Inverse of pack_remainders, shaped like `like` (int64); 0 when nothing was kept."""
+    if bits == 0:
+        return 0
+    shifts = torch.arange(8, dtype=torch.uint8, device=planes.device)
+    r = torch.zeros(planes.shape[1] * 8, dtype=torch.int64, device=planes.device)
+    for j in range(bits):
+        bit = ((planes[j].view(-1, 1) >> shifts) & 1).view(-1)
+        r |= bit.to(torch.int64) << j
+    return r[: like.numel()].view(like.shape)
+
+
+def _checksum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Order-independent fingerprint of two int64 streams (sums wrap modulo 2^64)."""
+    return torch.stack([a.sum(), b.sum(), (a * a).sum(), (b * b).sum()])
+
+
+# ---------------------------------------------------------------------- RNG and autocast
+
+
+@dataclass
+class _RngState:
+    """CPU and device generator states before a block, as torch.utils.checkpoint records them."""
+
+    cpu: torch.Tensor
+    device_ids: list
+    device_states: list
+
+    @classmethod
+    def capture(cls, *tensors: torch.Tensor) -> "_RngState":
+        device_ids, device_states = get_device_states(*tensors)
+        return cls(torch.get_rng_state(), device_ids, device_states)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.device_ids:
+            set_device_states(self.device_ids, self.device_states)
+
+
+@dataclass(frozen=True)
+class _AutocastState:
+    device_type: str
+    device_enabled: bool
+    device_dtype: torch.dtype
+    cpu_enabled: bool
+    cpu_dtype: torch.dtype
+    cache_enabled: bool
+
+    @classmethod
+    def capture(cls, device_type: str) -> "_AutocastState":
+        return cls(
+            device_type,
+            torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type),
+            torch.is_autocast_enabled("cpu"),
+            torch.get_autocast_dtype("cpu"),
+            torch.is_autocast_cache_enabled(),
+        )
+
+    @contextlib.contextmanager
+    def active(self):
+        with contextlib.ExitStack() as stack:
+            if self.device_type != "cpu":
+                stack.enter_context(
+                    torch.autocast(
+                        self.device_type, dtype=self.device_dtype, enabled=self.device_enabled, cache_enabled=self.cache_enabled
+                    )
+                )
+            stack.enter_context(
+                torch.autocast("cpu", dtype=self.cpu_dtype, enabled=self.cpu_enabled, cache_enabled=self.cache_enabled)
+            )
+            yield
+
+
+# -------------------------------------------------------------------- the stack's context
+
+
+def _leaf_routed(routed: dict) -> dict:
+    """Routed arguments with tensors cut from the outer graph; grad-requiring ones stay leaves."""
+    return {
+        k: (v.detach().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v) for k, v in routed.items()
+    }
+
+
+@dataclass
+class _LayerRecord:
+    """What the reversible forward keeps per layer besides its remainders (which go through
+    save_for_backward, so that saved-tensor hooks such as CPU offloading see them)."""
+
+    rng_f: _RngState | None = None
+    rng_g: _RngState | None = None
+    checksum: torch.Tensor | None = None
+
+
+@dataclass
+class StackRun:
+    """Everything one call of the stack needs; lives on the autograd context until backward."""
+
+    couplings: Sequence[Coupling]
+    settings: CouplingSettings
+    routed: dict
+    compute_dtype: torch.dtype
+    record_rng: bool = True
+    trace: list | None = None  # when a list, inputs seen in forward and rebuilt in backward go here
+    records: list = field(default_factory=list)
+    autocast: _AutocastState | None = None
+    routed_grad_keys: tuple = ()
+    param_list: list = field(default_factory=list)
+
+    def grad_inputs(self) -> list[torch.Tensor]:
+        """Tensors the stack differentiates with respect to, besides the two streams."""
+        self.routed_grad_keys = tuple(
+            k for k, v in self.routed.items() if isinstance(v, torch.Tensor) and v.requires_grad
+        )
+        params = list({id(p): p for c in self.couplings for p in c.params}.values())
+        self.param_list = params
+        return [self.routed[k] for k in self.routed_grad_keys] + params
+
+    def kept_bytes(self) -> int:
+        """Bytes held for backward beside the saved tensors: RNG states and checksums."""
+        total = 0
+        for rec in self.records:
+            for rng in (rec.rng_f, rec.rng_g):
+                if rng is not None:
+                    total += rng.cpu.numel() + sum(s.numel() * s.element_size() for s in rng.device_states)
+            if rec.checksum is not None:
+                total += rec.checksum.numel() * 8
+        return total
+
+
+def _raise_if_out_of_range(flags: list, names: list[str], frac_bits: int) -> None:
+    if flags and bool(torch.stack(flags).any()):
+        first = next(i for i, f in enumerate(flags) if bool(f))
+        raise FloatingPointError(
+            f"{names[first]} produced NaN, inf or values of magnitude >= 2^{RANGE_BITS - frac_bits}, "
+            f"outside the exact fixed-point range (frac_bits={frac_bits}). Usual causes: fp16 overflow, "
+            "fully masked attention rows, a diverged training run."
+        )
+
+
+def _block_names(couplings: Sequence[Coupling]) -> list[str]:
+    return [f"{c.name} ({half})" for c in couplings for half in ("F", "G")]
+
+
+# ------------------------------------------------------------------ exact reversible path
+
+
+class _ReversibleStack(torch.autograd.Function):
+    """Runs the couplings forward keeping only final streams and remainders; rebuilds in backward."""
+
+    @staticmethod
+    def forward(ctx, run: StackRun, x1v: torch.Tensor, x2v: torch.Tensor, *grad_inputs: torch.Tensor):
+        s = run.settings
+        sd = x1v.dtype  # stream dtype
+        device = x1v.device
+        run.autocast = _AutocastState.capture(device.type)
+        routed = _leaf_routed(run.routed)
+        flags: list = []
+        if s.exact:
+            x1 = to_fixed(x1v, s.frac_bits, flags)
+            x2 = x1 if x2v is x1v else to_fixed(x2v, s.frac_bits, flags)  # integers are never modified in place
+        else:
+            x1, x2 = x1v.detach(), x2v.detach()
+        remainders: list = []  # packed (r1, r2) per layer
+        for c in run.couplings:
+            rec = _LayerRecord()
+            if s.exact and s.audit:
+                rec.checksum = _checksum(x1, x2)
+            if run.trace is not None:
+                run.trace.append(("forward", c.name, x1.clone(), x2.clone()))
+            if run.record_rng:
+                rec.rng_f = _RngState.capture(x1v)
+            f = _run_block(c.F, x2, routed, run, sd)
+            if run.record_rng:
+                rec.rng_g = _RngState.capture(x1v)
+            if s.exact:
+                # y1 = λ·x1 + F(x2) with λ = 1/m: floor-divide, keep the remainder for the inverse
+                q1, r1 = floor_divmod(x1, s.lambda_m)
+                y1 = q1 + to_fixed(f, s.frac_bits, flags)
+                remainders.append(pack_remainders(r1, remainder_bits(s.lambda_m)))
+                del f, q1, r1
+                g = _run_block(c.G, y1, routed, run, sd)
+                q2, r2 = floor_divmod(x2, s.beta_m)
+                y2 = q2 + to_fixed(g, s.frac_bits, flags)
+                remainders.append(pack_remainders(r2, remainder_bits(s.beta_m)))
+                del g, q2, r2
+            else:
+                y1 = x1 * s.lambda_ + f.to(sd)
+                del f
+                g = _run_block(c.G, y1, routed, run, sd)
+                y2 = x2 * s.beta + g.to(sd)
+                del g
+            run.records.append(rec)
+            # MEFT1/2 swap the streams so that the PLM path alternates between them
+            x1, x2 = (y2, y1) if s.swap else (y1, y2)
+        if s.exact:
+            inputs = ["the stack input"] * (len(flags) - 2 * len(run.couplings))
+            _raise_if_out_of_range(flags, inputs + _block_names(run.couplings), s.frac_bits)
+            y1v, y2v = from_fixed(x1, s.frac_bits, sd), from_fixed(x2, s.frac_bits, sd)
+        else:
+            y1v, y2v = x1.clone(), x2.clone()
+        ctx.save_for_backward(x1, x2, *remainders)
+        ctx.run = run
+        if s.exact:
+            ctx.mark_non_differentiable(x1, x2)
+            return y1v, y2v, x1, x2
+        return y1v, y2v, None, None
+
+    @staticmethod
+    def backward(ctx, dy1: torch.Tensor, dy2: torch.Tensor, _di1=None, _di2=None):
+        run: StackRun = ctx.run
+        s = run.settings
+        y1, y2, *remainders = ctx.saved_tensors
+        sd = dy1.dtype
+        routed = _leaf_routed(run.routed)
+        routed_leaves = [routed[k] for k in run.routed_grad_keys]
+        routed_grads: list = [None] * len(routed_leaves)
+        param_index = {id(p): i for i, p in enumerate(run.param_list)}
+        param_grads: list = [None] * len(run.param_list)
+        checksums = []
+        device_ids = run.records[0].rng_f.device_ids if run.record_rng and run.records else []
+
+        def grads_of(out, leaf, grad_out, params):
+            grads = torch.autograd.grad(
+                out, [leaf, *routed_leaves, *params], grad_out.to(out.dtype), allow_unused=True
+            )
+            for i, g in enumerate(grads[1 : 1 + len(routed_leaves)]):
+                if g is not None:
+                    routed_grads[i] = g if routed_grads[i] is None else routed_grads[i] + g
+            for p, g in zip(params, grads[1 + len(routed_leaves) :]):
+                if g is not None:
+                    j = param_index[id(p)]
+                    param_grads[j] = g if param_grads[j] is None else param_grads[j] + g
+            return grads[0]
+
+        device_type = run.autocast.device_type if run.autocast.device_type != "cpu" else "cuda"
+        fork = torch.random.fork_rng(devices=device_ids, enabled=run.record_rng, device_type=device_type)
+        with fork, run.autocast.active():
+            for idx in reversed(range(len(run.couplings))):
+                c, rec = run.couplings[idx], run.records[idx]
+                if s.swap:  # undo the swap that followed this layer
+                    y1, y2, dy1, dy2 = y2, y1, dy2, dy1
+                # G half-step: recompute G(y1), rebuild x2, and push dy2 through G
+                if rec.rng_g is not None:
+                    rec.rng_g.restore()
+                y1_leaf = _stream_value(y1, s, sd).requires_grad_()
+                with torch.enable_grad():
+                    g = c.G(_block_input(y1_leaf, run.compute_dtype), routed)
+                if s.exact:
+                    x2 = (y2 - to_fixed(g.detach(), s.frac_bits)) * s.beta_m + unpack_remainders(remainders[2 * idx + 1], remainder_bits(s.beta_m), y2)
+                else:
+                    x2 = (y2 - g.detach().to(sd)) / s.beta
+                params = [p for p in c.params]
+                dy1 = _add(dy1, grads_of(g, y1_leaf, dy2, params))  # dy1 += (∂G/∂y1)ᵀ dy2
+                dx2 = dy2 * s.beta  # ∂y2/∂x2 = β
+                del g, y1_leaf
+                # F half-step: recompute F(x2), rebuild x1, and push dy1 through F
+                if rec.rng_f is not None:
+                    rec.rng_f.restore()
+                x2_leaf = _stream_value(x2, s, sd).requires_grad_()
+                with torch.enable_grad():
+                    f = c.F(_block_input(x2_leaf, run.compute_dtype), routed)
+                if s.exact:
+                    x1 = (y1 - to_fixed(f.detach(), s.frac_bits)) * s.lambda_m + unpack_remainders(remainders[2 * idx], remainder_bits(s.lambda_m), y1)
+                else:
+                    x1 = (y1 - f.detach().to(sd)) / s.lambda_
+                dx2 = _add(dx2, grads_of(f, x2_leaf, dy1, params))  # dx2 += (∂F/∂x2)ᵀ dy1
+                dx1 = dy1 * s.lambda_  # ∂y1/∂x1 = λ
+                del f, x2_leaf
+                if run.trace is not None:
+                    run.trace.append(("backward", c.name, x1.clone(), x2.clone()))
+                if rec.checksum is not None:
+                    checksums.append((idx, rec.checksum, _checksum(x1, x2)))
+                y1, y2, dy1, dy2 = x1, x2, dx1, dx2
+        if checksums:
+            saved = torch.stack([c[1] for c in checksums])
+            rebuilt = torch.stack([c[2] for c in checksums])
+            if not torch.equal(saved, rebuilt):
+                # errors propagate downwards: the highest mismatching layer is where it started
+                bad = next(idx for idx, a, b in checksums if not torch.equal(a, b))
+                raise ReconstructionError(
+                    f"MEFT audit: the input of {run.couplings[bad].name}, rebuilt in backward, differs from the "
+                    "forward pass, so its gradients would be wrong. A kernel in this layer is not deterministic "
+                    "(try torch.use_deterministic_algorithms(True) and CUBLAS_WORKSPACE_CONFIG=:4096:8), or the "
+                    "model or its inputs were modified between forward and backward."
+                )
+        return (None, dy1, dy2, *routed_grads, *param_grads)
+
+
+def _block_input(x: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+    """A stream as F or G receive it. When no cast is needed a view still adds one autograd
+    node, so that the gradients a block sends to its input are summed inside the block before
+    they meet the coupling's own: the same order as the reversible backward, hence the same bits."""
+    return x.to(compute_dtype) if x.dtype != compute_dtype else x.view_as(x)
+
+
+def _add(a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return a if b is None else a + b
+
+
+def _stream_value(x: torch.Tensor, s: CouplingSettings, sd: torch.dtype) -> torch.Tensor:
+    """The real value of a stream in the stream dtype, detached."""
+    return from_fixed(x, s.frac_bits, sd) if s.exact else x.detach()
+
+
+def _run_block(block: Block, x: torch.Tensor, routed: dict, run: StackRun, sd: torch.dtype) -> torch.Tensor:
+    """Runs F or G in forward exactly as backward recomputes it: grad enabled, input a leaf
+    that requires grad. Kernels can pick different paths when inputs require grad (SDPA
+    backends do); running both passes the same way rules that out. The graph built here is
+    dropped as soon as the output is quantised, so it costs one layer's activations at most."""
+    leaf = _stream_value(x, run.settings, sd).requires_grad_()
+    with torch.enable_grad():
+        out = block(_block_input(leaf, run.compute_dtype), routed)
+    return out.detach()
+
+
+# ------------------------------------------------------------ plain-autograd (vanilla) path
+
+
+class _Quantize(torch.autograd.Function):
+    """x → (value of fix(x), fix(x)); gradient is the identity."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, frac_bits: int, flags: list):
+        i = to_fixed(x, frac_bits, flags)
+        ctx.mark_non_differentiable(i)
+        return from_fixed(i, frac_bits, x.dtype), i
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _gi=None):
+        return grad, None, None
+
+
+class _ExactCouple(torch.autograd.Function):
+    """y = floor(x / m) + fix(block_out) on the integers; gradient of the real coupling y = x/m + b."""
+
+    @staticmethod
+    def forward(ctx, x_value, block_out, x_int, scale: float, m: int, frac_bits: int, flags: list):
+        q, _ = floor_divmod(x_int, m)
+        y = q + to_fixed(block_out, frac_bits, flags)
+        ctx.scale, ctx.block_dtype = scale, block_out.dtype
+        ctx.mark_non_differentiable(y)
+        return from_fixed(y, frac_bits, x_value.dtype), y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _gi=None):
+        return grad * ctx.scale, grad.to(ctx.block_dtype), None, None, None, None, None
+
+
+def _vanilla_layers(couplings, s: CouplingSettings, routed, cd, x1v, x2v, x1i=None, x2i=None):
+    """The same couplings under ordinary autograd (activations stored). Exact mode computes
+    the identical integer forward, so its gradients are the reversible path's oracle."""
+    flags: list = []
+    for c in couplings:
+        f = c.F(_block_input(x2v, cd), routed)
+        if s.exact:
+            y1v, y1i = _ExactCouple.apply(x1v, f, x1i, s.lambda_, s.lambda_m, s.frac_bits, flags)
+        else:
+            y1v = x1v * s.lambda_ + f.to(x1v.dtype)
+        g = c.G(_block_input(y1v, cd), routed)
+        if s.exact:
+            y2v, y2i = _ExactCouple.apply(x2v, g, x2i, s.beta, s.beta_m, s.frac_bits, flags)
+        else:
+            y2v = x2v * s.beta + g.to(x2v.dtype)
+        if s.swap:
+            x1v, x2v, x1i, x2i = y2v, y1v, (y2i if s.exact else None), (y1i if s.exact else None)
+        else:
+            x1v, x2v, x1i, x2i = y1v, y2v, (y1i if s.exact else None), (y2i if s.exact else None)
+    if s.exact:
+        _raise_if_out_of_range(flags, _block_names(couplings), s.frac_bits)
+    return x1v, x2v, x1i, x2i
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def run_stack(
+    x: torch.Tensor,
+    couplings: Sequence[Coupling],
+    settings: CouplingSettings,
+    routed: dict[str, Any],
+    *,
+    mode: str = "reversible",
+    reversible_layers: int | None = None,
+    record_rng: bool = True,
+    trace: list | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs the two streams, both starting at x, through the couplings.
+
+    mode:
+      "float":      plain float coupling (eval, inference, no_grad); autograd if grad is on.
+      "reversible": the lowest `reversible_layers` couplings (all when None) keep only the
+                    final streams and remainders and rebuild inputs in backward; the layers
+                    above run under ordinary autograd (the paper's hybrid).
+      "vanilla":    every coupling under ordinary autograd: the oracle and a debug path.
+
+    Returns the final streams (x1, x2) in the stream dtype (float32 for 16-bit models).
+    """
+    cd = x.dtype
+    h = x.to(stream_dtype_for(cd))
+    if mode == "float":
+        float_settings = CouplingSettings(settings.lambda_, settings.beta, settings.swap, exact=False)
+        return _vanilla_layers(couplings, float_settings, routed, cd, h, h)[:2]
+    if mode not in ("reversible", "vanilla"):
+        raise ValueError(f"unknown mode {mode!r}")
+    if not h.requires_grad:
+        # F and G always see inputs that require grad, as in the reversible recompute, so
+        # both paths run the same kernels even when the embeddings are frozen
+        h = h.detach().requires_grad_()
+    n_rev = 0 if mode == "vanilla" else (len(couplings) if reversible_layers is None else reversible_layers)
+    lower, upper = couplings[:n_rev], couplings[n_rev:]
+    x1i = x2i = None
+    if lower:
+        run = StackRun(lower, settings, routed, cd, record_rng=record_rng, trace=trace)
+        x1v, x2v, x1i, x2i = _ReversibleStack.apply(run, h, h, *run.grad_inputs())
+    elif settings.exact:
+        flags: list = []
+        (x1v, x1i), (x2v, x2i) = _Quantize.apply(h, settings.frac_bits, flags), _Quantize.apply(h, settings.frac_bits, flags)
+        _raise_if_out_of_range(flags, ["the stack input"] * 2, settings.frac_bits)
+    else:
+        x1v, x2v = h, h
+    if upper:
+        x1v, x2v, _, _ = _vanilla_layers(upper, settings, routed, cd, x1v, x2v, x1i, x2i)
+    return x1v, x2v
