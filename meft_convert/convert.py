@@ -137,7 +137,7 @@ class ConvertOptions:
                 beta=self.beta,
                 adapter_dim=self.adapter_dim,
                 adapter_init=self.adapter_init,
-                init_std=self.init_std,
+                adapter_init_std=self.init_std,
                 reversible_layers=self.reversible_layers,
                 output_stream=self.output_stream,
                 exact=self.exact,

@@ -31,7 +31,7 @@ def validate_meft_settings(
     beta: float | None = None,
     adapter_dim: int = 8,
     adapter_init: str = "paper",
-    init_std: float = 0.02,
+    adapter_init_std: float = 0.02,
     reversible_layers: int | None = None,
     output_stream: str = "plm",
     exact: bool = True,
@@ -59,8 +59,8 @@ def validate_meft_settings(
         raise ValueError(f"adapter_dim must be a positive integer, got {adapter_dim!r}")
     if adapter_init not in ADAPTER_INITS:
         raise ValueError(f"adapter_init must be one of {', '.join(ADAPTER_INITS)}, got {adapter_init!r}")
-    if not (math.isfinite(init_std) and init_std >= 0):
-        raise ValueError(f"init_std must be >= 0, got {init_std}")
+    if not (math.isfinite(adapter_init_std) and adapter_init_std >= 0):
+        raise ValueError(f"the adapters' init std must be >= 0, got {adapter_init_std}")
     if reversible_layers is not None and not (isinstance(reversible_layers, int) and reversible_layers >= 0):
         raise ValueError(f"reversible_layers must be a non-negative integer or None (all), got {reversible_layers!r}")
     if output_stream not in OUTPUT_STREAMS:
@@ -73,7 +73,7 @@ def validate_meft_settings(
         beta=beta,
         adapter_dim=adapter_dim,
         adapter_init=adapter_init,
-        init_std=float(init_std),
+        adapter_init_std=float(adapter_init_std),
         reversible_layers=reversible_layers,
         output_stream=output_stream,
         exact=bool(exact),
@@ -94,8 +94,9 @@ class MeftConfig:
         lambda_, beta: scale of x1 and x2 in the coupling; None takes the variant's default
             from the paper. Exact mode needs 1/m for a positive integer m.
         adapter_dim: bottleneck width r of every adapter.
-        adapter_init: "paper" (both projections N(0, init_std²)) or "zero" (up-projection 0).
-        init_std: σ of the adapter initialisation.
+        adapter_init: "paper" (both projections N(0, σ²)) or "zero" (up-projection 0).
+        adapter_init_std: σ of the adapter initialisation (named so as not to clash with
+            OPT's own `init_std`).
         reversible_layers: how many of the lowest layers recompute their inputs in backward;
             None means all. The layers above store activations as usual (the paper's hybrid).
         output_stream: "plm", the stream that follows the pretrained layers, or "mean", the
@@ -115,7 +116,7 @@ class MeftConfig:
         beta: float | None = None,
         adapter_dim: int = 8,
         adapter_init: str = "paper",
-        init_std: float = 0.02,
+        adapter_init_std: float = 0.02,
         reversible_layers: int | None = None,
         output_stream: str = "plm",
         exact: bool = True,
@@ -124,7 +125,7 @@ class MeftConfig:
         **kwargs,
     ):
         settings = validate_meft_settings(
-            variant, lambda_, beta, adapter_dim, adapter_init, init_std, reversible_layers, output_stream, exact, frac_bits, audit
+            variant, lambda_, beta, adapter_dim, adapter_init, adapter_init_std, reversible_layers, output_stream, exact, frac_bits, audit
         )
         for key, value in settings.items():
             setattr(self, key, value)

@@ -214,7 +214,7 @@ def install_meft(model: nn.Module, config, trainable_modules: tuple[str, ...] = 
                     family.activation(config),
                     family.dropout(config),
                     init=config.adapter_init,
-                    init_std=config.init_std,
+                    init_std=config.adapter_init_std,
                 )
                 for name in variant.adapters
             }
@@ -244,6 +244,14 @@ class MeftModelMixin:
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         install_meft(self, config, self._meft_trainable_modules)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        # loading replaces parameters by fresh ones that all require grad: freeze again
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        freeze_plm(model, cls._meft_trainable_modules)
+        return loaded
 
     def _init_weights(self, module):
         if is_adapter_projection(module):

@@ -350,6 +350,10 @@ class _ReversibleStack(torch.autograd.Function):
             y1v, y2v = x1.clone(), x2.clone()
         ctx.save_for_backward(x1, x2, *remainders)
         ctx.run = run
+        ctx.stream_dtype = sd
+        # an output nobody used gets None, not zeros: its blocks then contribute no gradient,
+        # and parameters only it reaches keep grad None, as under plain autograd
+        ctx.set_materialize_grads(False)
         if s.exact:
             ctx.mark_non_differentiable(x1, x2)
             return y1v, y2v, x1, x2
@@ -360,7 +364,7 @@ class _ReversibleStack(torch.autograd.Function):
         run: StackRun = ctx.run
         s = run.settings
         y1, y2, *remainders = ctx.saved_tensors
-        sd = dy1.dtype
+        sd = ctx.stream_dtype
         routed = _leaf_routed(run.routed)
         routed_leaves = [routed[k] for k in run.routed_grad_keys]
         routed_grads: list = [None] * len(routed_leaves)
@@ -370,6 +374,8 @@ class _ReversibleStack(torch.autograd.Function):
         device_ids = run.records[0].rng_f.device_ids if run.record_rng and run.records else []
 
         def grads_of(out, leaf, grad_out, params):
+            if grad_out is None:
+                return None
             grads = torch.autograd.grad(
                 out, [leaf, *routed_leaves, *params], grad_out.to(out.dtype), allow_unused=True
             )
@@ -401,7 +407,7 @@ class _ReversibleStack(torch.autograd.Function):
                     x2 = (y2 - g.detach().to(sd)) / s.beta
                 params = [p for p in c.params]
                 dy1 = _add(dy1, grads_of(g, y1_leaf, dy2, params))  # dy1 += (∂G/∂y1)ᵀ dy2
-                dx2 = dy2 * s.beta  # ∂y2/∂x2 = β
+                dx2 = _scaled(dy2, s.beta)  # ∂y2/∂x2 = β
                 del g, y1_leaf
                 # F half-step: recompute F(x2), rebuild x1, and push dy1 through F
                 if rec.rng_f is not None:
@@ -414,7 +420,7 @@ class _ReversibleStack(torch.autograd.Function):
                 else:
                     x1 = (y1 - f.detach().to(sd)) / s.lambda_
                 dx2 = _add(dx2, grads_of(f, x2_leaf, dy1, params))  # dx2 += (∂F/∂x2)ᵀ dy1
-                dx1 = dy1 * s.lambda_  # ∂y1/∂x1 = λ
+                dx1 = _scaled(dy1, s.lambda_)  # ∂y1/∂x1 = λ
                 del f, x2_leaf
                 if run.trace is not None:
                     run.trace.append(("backward", c.name, x1.clone(), x2.clone()))
@@ -443,8 +449,15 @@ def _block_input(x: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
     return x.to(compute_dtype) if x.dtype != compute_dtype else x.view_as(x)
 
 
-def _add(a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return a if b is None else a + b
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """Sum of gradient contributions, None standing for 'none arrived'."""
+    if a is None or b is None:
+        return b if a is None else a
+    return a + b
+
+
+def _scaled(d: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+    return None if d is None else d * scale
 
 
 def _stream_value(x: torch.Tensor, s: CouplingSettings, sd: torch.dtype) -> torch.Tensor:

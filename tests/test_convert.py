@@ -1,0 +1,290 @@
+"""convert() over a table of checkpoints: what is written, and what is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from meft_convert import convert as convert_module
+from meft_convert import weights as weights_module
+from meft_convert.convert import TEMPLATE_FILES, ConvertOptions, convert
+from meft_convert.errors import BadInputError, VerificationError
+from tests.conftest import source
+
+VARIANTS = ["meft1", "meft2", "meft3"]
+CHECKPOINTS = ["minilm", "bert", "opt-125m", "opt-350m"]
+
+
+def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    result = {}
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            result.update({k: f.get_tensor(k) for k in f.keys()})
+    return result
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_conversion_writes_a_verified_checkpoint(name, variant, converted, tiny_checkpoints, minilm):
+    out, report = converted(name, variant)
+    assert report["passed"], report["problems"]
+    assert sum(r["differing_elements"] for r in report["reconstruction"]) == 0
+    assert report["gradients"]["bitwise_equal"] == report["gradients"]["tensors"] > 0
+    assert 0 < report["fidelity"]["cosine_min"] <= report["fidelity"]["cosine_mean"] <= 1
+
+    original, written = tensors_of(source(name, tiny_checkpoints, minilm)), tensors_of(out)
+    for key, tensor in original.items():  # every original tensor: same name, dtype, shape and bytes
+        assert written[key].dtype == tensor.dtype and written[key].shape == tensor.shape
+        assert torch.equal(written[key].view(torch.uint8), tensor.view(torch.uint8)), key
+    added = set(written) - set(original)
+    adapters = {"meft1": ("ffn", "coupling"), "meft2": ("coupling", "ffn"), "meft3": ("attn", "ffn")}[variant]
+    layers = json.loads((out / "config.json").read_text())["num_hidden_layers"]
+    assert len(added) == layers * len(adapters) * 4 and all(".meft." in key for key in added)
+    assert {key.split(".meft.")[1].split(".")[0] for key in added} == set(adapters)
+    plm_dtype = next(t.dtype for k, t in original.items() if ".0." in k and t.is_floating_point())
+    assert all(written[key].dtype == plm_dtype for key in added)
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == ("meft_bert" if name in ("minilm", "bert") else "meft_opt")
+    assert config["variant"] == variant and config["exact"] is True and config["output_stream"] == "plm"
+    assert set(config["auto_map"]) >= {"AutoConfig", "AutoModel"}
+    expected_heads = {
+        "minilm": {"AutoModelForSequenceClassification"},
+        "bert": {"AutoModelForSequenceClassification", "AutoModelForMaskedLM"},
+        "opt-125m": {"AutoModelForCausalLM"},
+        "opt-350m": {"AutoModelForCausalLM"},
+    }[name]
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel"} | expected_heads
+    assert config["architectures"] == [{"minilm": "MeftBertModel", "bert": "MeftBertForMaskedLM"}.get(name, "MeftOPTForCausalLM")]
+    for file in TEMPLATE_FILES:
+        assert (out / file).read_bytes() == (Path(convert_module.__file__).parent.parent / "templates" / file).read_bytes()
+    if name in ("minilm", "bert"):
+        assert (out / "tokenizer.json").is_file() and (out / "vocab.txt").is_file()
+    assert "trust_remote_code=True" in (out / "README.md").read_text()
+    assert not list(out.parent.glob(".*partial"))
+
+
+def test_adapter_initialisation_is_seeded_and_zero_init_is_zero(tiny_checkpoints, tmp_path):
+    base = dict(model=str(tiny_checkpoints["bert"]), verify=False, show_progress=False)
+    a = convert(ConvertOptions(output=tmp_path / "a", seed=1, **base), log=lambda _: None)
+    b = convert(ConvertOptions(output=tmp_path / "b", seed=1, **base), log=lambda _: None)
+    c = convert(ConvertOptions(output=tmp_path / "c", seed=2, **base), log=lambda _: None)
+    z = convert(ConvertOptions(output=tmp_path / "z", adapter_init="zero", init_std=0.5, **base), log=lambda _: None)
+    ta, tb, tc, tz = (tensors_of(x) for x in (a, b, c, z))
+    key = "bert.encoder.layer.0.meft.ffn.down_proj.weight"
+    assert torch.equal(ta[key], tb[key]) and not torch.equal(ta[key], tc[key])
+    assert abs(ta[key].std().item() - 0.02) < 0.005 and abs(tz[key].std().item() - 0.5) < 0.1
+    ups = [k for k in tz if ".up_proj." in k]
+    assert ups and all(torch.count_nonzero(tz[k]) == 0 for k in ups)
+    assert all(torch.count_nonzero(tz[k]) == 0 for k in tz if k.endswith("down_proj.bias"))
+
+
+def test_settings_are_recorded(tiny_checkpoints, tmp_path):
+    out = convert(
+        ConvertOptions(
+            model=str(tiny_checkpoints["opt-125m"]), output=tmp_path / "o", variant="meft1", lambda_=2**-10, beta=1 / 64,
+            adapter_dim=4, reversible_layers=1, output_stream="mean", verify=True, show_progress=False,
+        ),
+        log=lambda _: None,
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert (config["lambda_"], config["beta"], config["adapter_dim"], config["reversible_layers"], config["output_stream"]) == (
+        2**-10, 1 / 64, 4, 1, "mean")
+    report = json.loads((out / "meft_report.json").read_text())
+    assert report["passed"] and len(report["reconstruction"]) == 1  # only the lowest layer is reversible
+    assert tensors_of(out)["model.decoder.layers.0.meft.coupling.down_proj.weight"].shape == (4, 32)
+
+
+def test_float_mode_reports_its_reconstruction_error(tiny_checkpoints, tmp_path):
+    out = convert(
+        ConvertOptions(model=str(tiny_checkpoints["opt-125m"]), output=tmp_path / "f", exact=False, lambda_=0.3, show_progress=False),
+        log=lambda _: None,
+    )
+    report = json.loads((out / "meft_report.json").read_text())
+    assert report["passed"] and report["settings"]["exact"] is False
+    assert all(r["relative_error"] > 0 for r in report["reconstruction"])
+
+
+# ------------------------------------------------------------------------ bad input
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def _fails(options: ConvertOptions, error=BadInputError, match: str | None = None) -> None:
+    parent = Path(options.output).parent
+    before = set(parent.iterdir()) if parent.exists() else None
+    with pytest.raises(error, match=match):
+        convert(options, log=lambda _: None)
+    after = set(parent.iterdir()) if parent.exists() else None
+    assert before == after  # nothing written next to the output either
+
+
+def test_existing_output_is_never_touched_without_force(tiny_checkpoints, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    before = _snapshot(out)
+    _fails(ConvertOptions(model=str(tiny_checkpoints["bert"]), output=out, show_progress=False), match="already exists")
+    assert _snapshot(out) == before
+
+
+def test_force_replaces_only_after_success(tiny_checkpoints, tmp_path, monkeypatch):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    options = ConvertOptions(model=str(tiny_checkpoints["bert"]), output=out, force=True, show_progress=False)
+
+    def failing_verification(*args, **kwargs):
+        raise VerificationError("simulated failure")
+
+    monkeypatch.setattr(convert_module, "verify_conversion", failing_verification)
+    _fails(options, VerificationError)
+    assert (out / "notes.txt").read_text() == "precious"
+    monkeypatch.undo()
+    convert(options, log=lambda _: None)
+    assert not (out / "notes.txt").exists() and (out / "config.json").is_file()
+
+
+def test_interrupted_conversion_leaves_nothing(tiny_checkpoints, tmp_path, monkeypatch):
+    original_copy = weights_module._copy_with_progress
+
+    def interrupted(src, dst, progress):
+        original_copy(src, dst, progress)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(weights_module, "_copy_with_progress", interrupted)
+    out = tmp_path / "new" / "deeper" / "out"
+    with pytest.raises(KeyboardInterrupt):
+        convert(ConvertOptions(model=str(tiny_checkpoints["bert"]), output=out, show_progress=False), log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []  # not even the parent folders it created
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(lambda_=0.3), r"lambda=0.3 is not 1/m"),
+        (dict(beta=0.0), "beta must be a positive number"),
+        (dict(lambda_=-0.1), "lambda must be a positive number"),
+        (dict(adapter_dim=0), "adapter_dim must be a positive integer"),
+        (dict(reversible_layers=3), "exceeds the model's 2 layers"),
+        (dict(model="./no/such/folder"), "no such folder"),
+        (dict(model="nobody/no-such-model"), "not found in the Hugging Face cache"),
+    ],
+)
+def test_bad_options_are_refused_before_anything_is_written(tiny_checkpoints, tmp_path, change, match):
+    options = ConvertOptions(**{"model": str(tiny_checkpoints["opt-125m"]), "output": tmp_path / "out", "show_progress": False, **change})
+    _fails(options, match=match)
+
+
+def test_unknown_model_type_lists_supported_types(tmp_path):
+    folder = tmp_path / "neox"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
+    save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _fails(ConvertOptions(model=str(folder), output=tmp_path / "out"), match="'gpt_neox' is not supported; supported: bert, opt")
+
+
+def test_already_converted_checkpoint_is_refused(converted, tmp_path):
+    out, _ = converted("bert", "meft3")
+    _fails(ConvertOptions(model=str(out), output=tmp_path / "again"), match="already a MEFT checkpoint")
+
+
+def _copy_checkpoint(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for file in src.iterdir():
+        (dst / file.name).write_bytes(file.read_bytes())
+    return dst
+
+
+def test_corrupt_safetensors_is_refused(tiny_checkpoints, tmp_path):
+    folder = _copy_checkpoint(tiny_checkpoints["bert"], tmp_path / "corrupt")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    _fails(ConvertOptions(model=str(folder), output=tmp_path / "out"), match="not a readable safetensors file")
+    (folder / "model.safetensors").write_bytes(b"\x00" * 100)
+    _fails(ConvertOptions(model=str(folder), output=tmp_path / "out"), match="not a readable safetensors file")
+
+
+def _pickle_checkpoint(tiny_checkpoints, folder: Path) -> Path:
+    _copy_checkpoint(tiny_checkpoints["opt-125m"], folder)
+    state = tensors_of(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    return folder
+
+
+def test_pickle_only_checkpoint_needs_allow_pickle(tiny_checkpoints, tmp_path):
+    folder = _pickle_checkpoint(tiny_checkpoints, tmp_path / "bin")
+    _fails(ConvertOptions(model=str(folder), output=tmp_path / "out"), match="only pickle weights")
+    out = convert(ConvertOptions(model=str(folder), output=tmp_path / "out", allow_pickle=True, show_progress=False), log=lambda _: None)
+    original = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    written = tensors_of(out)
+    assert all(torch.equal(written[k].view(torch.uint8), t.view(torch.uint8)) for k, t in original.items())
+    assert json.loads((out / "meft_report.json").read_text())["passed"]
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_is_never_unpickled_beyond_weights(tmp_path, tiny_checkpoints):
+    folder = _pickle_checkpoint(tiny_checkpoints, tmp_path / "evil")
+    marker = tmp_path / "code-ran"
+    payload = _Payload()
+    payload.marker = marker
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"x": payload}))
+    _fails(ConvertOptions(model=str(folder), output=tmp_path / "out", allow_pickle=True), match="could not be read as weights only")
+    assert not marker.exists()
+
+
+def test_hub_id_through_an_offline_cache(tiny_checkpoints, tmp_path):
+    """A model id resolves through a prepared Hugging Face cache with HF_HUB_OFFLINE=1."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--opt"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in tiny_checkpoints["opt-125m"].iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    cli = [sys.executable, "-m", "meft_convert", "tiny-org/opt", "--no-verify"]
+    ok = subprocess.run([*cli, "-o", str(tmp_path / "out")], env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["meft_base_model"] == "tiny-org/opt"
+    assert "base_model: tiny-org/opt" in (tmp_path / "out" / "README.md").read_text()
+    pinned = subprocess.run([*cli, "--revision", commit, "-o", str(tmp_path / "pinned")], env=env, capture_output=True, text=True)
+    assert pinned.returncode == 0, pinned.stderr
+    missing = subprocess.run([*cli, "-o", str(tmp_path / "x")], env={**env, "HF_HUB_CACHE": str(tmp_path / "empty")}, capture_output=True, text=True)
+    assert missing.returncode == 2 and "not found in the Hugging Face cache" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_sharded_checkpoints_keep_their_shards(tiny_checkpoints, tmp_path):
+    import transformers
+
+    sharded = tmp_path / "sharded"
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoints["opt-125m"])
+    model.save_pretrained(sharded, max_shard_size="1MB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    n_shards = len(list(sharded.glob("*.safetensors")))
+    out = convert(ConvertOptions(model=str(sharded), output=tmp_path / "out", show_progress=False), log=lambda _: None)
+    assert len(list(out.glob("*.safetensors"))) == n_shards + 1
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors_of(out))
+    assert json.loads((out / "meft_report.json").read_text())["passed"]
+    (sharded / sorted(sharded.glob("*.safetensors"))[0].name).unlink()
+    _fails(ConvertOptions(model=str(sharded), output=tmp_path / "out2"), match="is missing")

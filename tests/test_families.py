@@ -1,0 +1,72 @@
+"""Each family description splits the library's own layer into blocks that recompose it bit for bit."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import transformers
+
+from meft_convert.templates.families import FAMILIES, family_for
+from tests.conftest import real_config
+
+CASES = {
+    "bert": ("bert-base-uncased", "BertModel"),
+    "opt-125m (pre-LN)": ("opt-125m", "OPTModel"),
+    "opt-350m (post-LN)": ("opt-350m", "OPTModel"),
+}
+
+
+def _layer_call(base, family, layers):
+    """Runs the base model once, recording the arguments its loop passes to layer 0."""
+    captured = {}
+
+    def hook(module, args, kwargs):
+        captured["args"], captured["kwargs"] = args, kwargs
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        base(input_ids=ids, attention_mask=mask)
+    handle.remove()
+    bound = inspect.signature(layers[0].forward).bind(*captured["args"], **captured["kwargs"]).arguments
+    hidden = bound.pop("hidden_states")
+    extra = bound.pop("kwargs", {})
+    args = {**bound, **extra}
+    # the loop's cache was filled by that run; the layers are called again below
+    return hidden, {k: None if isinstance(v, transformers.Cache) else v for k, v in args.items()}
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train-with-dropout"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_blocks_recompose_the_library_layer_bitwise(case, training):
+    config_name, base_class = CASES[case]
+    config = real_config(config_name, architectures=[base_class])
+    torch.manual_seed(0)
+    base = getattr(transformers, base_class)(config)
+    base.train(training)
+    family = family_for(config.model_type)
+    layers = base.get_submodule(family.layers)
+    hidden, args = _layer_call(base, family, layers)
+    for layer in layers:
+        with torch.random.fork_rng():
+            torch.manual_seed(7)
+            expected = layer(hidden, **args)
+        with torch.random.fork_rng():
+            torch.manual_seed(7)
+            got = family.mlp(layer, family.attention(layer, hidden, args, None), None)
+        assert torch.equal(expected, got)
+        hidden = expected
+
+
+def test_unknown_model_type_lists_the_supported_ones():
+    with pytest.raises(ValueError, match="supported: " + ", ".join(sorted(FAMILIES))):
+        family_for("gpt_neox")
+
+
+def test_bert_decoder_is_refused():
+    config = real_config("bert-base-uncased", is_decoder=True)
+    assert "decoder" in family_for("bert").unsupported(config)

@@ -1,0 +1,222 @@
+"""MEFT models built from configs: gradients, paths, freezing, the layer list's two faces."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+import transformers
+
+from meft_convert.templates.adapters import MeftAdapter
+from meft_convert.templates.configuration_meft import config_class_for
+from meft_convert.templates.families import family_for
+from meft_convert.templates.modeling_meft import MeftLayers, model_class_for
+from meft_convert.templates.reversible import remainder_bits
+from tests.conftest import real_config
+from tests.test_reversible import _SavedTracker
+
+HEADS = {
+    "bert": ("bert-base-uncased", ["AutoModel", "AutoModelForSequenceClassification", "AutoModelForMaskedLM"]),
+    "opt-125m": ("opt-125m", ["AutoModel", "AutoModelForCausalLM"]),
+    "opt-350m": ("opt-350m", ["AutoModelForCausalLM"]),
+}
+
+
+def build(config_name: str, auto_class: str, seed: int = 0, dtype=torch.float32, **settings):
+    plm_config = real_config(config_name, **settings.pop("plm", {}))
+    family = family_for(plm_config.model_type)
+    values = plm_config.to_dict()
+    for key in ("model_type", "transformers_version", "architectures"):
+        values.pop(key, None)
+    config = config_class_for(family)(**values, **settings)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = model_class_for(family, auto_class)(config)
+    return model.to(dtype)
+
+
+def batch(vocab: int = 1000):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 3:] = 0
+    return ids, mask
+
+
+def loss_of(model, auto_class, ids, mask):
+    if auto_class == "AutoModelForCausalLM":
+        return model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    if auto_class == "AutoModelForSequenceClassification":
+        return model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1])).loss
+    if auto_class == "AutoModelForMaskedLM":
+        return model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.dtype)
+    return (out * weights * mask[..., None]).sum()
+
+
+def gradients(model, auto_class, mode, seed=5):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    ids, mask = batch()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        with model.meft_backward(mode):
+            loss = loss_of(model, auto_class, ids, mask)
+        loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+CASES = [(name, auto) for name, (_, autos) in HEADS.items() for auto in autos]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["meft1", "meft2", "meft3"])
+@pytest.mark.parametrize("name,auto_class", CASES)
+def test_reversible_gradients_equal_plain_autograd(name, auto_class, variant, dtype):
+    model = build(HEADS[name][0], auto_class, dtype=dtype, variant=variant)
+    loss_v, vanilla = gradients(model, auto_class, "vanilla")
+    loss_r, reversible = gradients(model, auto_class, "reversible")
+    assert torch.equal(loss_v, loss_r)
+    assert set(vanilla) == set(reversible) and len(reversible) >= 4
+    for key in vanilla:
+        assert torch.equal(vanilla[key], reversible[key]), key
+    # dropout was on: another seed gives other gradients
+    other = gradients(model, auto_class, "reversible", seed=6)[1]
+    assert any(not torch.equal(other[key], reversible[key]) for key in reversible)
+
+
+def test_plm_is_frozen_and_adapters_and_new_heads_train():
+    model = build("bert-base-uncased", "AutoModelForSequenceClassification", variant="meft1", adapter_dim=4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, m in model.named_modules() if isinstance(m, MeftAdapter) for n in
+                         (f"{n}.down_proj.weight", f"{n}.down_proj.bias", f"{n}.up_proj.weight", f"{n}.up_proj.bias")} | {
+        "classifier.weight", "classifier.bias"}
+    assert all(".meft.ffn." in n or ".meft.coupling." in n or n.startswith("classifier") for n in trainable)
+    n_trainable, total = model.get_nb_trainable_parameters()
+    assert n_trainable == sum(p.numel() for n, p in model.named_parameters() if n in trainable) and total > n_trainable
+    lm = build("opt-125m", "AutoModelForCausalLM")
+    assert not lm.lm_head.weight.requires_grad  # tied to the frozen embeddings
+
+
+def test_layer_list_is_an_ordinary_list_outside_its_owners_forward():
+    model = build("opt-125m", "AutoModelForCausalLM")
+    layers = model.model.decoder.layers
+    assert isinstance(layers, MeftLayers) and len(layers) == 2
+    assert [type(layer).__name__ for layer in layers] == ["OPTDecoderLayer"] * 2
+    assert type(layers[0:1]).__name__ == "ModuleList" and len(layers[0:1]) == 1
+    names = [n for n, _ in model.named_parameters()]
+    assert "model.decoder.layers.1.fc1.weight" in names and "model.decoder.layers.1.meft.attn.up_proj.weight" in names
+
+
+def test_eval_and_no_grad_use_the_plain_float_coupling():
+    model = build("bert-base-uncased", "AutoModel", variant="meft3")
+    ids, mask = batch()
+    model.train()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model.eval()
+        with torch.no_grad():
+            plain = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        model.train()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        for layer in model.encoder.layer:
+            layer.attention.self.dropout.p = 0.0
+        model.config.attention_probs_dropout_prob = 0.0
+        exact = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert exact.grad_fn is not None
+    assert (exact - plain).abs().max() < 1e-5
+
+
+def test_deep_copies_keep_working():
+    model = build("opt-125m", "AutoModelForCausalLM")
+    clone = copy.deepcopy(model)
+    ids, mask = batch()
+    clone.eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, clone(input_ids=ids, attention_mask=mask).logits)
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_hybrid_reversible_layers(k):
+    model = build("opt-125m", "AutoModelForCausalLM", reversible_layers=k)
+    loss_v, vanilla = gradients(model, "AutoModelForCausalLM", "vanilla")
+    loss_r, hybrid = gradients(model, "AutoModelForCausalLM", "reversible")
+    assert torch.equal(loss_v, loss_r)
+    for key in vanilla:
+        assert torch.equal(vanilla[key], hybrid[key])
+
+
+def test_small_scales_and_zero_adapters_keep_the_starting_point():
+    ids, mask = batch()
+    torch.manual_seed(0)
+    plm_config = real_config("opt-125m")
+    original = transformers.OPTForCausalLM(plm_config).eval()
+    for variant, scales in {"meft1": (2**-16, 2**-16), "meft2": (1.0, 2**-16), "meft3": (2**-16, 2**-16)}.items():
+        model = build("opt-125m", "AutoModelForCausalLM", variant=variant, lambda_=scales[0], beta=scales[1], adapter_init="zero")
+        model.load_state_dict(original.state_dict(), strict=False)
+        model.eval()
+        with torch.no_grad():
+            a = original(input_ids=ids, attention_mask=mask).logits
+            b = model(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        assert (a - b).abs().max() < 1e-3, variant
+
+
+def test_output_stream_mean_is_the_average_of_the_streams():
+    plm = build("bert-base-uncased", "AutoModel", output_stream="plm").eval()
+    mean = build("bert-base-uncased", "AutoModel", output_stream="mean").eval()
+    ids, mask = batch()
+    with torch.no_grad():
+        a = plm(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = mean(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert not torch.allclose(a, b)
+
+
+def test_a_filled_cache_cannot_be_trained_on():
+    model = build("opt-125m", "AutoModelForCausalLM").eval()
+    ids, mask = batch()
+    # the cache argument is `cache` from transformers 5.2x, `past_key_values` before
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    cache = out[name] if name in out else out["past_key_values"]
+    assert cache.get_seq_length() == ids.shape[1]
+    model.train()
+    with pytest.raises(ValueError, match="KV cache"):
+        model(input_ids=ids[:, :1], use_cache=True, **{name: cache})
+
+
+def saved_bytes(layers: int) -> tuple[int, int]:
+    model = build("bert-base-uncased", "AutoModel", plm={"num_hidden_layers": layers, "hidden_dropout_prob": 0.1})
+    model.train()
+    tracker = _SavedTracker(model.parameters())
+    ids = torch.randint(3, 1000, (4, 64), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
+        out = model(input_ids=ids).last_hidden_state
+    node = next(n for n in _graph(out.grad_fn) if type(n).__name__ == "_ReversibleStackBackward")
+    return tracker.live_bytes(), node.run.kept_bytes()
+
+
+def _graph(node, seen=None):
+    seen = set() if seen is None else seen
+    if node is None or node in seen:
+        return
+    seen.add(node)
+    yield node
+    for next_node, _ in node.next_functions:
+        yield from _graph(next_node, seen)
+
+
+def test_saved_bytes_grow_with_depth_by_the_remainders_only():
+    saved2, kept2 = saved_bytes(2)
+    saved8, kept8 = saved_bytes(8)
+    remainders_per_layer = 2 * remainder_bits(10) * (4 * 64 * 32) // 8
+    assert saved8 - saved2 == 6 * remainders_per_layer
+    assert (kept8 - kept2) / 6 <= 16 * 1024  # RNG states and a checksum per layer, whatever the batch

@@ -1,0 +1,283 @@
+"""The reversible engine on its own: small blocks, no transformers."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from meft_convert.templates import reversible as R
+
+D = 16
+
+
+class ToyBlock(nn.Module):
+    """A residual MLP with dropout that also reads a routed scale and an optional routed tensor."""
+
+    def __init__(self, dropout: float = 0.1):
+        super().__init__()
+        self.a, self.b = nn.Linear(D, 32), nn.Linear(32, D)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, routed):
+        h = self.drop(self.b(torch.relu(self.a(x)))) * routed.get("scale", 1.0)
+        if routed.get("context") is not None:
+            h = h + routed["context"].to(h.dtype)
+        return h + x
+
+
+def couplings(blocks: nn.ModuleList) -> list[R.Coupling]:
+    result = []
+    for i in range(len(blocks) // 2):
+        F, G = blocks[2 * i], blocks[2 * i + 1]
+        params = tuple(p for p in [*F.parameters(), *G.parameters()] if p.requires_grad)
+        result.append(R.Coupling(F, G, params, f"layer {i}"))
+    return result
+
+
+def run(blocks, x, settings, mode, routed=None, seed=1, **kw):
+    """Forward and backward of a fixed loss; returns outputs, input grad, param grads, trace."""
+    blocks.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(x.requires_grad)
+    trace = []
+    torch.manual_seed(seed)
+    y1, y2 = R.run_stack(x, couplings(blocks), settings, routed or {"scale": 0.5}, mode=mode, trace=trace, **kw)
+    (y1.sum() * 1.3 + (y2**2).sum()).backward()
+    return {
+        "y": (y1.detach(), y2.detach()),
+        "dx": None if x.grad is None else x.grad.clone(),
+        "grads": [None if p.grad is None else p.grad.clone() for p in blocks.parameters()],
+        "trace": trace,
+    }
+
+
+SETTINGS = {
+    "meft1-like": dict(lambda_=0.1, beta=1.0, swap=True),
+    "meft2-like": dict(lambda_=1.0, beta=0.1, swap=True),
+    "meft3-like": dict(lambda_=0.1, beta=0.1, swap=False),
+    "tiny-scales": dict(lambda_=2.0**-10, beta=2.0**-10, swap=False),
+}
+
+
+@pytest.fixture
+def blocks():
+    torch.manual_seed(0)
+    return nn.ModuleList([ToyBlock() for _ in range(8)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_reversible_gradients_are_bitwise_plain_autograd(blocks, dtype, name):
+    blocks.to(dtype)
+    settings = R.CouplingSettings(**SETTINGS[name])
+    x = torch.randn(3, 5, D, dtype=dtype, requires_grad=True)
+    vanilla = run(blocks, x, settings, "vanilla")
+    reversible = run(blocks, x, settings, "reversible")
+    assert torch.equal(vanilla["y"][0], reversible["y"][0]) and torch.equal(vanilla["y"][1], reversible["y"][1])
+    assert torch.equal(vanilla["dx"], reversible["dx"])
+    for a, b in zip(vanilla["grads"], reversible["grads"]):
+        assert torch.equal(a, b)
+    # dropout was active: a second seed gives other gradients
+    other = run(blocks, x, settings, "reversible", seed=2)
+    assert not torch.equal(other["grads"][0], reversible["grads"][0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_reconstruction_is_bit_exact(blocks, dtype, name):
+    blocks.to(dtype)
+    result = run(blocks, torch.randn(2, 7, D, dtype=dtype), R.CouplingSettings(**SETTINGS[name]), "reversible")
+    forward = {n: (a, b) for kind, n, a, b in result["trace"] if kind == "forward"}
+    rebuilt = {n: (a, b) for kind, n, a, b in result["trace"] if kind == "backward"}
+    assert set(forward) == set(rebuilt) == {f"layer {i}" for i in range(4)}
+    for n in forward:
+        assert forward[n][0].dtype == torch.int64
+        assert torch.equal(forward[n][0], rebuilt[n][0]) and torch.equal(forward[n][1], rebuilt[n][1])
+
+
+def test_float_reconstruction_error_grows_as_in_the_paper(blocks):
+    """The paper's float inverse divides by λ per layer; its error grows with depth."""
+    settings = R.CouplingSettings(lambda_=0.1, beta=0.1, swap=False, exact=False)
+    result = run(blocks, torch.randn(2, 7, D), settings, "reversible")
+    forward = {n: a for kind, n, a, _ in result["trace"] if kind == "forward"}
+    errors = [
+        ((forward[n] - a).norm() / forward[n].norm()).item() for kind, n, a, _ in result["trace"] if kind == "backward"
+    ]
+    assert errors[-1] > 1e-3  # layer 0, rebuilt last: visibly wrong
+    assert errors[-1] > 100 * errors[0]
+
+
+def test_outer_rng_state_is_untouched(blocks):
+    settings = R.CouplingSettings(0.1, 0.1, swap=False)
+    x = torch.randn(2, 4, D, requires_grad=True)
+    torch.manual_seed(3)
+    y1, y2 = R.run_stack(x, couplings(blocks), settings, {}, mode="reversible")
+    after_forward = torch.get_rng_state()
+    (y1 + y2).sum().backward()
+    assert torch.equal(after_forward, torch.get_rng_state())
+    # and the forward drew from the global generator exactly as plain autograd does
+    torch.manual_seed(3)
+    R.run_stack(x, couplings(blocks), settings, {}, mode="vanilla")
+    assert torch.equal(after_forward, torch.get_rng_state())
+
+
+def test_frozen_input_still_delivers_parameter_gradients(blocks):
+    """Embeddings frozen: the stack's input needs no grad, the adapters' parameters do."""
+    for block in blocks[::2]:
+        block.requires_grad_(False)
+    settings = R.CouplingSettings(0.1, 0.1, swap=False)
+    x = torch.randn(2, 4, D)  # requires_grad=False
+    vanilla = run(blocks, x, settings, "vanilla")
+    reversible = run(blocks, x, settings, "reversible")
+    trainable = [i for i, p in enumerate(blocks.parameters()) if p.requires_grad]
+    assert trainable and all(reversible["grads"][i] is not None for i in trainable)
+    for i in trainable:
+        assert torch.equal(vanilla["grads"][i], reversible["grads"][i])
+    assert all(reversible["grads"][i] is None for i, p in enumerate(blocks.parameters()) if not p.requires_grad)
+
+
+def test_routed_tensor_requiring_grad_gets_its_gradient(blocks):
+    """A tensor every block reads (like encoder states for cross-attention) is differentiated."""
+    settings = R.CouplingSettings(0.1, 1.0, swap=True)
+    x = torch.randn(2, 4, D, requires_grad=True)
+    grads = {}
+    for mode in ("vanilla", "reversible"):
+        context = torch.randn(2, 4, D, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        run(blocks, x, settings, mode, routed={"context": context, "scale": 0.5})
+        grads[mode] = context.grad
+    assert grads["reversible"] is not None and grads["reversible"].abs().sum() > 0
+    torch.testing.assert_close(grads["reversible"], grads["vanilla"], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 4])
+def test_hybrid_lower_layers_reversible(blocks, k):
+    settings = R.CouplingSettings(0.1, 0.1, swap=False)
+    x = torch.randn(2, 5, D, requires_grad=True)
+    vanilla = run(blocks, x, settings, "vanilla")
+    hybrid = run(blocks, x, settings, "reversible", reversible_layers=k)
+    assert {n for kind, n, *_ in hybrid["trace"] if kind == "forward"} == {f"layer {i}" for i in range(k)}
+    for a, b in zip(vanilla["grads"], hybrid["grads"]):
+        assert torch.equal(a, b)
+
+
+def test_float_mode_matches_the_float_coupling_forward(blocks):
+    settings = R.CouplingSettings(0.1, 0.1, swap=False)
+    x = torch.randn(2, 5, D)
+    blocks.eval()
+    with torch.no_grad():
+        exact = R.run_stack(x, couplings(blocks), settings, {}, mode="vanilla")
+        plain = R.run_stack(x, couplings(blocks), settings, {}, mode="float")
+    for a, b in zip(exact, plain):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+class Flaky(ToyBlock):
+    """Adds a different tiny number on every call: a non-deterministic kernel."""
+
+    calls = 0
+
+    def forward(self, x, routed):
+        Flaky.calls += 1
+        return super().forward(x, routed) + Flaky.calls * 1e-3
+
+
+def test_audit_names_the_non_deterministic_layer():
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([ToyBlock(0.0) for _ in range(8)])
+    blocks[5] = Flaky(0.0)  # G of layer 2
+    x = torch.randn(2, 3, D, requires_grad=True)
+    y1, y2 = R.run_stack(x, couplings(blocks), R.CouplingSettings(0.1, 0.1, swap=False), {}, mode="reversible")
+    with pytest.raises(R.ReconstructionError, match="layer 2"):
+        (y1 + y2).sum().backward()
+
+
+class Exploding(ToyBlock):
+    def forward(self, x, routed):
+        return super().forward(x, routed) * float("inf")
+
+
+@pytest.mark.parametrize("mode", ["reversible", "vanilla"])
+def test_non_finite_block_output_is_reported_with_its_layer(mode):
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([ToyBlock() for _ in range(8)])
+    blocks[6] = Exploding()  # F of layer 3
+    with pytest.raises(FloatingPointError, match=r"layer 3 \(F\)"):
+        R.run_stack(torch.randn(2, 3, D, requires_grad=True), couplings(blocks), R.CouplingSettings(0.1, 0.1, False), {}, mode=mode)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 10, 255, 256, 1024, 1000003])
+def test_remainders_pack_into_their_bits(m):
+    r = torch.randint(0, m, (3, 37), generator=torch.Generator().manual_seed(m))
+    bits = R.remainder_bits(m)
+    packed = R.pack_remainders(r, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == bits * ((r.numel() + 7) // 8)
+    if m > 1:
+        assert torch.equal(R.unpack_remainders(packed, bits, r), r)
+    else:
+        assert packed.numel() == 0
+
+
+def test_scales_must_be_reciprocals_of_integers():
+    assert R.denominator_of(0.1) == 10 and R.denominator_of(1.0) == 1 and R.denominator_of(2.0**-10) == 1024
+    for bad in (0.3, 2.0, 0.0, -0.1):
+        with pytest.raises(ValueError):
+            R.denominator_of(bad)
+
+
+class _SavedTracker:
+    """Counts the bytes autograd still holds for backward after a forward, excluding parameters."""
+
+    class _Holder:
+        def __init__(self, t):
+            # detached: holding a saved output with its grad_fn would make a reference cycle
+            # that keeps short-lived graphs alive and inflates the count
+            self.t = t.detach()
+
+    def __init__(self, exclude):
+        self.holders = weakref.WeakSet()
+        self.exclude = {p.untyped_storage().data_ptr() for p in exclude}
+
+    def pack(self, t):
+        holder = self._Holder(t)
+        self.holders.add(holder)
+        return holder
+
+    def unpack(self, holder):
+        return holder.t
+
+    def live_bytes(self) -> int:
+        gc.collect()
+        storages = {}
+        for h in list(self.holders):
+            s = h.t.untyped_storage()
+            if s.data_ptr() not in self.exclude:
+                storages[s.data_ptr()] = s.nbytes()
+        return sum(storages.values())
+
+
+def saved_bytes(depth: int, mode: str, shape=(4, 64)) -> tuple[int, int]:
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([ToyBlock() for _ in range(2 * depth)])
+    tracker = _SavedTracker(blocks.parameters())
+    x = torch.randn(*shape, D, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
+        y1, y2 = R.run_stack(x, couplings(blocks), R.CouplingSettings(0.1, 0.1, False), {}, mode=mode)
+    kept = y1.grad_fn.run.kept_bytes() if mode == "reversible" else 0
+    return tracker.live_bytes(), kept
+
+
+def test_saved_bytes_grow_with_depth_by_the_remainders_only():
+    shape = (4, 64)
+    elements = 4 * 64 * D
+    remainders_per_layer = 2 * R.remainder_bits(10) * elements // 8  # two streams, 4 bits each
+    saved2, kept2 = saved_bytes(2, "reversible", shape)
+    saved8, kept8 = saved_bytes(8, "reversible", shape)
+    assert saved8 - saved2 == 6 * remainders_per_layer
+    # per layer also two RNG states and a checksum: a few KB, whatever the batch
+    assert (kept8 - kept2) / 6 <= 16 * 1024
+    vanilla2, _ = saved_bytes(2, "vanilla", shape)
+    vanilla8, _ = saved_bytes(8, "vanilla", shape)
+    assert vanilla8 - vanilla2 > 10 * (saved8 - saved2)
