@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from templates.configuration_meft import config_class_for  # noqa: E402
 from templates.families import family_for  # noqa: E402
 from templates.modeling_meft import model_class_for  # noqa: E402
+from templates import reversible  # noqa: E402
 
 SHAPES = {
     "opt-1.3b": dict(config="opt-1.3b", head="AutoModelForCausalLM", batch=8, seq=512, lora=["q_proj", "v_proj"], task_head=()),
@@ -161,13 +162,13 @@ def _compare(a: dict, b: dict) -> dict:
     return {"tensors": len(a), "bitwise_equal": equal, "max_relative_difference": worst}
 
 
-def check(shape_name: str, device, dtype, autocast: bool = False) -> list[dict]:
+def check(shape_name: str, device, dtype, autocast: bool = False, layers: int | None = None) -> list[dict]:
     """Reconstruction, gradients and determinism for each variant at the full shape."""
     shape = SHAPES[shape_name]
     rows = []
     for variant in ("meft1", "meft2", "meft3"):
         torch.cuda.empty_cache()
-        model = build(shape, variant, device, dtype)
+        model = build(shape, variant, device, dtype, layers=layers)
         batch = make_batch(shape, model.config, device, seed=1)
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         layers = model.meft_layers
@@ -196,12 +197,48 @@ def check(shape_name: str, device, dtype, autocast: bool = False) -> list[dict]:
     return rows
 
 
+def kernel_check(device) -> list[dict]:
+    """The compiled half-step kernels against the eager ones, bit for bit, and their speed."""
+    rows = []
+    g = torch.Generator(device=device).manual_seed(0)
+    shape = (8, 512, 2048)
+    for m in (1, 10, 1024):
+        for dtype in (torch.bfloat16, torch.float32):
+            x = reversible.to_fixed(torch.randn(shape, device=device, generator=g) * 50, 32)
+            out = (torch.randn(shape, device=device, generator=g) * 3).to(dtype)
+            eager = reversible._kernel(reversible._couple, m, 32, torch.float32, False)
+            fused = reversible._kernel(reversible._couple, m, 32, torch.float32, True)
+            a, b = eager(x, out), fused(x, out)
+            same = all((u is None and v is None) or torch.equal(u, v) for u, v in zip(a, b))
+            inv_eager = reversible._kernel(reversible._uncouple, m, 32, torch.float32, False)
+            inv_fused = reversible._kernel(reversible._uncouple, m, 32, torch.float32, True)
+            c, d = inv_eager(a[0], out, a[2]), inv_fused(a[0], out, a[2])
+            same_inverse = all(torch.equal(u, v) for u, v in zip(c, d)) and torch.equal(c[0], x)
+            times = {}
+            for name, fn in (("eager", eager), ("fused", fused)):
+                for _ in range(3):
+                    fn(x, out)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(20):
+                    fn(x, out)
+                end.record()
+                torch.cuda.synchronize()
+                times[name] = start.elapsed_time(end) / 20
+            rows.append(dict(m=m, dtype=str(dtype), elements=x.numel(), forward_bitwise_equal=same,
+                             inverse_bitwise_equal_and_exact=same_inverse, eager_ms=times["eager"], fused_ms=times["fused"]))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="also check gradients with torch.use_deterministic_algorithms (needs CUBLAS_WORKSPACE_CONFIG=:4096:8)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -216,7 +253,9 @@ def main() -> None:
         env["peft"] = peft.__version__
     except ImportError:
         args.methods = [m for m in args.methods if not m.startswith("lora")]
-    results = {"environment": env, "memory_speed": [], "checks": []}
+    results = {"environment": env, "kernels": [], "memory_speed": [], "checks": []}
+    if not args.skip_checks:
+        results["kernels"] = kernel_check(device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for shape in args.shapes:
         for method in args.methods:
@@ -230,6 +269,16 @@ def main() -> None:
     if not args.skip_checks:
         results["checks"] += check("opt-1.3b", device, torch.bfloat16)
         results["checks"] += check("bert-base", device, torch.float32, autocast=True)
+        args.out.write_text(json.dumps(results, indent=1))
+    if args.deterministic:
+        # with deterministic kernels, reversible and plain autograd must agree bit for bit on
+        # the GPU too; without them, plain autograd does not even agree with itself
+        torch.use_deterministic_algorithms(True)
+        rows = check("opt-1.3b", device, torch.bfloat16, layers=8)
+        for row in rows:
+            row["deterministic_algorithms"] = True
+        results["checks"] += rows
+        torch.use_deterministic_algorithms(False)
         args.out.write_text(json.dumps(results, indent=1))
     print("\nshape      method          trainable  static GiB  peak GiB  activation GiB  step ms")
     for r in results["memory_speed"]:

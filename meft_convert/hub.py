@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HFValidationError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -55,14 +55,17 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
     if _looks_like_path(model):
         raise BadInputError(f"no such folder: {model}")
     try:
-        return Path(snapshot_download(model, revision=revision, allow_patterns=NEEDED_FILES))
+        # offline, read the cache only (older huggingface_hub releases still ask the server
+        # to list a pinned revision's files otherwise)
+        return Path(
+            snapshot_download(model, revision=revision, allow_patterns=NEEDED_FILES, local_files_only=constants.HF_HUB_OFFLINE)
+        )
     except (RepositoryNotFoundError, GatedRepoError) as e:
         raise BadInputError(f"model {model!r} not found or not accessible on the hub ({type(e).__name__})") from None
     except RevisionNotFoundError:
         raise BadInputError(f"model {model!r} has no revision {revision!r}") from None
-    except LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        where = "in the Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "locally or on the hub"
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        where = "in the Hugging Face cache (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else "locally or on the hub"
         raise BadInputError(f"model {model!r}{'' if revision is None else f' at revision {revision!r}'} not found {where}") from None
     except HFValidationError:
         raise BadInputError(f"{model!r} is neither a local folder nor a valid hub model id") from None

@@ -31,6 +31,9 @@ This module knows nothing about transformers: it sees F, G, λ, β and tensors.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -101,25 +104,18 @@ def stream_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(compute_dtype, torch.float32)
 
 
-def to_fixed(t: torch.Tensor, frac_bits: int, range_flags: list | None = None) -> torch.Tensor:
+def to_fixed(t: torch.Tensor, frac_bits: int) -> torch.Tensor:
     """round(t · 2^K) as int64 (exact through float64: 2^K scaling only moves the exponent)."""
-    scaled = t.to(torch.float64) * (2.0**frac_bits)
-    if range_flags is not None:
-        # `not (|v| < limit)` is also true for NaN; one flag per block, checked once per stack
-        range_flags.append(~(scaled.abs() < 2.0**RANGE_BITS).all())
-    return scaled.round_().to(torch.int64)
+    return (t.to(torch.float64) * (2.0**frac_bits)).round().to(torch.int64)
 
 
 def from_fixed(i: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
     return (i.to(torch.float64) * (2.0**-frac_bits)).to(dtype)
 
 
-def floor_divmod(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, r) with x = m·q + r and 0 <= r < m, for int64 x."""
-    if m == 1:
-        return x, None
-    q = torch.div(x, m, rounding_mode="floor")
-    return q, x - q * m
+def _out_of_range(t: torch.Tensor, frac_bits: int) -> torch.Tensor:
+    # `not (|v| < limit)` is also true for NaN: one flag per block, all checked once per stack
+    return ~((t.to(torch.float64) * (2.0**frac_bits)).abs() < 2.0**RANGE_BITS).all()
 
 
 def remainder_bits(m: int) -> int:
@@ -127,7 +123,56 @@ def remainder_bits(m: int) -> int:
     return (m - 1).bit_length()
 
 
-_BIT_WEIGHTS = {}
+def _couple(x: torch.Tensor, block_out: torch.Tensor, m: int, frac_bits: int, value_dtype: torch.dtype):
+    """One exact half-step, y = floor(x / m) + fix(block_out), on int64 streams.
+
+    Returns y, its real value in value_dtype (the next block's input), the remainder
+    x mod m (None for m = 1), a flag for block outputs out of range, and the wrapping sum of
+    y (the audit's fingerprint). Written as one function so that it compiles to one kernel."""
+    scaled = block_out.to(torch.float64) * (2.0**frac_bits)
+    out_of_range = ~(scaled.abs() < 2.0**RANGE_BITS).all()
+    if m == 1:
+        q, r = x, None
+    else:
+        q = torch.div(x, m, rounding_mode="floor")
+        r = (x - q * m).to(torch.uint8 if m <= 256 else torch.int32)
+    y = q + scaled.round().to(torch.int64)
+    value = (y.to(torch.float64) * (2.0**-frac_bits)).to(value_dtype)
+    return y, value, r, out_of_range, y.sum()
+
+
+def _uncouple(y: torch.Tensor, block_out: torch.Tensor, r, m: int, frac_bits: int, value_dtype: torch.dtype):
+    """Inverse of _couple: x = m·(y − fix(block_out)) + r, its value, and its wrapping sum."""
+    x = (y - (block_out.to(torch.float64) * (2.0**frac_bits)).round().to(torch.int64)) * m
+    if r is not None:
+        x = x + r.to(torch.int64)
+    value = (x.to(torch.float64) * (2.0**-frac_bits)).to(value_dtype)
+    return x, value, x.sum()
+
+
+# On CUDA the half-steps run as kernels fused by torch.compile (eager, they are about ten
+# passes over 8-byte tensors each); elsewhere, or if compiling fails, they run eagerly.
+# Only exact integer operations and IEEE roundings are involved, so both give the same bits.
+# MEFT_COMPILE=0 turns compiling off.
+_COMPILE = {"enabled": os.environ.get("MEFT_COMPILE", "1") != "0"}
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(fn, m: int, frac_bits: int, value_dtype: torch.dtype, compiled: bool):
+    def kernel(*tensors):
+        return fn(*tensors, m, frac_bits, value_dtype)
+
+    return torch.compile(kernel, dynamic=True) if compiled else kernel
+
+
+def _run_kernel(fn, m: int, frac_bits: int, value_dtype: torch.dtype, *tensors):
+    if _COMPILE["enabled"] and tensors[0].is_cuda:
+        try:
+            return _kernel(fn, m, frac_bits, value_dtype, True)(*tensors)
+        except Exception as e:  # no working compiler here: the eager path computes the same bits
+            _COMPILE["enabled"] = False
+            warnings.warn(f"MEFT: torch.compile failed ({type(e).__name__}: {e}); using the slower eager kernels")
+    return _kernel(fn, m, frac_bits, value_dtype, False)(*tensors)
 
 
 def pack_remainders(r: torch.Tensor | None, bits: int) -> torch.Tensor:
@@ -147,21 +192,16 @@ def pack_remainders(r: torch.Tensor | None, bits: int) -> torch.Tensor:
     return planes
 
 
-def unpack_remainders(planes: torch.Tensor, bits: int, like: torch.Tensor) -> torch.Tensor | int:
-    """Inverse of pack_remainders, shaped like `like` (int64); 0 when nothing was kept."""
+def unpack_remainders(planes: torch.Tensor, bits: int, like: torch.Tensor) -> torch.Tensor | None:
+    """Inverse of pack_remainders, shaped like `like`; None when nothing was kept."""
     if bits == 0:
-        return 0
+        return None
     shifts = torch.arange(8, dtype=torch.uint8, device=planes.device)
-    r = torch.zeros(planes.shape[1] * 8, dtype=torch.int64, device=planes.device)
+    r = torch.zeros(planes.shape[1] * 8, dtype=torch.uint8 if bits <= 8 else torch.int32, device=planes.device)
     for j in range(bits):
         bit = ((planes[j].view(-1, 1) >> shifts) & 1).view(-1)
-        r |= bit.to(torch.int64) << j
+        r |= bit.to(r.dtype) << j
     return r[: like.numel()].view(like.shape)
-
-
-def _checksum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Order-independent fingerprint of two int64 streams (sums wrap modulo 2^64)."""
-    return torch.stack([a.sum(), b.sum(), (a * a).sum(), (b * b).sum()])
 
 
 # ---------------------------------------------------------------------- RNG and autocast
@@ -294,6 +334,12 @@ def _block_names(couplings: Sequence[Coupling]) -> list[str]:
 # ------------------------------------------------------------------ exact reversible path
 
 
+def _quantize(x: torch.Tensor, frac_bits: int):
+    """A stream's start: its integers, their value, their wrapping sum and a range flag."""
+    ints = to_fixed(x, frac_bits)
+    return ints, from_fixed(ints, frac_bits, x.dtype), ints.sum(), _out_of_range(x, frac_bits)
+
+
 class _ReversibleStack(torch.autograd.Function):
     """Runs the couplings forward keeping only final streams and remainders; rebuilds in backward."""
 
@@ -301,53 +347,54 @@ class _ReversibleStack(torch.autograd.Function):
     def forward(ctx, run: StackRun, x1v: torch.Tensor, x2v: torch.Tensor, *grad_inputs: torch.Tensor):
         s = run.settings
         sd = x1v.dtype  # stream dtype
-        device = x1v.device
-        run.autocast = _AutocastState.capture(device.type)
+        run.autocast = _AutocastState.capture(x1v.device.type)
         routed = _leaf_routed(run.routed)
-        flags: list = []
+        flags: list = []  # out-of-range flags, checked once at the end (one device sync)
+        remainders: list = []  # packed (r1, r2) per layer
         if s.exact:
-            x1 = to_fixed(x1v, s.frac_bits, flags)
-            x2 = x1 if x2v is x1v else to_fixed(x2v, s.frac_bits, flags)  # integers are never modified in place
+            # each stream: int64 fixed-point values, their real value (the next block's input)
+            # and the wrapping sum the audit compares
+            x1, v1, sum1, flag = _quantize(x1v, s.frac_bits)
+            x2, v2, sum2 = (x1, v1, sum1) if x2v is x1v else _quantize(x2v, s.frac_bits)[:3]
+            flags.append(flag)
         else:
             x1, x2 = x1v.detach(), x2v.detach()
-        remainders: list = []  # packed (r1, r2) per layer
+            v1, v2 = x1, x2
         for c in run.couplings:
             rec = _LayerRecord()
             if s.exact and s.audit:
-                rec.checksum = _checksum(x1, x2)
+                rec.checksum = torch.stack([sum1, sum2])
             if run.trace is not None:
                 run.trace.append(("forward", c.name, x1.clone(), x2.clone()))
-            if run.record_rng:
-                rec.rng_f = _RngState.capture(x1v)
-            f = _run_block(c.F, x2, routed, run, sd)
-            if run.record_rng:
-                rec.rng_g = _RngState.capture(x1v)
+            rec.rng_f = _RngState.capture(x1v) if run.record_rng else None
+            f = _run_block(c.F, v2, routed, run)
+            rec.rng_g = _RngState.capture(x1v) if run.record_rng else None
             if s.exact:
                 # y1 = λ·x1 + F(x2) with λ = 1/m: floor-divide, keep the remainder for the inverse
-                q1, r1 = floor_divmod(x1, s.lambda_m)
-                y1 = q1 + to_fixed(f, s.frac_bits, flags)
+                y1, w1, r1, flag1, sum_y1 = _run_kernel(_couple, s.lambda_m, s.frac_bits, sd, x1, f)
                 remainders.append(pack_remainders(r1, remainder_bits(s.lambda_m)))
-                del f, q1, r1
-                g = _run_block(c.G, y1, routed, run, sd)
-                q2, r2 = floor_divmod(x2, s.beta_m)
-                y2 = q2 + to_fixed(g, s.frac_bits, flags)
+                del f, r1
+                g = _run_block(c.G, w1, routed, run)
+                y2, w2, r2, flag2, sum_y2 = _run_kernel(_couple, s.beta_m, s.frac_bits, sd, x2, g)
                 remainders.append(pack_remainders(r2, remainder_bits(s.beta_m)))
-                del g, q2, r2
+                del g, r2
+                flags += [flag1, flag2]
             else:
-                y1 = x1 * s.lambda_ + f.to(sd)
-                del f
-                g = _run_block(c.G, y1, routed, run, sd)
-                y2 = x2 * s.beta + g.to(sd)
-                del g
+                y1 = w1 = x1 * s.lambda_ + f.to(sd)
+                g = _run_block(c.G, w1, routed, run)
+                y2 = w2 = x2 * s.beta + g.to(sd)
+                del f, g
+                sum_y1 = sum_y2 = None
             run.records.append(rec)
             # MEFT1/2 swap the streams so that the PLM path alternates between them
-            x1, x2 = (y2, y1) if s.swap else (y1, y2)
+            if s.swap:
+                x1, v1, sum1, x2, v2, sum2 = y2, w2, sum_y2, y1, w1, sum_y1
+            else:
+                x1, v1, sum1, x2, v2, sum2 = y1, w1, sum_y1, y2, w2, sum_y2
         if s.exact:
-            inputs = ["the stack input"] * (len(flags) - 2 * len(run.couplings))
-            _raise_if_out_of_range(flags, inputs + _block_names(run.couplings), s.frac_bits)
-            y1v, y2v = from_fixed(x1, s.frac_bits, sd), from_fixed(x2, s.frac_bits, sd)
+            _raise_if_out_of_range(flags, ["the stack input"] + _block_names(run.couplings), s.frac_bits)
         else:
-            y1v, y2v = x1.clone(), x2.clone()
+            v1, v2 = x1.clone(), x2.clone()
         ctx.save_for_backward(x1, x2, *remainders)
         ctx.run = run
         ctx.stream_dtype = sd
@@ -356,11 +403,11 @@ class _ReversibleStack(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         if s.exact:
             ctx.mark_non_differentiable(x1, x2)
-            return y1v, y2v, x1, x2
-        return y1v, y2v, None, None
+            return v1, v2, x1, x2
+        return v1, v2, None, None
 
     @staticmethod
-    def backward(ctx, dy1: torch.Tensor, dy2: torch.Tensor, _di1=None, _di2=None):
+    def backward(ctx, dy1: torch.Tensor | None, dy2: torch.Tensor | None, _di1=None, _di2=None):
         run: StackRun = ctx.run
         s = run.settings
         y1, y2, *remainders = ctx.saved_tensors
@@ -371,62 +418,65 @@ class _ReversibleStack(torch.autograd.Function):
         param_index = {id(p): i for i, p in enumerate(run.param_list)}
         param_grads: list = [None] * len(run.param_list)
         checksums = []
-        device_ids = run.records[0].rng_f.device_ids if run.record_rng and run.records else []
 
         def grads_of(out, leaf, grad_out, params):
+            """Pushes grad_out through a recomputed block; accumulates routed and parameter grads."""
             if grad_out is None:
                 return None
-            grads = torch.autograd.grad(
-                out, [leaf, *routed_leaves, *params], grad_out.to(out.dtype), allow_unused=True
-            )
+            grads = torch.autograd.grad(out, [leaf, *routed_leaves, *params], grad_out.to(out.dtype), allow_unused=True)
             for i, g in enumerate(grads[1 : 1 + len(routed_leaves)]):
-                if g is not None:
-                    routed_grads[i] = g if routed_grads[i] is None else routed_grads[i] + g
+                routed_grads[i] = _add(routed_grads[i], g)
             for p, g in zip(params, grads[1 + len(routed_leaves) :]):
-                if g is not None:
-                    j = param_index[id(p)]
-                    param_grads[j] = g if param_grads[j] is None else param_grads[j] + g
+                j = param_index[id(p)]
+                param_grads[j] = _add(param_grads[j], g)
             return grads[0]
 
+        if s.exact:
+            w1, w2 = from_fixed(y1, s.frac_bits, sd), from_fixed(y2, s.frac_bits, sd)
+        else:
+            w1, w2 = y1, y2
+        device_ids = run.records[0].rng_f.device_ids if run.record_rng and run.records else []
         device_type = run.autocast.device_type if run.autocast.device_type != "cpu" else "cuda"
         fork = torch.random.fork_rng(devices=device_ids, enabled=run.record_rng, device_type=device_type)
         with fork, run.autocast.active():
             for idx in reversed(range(len(run.couplings))):
                 c, rec = run.couplings[idx], run.records[idx]
                 if s.swap:  # undo the swap that followed this layer
-                    y1, y2, dy1, dy2 = y2, y1, dy2, dy1
+                    y1, w1, dy1, y2, w2, dy2 = y2, w2, dy2, y1, w1, dy1
+                params = list(c.params)
                 # G half-step: recompute G(y1), rebuild x2, and push dy2 through G
                 if rec.rng_g is not None:
                     rec.rng_g.restore()
-                y1_leaf = _stream_value(y1, s, sd).requires_grad_()
+                y1_leaf = w1.detach().requires_grad_()
                 with torch.enable_grad():
                     g = c.G(_block_input(y1_leaf, run.compute_dtype), routed)
                 if s.exact:
-                    x2 = (y2 - to_fixed(g.detach(), s.frac_bits)) * s.beta_m + unpack_remainders(remainders[2 * idx + 1], remainder_bits(s.beta_m), y2)
+                    r2 = unpack_remainders(remainders[2 * idx + 1], remainder_bits(s.beta_m), y2)
+                    x2, v2, sum2 = _run_kernel(_uncouple, s.beta_m, s.frac_bits, sd, y2, g.detach(), r2)
                 else:
-                    x2 = (y2 - g.detach().to(sd)) / s.beta
-                params = [p for p in c.params]
+                    x2 = v2 = (y2 - g.detach().to(sd)) / s.beta
                 dy1 = _add(dy1, grads_of(g, y1_leaf, dy2, params))  # dy1 += (∂G/∂y1)ᵀ dy2
                 dx2 = _scaled(dy2, s.beta)  # ∂y2/∂x2 = β
                 del g, y1_leaf
                 # F half-step: recompute F(x2), rebuild x1, and push dy1 through F
                 if rec.rng_f is not None:
                     rec.rng_f.restore()
-                x2_leaf = _stream_value(x2, s, sd).requires_grad_()
+                x2_leaf = v2.detach().requires_grad_()
                 with torch.enable_grad():
                     f = c.F(_block_input(x2_leaf, run.compute_dtype), routed)
                 if s.exact:
-                    x1 = (y1 - to_fixed(f.detach(), s.frac_bits)) * s.lambda_m + unpack_remainders(remainders[2 * idx], remainder_bits(s.lambda_m), y1)
+                    r1 = unpack_remainders(remainders[2 * idx], remainder_bits(s.lambda_m), y1)
+                    x1, v1, sum1 = _run_kernel(_uncouple, s.lambda_m, s.frac_bits, sd, y1, f.detach(), r1)
                 else:
-                    x1 = (y1 - f.detach().to(sd)) / s.lambda_
+                    x1 = v1 = (y1 - f.detach().to(sd)) / s.lambda_
                 dx2 = _add(dx2, grads_of(f, x2_leaf, dy1, params))  # dx2 += (∂F/∂x2)ᵀ dy1
                 dx1 = _scaled(dy1, s.lambda_)  # ∂y1/∂x1 = λ
                 del f, x2_leaf
                 if run.trace is not None:
                     run.trace.append(("backward", c.name, x1.clone(), x2.clone()))
                 if rec.checksum is not None:
-                    checksums.append((idx, rec.checksum, _checksum(x1, x2)))
-                y1, y2, dy1, dy2 = x1, x2, dx1, dx2
+                    checksums.append((idx, rec.checksum, torch.stack([sum1, sum2])))
+                y1, w1, dy1, y2, w2, dy2 = x1, v1, dx1, x2, v2, dx2
         if checksums:
             saved = torch.stack([c[1] for c in checksums])
             rebuilt = torch.stack([c[2] for c in checksums])
@@ -460,17 +510,12 @@ def _scaled(d: torch.Tensor | None, scale: float) -> torch.Tensor | None:
     return None if d is None else d * scale
 
 
-def _stream_value(x: torch.Tensor, s: CouplingSettings, sd: torch.dtype) -> torch.Tensor:
-    """The real value of a stream in the stream dtype, detached."""
-    return from_fixed(x, s.frac_bits, sd) if s.exact else x.detach()
-
-
-def _run_block(block: Block, x: torch.Tensor, routed: dict, run: StackRun, sd: torch.dtype) -> torch.Tensor:
+def _run_block(block: Block, value: torch.Tensor, routed: dict, run: StackRun) -> torch.Tensor:
     """Runs F or G in forward exactly as backward recomputes it: grad enabled, input a leaf
     that requires grad. Kernels can pick different paths when inputs require grad (SDPA
     backends do); running both passes the same way rules that out. The graph built here is
-    dropped as soon as the output is quantised, so it costs one layer's activations at most."""
-    leaf = _stream_value(x, run.settings, sd).requires_grad_()
+    dropped as soon as the output is detached, so it costs one block's activations at most."""
+    leaf = value.detach().requires_grad_()
     with torch.enable_grad():
         out = block(_block_input(leaf, run.compute_dtype), routed)
     return out.detach()
@@ -484,9 +529,10 @@ class _Quantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, frac_bits: int, flags: list):
-        i = to_fixed(x, frac_bits, flags)
-        ctx.mark_non_differentiable(i)
-        return from_fixed(i, frac_bits, x.dtype), i
+        ints, value, _, flag = _quantize(x, frac_bits)
+        flags.append(flag)
+        ctx.mark_non_differentiable(ints)
+        return value, ints
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _gi=None):
@@ -498,11 +544,11 @@ class _ExactCouple(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_value, block_out, x_int, scale: float, m: int, frac_bits: int, flags: list):
-        q, _ = floor_divmod(x_int, m)
-        y = q + to_fixed(block_out, frac_bits, flags)
+        y, value, _, flag, _ = _run_kernel(_couple, m, frac_bits, x_value.dtype, x_int, block_out)
+        flags.append(flag)
         ctx.scale, ctx.block_dtype = scale, block_out.dtype
         ctx.mark_non_differentiable(y)
-        return from_fixed(y, frac_bits, x_value.dtype), y
+        return value, y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _gi=None):
@@ -518,16 +564,16 @@ def _vanilla_layers(couplings, s: CouplingSettings, routed, cd, x1v, x2v, x1i=No
         if s.exact:
             y1v, y1i = _ExactCouple.apply(x1v, f, x1i, s.lambda_, s.lambda_m, s.frac_bits, flags)
         else:
-            y1v = x1v * s.lambda_ + f.to(x1v.dtype)
+            y1v, y1i = x1v * s.lambda_ + f.to(x1v.dtype), None
         g = c.G(_block_input(y1v, cd), routed)
         if s.exact:
             y2v, y2i = _ExactCouple.apply(x2v, g, x2i, s.beta, s.beta_m, s.frac_bits, flags)
         else:
-            y2v = x2v * s.beta + g.to(x2v.dtype)
+            y2v, y2i = x2v * s.beta + g.to(x2v.dtype), None
         if s.swap:
-            x1v, x2v, x1i, x2i = y2v, y1v, (y2i if s.exact else None), (y1i if s.exact else None)
+            x1v, x2v, x1i, x2i = y2v, y1v, y2i, y1i
         else:
-            x1v, x2v, x1i, x2i = y1v, y2v, (y1i if s.exact else None), (y2i if s.exact else None)
+            x1v, x2v, x1i, x2i = y1v, y2v, y1i, y2i
     if s.exact:
         _raise_if_out_of_range(flags, _block_names(couplings), s.frac_bits)
     return x1v, x2v, x1i, x2i
