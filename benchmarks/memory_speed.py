@@ -206,13 +206,19 @@ def kernel_check(device) -> list[dict]:
         for dtype in (torch.bfloat16, torch.float32):
             x = reversible.to_fixed(torch.randn(shape, device=device, generator=g) * 50, 32)
             out = (torch.randn(shape, device=device, generator=g) * 3).to(dtype)
-            eager = reversible._kernel(reversible._couple, m, 32, torch.float32, False)
-            fused = reversible._kernel(reversible._couple, m, 32, torch.float32, True)
+            compiled_couple = torch.compile(reversible._couple, dynamic=True)
+            compiled_uncouple = torch.compile(reversible._uncouple, dynamic=True)
+
+            def eager(x, out):
+                return reversible._couple(x, out, m, 32, torch.float32)
+
+            def fused(x, out):
+                return compiled_couple(x, out, m, 32, torch.float32)
+
             a, b = eager(x, out), fused(x, out)
             same = all((u is None and v is None) or torch.equal(u, v) for u, v in zip(a, b))
-            inv_eager = reversible._kernel(reversible._uncouple, m, 32, torch.float32, False)
-            inv_fused = reversible._kernel(reversible._uncouple, m, 32, torch.float32, True)
-            c, d = inv_eager(a[0], out, a[2]), inv_fused(a[0], out, a[2])
+            c = reversible._uncouple(a[0], out, a[2], m, 32, torch.float32)
+            d = compiled_uncouple(a[0], out, a[2], m, 32, torch.float32)
             same_inverse = all(torch.equal(u, v) for u, v in zip(c, d)) and torch.equal(c[0], x)
             times = {}
             for name, fn in (("eager", eager), ("fused", fused)):
@@ -237,6 +243,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--deterministic", action="store_true",
                         help="also check gradients with torch.use_deterministic_algorithms (needs CUBLAS_WORKSPACE_CONFIG=:4096:8)")
     parser.add_argument("--out", type=Path, required=True)
@@ -257,7 +264,7 @@ def main() -> None:
     if not args.skip_checks:
         results["kernels"] = kernel_check(device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for shape in args.shapes:
+    for shape in [] if args.skip_memory else args.shapes:
         for method in args.methods:
             try:
                 row = measure(shape, method, args.steps, device)

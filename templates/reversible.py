@@ -31,7 +31,6 @@ This module knows nothing about transformers: it sees F, G, λ, β and tensors.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -157,22 +156,21 @@ def _uncouple(y: torch.Tensor, block_out: torch.Tensor, r, m: int, frac_bits: in
 _COMPILE = {"enabled": os.environ.get("MEFT_COMPILE", "1") != "0"}
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel(fn, m: int, frac_bits: int, value_dtype: torch.dtype, compiled: bool):
-    def kernel(*tensors):
-        return fn(*tensors, m, frac_bits, value_dtype)
-
-    return torch.compile(kernel, dynamic=True) if compiled else kernel
+_COMPILED: dict = {}
 
 
-def _run_kernel(fn, m: int, frac_bits: int, value_dtype: torch.dtype, *tensors):
-    if _COMPILE["enabled"] and tensors[0].is_cuda:
+def _run_kernel(fn, *args):
+    """fn(*args), through torch.compile when its tensors live on a CUDA device."""
+    if _COMPILE["enabled"] and args[0].is_cuda:
         try:
-            return _kernel(fn, m, frac_bits, value_dtype, True)(*tensors)
+            if fn not in _COMPILED:
+                # dynamic: one kernel for all sequence lengths; m and the dtypes add a few variants
+                _COMPILED[fn] = torch.compile(fn, dynamic=True)
+            return _COMPILED[fn](*args)
         except Exception as e:  # no working compiler here: the eager path computes the same bits
             _COMPILE["enabled"] = False
             warnings.warn(f"MEFT: torch.compile failed ({type(e).__name__}: {e}); using the slower eager kernels")
-    return _kernel(fn, m, frac_bits, value_dtype, False)(*tensors)
+    return fn(*args)
 
 
 def pack_remainders(r: torch.Tensor | None, bits: int) -> torch.Tensor:
@@ -371,11 +369,11 @@ class _ReversibleStack(torch.autograd.Function):
             rec.rng_g = _RngState.capture(x1v) if run.record_rng else None
             if s.exact:
                 # y1 = λ·x1 + F(x2) with λ = 1/m: floor-divide, keep the remainder for the inverse
-                y1, w1, r1, flag1, sum_y1 = _run_kernel(_couple, s.lambda_m, s.frac_bits, sd, x1, f)
+                y1, w1, r1, flag1, sum_y1 = _run_kernel(_couple, x1, f, s.lambda_m, s.frac_bits, sd)
                 remainders.append(pack_remainders(r1, remainder_bits(s.lambda_m)))
                 del f, r1
                 g = _run_block(c.G, w1, routed, run)
-                y2, w2, r2, flag2, sum_y2 = _run_kernel(_couple, s.beta_m, s.frac_bits, sd, x2, g)
+                y2, w2, r2, flag2, sum_y2 = _run_kernel(_couple, x2, g, s.beta_m, s.frac_bits, sd)
                 remainders.append(pack_remainders(r2, remainder_bits(s.beta_m)))
                 del g, r2
                 flags += [flag1, flag2]
@@ -452,7 +450,7 @@ class _ReversibleStack(torch.autograd.Function):
                     g = c.G(_block_input(y1_leaf, run.compute_dtype), routed)
                 if s.exact:
                     r2 = unpack_remainders(remainders[2 * idx + 1], remainder_bits(s.beta_m), y2)
-                    x2, v2, sum2 = _run_kernel(_uncouple, s.beta_m, s.frac_bits, sd, y2, g.detach(), r2)
+                    x2, v2, sum2 = _run_kernel(_uncouple, y2, g.detach(), r2, s.beta_m, s.frac_bits, sd)
                 else:
                     x2 = v2 = (y2 - g.detach().to(sd)) / s.beta
                 dy1 = _add(dy1, grads_of(g, y1_leaf, dy2, params))  # dy1 += (∂G/∂y1)ᵀ dy2
@@ -466,7 +464,7 @@ class _ReversibleStack(torch.autograd.Function):
                     f = c.F(_block_input(x2_leaf, run.compute_dtype), routed)
                 if s.exact:
                     r1 = unpack_remainders(remainders[2 * idx], remainder_bits(s.lambda_m), y1)
-                    x1, v1, sum1 = _run_kernel(_uncouple, s.lambda_m, s.frac_bits, sd, y1, f.detach(), r1)
+                    x1, v1, sum1 = _run_kernel(_uncouple, y1, f.detach(), r1, s.lambda_m, s.frac_bits, sd)
                 else:
                     x1 = v1 = (y1 - f.detach().to(sd)) / s.lambda_
                 dx2 = _add(dx2, grads_of(f, x2_leaf, dy1, params))  # dx2 += (∂F/∂x2)ᵀ dy1
@@ -544,7 +542,7 @@ class _ExactCouple(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_value, block_out, x_int, scale: float, m: int, frac_bits: int, flags: list):
-        y, value, _, flag, _ = _run_kernel(_couple, m, frac_bits, x_value.dtype, x_int, block_out)
+        y, value, _, flag, _ = _run_kernel(_couple, x_int, block_out, m, frac_bits, x_value.dtype)
         flags.append(flag)
         ctx.scale, ctx.block_dtype = scale, block_out.dtype
         ctx.mark_non_differentiable(y)

@@ -281,3 +281,18 @@ def test_saved_bytes_grow_with_depth_by_the_remainders_only():
     vanilla2, _ = saved_bytes(2, "vanilla", shape)
     vanilla8, _ = saved_bytes(8, "vanilla", shape)
     assert vanilla8 - vanilla2 > 10 * (saved8 - saved2)
+
+
+@pytest.mark.slow
+def test_compiled_half_steps_give_the_eager_bits():
+    """On CUDA the half-steps run through torch.compile; they must compute the same bits."""
+    compiled_couple = torch.compile(R._couple, dynamic=True)
+    compiled_uncouple = torch.compile(R._uncouple, dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    x = R.to_fixed(torch.randn(3, 40, D, generator=g) * 50, 32)
+    out = (torch.randn(3, 40, D, generator=g) * 3).to(torch.bfloat16)
+    eager = R._couple(x, out, 10, 32, torch.float32)
+    fused = compiled_couple(x, out, 10, 32, torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(eager, fused))
+    back = compiled_uncouple(fused[0], out, fused[2], 10, 32, torch.float32)
+    assert torch.equal(back[0], x) and torch.equal(back[1], R.from_fixed(x, 32, torch.float32))
