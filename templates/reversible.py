@@ -122,12 +122,12 @@ def remainder_bits(m: int) -> int:
     return (m - 1).bit_length()
 
 
-def _couple(x: torch.Tensor, block_out: torch.Tensor, m: int, frac_bits: int, value_dtype: torch.dtype):
+def _couple(x: torch.Tensor, block_out: torch.Tensor, m: int, frac_bits: int):
     """One exact half-step, y = floor(x / m) + fix(block_out), on int64 streams.
 
-    Returns y, its real value in value_dtype (the next block's input), the remainder
-    x mod m (None for m = 1), a flag for block outputs out of range, and the wrapping sum of
-    y (the audit's fingerprint). Written as one function so that it compiles to one kernel."""
+    Returns y, the remainder x mod m (None for m = 1), a flag for block outputs out of range,
+    and the wrapping sum of y (the audit's fingerprint). One function, so that it compiles
+    to one kernel."""
     scaled = block_out.to(torch.float64) * (2.0**frac_bits)
     out_of_range = ~(scaled.abs() < 2.0**RANGE_BITS).all()
     if m == 1:
@@ -136,22 +136,28 @@ def _couple(x: torch.Tensor, block_out: torch.Tensor, m: int, frac_bits: int, va
         q = torch.div(x, m, rounding_mode="floor")
         r = (x - q * m).to(torch.uint8 if m <= 256 else torch.int32)
     y = q + scaled.round().to(torch.int64)
-    value = (y.to(torch.float64) * (2.0**-frac_bits)).to(value_dtype)
-    return y, value, r, out_of_range, y.sum()
+    return y, r, out_of_range, y.sum()
 
 
-def _uncouple(y: torch.Tensor, block_out: torch.Tensor, r, m: int, frac_bits: int, value_dtype: torch.dtype):
-    """Inverse of _couple: x = m·(y − fix(block_out)) + r, its value, and its wrapping sum."""
+def _uncouple(y: torch.Tensor, block_out: torch.Tensor, r, m: int, frac_bits: int):
+    """Inverse of _couple: x = m·(y − fix(block_out)) + r, and the wrapping sum of x."""
     x = (y - (block_out.to(torch.float64) * (2.0**frac_bits)).round().to(torch.int64)) * m
     if r is not None:
         x = x + r.to(torch.int64)
-    value = (x.to(torch.float64) * (2.0**-frac_bits)).to(value_dtype)
-    return x, value, x.sum()
+    return x, x.sum()
+
+
+def _value_of(ints: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """A stream's real value, the input its next block sees. Every value, in forward and in
+    backward, comes from this one function: implementations may break rounding ties
+    differently (the compiled kernel does), so one implementation must compute them all."""
+    return from_fixed(ints, frac_bits, dtype)
 
 
 # On CUDA the half-steps run as kernels fused by torch.compile (eager, they are about ten
-# passes over 8-byte tensors each); elsewhere, or if compiling fails, they run eagerly.
-# Only exact integer operations and IEEE roundings are involved, so both give the same bits.
+# passes over 8-byte tensors each); elsewhere, or if compiling fails, they run eagerly. The
+# integer results are the same either way; float values can differ in rounding ties, which
+# is why a run never mixes the two for the same quantity (see _value_of).
 # MEFT_COMPILE=0 turns compiling off.
 _COMPILE = {"enabled": os.environ.get("MEFT_COMPILE", "1") != "0"}
 
@@ -332,10 +338,10 @@ def _block_names(couplings: Sequence[Coupling]) -> list[str]:
 # ------------------------------------------------------------------ exact reversible path
 
 
-def _quantize(x: torch.Tensor, frac_bits: int):
+def _quantize(x: torch.Tensor, frac_bits: int, value_dtype: torch.dtype):
     """A stream's start: its integers, their value, their wrapping sum and a range flag."""
     ints = to_fixed(x, frac_bits)
-    return ints, from_fixed(ints, frac_bits, x.dtype), ints.sum(), _out_of_range(x, frac_bits)
+    return ints, _run_kernel(_value_of, ints, frac_bits, value_dtype), ints.sum(), _out_of_range(x, frac_bits)
 
 
 class _ReversibleStack(torch.autograd.Function):
@@ -352,8 +358,8 @@ class _ReversibleStack(torch.autograd.Function):
         if s.exact:
             # each stream: int64 fixed-point values, their real value (the next block's input)
             # and the wrapping sum the audit compares
-            x1, v1, sum1, flag = _quantize(x1v, s.frac_bits)
-            x2, v2, sum2 = (x1, v1, sum1) if x2v is x1v else _quantize(x2v, s.frac_bits)[:3]
+            x1, v1, sum1, flag = _quantize(x1v, s.frac_bits, sd)
+            x2, v2, sum2 = (x1, v1, sum1) if x2v is x1v else _quantize(x2v, s.frac_bits, sd)[:3]
             flags.append(flag)
         else:
             x1, x2 = x1v.detach(), x2v.detach()
@@ -369,11 +375,13 @@ class _ReversibleStack(torch.autograd.Function):
             rec.rng_g = _RngState.capture(x1v) if run.record_rng else None
             if s.exact:
                 # y1 = λ·x1 + F(x2) with λ = 1/m: floor-divide, keep the remainder for the inverse
-                y1, w1, r1, flag1, sum_y1 = _run_kernel(_couple, x1, f, s.lambda_m, s.frac_bits, sd)
+                y1, r1, flag1, sum_y1 = _run_kernel(_couple, x1, f, s.lambda_m, s.frac_bits)
+                w1 = _run_kernel(_value_of, y1, s.frac_bits, sd)
                 remainders.append(pack_remainders(r1, remainder_bits(s.lambda_m)))
                 del f, r1
                 g = _run_block(c.G, w1, routed, run)
-                y2, w2, r2, flag2, sum_y2 = _run_kernel(_couple, x2, g, s.beta_m, s.frac_bits, sd)
+                y2, r2, flag2, sum_y2 = _run_kernel(_couple, x2, g, s.beta_m, s.frac_bits)
+                w2 = _run_kernel(_value_of, y2, s.frac_bits, sd)
                 remainders.append(pack_remainders(r2, remainder_bits(s.beta_m)))
                 del g, r2
                 flags += [flag1, flag2]
@@ -430,7 +438,7 @@ class _ReversibleStack(torch.autograd.Function):
             return grads[0]
 
         if s.exact:
-            w1, w2 = from_fixed(y1, s.frac_bits, sd), from_fixed(y2, s.frac_bits, sd)
+            w1, w2 = _run_kernel(_value_of, y1, s.frac_bits, sd), _run_kernel(_value_of, y2, s.frac_bits, sd)
         else:
             w1, w2 = y1, y2
         device_ids = run.records[0].rng_f.device_ids if run.record_rng and run.records else []
@@ -450,7 +458,8 @@ class _ReversibleStack(torch.autograd.Function):
                     g = c.G(_block_input(y1_leaf, run.compute_dtype), routed)
                 if s.exact:
                     r2 = unpack_remainders(remainders[2 * idx + 1], remainder_bits(s.beta_m), y2)
-                    x2, v2, sum2 = _run_kernel(_uncouple, y2, g.detach(), r2, s.beta_m, s.frac_bits, sd)
+                    x2, sum2 = _run_kernel(_uncouple, y2, g.detach(), r2, s.beta_m, s.frac_bits)
+                    v2 = _run_kernel(_value_of, x2, s.frac_bits, sd)
                 else:
                     x2 = v2 = (y2 - g.detach().to(sd)) / s.beta
                 dy1 = _add(dy1, grads_of(g, y1_leaf, dy2, params))  # dy1 += (∂G/∂y1)ᵀ dy2
@@ -464,7 +473,8 @@ class _ReversibleStack(torch.autograd.Function):
                     f = c.F(_block_input(x2_leaf, run.compute_dtype), routed)
                 if s.exact:
                     r1 = unpack_remainders(remainders[2 * idx], remainder_bits(s.lambda_m), y1)
-                    x1, v1, sum1 = _run_kernel(_uncouple, y1, f.detach(), r1, s.lambda_m, s.frac_bits, sd)
+                    x1, sum1 = _run_kernel(_uncouple, y1, f.detach(), r1, s.lambda_m, s.frac_bits)
+                    v1 = _run_kernel(_value_of, x1, s.frac_bits, sd)
                 else:
                     x1 = v1 = (y1 - f.detach().to(sd)) / s.lambda_
                 dx2 = _add(dx2, grads_of(f, x2_leaf, dy1, params))  # dx2 += (∂F/∂x2)ᵀ dy1
@@ -527,7 +537,7 @@ class _Quantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, frac_bits: int, flags: list):
-        ints, value, _, flag = _quantize(x, frac_bits)
+        ints, value, _, flag = _quantize(x, frac_bits, x.dtype)
         flags.append(flag)
         ctx.mark_non_differentiable(ints)
         return value, ints
@@ -542,7 +552,8 @@ class _ExactCouple(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_value, block_out, x_int, scale: float, m: int, frac_bits: int, flags: list):
-        y, value, _, flag, _ = _run_kernel(_couple, x_int, block_out, m, frac_bits, x_value.dtype)
+        y, _, flag, _ = _run_kernel(_couple, x_int, block_out, m, frac_bits)
+        value = _run_kernel(_value_of, y, frac_bits, x_value.dtype)
         flags.append(flag)
         ctx.scale, ctx.block_dtype = scale, block_out.dtype
         ctx.mark_non_differentiable(y)
