@@ -179,32 +179,36 @@ def _run_kernel(fn, *args):
     return fn(*args)
 
 
+def _pack(r: torch.Tensor, bits: int) -> torch.Tensor:
+    """Remainders (a multiple of 8 of them) → bit planes: plane j holds bit j of 8 values per byte."""
+    weights = 1 << torch.arange(8, dtype=torch.uint8, device=r.device)  # 1, 2, ..., 128
+    groups = r.reshape(-1, 8)
+    return torch.stack([(((groups >> j) & 1).to(torch.uint8) * weights).sum(1, dtype=torch.uint8) for j in range(bits)])
+
+
+def _unpack(planes: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=planes.device)
+    r = torch.zeros(planes.shape[1] * 8, dtype=dtype, device=planes.device)
+    for j in range(bits):
+        r = r | (((planes[j].view(-1, 1) >> shifts) & 1).view(-1).to(dtype) << j)
+    return r
+
+
 def pack_remainders(r: torch.Tensor | None, bits: int) -> torch.Tensor:
     """Remainders in [0, 2^bits) → uint8 bit planes of shape (bits, ⌈n/8⌉): bits/8 bytes each."""
     if r is None or bits == 0:
         return torch.empty(0, dtype=torch.uint8)
-    flat = r.reshape(-1)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.nn.functional.pad(flat, (0, pad))
-    narrow = flat.to(torch.uint8 if bits <= 8 else torch.int32)
-    weights = 1 << torch.arange(8, dtype=torch.uint8, device=r.device)  # 1, 2, ..., 128
-    planes = torch.empty(bits, flat.numel() // 8, dtype=torch.uint8, device=r.device)
-    for j in range(bits):
-        bit = ((narrow >> j) & 1).to(torch.uint8).view(-1, 8)
-        torch.sum(bit * weights, dim=1, dtype=torch.uint8, out=planes[j])
-    return planes
+    flat = r.reshape(-1).to(torch.uint8 if bits <= 8 else torch.int32)
+    if flat.numel() % 8:
+        flat = torch.nn.functional.pad(flat, (0, 8 - flat.numel() % 8))
+    return _run_kernel(_pack, flat, bits)
 
 
 def unpack_remainders(planes: torch.Tensor, bits: int, like: torch.Tensor) -> torch.Tensor | None:
     """Inverse of pack_remainders, shaped like `like`; None when nothing was kept."""
     if bits == 0:
         return None
-    shifts = torch.arange(8, dtype=torch.uint8, device=planes.device)
-    r = torch.zeros(planes.shape[1] * 8, dtype=torch.uint8 if bits <= 8 else torch.int32, device=planes.device)
-    for j in range(bits):
-        bit = ((planes[j].view(-1, 1) >> shifts) & 1).view(-1)
-        r |= bit.to(r.dtype) << j
+    r = _run_kernel(_unpack, planes, bits, torch.uint8 if bits <= 8 else torch.int32)
     return r[: like.numel()].view(like.shape)
 
 
@@ -552,7 +556,7 @@ class _ExactCouple(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_value, block_out, x_int, scale: float, m: int, frac_bits: int, flags: list):
-        y, _, flag, _ = _run_kernel(_couple, x_int, block_out, m, frac_bits)
+        y, _, flag, _ = _run_kernel(_couple, x_int, block_out.detach(), m, frac_bits)
         value = _run_kernel(_value_of, y, frac_bits, x_value.dtype)
         flags.append(flag)
         ctx.scale, ctx.block_dtype = scale, block_out.dtype

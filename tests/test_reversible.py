@@ -296,3 +296,12 @@ def test_compiled_half_steps_give_the_eager_bits():
     assert all(torch.equal(a, b) for a, b in zip(eager, fused))
     back = compiled_uncouple(fused[0], out, fused[1], 10, 32)
     assert torch.equal(back[0], x) and torch.equal(back[1], x.sum())
+
+
+@pytest.mark.slow
+def test_compiled_packing_gives_the_eager_bits():
+    r = torch.randint(0, 10, (4 * 37 * 8,), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
+    eager = R._pack(r, 4)
+    fused = torch.compile(R._pack, dynamic=True)(r, 4)
+    assert torch.equal(eager, fused)
+    assert torch.equal(torch.compile(R._unpack, dynamic=True)(fused, 4, torch.uint8), r)
