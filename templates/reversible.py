@@ -122,46 +122,59 @@ def remainder_bits(m: int) -> int:
     return (m - 1).bit_length()
 
 
-def _couple(x: torch.Tensor, block_out: torch.Tensor, m: int, frac_bits: int):
-    """One exact half-step, y = floor(x / m) + fix(block_out), on int64 streams.
-
-    Returns y, the remainder x mod m (None for m = 1), a flag for block outputs out of range,
-    and the wrapping sum of y (the audit's fingerprint). One function, so that it compiles
-    to one kernel."""
-    scaled = block_out.to(torch.float64) * (2.0**frac_bits)
-    out_of_range = ~(scaled.abs() < 2.0**RANGE_BITS).all()
-    if m == 1:
-        q, r = x, None
-    else:
-        q = torch.div(x, m, rounding_mode="floor")
-        r = (x - q * m).to(torch.uint8 if m <= 256 else torch.int32)
-    y = q + scaled.round().to(torch.int64)
-    return y, r, out_of_range, y.sum()
-
-
-def _uncouple(y: torch.Tensor, block_out: torch.Tensor, r, m: int, frac_bits: int):
-    """Inverse of _couple: x = m·(y − fix(block_out)) + r, and the wrapping sum of x."""
-    x = (y - (block_out.to(torch.float64) * (2.0**frac_bits)).round().to(torch.int64)) * m
-    if r is not None:
-        x = x + r.to(torch.int64)
-    return x, x.sum()
-
-
 def _value_of(ints: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """A stream's real value, the input its next block sees. Every value, in forward and in
-    backward, comes from this one function: implementations may break rounding ties
-    differently (the compiled kernel does), so one implementation must compute them all."""
+    """A stream's real value: the input its next block sees."""
     return from_fixed(ints, frac_bits, dtype)
 
 
-# On CUDA the half-steps run as kernels fused by torch.compile (eager, they are about ten
-# passes over 8-byte tensors each); elsewhere, or if compiling fails, they run eagerly. The
-# integer results are the same either way; float values can differ in rounding ties, which
-# is why a run never mixes the two for the same quantity (see _value_of).
-# MEFT_COMPILE=0 turns compiling off.
+def _pack(r: torch.Tensor, bits: int) -> torch.Tensor:
+    """Remainders in [0, 2^bits) → uint8 bit planes of shape (bits, ⌈n/8⌉): plane j holds
+    bit j of eight remainders per byte, so each remainder costs exactly `bits` bits."""
+    flat = r.reshape(-1)
+    flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8)).reshape(-1, 8)
+    weights = 1 << torch.arange(8, dtype=torch.uint8, device=r.device)  # 1, 2, ..., 128
+    return torch.stack([(((flat >> j) & 1).to(torch.uint8) * weights).sum(1, dtype=torch.uint8) for j in range(bits)])
+
+
+def _unpack(planes: torch.Tensor, bits: int, like: torch.Tensor) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=planes.device)
+    r = torch.zeros(planes.shape[1] * 8, dtype=torch.int64, device=planes.device)
+    for j in range(bits):
+        r = r | (((planes[j].view(-1, 1) >> shifts) & 1).view(-1).to(torch.int64) << j)
+    return r[: like.numel()].view(like.shape)
+
+
+def _couple(x: torch.Tensor, block_out: torch.Tensor, m: int, frac_bits: int, value_dtype: torch.dtype):
+    """One exact half-step on int64 streams: y = floor(x / m) + fix(block_out).
+
+    Returns y, its value (the next block's input), the remainders x mod m packed into bit
+    planes (None for m = 1), a flag for block outputs out of range, and the wrapping sum of
+    y, the audit's fingerprint. One function, so that it compiles to few fused kernels."""
+    scaled = block_out.to(torch.float64) * (2.0**frac_bits)
+    out_of_range = ~(scaled.abs() < 2.0**RANGE_BITS).all()
+    if m == 1:
+        q, packed = x, None
+    else:
+        q = torch.div(x, m, rounding_mode="floor")
+        packed = _pack(x - q * m, remainder_bits(m))
+    y = q + scaled.round().to(torch.int64)
+    return y, _value_of(y, frac_bits, value_dtype), packed, out_of_range, y.sum()
+
+
+def _uncouple(y: torch.Tensor, block_out: torch.Tensor, packed, m: int, frac_bits: int, value_dtype: torch.dtype):
+    """Inverse of _couple: x = m·(y − fix(block_out)) + r; returns x, its value and its sum."""
+    x = (y - (block_out.to(torch.float64) * (2.0**frac_bits)).round().to(torch.int64)) * m
+    if packed is not None:
+        x = x + _unpack(packed, remainder_bits(m), y)
+    return x, _value_of(x, frac_bits, value_dtype), x.sum()
+
+
+# On CUDA the half-steps run as kernels fused by torch.compile (eager, each is about fifteen
+# passes over 8-byte tensors); elsewhere, or if compiling fails, they run eagerly. Integer
+# results are the same either way, but float values can differ in rounding ties between the
+# two, so a run never mixes them: every value comes through _run_kernel. MEFT_COMPILE=0
+# turns compiling off.
 _COMPILE = {"enabled": os.environ.get("MEFT_COMPILE", "1") != "0"}
-
-
 _COMPILED: dict = {}
 
 
@@ -173,43 +186,18 @@ def _run_kernel(fn, *args):
                 # dynamic: one kernel for all sequence lengths; m and the dtypes add a few variants
                 _COMPILED[fn] = torch.compile(fn, dynamic=True)
             return _COMPILED[fn](*args)
-        except Exception as e:  # no working compiler here: the eager path computes the same bits
+        except Exception as e:  # no working compiler here: the eager path computes the same integers
             _COMPILE["enabled"] = False
             warnings.warn(f"MEFT: torch.compile failed ({type(e).__name__}: {e}); using the slower eager kernels")
     return fn(*args)
 
 
-def _pack(r: torch.Tensor, bits: int) -> torch.Tensor:
-    """Remainders (a multiple of 8 of them) → bit planes: plane j holds bit j of 8 values per byte."""
-    weights = 1 << torch.arange(8, dtype=torch.uint8, device=r.device)  # 1, 2, ..., 128
-    groups = r.reshape(-1, 8)
-    return torch.stack([(((groups >> j) & 1).to(torch.uint8) * weights).sum(1, dtype=torch.uint8) for j in range(bits)])
+def pack_remainders(r: torch.Tensor, bits: int) -> torch.Tensor:
+    return _pack(r, bits) if bits else torch.empty(0, dtype=torch.uint8)
 
 
-def _unpack(planes: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    shifts = torch.arange(8, dtype=torch.uint8, device=planes.device)
-    r = torch.zeros(planes.shape[1] * 8, dtype=dtype, device=planes.device)
-    for j in range(bits):
-        r = r | (((planes[j].view(-1, 1) >> shifts) & 1).view(-1).to(dtype) << j)
-    return r
-
-
-def pack_remainders(r: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """Remainders in [0, 2^bits) → uint8 bit planes of shape (bits, ⌈n/8⌉): bits/8 bytes each."""
-    if r is None or bits == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    flat = r.reshape(-1).to(torch.uint8 if bits <= 8 else torch.int32)
-    if flat.numel() % 8:
-        flat = torch.nn.functional.pad(flat, (0, 8 - flat.numel() % 8))
-    return _run_kernel(_pack, flat, bits)
-
-
-def unpack_remainders(planes: torch.Tensor, bits: int, like: torch.Tensor) -> torch.Tensor | None:
-    """Inverse of pack_remainders, shaped like `like`; None when nothing was kept."""
-    if bits == 0:
-        return None
-    r = _run_kernel(_unpack, planes, bits, torch.uint8 if bits <= 8 else torch.int32)
-    return r[: like.numel()].view(like.shape)
+def unpack_remainders(planes: torch.Tensor, bits: int, like: torch.Tensor) -> torch.Tensor:
+    return _unpack(planes, bits, like)
 
 
 # ---------------------------------------------------------------------- RNG and autocast
@@ -379,15 +367,12 @@ class _ReversibleStack(torch.autograd.Function):
             rec.rng_g = _RngState.capture(x1v) if run.record_rng else None
             if s.exact:
                 # y1 = λ·x1 + F(x2) with λ = 1/m: floor-divide, keep the remainder for the inverse
-                y1, r1, flag1, sum_y1 = _run_kernel(_couple, x1, f, s.lambda_m, s.frac_bits)
-                w1 = _run_kernel(_value_of, y1, s.frac_bits, sd)
-                remainders.append(pack_remainders(r1, remainder_bits(s.lambda_m)))
-                del f, r1
+                y1, w1, r1, flag1, sum_y1 = _run_kernel(_couple, x1, f, s.lambda_m, s.frac_bits, sd)
+                del f
                 g = _run_block(c.G, w1, routed, run)
-                y2, r2, flag2, sum_y2 = _run_kernel(_couple, x2, g, s.beta_m, s.frac_bits)
-                w2 = _run_kernel(_value_of, y2, s.frac_bits, sd)
-                remainders.append(pack_remainders(r2, remainder_bits(s.beta_m)))
-                del g, r2
+                y2, w2, r2, flag2, sum_y2 = _run_kernel(_couple, x2, g, s.beta_m, s.frac_bits, sd)
+                del g
+                remainders += [r1, r2]
                 flags += [flag1, flag2]
             else:
                 y1 = w1 = x1 * s.lambda_ + f.to(sd)
@@ -404,8 +389,10 @@ class _ReversibleStack(torch.autograd.Function):
         if s.exact:
             _raise_if_out_of_range(flags, ["the stack input"] + _block_names(run.couplings), s.frac_bits)
         else:
-            v1, v2 = x1.clone(), x2.clone()
-        ctx.save_for_backward(x1, x2, *remainders)
+            v1, v2 = x1, x2
+        # the final values too: the top layer's blocks must see in backward the very values
+        # they saw in forward (recomputing them could round a tie differently)
+        ctx.save_for_backward(x1, x2, v1, v2, *remainders)
         ctx.run = run
         ctx.stream_dtype = sd
         # an output nobody used gets None, not zeros: its blocks then contribute no gradient,
@@ -420,7 +407,7 @@ class _ReversibleStack(torch.autograd.Function):
     def backward(ctx, dy1: torch.Tensor | None, dy2: torch.Tensor | None, _di1=None, _di2=None):
         run: StackRun = ctx.run
         s = run.settings
-        y1, y2, *remainders = ctx.saved_tensors
+        y1, y2, w1, w2, *remainders = ctx.saved_tensors
         sd = ctx.stream_dtype
         routed = _leaf_routed(run.routed)
         routed_leaves = [routed[k] for k in run.routed_grad_keys]
@@ -441,10 +428,6 @@ class _ReversibleStack(torch.autograd.Function):
                 param_grads[j] = _add(param_grads[j], g)
             return grads[0]
 
-        if s.exact:
-            w1, w2 = _run_kernel(_value_of, y1, s.frac_bits, sd), _run_kernel(_value_of, y2, s.frac_bits, sd)
-        else:
-            w1, w2 = y1, y2
         device_ids = run.records[0].rng_f.device_ids if run.record_rng and run.records else []
         device_type = run.autocast.device_type if run.autocast.device_type != "cpu" else "cuda"
         fork = torch.random.fork_rng(devices=device_ids, enabled=run.record_rng, device_type=device_type)
@@ -461,9 +444,7 @@ class _ReversibleStack(torch.autograd.Function):
                 with torch.enable_grad():
                     g = c.G(_block_input(y1_leaf, run.compute_dtype), routed)
                 if s.exact:
-                    r2 = unpack_remainders(remainders[2 * idx + 1], remainder_bits(s.beta_m), y2)
-                    x2, sum2 = _run_kernel(_uncouple, y2, g.detach(), r2, s.beta_m, s.frac_bits)
-                    v2 = _run_kernel(_value_of, x2, s.frac_bits, sd)
+                    x2, v2, sum2 = _run_kernel(_uncouple, y2, g.detach(), remainders[2 * idx + 1], s.beta_m, s.frac_bits, sd)
                 else:
                     x2 = v2 = (y2 - g.detach().to(sd)) / s.beta
                 dy1 = _add(dy1, grads_of(g, y1_leaf, dy2, params))  # dy1 += (∂G/∂y1)ᵀ dy2
@@ -476,9 +457,7 @@ class _ReversibleStack(torch.autograd.Function):
                 with torch.enable_grad():
                     f = c.F(_block_input(x2_leaf, run.compute_dtype), routed)
                 if s.exact:
-                    r1 = unpack_remainders(remainders[2 * idx], remainder_bits(s.lambda_m), y1)
-                    x1, sum1 = _run_kernel(_uncouple, y1, f.detach(), r1, s.lambda_m, s.frac_bits)
-                    v1 = _run_kernel(_value_of, x1, s.frac_bits, sd)
+                    x1, v1, sum1 = _run_kernel(_uncouple, y1, f.detach(), remainders[2 * idx], s.lambda_m, s.frac_bits, sd)
                 else:
                     x1 = v1 = (y1 - f.detach().to(sd)) / s.lambda_
                 dx2 = _add(dx2, grads_of(f, x2_leaf, dy1, params))  # dx2 += (∂F/∂x2)ᵀ dy1
@@ -556,8 +535,7 @@ class _ExactCouple(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_value, block_out, x_int, scale: float, m: int, frac_bits: int, flags: list):
-        y, _, flag, _ = _run_kernel(_couple, x_int, block_out.detach(), m, frac_bits)
-        value = _run_kernel(_value_of, y, frac_bits, x_value.dtype)
+        y, value, _, flag, _ = _run_kernel(_couple, x_int, block_out.detach(), m, frac_bits, x_value.dtype)
         flags.append(flag)
         ctx.scale, ctx.block_dtype = scale, block_out.dtype
         ctx.mark_non_differentiable(y)
