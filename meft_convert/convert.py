@@ -339,6 +339,11 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
     unusable input (before anything is written) and MeftConvertError if conversion or
     verification fails (nothing is left behind)."""
     settings = options.meft_settings()
+    if settings["variant"] == "meft2" and settings["lambda_"] < 1:
+        log(
+            "warning: in MEFT2, lambda scales the stream its PLM layers read (y1 = lambda*x1 + adapter(x2)); "
+            "below 1 the pretrained model's output is lost at the start. Keep lambda=1 and make beta small."
+        )
     output = Path(options.output).expanduser().absolute()
     if output.exists() and not options.force:
         raise BadInputError(f"{output} already exists; pass --force to replace it")

@@ -288,3 +288,11 @@ def test_sharded_checkpoints_keep_their_shards(tiny_checkpoints, tmp_path):
     assert json.loads((out / "meft_report.json").read_text())["passed"]
     (sharded / sorted(sharded.glob("*.safetensors"))[0].name).unlink()
     _fails(ConvertOptions(model=str(sharded), output=tmp_path / "out2"), match="is missing")
+
+
+def test_meft2_with_a_small_lambda_is_warned_about(tiny_checkpoints, tmp_path):
+    messages = []
+    options = ConvertOptions(model=str(tiny_checkpoints["opt-125m"]), output=tmp_path / "o", variant="meft2",
+                             lambda_=0.5, verify=False, show_progress=False)
+    convert(options, log=messages.append)
+    assert any(m.startswith("warning: in MEFT2, lambda scales") for m in messages)

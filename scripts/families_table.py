@@ -1,0 +1,25 @@
+"""Prints the README's table of supported model families and heads, from the family table itself.
+
+    python scripts/families_table.py    # paste between the markers in README.md (a test compares)
+"""
+
+from __future__ import annotations
+
+from meft_convert.templates.families import FAMILIES
+
+NORMS = {"pre": "pre-LN", "post": "post-LN"}
+
+
+def families_table() -> str:
+    lines = ["| model type | layers | norm | heads (Auto classes) |", "|---|---|---|---|"]
+    for family in FAMILIES.values():
+        heads = ", ".join(
+            f"{auto} ({head.library_class}" + (f"; when the checkpoint has `{head.requires_keys}*`)" if head.requires_keys else ")")
+            for auto, head in family.heads.items()
+        )
+        lines.append(f"| `{family.model_type}` | `{family.layers}` | {NORMS[family.norm]} | {heads} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(families_table())
