@@ -109,30 +109,15 @@ class MeftConfig:
 
     _plm_config_class: type = None  # set on each family's class
 
-    def __init__(
-        self,
-        variant: str = "meft3",
-        lambda_: float | None = None,
-        beta: float | None = None,
-        adapter_dim: int = 8,
-        adapter_init: str = "paper",
-        adapter_init_std: float = 0.02,
-        reversible_layers: int | None = None,
-        output_stream: str = "plm",
-        exact: bool = True,
-        frac_bits: int = 32,
-        audit: bool = True,
-        **kwargs,
-    ):
-        settings = validate_meft_settings(
-            variant, lambda_, beta, adapter_dim, adapter_init, adapter_init_std, reversible_layers, output_stream, exact, frac_bits, audit
-        )
+    def __init__(self, **kwargs):
+        # the MEFT settings (defaults and checks: validate_meft_settings); the rest is the PLM's
+        settings = validate_meft_settings(**{key: kwargs.pop(key) for key in MEFT_SETTINGS if key in kwargs})
         for key, value in settings.items():
             setattr(self, key, value)
         self._plm_config_class.__init__(self, **kwargs)
         layers = self.num_hidden_layers
-        if reversible_layers is not None and reversible_layers > layers:
-            raise ValueError(f"reversible_layers={reversible_layers} exceeds the model's {layers} layers")
+        if self.reversible_layers is not None and self.reversible_layers > layers:
+            raise ValueError(f"reversible_layers={self.reversible_layers} exceeds the model's {layers} layers")
 
     @property
     def plm_model_type(self) -> str:
