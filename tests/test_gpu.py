@@ -1,0 +1,65 @@
+"""On a CUDA device: compiled half-steps, CUDA RNG replay, SDPA, bf16 and autocast.
+
+Skipped without a GPU (CI has none); benchmarks/README.md records the run on an H200.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts: deterministic cuBLAS
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from meft_convert.templates import reversible  # noqa: E402
+from tests.test_modeling import batch, build, loss_of  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+CASES = [("bert-base-uncased", "AutoModelForSequenceClassification"), ("opt-125m", "AutoModelForCausalLM")]
+
+
+def cuda_gradients(model, auto_class, mode, seed=0, autocast=False):
+    model.zero_grad(set_to_none=True)
+    ids, mask = (t.cuda() for t in batch())
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
+        torch.manual_seed(seed)
+        with model.meft_backward(mode), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+            loss = loss_of(model, auto_class, ids, mask)
+        loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("variant", ["meft1", "meft2", "meft3"])
+@pytest.mark.parametrize("config_name,auto_class", CASES)
+def test_gradients_bitwise_with_deterministic_kernels(config_name, auto_class, variant):
+    model = build(config_name, auto_class, dtype=torch.bfloat16, variant=variant, plm={"attn_implementation": "eager"})
+    model.cuda().train()
+    torch.use_deterministic_algorithms(True)
+    try:
+        vanilla = cuda_gradients(model, auto_class, "vanilla")
+        reversible_grads = cuda_gradients(model, auto_class, "reversible")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert set(vanilla) == set(reversible_grads) and vanilla
+    for key in vanilla:
+        assert torch.equal(vanilla[key], reversible_grads[key]), key
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "fp32-autocast"])
+@pytest.mark.parametrize("variant", ["meft1", "meft2", "meft3"])
+@pytest.mark.parametrize("config_name,auto_class", CASES)
+def test_sdpa_reconstruction_is_bit_exact_and_compiled(config_name, auto_class, variant, autocast):
+    dtype = torch.float32 if autocast else torch.bfloat16
+    model = build(config_name, auto_class, dtype=dtype, variant=variant, plm={"attn_implementation": "sdpa"})
+    model.cuda().train()
+    layers = model.meft_layers
+    layers.trace = []
+    cuda_gradients(model, auto_class, "reversible", autocast=autocast)  # the audit would raise on a mismatch
+    forward = {name: (a, b) for kind, name, a, b in layers.trace if kind == "forward"}
+    rebuilt = [(name, a, b) for kind, name, a, b in layers.trace if kind == "backward"]
+    assert len(rebuilt) == len(forward) == len(layers)
+    for name, a, b in rebuilt:
+        assert a.is_cuda and torch.equal(forward[name][0], a) and torch.equal(forward[name][1], b)
+    assert reversible._COMPILE["enabled"]  # the half-steps ran compiled
