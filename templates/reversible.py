@@ -373,6 +373,7 @@ class _ReversibleStack(torch.autograd.Function):
                 y1, w1, r1, flag1, sum_y1 = _run_kernel(_couple, x1, f, s.lambda_m, s.frac_bits, sd)
                 del f
                 g = _run_block(c.G, w1, routed, run)
+                g_input = w1
                 y2, w2, r2, flag2, sum_y2 = _run_kernel(_couple, x2, g, s.beta_m, s.frac_bits, sd)
                 del g
                 remainders += [r1, r2]
@@ -380,6 +381,7 @@ class _ReversibleStack(torch.autograd.Function):
             else:
                 y1 = w1 = x1 * s.lambda_ + f.to(sd)
                 g = _run_block(c.G, w1, routed, run)
+                g_input = w1
                 y2 = w2 = x2 * s.beta + g.to(sd)
                 del f, g
                 sum_y1 = sum_y2 = None
@@ -393,9 +395,8 @@ class _ReversibleStack(torch.autograd.Function):
             _raise_if_out_of_range(flags, ["the stack input"] + _block_names(run.couplings), s.frac_bits)
         else:
             v1, v2 = x1, x2
-        # the final values too: the top layer's blocks must see in backward the very values
-        # they saw in forward (recomputing them could round a tie differently)
-        ctx.save_for_backward(x1, x2, v1, v2, *remainders)
+        # and the value the top layer's G saw: backward must feed it the very same one
+        ctx.save_for_backward(x1, x2, g_input, *remainders)
         ctx.run = run
         ctx.stream_dtype = sd
         # an output nobody used gets None, not zeros: its blocks then contribute no gradient,
@@ -410,7 +411,10 @@ class _ReversibleStack(torch.autograd.Function):
     def backward(ctx, dy1: torch.Tensor | None, dy2: torch.Tensor | None, _di1=None, _di2=None):
         run: StackRun = ctx.run
         s = run.settings
-        y1, y2, w1, w2, *remainders = ctx.saved_tensors
+        y1, y2, g_input, *remainders = ctx.saved_tensors
+        # the top layer's G input, placed where undoing the swap below expects it; the value of
+        # y2 is never needed (F's input is rebuilt first)
+        w1, w2 = (None, g_input) if s.swap else (g_input, None)
         remainders = remainders or [None] * (2 * len(run.couplings))  # float mode keeps none
         sd = ctx.stream_dtype
         routed = _leaf_routed(run.routed)

@@ -50,11 +50,11 @@ def loss_of(model, auto_class, ids, mask):
     if auto_class == "AutoModelForCausalLM":
         return model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
     if auto_class == "AutoModelForSequenceClassification":
-        return model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1])).loss
+        return model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1], device=ids.device)).loss
     if auto_class == "AutoModelForMaskedLM":
         return model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
     out = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.dtype)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.device, out.dtype)
     return (out * weights * mask[..., None]).sum()
 
 
