@@ -91,8 +91,8 @@ class MeftConfig:
     Args:
         variant: "meft1" (F = PLM layer, G = adapter), "meft2" (F = adapter, G = PLM layer)
             or "meft3" (F = attention block, G = MLP block).
-        lambda_, beta: scale of x1 and x2 in the coupling; None takes the variant's default
-            from the paper. Exact mode needs 1/m for a positive integer m.
+        lambda_, beta: scale of x1 and x2 in the coupling; None takes the paper's default
+            for the variant. Exact mode needs 1/m for a positive integer m.
         adapter_dim: bottleneck width r of every adapter.
         adapter_init: "paper" (both projections N(0, σ²)) or "zero" (up-projection 0).
         adapter_init_std: σ of the adapter initialisation (named so as not to clash with

@@ -67,10 +67,6 @@ def _make_block(kind: str, family: Family, layer: nn.Module):
     raise ValueError(f"unknown block {kind!r}")
 
 
-def _is_cache(value) -> bool:
-    return isinstance(value, transformers.Cache)
-
-
 class MeftLayers(nn.ModuleList):
     """The PLM's layer list, unchanged for anyone who iterates or indexes it, except its owner's
     forward: while that runs, iterating the list yields one "layer", the list itself, whose
@@ -81,7 +77,7 @@ class MeftLayers(nn.ModuleList):
     def __init__(self, layers: nn.ModuleList, family: Family, config):
         super().__init__(list(layers))
         variant = VARIANTS[config.variant]
-        self.family = family
+        self.family_type = family.model_type  # a name, not the description: the model stays picklable
         self.variant = variant
         self.coupling = CouplingSettings(
             config.lambda_, config.beta, variant.swap, exact=config.exact, frac_bits=config.frac_bits, audit=config.audit
@@ -93,6 +89,10 @@ class MeftLayers(nn.ModuleList):
         self._layer_signature = inspect.signature(self[0].forward)
         self._owner_calls = 0  # > 0 while the owner's forward runs
         self._ran = False
+
+    @property
+    def family(self) -> Family:
+        return family_for(self.family_type)
 
     # --- the owner's view -----------------------------------------------------------------
     def __iter__(self):
@@ -122,11 +122,11 @@ class MeftLayers(nn.ModuleList):
 
     # --- the stack ------------------------------------------------------------------------
     def couplings(self) -> list[Coupling]:
-        result = []
+        family, result = self.family, []
         for index, layer in enumerate(self._modules.values()):
             params = tuple(p for p in layer.parameters() if p.requires_grad)
-            F = _make_block(self.variant.F, self.family, layer)
-            G = _make_block(self.variant.G, self.family, layer)
+            F = _make_block(self.variant.F, family, layer)
+            G = _make_block(self.variant.G, family, layer)
             result.append(Coupling(F, G, params, f"layer {index}"))
         return result
 
@@ -173,7 +173,7 @@ def _without_cache(layer_args: dict) -> dict:
     """Training recomputes every layer, so a KV cache would be filled twice: layers get none."""
     result = {}
     for key, value in layer_args.items():
-        if _is_cache(value):
+        if isinstance(value, transformers.Cache):
             if value.get_seq_length() > 0:
                 raise ValueError("MEFT cannot train on top of a filled KV cache; pass no cache when training")
             value = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import pickle
 
 import pytest
 import torch
@@ -133,14 +134,18 @@ def test_eval_and_no_grad_use_the_plain_float_coupling():
     assert (exact - plain).abs().max() < 1e-5
 
 
-def test_deep_copies_keep_working():
+@pytest.mark.parametrize("copier", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))], ids=["deepcopy", "pickle"])
+def test_copies_keep_working(copier):
     model = build("opt-125m", "AutoModelForCausalLM")
-    clone = copy.deepcopy(model)
+    clone = copier(model)
     ids, mask = batch()
     clone.eval()
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, clone(input_ids=ids, attention_mask=mask).logits)
+    clone.train()
+    loss_of(clone, "AutoModelForCausalLM", ids, mask).backward()  # its own hooks, its own stack
+    assert all(p.grad is not None for n, p in clone.named_parameters() if ".meft.attn." in n)
 
 
 @pytest.mark.parametrize("k", [0, 1])
