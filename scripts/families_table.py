@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from meft_convert.templates.families import FAMILIES
 
-NORMS = {"pre": "pre-LN", "post": "post-LN"}
+NORMS = {"pre": "pre-norm", "post": "post-norm"}
 
 
 def families_table() -> str:

@@ -149,6 +149,102 @@ OPT = Family(
 )
 
 
+# ------------------------------------------------------------------- LLaMA, Mistral, Qwen2
+# Pre-RMSNorm, rotary position embeddings (routed to every layer as `position_embeddings`),
+# grouped-query attention and a gated MLP; no dropout around the sublayers. Mistral's and
+# Qwen2's sliding windows live in the attention mask their model builds.
+
+
+def _llama_attention(layer, x, args, adapter):
+    h, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), **args)
+    if adapter is not None:
+        h = h + adapter(h)
+    return x + h
+
+
+def _llama_mlp(layer, x, adapter):
+    normed = layer.post_attention_layernorm(x)
+    h = layer.mlp(normed)
+    if adapter is not None:
+        h = h + adapter(normed)
+    return x + h
+
+
+def _mixed_layer_types(config):
+    # the model builds one mask per layer type, but MEFT runs all layers as one: they must agree
+    types = set(getattr(config, "layer_types", None) or ())
+    if len(types) > 1:
+        return f"layers of different attention types ({', '.join(sorted(types))}) are not supported"
+    return None
+
+
+def _llama_like(model_type: str, prefix: str) -> Family:
+    return Family(
+        model_type=model_type,
+        config_class=f"{prefix}Config",
+        layers="layers",
+        norm="pre",
+        attention=_llama_attention,
+        mlp=_llama_mlp,
+        activation=lambda config: config.hidden_act,
+        dropout=lambda config: 0.0,  # these models train without hidden dropout
+        heads={
+            "AutoModel": Head(f"{prefix}Model"),
+            "AutoModelForCausalLM": Head(f"{prefix}ForCausalLM"),
+            "AutoModelForSequenceClassification": Head(f"{prefix}ForSequenceClassification", trainable=("score",)),
+        },
+        unsupported=_mixed_layer_types,
+    )
+
+
+LLAMA = _llama_like("llama", "Llama")
+MISTRAL = _llama_like("mistral", "Mistral")
+QWEN2 = _llama_like("qwen2", "Qwen2")
+
+
+# ----------------------------------------------------------------------------------- GPT-2
+# Pre-LN; Conv1D projections; the residual dropout sits inside GPT2Attention and GPT2MLP.
+
+
+def _gpt2_attention(layer, x, args, adapter):
+    h, _ = layer.attn(layer.ln_1(x), **_without(args, "encoder_hidden_states", "encoder_attention_mask"))
+    if adapter is not None:
+        h = h + adapter(h)
+    return h + x
+
+
+def _gpt2_mlp(layer, x, adapter):
+    normed = layer.ln_2(x)
+    h = layer.mlp(normed)
+    if adapter is not None:
+        h = h + adapter(normed)
+    return x + h
+
+
+def _gpt2_unsupported(config):
+    if getattr(config, "add_cross_attention", False):
+        return "GPT-2 with cross-attention (add_cross_attention) is not supported"
+    return None
+
+
+GPT2 = Family(
+    model_type="gpt2",
+    config_class="GPT2Config",
+    layers="h",
+    norm="pre",
+    attention=_gpt2_attention,
+    mlp=_gpt2_mlp,
+    activation=lambda config: config.activation_function,
+    dropout=lambda config: config.resid_pdrop,
+    heads={
+        "AutoModel": Head("GPT2Model"),
+        "AutoModelForCausalLM": Head("GPT2LMHeadModel"),
+        "AutoModelForSequenceClassification": Head("GPT2ForSequenceClassification", trainable=("score",)),
+    },
+    unsupported=_gpt2_unsupported,
+)
+
+
 FAMILIES: dict[str, Family] = {}
 
 
@@ -158,7 +254,7 @@ def register_family(family: Family) -> None:
     FAMILIES[family.model_type] = family
 
 
-for _family in (BERT, OPT):
+for _family in (BERT, OPT, LLAMA, MISTRAL, QWEN2, GPT2):
     register_family(_family)
 
 

@@ -240,8 +240,13 @@ class MeftModelMixin:
     """What every Meft<LibraryClass> adds to its library class."""
 
     _meft_trainable_modules: tuple[str, ...] = ()
+    _meft_family: str = ""
 
     def __init__(self, config, *args, **kwargs):
+        # some heads (LLaMA's classifier, for one) build their backbone with AutoModel.from_config:
+        # for this config class that must give the family's plain base model, made reversible below
+        backbone = getattr(transformers, family_for(self._meft_family).heads["AutoModel"].library_class)
+        transformers.MODEL_MAPPING.register(type(config), backbone, exist_ok=True)
         super().__init__(config, *args, **kwargs)
         install_meft(self, config, self._meft_trainable_modules)
 
@@ -296,13 +301,15 @@ def model_class_for(family: Family, auto_class: str) -> type:
     head = family.heads[auto_class]
     name = "Meft" + head.library_class
     if name not in _MODEL_CLASSES:
+        config_class = config_class_for(family)
         library_class = getattr(transformers, head.library_class)
         _MODEL_CLASSES[name] = type(
             name,
             (MeftModelMixin, library_class),
             {
-                "config_class": config_class_for(family),
+                "config_class": config_class,
                 "_meft_trainable_modules": head.trainable,
+                "_meft_family": family.model_type,
                 "__module__": __name__,
                 "__doc__": f"{head.library_class} with exact-reversible MEFT layers.\n\n{__doc__}",
             },

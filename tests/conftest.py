@@ -29,9 +29,18 @@ except ImportError:  # only where the test extras are not installed (the GPU mac
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 # tiny sizes for real configs: same architecture switches, small tensors
+_LLAMA_LIKE = dict(
+    hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, num_hidden_layers=2,
+    max_position_embeddings=128, vocab_size=1000, bos_token_id=1, eos_token_id=2,
+)
 SHRINK = {
     "bert": dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=64),
     "opt": dict(hidden_size=32, num_attention_heads=4, ffn_dim=64, num_hidden_layers=2, max_position_embeddings=64),
+    "llama": _LLAMA_LIKE,
+    # a window shorter than the test sequences, so that the sliding mask matters
+    "mistral": dict(_LLAMA_LIKE, sliding_window=4),
+    "qwen2": dict(_LLAMA_LIKE, max_window_layers=2),
+    "gpt2": dict(n_embd=32, n_head=4, n_layer=2, n_positions=128, n_ctx=128, vocab_size=1000, bos_token_id=1, eos_token_id=2),
 }
 
 
@@ -66,6 +75,10 @@ TINY = {
     "bert": ("bert-base-uncased", {}, torch.float32, True),
     "opt-125m": ("opt-125m", {}, torch.float16, False),
     "opt-350m": ("opt-350m", {}, torch.float16, False),
+    "llama": ("tinyllama-1.1b", {}, torch.bfloat16, False),
+    "mistral": ("mistral-7b-v0.1", {}, torch.bfloat16, False),
+    "qwen2": ("qwen2-0.5b", {}, torch.bfloat16, False),
+    "gpt2": ("gpt2", {}, torch.float32, False),
 }
 
 

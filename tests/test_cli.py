@@ -115,7 +115,7 @@ def test_interrupt_exits_130(monkeypatch):
 def test_help_teaches():
     result = invoke("--help")
     assert result.exit_code == 0
-    for text in ("trust_remote_code=True", "--variant", "meft1", "--lambda", "1/1024", "HF_HUB_OFFLINE", "bert, opt", "--force"):
+    for text in ("trust_remote_code=True", "--variant", "meft1", "--lambda", "1/1024", "HF_HUB_OFFLINE", "bert, gpt2, llama, mistral, opt, qwen2", "--force"):
         assert text in result.output
 
 

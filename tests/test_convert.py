@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -21,7 +22,13 @@ from meft_convert.errors import BadInputError, VerificationError
 from tests.conftest import source
 
 VARIANTS = ["meft1", "meft2", "meft3"]
-CHECKPOINTS = ["minilm", "bert", "opt-125m", "opt-350m"]
+CHECKPOINTS = ["minilm", "bert", "opt-125m", "opt-350m", "llama", "mistral", "qwen2", "gpt2"]
+MODEL_TYPES = {"minilm": "bert", "bert": "bert", "opt-125m": "opt", "opt-350m": "opt", "llama": "llama", "mistral": "mistral",
+               "qwen2": "qwen2", "gpt2": "gpt2"}
+DECODER_HEADS = {"AutoModelForCausalLM", "AutoModelForSequenceClassification"}
+ARCHITECTURES = {"minilm": "MeftBertModel", "bert": "MeftBertForMaskedLM", "opt-125m": "MeftOPTForCausalLM",
+                 "opt-350m": "MeftOPTForCausalLM", "llama": "MeftLlamaForCausalLM", "mistral": "MeftMistralForCausalLM",
+                 "qwen2": "MeftQwen2ForCausalLM", "gpt2": "MeftGPT2LMHeadModel"}
 
 
 def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
@@ -47,14 +54,14 @@ def test_conversion_writes_a_verified_checkpoint(name, variant, converted, tiny_
         assert torch.equal(written[key].view(torch.uint8), tensor.view(torch.uint8)), key
     added = set(written) - set(original)
     adapters = {"meft1": ("ffn", "coupling"), "meft2": ("coupling", "ffn"), "meft3": ("attn", "ffn")}[variant]
-    layers = json.loads((out / "config.json").read_text())["num_hidden_layers"]
+    layers = transformers.AutoConfig.from_pretrained(out, trust_remote_code=True).num_hidden_layers
     assert len(added) == layers * len(adapters) * 4 and all(".meft." in key for key in added)
     assert {key.split(".meft.")[1].split(".")[0] for key in added} == set(adapters)
     plm_dtype = next(t.dtype for k, t in original.items() if ".0." in k and t.is_floating_point())
     assert all(written[key].dtype == plm_dtype for key in added)
 
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == ("meft_bert" if name in ("minilm", "bert") else "meft_opt")
+    assert config["model_type"] == "meft_" + MODEL_TYPES[name]
     assert config["variant"] == variant and config["exact"] is True and config["output_stream"] == "plm"
     assert set(config["auto_map"]) >= {"AutoConfig", "AutoModel"}
     expected_heads = {
@@ -62,9 +69,9 @@ def test_conversion_writes_a_verified_checkpoint(name, variant, converted, tiny_
         "bert": {"AutoModelForSequenceClassification", "AutoModelForMaskedLM"},
         "opt-125m": {"AutoModelForCausalLM"},
         "opt-350m": {"AutoModelForCausalLM"},
-    }[name]
+    }.get(name, DECODER_HEADS)
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModel"} | expected_heads
-    assert config["architectures"] == [{"minilm": "MeftBertModel", "bert": "MeftBertForMaskedLM"}.get(name, "MeftOPTForCausalLM")]
+    assert config["architectures"] == [ARCHITECTURES[name]]
     for file in TEMPLATE_FILES:
         assert (out / file).read_bytes() == (Path(convert_module.__file__).parent.parent / "templates" / file).read_bytes()
     if name in ("minilm", "bert"):
@@ -192,7 +199,8 @@ def test_unknown_model_type_lists_supported_types(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
     save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    _fails(ConvertOptions(model=str(folder), output=tmp_path / "out"), match="'gpt_neox' is not supported; supported: bert, opt")
+    _fails(ConvertOptions(model=str(folder), output=tmp_path / "out"),
+           match="'gpt_neox' is not supported; supported: bert, gpt2, llama, mistral, opt, qwen2")
 
 
 def test_already_converted_checkpoint_is_refused(converted, tmp_path):

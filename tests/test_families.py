@@ -15,6 +15,10 @@ CASES = {
     "bert": ("bert-base-uncased", "BertModel"),
     "opt-125m (pre-LN)": ("opt-125m", "OPTModel"),
     "opt-350m (post-LN)": ("opt-350m", "OPTModel"),
+    "llama": ("tinyllama-1.1b", "LlamaModel"),
+    "mistral (sliding window)": ("mistral-7b-v0.1", "MistralModel"),
+    "qwen2": ("qwen2-0.5b", "Qwen2Model"),
+    "gpt2": ("gpt2", "GPT2Model"),
 }
 
 
@@ -26,8 +30,8 @@ def _layer_call(base, family, layers):
         captured["args"], captured["kwargs"] = args, kwargs
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
-    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1] * 8, [1] * 6 + [0] * 2])
     with torch.random.fork_rng():
         torch.manual_seed(1)
         base(input_ids=ids, attention_mask=mask)
@@ -70,3 +74,11 @@ def test_unknown_model_type_lists_the_supported_ones():
 def test_bert_decoder_is_refused():
     config = real_config("bert-base-uncased", is_decoder=True)
     assert "decoder" in family_for("bert").unsupported(config)
+
+
+def test_mixed_attention_layer_types_are_refused():
+    """Qwen2 with sliding windows on some layers only: MEFT runs all layers with one mask."""
+    config = real_config("qwen2-0.5b", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    assert set(config.layer_types) == {"full_attention", "sliding_attention"}
+    assert "different attention types" in family_for("qwen2").unsupported(config)
+    assert family_for("qwen2").unsupported(real_config("qwen2-0.5b")) is None

@@ -22,6 +22,10 @@ HEADS = {
     "bert": ("bert-base-uncased", ["AutoModel", "AutoModelForSequenceClassification", "AutoModelForMaskedLM"]),
     "opt-125m": ("opt-125m", ["AutoModel", "AutoModelForCausalLM"]),
     "opt-350m": ("opt-350m", ["AutoModelForCausalLM"]),
+    "llama": ("tinyllama-1.1b", ["AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"]),
+    "mistral": ("mistral-7b-v0.1", ["AutoModelForCausalLM"]),
+    "qwen2": ("qwen2-0.5b", ["AutoModelForCausalLM", "AutoModelForSequenceClassification"]),
+    "gpt2": ("gpt2", ["AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"]),
 }
 
 
@@ -78,7 +82,10 @@ CASES = [(name, auto) for name, (_, autos) in HEADS.items() for auto in autos]
 @pytest.mark.parametrize("variant", ["meft1", "meft2", "meft3"])
 @pytest.mark.parametrize("name,auto_class", CASES)
 def test_reversible_gradients_equal_plain_autograd(name, auto_class, variant, dtype):
-    model = build(HEADS[name][0], auto_class, dtype=dtype, variant=variant)
+    # decoder-only classifiers find each row's last token through the pad token; LLaMA-like
+    # configs ship without dropout, which is switched on here so that its replay is tested
+    plm = {"pad_token_id": 0, **({"attention_dropout": 0.1} if name in ("llama", "mistral", "qwen2") else {})}
+    model = build(HEADS[name][0], auto_class, dtype=dtype, variant=variant, plm=plm)
     loss_v, vanilla = gradients(model, auto_class, "vanilla")
     loss_r, reversible = gradients(model, auto_class, "reversible")
     assert torch.equal(loss_v, loss_r)

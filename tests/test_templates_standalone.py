@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import run_without_meft_convert, source
 
-CHECKPOINTS = ["minilm", "bert", "opt-125m", "opt-350m"]
+CHECKPOINTS = ["minilm", "bert", "opt-125m", "opt-350m", "llama", "mistral", "qwen2", "gpt2"]
 
 SCRIPT = r"""
 import json, sys, tempfile
@@ -87,6 +87,6 @@ def test_loaded_models_keep_the_starting_point_and_train_exactly(standalone_resu
         assert r["cosine_min"] > 0.5, r  # paper defaults: near, not equal (see the verification reports)
         assert r["grads_equal"] and r["n_grads"] > 0, r
         # after from_pretrained only the adapters and a new task head train
-        head = {"AutoModelForSequenceClassification": ("classifier.",)}.get(r["auto"], ())
+        head = {"AutoModelForSequenceClassification": ("classifier.", "score.")}.get(r["auto"], ())
         assert r["trainable"] and all(".meft." in n or n.startswith(head) for n in r["trainable"]), r
         assert r["reload_same"], r
