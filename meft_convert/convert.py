@@ -178,7 +178,7 @@ def _read_config(folder: Path) -> dict:
 def _layer_prefix(keys, family: Family) -> str | None:
     """The part of the tensor names before the layer list, e.g. 'model.' in
     'model.decoder.layers.0.fc1.weight' (checkpoints differ in whether they carry it)."""
-    marker = family.layers + ".0."
+    marker = family.stacks[0].layers + ".0."
     for key in keys:
         start = key.find(marker)
         if start == 0 or (start > 0 and key[start - 1] == "."):
@@ -233,7 +233,9 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     class_prefix = _layer_prefix(library_keys, family)
     file_prefix = _layer_prefix(weights.tensors, family)
     if class_prefix is None or file_prefix is None:
-        raise BadInputError(f"the checkpoint's tensors do not contain the {family.model_type} layers ({family.layers}.0.*)")
+        raise BadInputError(
+            f"the checkpoint's tensors do not contain the {family.model_type} layers ({family.stacks[0].layers}.0.*)"
+        )
 
     def file_name(key: str) -> str:
         return file_prefix + key[len(class_prefix) :] if key.startswith(class_prefix) else key
@@ -249,7 +251,7 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     missing = sorted(mapped - set(weights.tensors))
     unexpected = sorted(set(weights.tensors) - mapped)
 
-    layer0 = file_prefix + family.layers + ".0."
+    layer0 = file_prefix + family.stacks[0].layers + ".0."
     float_dtypes = [
         info.dtype for key, info in weights.tensors.items() if key.startswith(layer0) and info.dtype in ("F32", "F16", "BF16", "F64")
     ]

@@ -222,7 +222,7 @@ def _reconstruction(trace: list, exact: bool) -> list[dict]:
         else:
             error = (torch.cat([f1 - x1, f2 - x2]).norm() / torch.cat([f1, f2]).norm()).item()
             rows.append({"layer": name, "relative_error": error})
-    return sorted(rows, key=lambda r: int(r["layer"].split()[-1]))
+    return sorted(rows, key=lambda r: (r["layer"].rsplit(" ", 1)[0], int(r["layer"].rsplit(" ", 1)[1])))
 
 
 def verify_conversion(
@@ -262,8 +262,9 @@ def verify_conversion(
 
     # reconstruction and gradients, in training mode with dropout on
     meft.train()
-    layers = meft.meft_layers
-    layers.trace = []
+    stacks = meft.meft_stacks
+    for stack in stacks:
+        stack.trace = []
     lm_auto_class = auto_class_name if lm else None
     try:
         reversible_grads = _gradients(meft, inputs, lm_auto_class, "reversible", seed)
@@ -271,8 +272,9 @@ def verify_conversion(
         report.problems.append(str(e))
         return report
     finally:
-        report.reconstruction = _reconstruction(layers.trace, settings["exact"])
-        layers.trace = None
+        report.reconstruction = _reconstruction([entry for stack in stacks for entry in stack.trace], settings["exact"])
+        for stack in stacks:
+            stack.trace = None
     vanilla_grads = _gradients(meft, inputs, lm_auto_class, "vanilla", seed)
     report.gradients = _compare_gradients(reversible_grads, vanilla_grads)
     meft.eval()
@@ -307,7 +309,8 @@ def _reference_fidelity(converted: Path, auto_class, inputs, reference_out, lm: 
         model.eval()
         row = {"variant": variant, **scales}
         for stream in ("plm", "mean"):
-            model.meft_layers.output_stream = stream
+            for stack in model.meft_stacks:
+                stack.output_stream = stream
             with torch.no_grad():
                 f = _fidelity(reference_out, _forward(model, inputs, lm), inputs["attention_mask"])
             row[stream] = (f.cosine_mean, f.cosine_min)

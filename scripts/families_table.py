@@ -17,7 +17,8 @@ def families_table() -> str:
             f"{auto} ({head.library_class}" + (f"; when the checkpoint has `{head.requires_keys}*`)" if head.requires_keys else ")")
             for auto, head in family.heads.items()
         )
-        lines.append(f"| `{family.model_type}` | `{family.layers}` | {NORMS[family.norm]} | {heads} |")
+        layers = ", ".join(f"`{stack.layers}`" for stack in family.stacks)
+        lines.append(f"| `{family.model_type}` | {layers} | {NORMS[family.norm]} | {heads} |")
     return "\n".join(lines)
 
 

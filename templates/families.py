@@ -1,8 +1,8 @@
 """What MEFT needs to know about each model family, in one table.
 
-A family description says where the layers are, how one layer splits into an attention
-block and an MLP block (each with its residual connection and norm), where adapters go,
-and which task heads exist. The blocks call the PLM's own submodules in the order the
+A family description says where the layers are (one stack, or two for an encoder-decoder),
+how one layer splits into an attention block and an MLP block (each with its residual
+connection and norm), where adapters go, and which task heads exist. The blocks call the PLM's own submodules in the order the
 library's layer does, so with adapters off `mlp(attention(x))` is the library layer
 bit for bit (tests check this). The converter and the checkpoint's code read this same
 table; adding a family means adding one description here.
@@ -28,16 +28,24 @@ class Head:
 
 
 @dataclass(frozen=True)
-class Family:
-    model_type: str  # the PLM's config.model_type
-    config_class: str  # its transformers config class
+class Stack:
+    """One list of layers and how each of its layers splits into two blocks."""
+
     layers: str  # path of the layer list inside the base model
-    norm: str  # "pre" or "post": where the layer normalises (documentation and reports)
     # attention(layer, x, layer_args, adapter): the attention block output, residual and norm included;
     # `adapter` (or None) is applied to the attention sublayer output, before the residual
     attention: Callable[[nn.Module, torch.Tensor, dict, nn.Module | None], torch.Tensor]
     # mlp(layer, x, adapter): the MLP block output; `adapter` (or None) runs parallel to the FFN
     mlp: Callable[[nn.Module, torch.Tensor, nn.Module | None], torch.Tensor]
+    name: str = ""  # to tell the stacks of an encoder-decoder apart in messages ("encoder")
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str  # the PLM's config.model_type
+    config_class: str  # its transformers config class
+    stacks: tuple[Stack, ...]  # one for encoders and decoders, two for encoder-decoders
+    norm: str  # "pre" or "post": where the layer normalises (documentation and reports)
     activation: Callable[[object], str]  # the PLM's activation name, used by its adapters
     dropout: Callable[[object], float]  # the PLM's hidden dropout, used by its adapters
     heads: dict[str, Head] = field(default_factory=dict)  # Auto class name -> head
@@ -84,10 +92,8 @@ def _bert_unsupported(config):
 BERT = Family(
     model_type="bert",
     config_class="BertConfig",
-    layers="encoder.layer",
+    stacks=(Stack("encoder.layer", _bert_attention, _bert_mlp),),
     norm="post",
-    attention=_bert_attention,
-    mlp=_bert_mlp,
     activation=lambda config: config.hidden_act,
     dropout=lambda config: config.hidden_dropout_prob,
     heads={
@@ -136,10 +142,8 @@ def _opt_mlp(layer, x, adapter):
 OPT = Family(
     model_type="opt",
     config_class="OPTConfig",
-    layers="decoder.layers",
+    stacks=(Stack("decoder.layers", _opt_attention, _opt_mlp),),
     norm="pre",
-    attention=_opt_attention,
-    mlp=_opt_mlp,
     activation=lambda config: config.activation_function,
     dropout=lambda config: config.dropout,
     heads={
@@ -182,10 +186,8 @@ def _llama_like(model_type: str, prefix: str) -> Family:
     return Family(
         model_type=model_type,
         config_class=f"{prefix}Config",
-        layers="layers",
+        stacks=(Stack("layers", _llama_attention, _llama_mlp),),
         norm="pre",
-        attention=_llama_attention,
-        mlp=_llama_mlp,
         activation=lambda config: config.hidden_act,
         dropout=lambda config: 0.0,  # these models train without hidden dropout
         heads={
@@ -230,10 +232,8 @@ def _gpt2_unsupported(config):
 GPT2 = Family(
     model_type="gpt2",
     config_class="GPT2Config",
-    layers="h",
+    stacks=(Stack("h", _gpt2_attention, _gpt2_mlp),),
     norm="pre",
-    attention=_gpt2_attention,
-    mlp=_gpt2_mlp,
     activation=lambda config: config.activation_function,
     dropout=lambda config: config.resid_pdrop,
     heads={

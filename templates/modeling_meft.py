@@ -32,7 +32,7 @@ from torch import nn
 
 from .adapters import MeftAdapter, init_adapter_projection, is_adapter_projection
 from .configuration_meft import config_class_for
-from .families import FAMILIES, Family, family_for
+from .families import FAMILIES, Family, Stack, family_for
 from .reversible import Coupling, CouplingSettings, run_stack
 
 
@@ -54,16 +54,16 @@ VARIANTS = {
 BACKWARD_MODES = ("reversible", "vanilla")
 
 
-def _make_block(kind: str, family: Family, layer: nn.Module):
+def _make_block(kind: str, stack: Stack, layer: nn.Module):
     adapters = layer.meft
     if kind == "layer":
-        return lambda x, args: family.mlp(layer, family.attention(layer, x, args, None), adapters["ffn"])
+        return lambda x, args: stack.mlp(layer, stack.attention(layer, x, args, None), adapters["ffn"])
     if kind == "adapter":
         return lambda x, args: adapters["coupling"](x)
     if kind == "attention":
-        return lambda x, args: family.attention(layer, x, args, adapters["attn"])
+        return lambda x, args: stack.attention(layer, x, args, adapters["attn"])
     if kind == "mlp":
-        return lambda x, args: family.mlp(layer, x, adapters["ffn"])
+        return lambda x, args: stack.mlp(layer, x, adapters["ffn"])
     raise ValueError(f"unknown block {kind!r}")
 
 
@@ -74,10 +74,11 @@ class MeftLayers(nn.ModuleList):
     arguments a layer takes; they are bound to the layer's signature and routed to every block.
     """
 
-    def __init__(self, layers: nn.ModuleList, family: Family, config):
+    def __init__(self, layers: nn.ModuleList, family: Family, stack_index: int, config):
         super().__init__(list(layers))
         variant = VARIANTS[config.variant]
-        self.family_type = family.model_type  # a name, not the description: the model stays picklable
+        # names, not the description itself: the model stays picklable
+        self.family_type, self.stack_index = family.model_type, stack_index
         self.variant = variant
         self.coupling = CouplingSettings(
             config.lambda_, config.beta, variant.swap, exact=config.exact, frac_bits=config.frac_bits, audit=config.audit
@@ -91,8 +92,8 @@ class MeftLayers(nn.ModuleList):
         self._ran = False
 
     @property
-    def family(self) -> Family:
-        return family_for(self.family_type)
+    def stack(self) -> Stack:
+        return family_for(self.family_type).stacks[self.stack_index]
 
     # --- the owner's view -----------------------------------------------------------------
     def __iter__(self):
@@ -122,12 +123,13 @@ class MeftLayers(nn.ModuleList):
 
     # --- the stack ------------------------------------------------------------------------
     def couplings(self) -> list[Coupling]:
-        family, result = self.family, []
+        stack, result = self.stack, []
+        prefix = f"{stack.name} " if stack.name else ""
         for index, layer in enumerate(self._modules.values()):
             params = tuple(p for p in layer.parameters() if p.requires_grad)
-            F = _make_block(self.variant.F, family, layer)
-            G = _make_block(self.variant.G, family, layer)
-            result.append(Coupling(F, G, params, f"layer {index}"))
+            F = _make_block(self.variant.F, stack, layer)
+            G = _make_block(self.variant.G, stack, layer)
+            result.append(Coupling(F, G, params, f"{prefix}layer {index}"))
         return result
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
@@ -202,27 +204,28 @@ def install_meft(model: nn.Module, config, trainable_modules: tuple[str, ...] = 
     family = family_for(config.plm_model_type)
     variant = VARIANTS[config.variant]
     base = model.base_model
-    owner_path, attribute = family.layers.rpartition(".")[::2]
-    owner = base.get_submodule(owner_path) if owner_path else base
-    layers = getattr(owner, attribute)
-    for layer in layers:
-        layer.meft = nn.ModuleDict(
-            {
-                name: MeftAdapter(
-                    config.hidden_size,
-                    config.adapter_dim,
-                    family.activation(config),
-                    family.dropout(config),
-                    init=config.adapter_init,
-                    init_std=config.adapter_init_std,
-                )
-                for name in variant.adapters
-            }
-        )
-    setattr(owner, attribute, MeftLayers(layers, family, config))
-    hook = _OwnerHook(attribute)
-    owner.register_forward_pre_hook(hook.enter)
-    owner.register_forward_hook(hook.exit, always_call=True)
+    for index, stack in enumerate(family.stacks):
+        owner_path, attribute = stack.layers.rpartition(".")[::2]
+        owner = base.get_submodule(owner_path) if owner_path else base
+        layers = getattr(owner, attribute)
+        for layer in layers:
+            layer.meft = nn.ModuleDict(
+                {
+                    name: MeftAdapter(
+                        config.hidden_size,
+                        config.adapter_dim,
+                        family.activation(config),
+                        family.dropout(config),
+                        init=config.adapter_init,
+                        init_std=config.adapter_init_std,
+                    )
+                    for name in variant.adapters
+                }
+            )
+        setattr(owner, attribute, MeftLayers(layers, family, index, config))
+        hook = _OwnerHook(attribute)
+        owner.register_forward_pre_hook(hook.enter)
+        owner.register_forward_hook(hook.exit, always_call=True)
     freeze_plm(model, trainable_modules)
 
 
@@ -265,8 +268,13 @@ class MeftModelMixin:
             super()._init_weights(module)
 
     @property
+    def meft_stacks(self) -> list[MeftLayers]:
+        """The reversible layer lists: one, or an encoder's and a decoder's."""
+        return [m for m in self.modules() if isinstance(m, MeftLayers)]
+
+    @property
     def meft_layers(self) -> MeftLayers:
-        return next(m for m in self.modules() if isinstance(m, MeftLayers))
+        return self.meft_stacks[0]
 
     @contextlib.contextmanager
     def meft_backward(self, mode: str):
@@ -274,12 +282,15 @@ class MeftModelMixin:
         through the same couplings: the reference for gradients, and a debugging aid)."""
         if mode not in BACKWARD_MODES:
             raise ValueError(f"mode must be one of {BACKWARD_MODES}, got {mode!r}")
-        layers = self.meft_layers
-        previous, layers.backward_mode = layers.backward_mode, mode
+        stacks = self.meft_stacks
+        previous = [stack.backward_mode for stack in stacks]
+        for stack in stacks:
+            stack.backward_mode = mode
         try:
             yield self
         finally:
-            layers.backward_mode = previous
+            for stack, mode_before in zip(stacks, previous):
+                stack.backward_mode = mode_before
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts."""

@@ -53,7 +53,8 @@ def test_blocks_recompose_the_library_layer_bitwise(case, training):
     base = getattr(transformers, base_class)(config)
     base.train(training)
     family = family_for(config.model_type)
-    layers = base.get_submodule(family.layers)
+    stack = family.stacks[0]
+    layers = base.get_submodule(stack.layers)
     hidden, args = _layer_call(base, family, layers)
     for layer in layers:
         with torch.random.fork_rng():
@@ -61,7 +62,7 @@ def test_blocks_recompose_the_library_layer_bitwise(case, training):
             expected = layer(hidden, **args)
         with torch.random.fork_rng():
             torch.manual_seed(7)
-            got = family.mlp(layer, family.attention(layer, hidden, args, None), None)
+            got = stack.mlp(layer, stack.attention(layer, hidden, args, None), None)
         assert torch.equal(expected, got)
         hidden = expected
 
