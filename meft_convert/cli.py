@@ -67,7 +67,7 @@ def _type_of(f):
     if f.metadata.get("scale"):
         return ScaleType()
     if annotation.startswith("int"):
-        return click.IntRange(min=0) if f.name == "reversible_layers" else int
+        return {"reversible_layers": click.IntRange(min=0), "num_labels": click.IntRange(min=1)}.get(f.name, int)
     if annotation.startswith("float"):
         return float
     if annotation.startswith("Path"):

@@ -32,6 +32,15 @@ from .templates.modeling_meft import model_class_for
 from .verify import quiet_transformers, verify_conversion
 from .weights import SourceWeights, copy_if_present, find_weights, write_weights
 
+# --task values and the Auto class whose head each one means
+TASKS = {
+    "base": "AutoModel",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "masked-lm": "AutoModelForMaskedLM",
+    "causal-lm": "AutoModelForCausalLM",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
+}
 TEMPLATE_FILES = ("configuration_meft.py", "modeling_meft.py", "families.py", "reversible.py", "adapters.py")
 EXTRA_FILES = [
     "tokenizer.json",
@@ -72,6 +81,17 @@ class ConvertOptions:
             "meft3: F = attention block, G = MLP block (λ=β=0.1).",
             choices=("meft1", "meft2", "meft3"),
         ),
+    )
+    task: str | None = field(
+        default=None,
+        metadata=_option(
+            "The head the result's `architectures` names, so that its pipeline and Auto class pick it "
+            "(default: the head the original declares). Every head the family has is loadable anyway.",
+            choices=tuple(TASKS),
+        ),
+    )
+    num_labels: int | None = field(
+        default=None, metadata=_option("Number of labels of a sequence-classification head.", metavar="N")
     )
     adapter_dim: int = field(default=8, metadata=_option("Bottleneck width r of the adapters (d → r → d)."))
     lambda_: float | None = field(
@@ -186,8 +206,16 @@ def _layer_prefix(keys, family: Family) -> str | None:
     return None
 
 
-def _architecture(family: Family, declared: list[str] | None) -> tuple[str, str]:
-    """(auto class, library class) to convert: the one the original declares if MEFT has it."""
+def _architecture(family: Family, declared: list[str] | None, task: str | None, keys) -> tuple[str, str]:
+    """(auto class, library class) the result declares: the task's, or the original's if MEFT has it."""
+    if task is not None:
+        head = family.heads.get(TASKS[task])
+        if head is None:
+            available = ", ".join(t for t, auto in TASKS.items() if auto in family.heads)
+            raise BadInputError(f"{family.model_type} models have no {task} head; their tasks: {available}")
+        if head.requires_keys and not any(head.requires_keys in k for k in keys):
+            raise BadInputError(f"the checkpoint has no pretrained {task} head ({head.requires_keys}*) to keep")
+        return TASKS[task], head.library_class
     for name in declared or []:
         for auto_class, head in family.heads.items():
             if head.library_class == name:
@@ -202,7 +230,11 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     reason = family.unsupported(plm_config)
     if reason:
         raise BadInputError(reason)
-    auto_class, library_class = _architecture(family, plm_config.architectures)
+    if options.num_labels is not None:
+        if options.num_labels < 1:
+            raise BadInputError(f"--num-labels must be at least 1, got {options.num_labels}")
+        plm_config.num_labels = options.num_labels
+    auto_class, library_class = _architecture(family, plm_config.architectures, options.task, weights.tensors)
     heads = [a for a, h in family.heads.items() if h.requires_keys is None or any(h.requires_keys in k for k in weights.tensors)]
     if auto_class not in heads:
         heads.append(auto_class)
@@ -213,8 +245,9 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     clash = sorted(set(values) & set(settings))
     if clash:
         raise BadInputError(f"the model's config already has keys MEFT uses: {clash}")
-    if values.get("layerdrop", 0):
-        values["layerdrop"] = 0.0  # dropping whole layers would skip the whole reversible stack
+    for key in values:
+        if key.endswith("layerdrop"):
+            values[key] = 0.0  # dropping a layer would skip the whole reversible stack
     config_class = config_class_for(family)
     try:
         config = config_class(**values, **settings)

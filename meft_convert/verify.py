@@ -34,7 +34,7 @@ SENTENCES = [
     "Hello world!",
 ]
 GRADIENT_TOLERANCE = 1e-6  # relative, for exact mode; summation order may differ in some kernels
-LM_HEADS = ("AutoModelForCausalLM", "AutoModelForMaskedLM")
+LM_HEADS = ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM")
 
 
 @dataclass
@@ -178,7 +178,7 @@ def _fidelity(reference, converted, mask: torch.Tensor) -> Fidelity:
 
 
 def _training_loss(model, inputs, lm_auto_class: str | None, seed: int) -> torch.Tensor:
-    if lm_auto_class == "AutoModelForCausalLM":
+    if lm_auto_class in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM"):
         labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
         return model(**inputs, labels=labels).loss
     hidden = model.base_model(**inputs).last_hidden_state

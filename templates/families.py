@@ -99,7 +99,29 @@ BERT = Family(
     heads={
         "AutoModel": Head("BertModel"),
         "AutoModelForSequenceClassification": Head("BertForSequenceClassification", trainable=("classifier",)),
+        "AutoModelForQuestionAnswering": Head("BertForQuestionAnswering", trainable=("qa_outputs",)),
         "AutoModelForMaskedLM": Head("BertForMaskedLM", requires_keys="cls.predictions."),
+    },
+    unsupported=_bert_unsupported,
+)
+
+
+# --------------------------------------------------------------------------------- RoBERTa
+# BERT's layers under other names of classes; RoBERTa's position ids (offset by the padding
+# index) are made by its embeddings, which MEFT leaves alone.
+
+ROBERTA = Family(
+    model_type="roberta",
+    config_class="RobertaConfig",
+    stacks=(Stack("encoder.layer", _bert_attention, _bert_mlp),),
+    norm="post",
+    activation=lambda config: config.hidden_act,
+    dropout=lambda config: config.hidden_dropout_prob,
+    heads={
+        "AutoModel": Head("RobertaModel"),
+        "AutoModelForSequenceClassification": Head("RobertaForSequenceClassification", trainable=("classifier",)),
+        "AutoModelForQuestionAnswering": Head("RobertaForQuestionAnswering", trainable=("qa_outputs",)),
+        "AutoModelForMaskedLM": Head("RobertaForMaskedLM", requires_keys="lm_head."),
     },
     unsupported=_bert_unsupported,
 )
@@ -149,6 +171,86 @@ OPT = Family(
     heads={
         "AutoModel": Head("OPTModel"),
         "AutoModelForCausalLM": Head("OPTForCausalLM"),
+        "AutoModelForSequenceClassification": Head("OPTForSequenceClassification", trainable=("score",)),
+    },
+)
+
+
+# ------------------------------------------------------------------------------------ BART
+# Encoder-decoder, post-LN, both stacks reversible. A decoder layer's attention block is its
+# self-attention and then its cross-attention (each with residual, dropout and norm); the
+# adapter of MEFT3 sits on the last of them. The encoder's output reaches every decoder
+# layer as a routed argument, so the decoder's backward hands its gradient to the encoder.
+
+
+def _cache_args(args: dict) -> dict:
+    return {k: v for k, v in args.items() if k in ("cache", "past_key_values")}
+
+
+def _bart_extra_args(args: dict) -> dict:
+    return _without(
+        args, "attention_mask", "encoder_hidden_states", "encoder_attention_mask", "use_cache", "cache", "past_key_values"
+    )
+
+
+def _bart_encoder_attention(layer, x, args, adapter):
+    h, _ = layer.self_attn(x, attention_mask=args.get("attention_mask"), **_bart_extra_args(args))
+    h = nn.functional.dropout(h, p=layer.dropout, training=layer.training)
+    if adapter is not None:
+        h = h + adapter(h)
+    return layer.self_attn_layer_norm(x + h)
+
+
+def _bart_ffn(layer, x, adapter):
+    h = nn.functional.dropout(layer.activation_fn(layer.fc1(x)), p=layer.activation_dropout, training=layer.training)
+    h = nn.functional.dropout(layer.fc2(h), p=layer.dropout, training=layer.training)
+    if adapter is not None:
+        h = h + adapter(x)
+    return layer.final_layer_norm(x + h)
+
+
+def _bart_encoder_mlp(layer, x, adapter):
+    h = _bart_ffn(layer, x, adapter)
+    if h.dtype == torch.float16 and not torch.isfinite(h).all():  # as BartEncoderLayer does
+        clamp = torch.finfo(h.dtype).max - 1000
+        h = torch.clamp(h, min=-clamp, max=clamp)
+    return h
+
+
+def _bart_decoder_attention(layer, x, args, adapter):
+    cache, extra = _cache_args(args), _bart_extra_args(args)
+    h, _ = layer.self_attn(x, attention_mask=args.get("attention_mask"), **cache, **extra)
+    h = nn.functional.dropout(h, p=layer.dropout, training=layer.training)
+    encoder_states = args.get("encoder_hidden_states")
+    if encoder_states is None:
+        if adapter is not None:
+            h = h + adapter(h)
+        return layer.self_attn_layer_norm(x + h)
+    h = layer.self_attn_layer_norm(x + h)
+    c, _ = layer.encoder_attn(
+        h, key_value_states=encoder_states, attention_mask=args.get("encoder_attention_mask"), **cache, **extra
+    )
+    c = nn.functional.dropout(c, p=layer.dropout, training=layer.training)
+    if adapter is not None:
+        c = c + adapter(c)
+    return layer.encoder_attn_layer_norm(h + c)
+
+
+BART = Family(
+    model_type="bart",
+    config_class="BartConfig",
+    stacks=(
+        Stack("encoder.layers", _bart_encoder_attention, _bart_encoder_mlp, name="encoder"),
+        Stack("decoder.layers", _bart_decoder_attention, _bart_ffn, name="decoder"),
+    ),
+    norm="post",
+    activation=lambda config: config.activation_function,
+    dropout=lambda config: config.dropout,
+    heads={
+        "AutoModel": Head("BartModel"),
+        "AutoModelForSeq2SeqLM": Head("BartForConditionalGeneration"),
+        "AutoModelForSequenceClassification": Head("BartForSequenceClassification", trainable=("classification_head",)),
+        "AutoModelForQuestionAnswering": Head("BartForQuestionAnswering", trainable=("qa_outputs",)),
     },
 )
 
@@ -254,7 +356,7 @@ def register_family(family: Family) -> None:
     FAMILIES[family.model_type] = family
 
 
-for _family in (BERT, OPT, LLAMA, MISTRAL, QWEN2, GPT2):
+for _family in (BERT, ROBERTA, BART, OPT, LLAMA, MISTRAL, QWEN2, GPT2):
     register_family(_family)
 
 

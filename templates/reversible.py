@@ -424,19 +424,20 @@ class _ReversibleStack(torch.autograd.Function):
         param_grads: list = [None] * len(run.param_list)
         checksums = []
 
-        def grads_of(out, leaf, grad_out, params):
-            """Pushes grad_out through a recomputed block; accumulates routed and parameter grads."""
+        def grads_of(out, leaf, grad_out, params, layer_routed_grads):
+            """Pushes grad_out through a recomputed block: parameter gradients are accumulated,
+            routed ones collected for the layer, and the gradient of the block's input returned."""
             if grad_out is None:
                 return None
             grads = torch.autograd.grad(out, [leaf, *routed_leaves, *params], grad_out.to(out.dtype), allow_unused=True)
             for i, g in enumerate(grads[1 : 1 + len(routed_leaves)]):
-                routed_grads[i] = _add(routed_grads[i], g)
+                layer_routed_grads[i] = _add(layer_routed_grads[i], g)
             for p, g in zip(params, grads[1 + len(routed_leaves) :]):
                 j = param_index[id(p)]
                 param_grads[j] = _add(param_grads[j], g)
             return grads[0]
 
-        def undo_half_step(block, rng, block_input, y, packed, scale, dy, params):
+        def undo_half_step(block, rng, block_input, y, packed, scale, dy, params, layer_routed_grads):
             """For y = scale·x + block(input): recompute the block as in forward, rebuild x, and
             return x, its value, its sum, (∂block/∂input)ᵀ·dy and ∂y/∂x·dy = scale·dy."""
             if rng is not None:
@@ -450,7 +451,7 @@ class _ReversibleStack(torch.autograd.Function):
             else:
                 x = value = (y - out.detach().to(sd)) / scale
                 total = None
-            return x, value, total, grads_of(out, leaf, dy, params), _scaled(dy, scale)
+            return x, value, total, grads_of(out, leaf, dy, params, layer_routed_grads), _scaled(dy, scale)
 
         device_ids = run.records[0].rng_f.device_ids if run.record_rng and run.records else []
         device_type = run.autocast.device_type if run.autocast.device_type != "cpu" else "cuda"
@@ -461,16 +462,20 @@ class _ReversibleStack(torch.autograd.Function):
                 if s.swap:  # undo the swap that followed this layer
                     y1, w1, dy1, y2, w2, dy2 = y2, w2, dy2, y1, w1, dy1
                 params = list(c.params)
+                # a routed tensor's gradient is summed within the layer first, then across layers,
+                # as plain autograd sums it (through one view of it per layer)
+                layer_routed_grads: list = [None] * len(routed_leaves)
                 # y2 = β·x2 + G(y1): rebuild x2, then dy1 += (∂G/∂y1)ᵀ·dy2
                 x2, v2, sum2, dy1_from_g, dx2 = undo_half_step(
-                    c.G, rec.rng_g, w1, y2, remainders[2 * idx + 1], s.beta, dy2, params
+                    c.G, rec.rng_g, w1, y2, remainders[2 * idx + 1], s.beta, dy2, params, layer_routed_grads
                 )
                 dy1 = _add(dy1, dy1_from_g)
                 # y1 = λ·x1 + F(x2): rebuild x1, then dx2 = β·dy2 + (∂F/∂x2)ᵀ·dy1 and dx1 = λ·dy1
                 x1, v1, sum1, dx2_from_f, dx1 = undo_half_step(
-                    c.F, rec.rng_f, v2, y1, remainders[2 * idx], s.lambda_, dy1, params
+                    c.F, rec.rng_f, v2, y1, remainders[2 * idx], s.lambda_, dy1, params, layer_routed_grads
                 )
                 dx2 = _add(dx2, dx2_from_f)
+                routed_grads = [_add(total, g) for total, g in zip(routed_grads, layer_routed_grads)]
                 if run.trace is not None:
                     run.trace.append(("backward", c.name, x1.clone(), x2.clone()))
                 if rec.checksum is not None:
@@ -554,11 +559,19 @@ class _ExactCouple(torch.autograd.Function):
         return grad * ctx.scale, grad.to(ctx.block_dtype), None, None, None, None, None
 
 
-def _vanilla_layers(couplings, s: CouplingSettings, routed, cd, x1v, x2v, x1i=None, x2i=None):
+def _per_layer_views(routed: dict) -> dict:
+    """Routed tensors that need gradients, seen by each layer through its own view: the layer's
+    uses are summed first, then layer by layer from the top, the order the reversible
+    backward sums them in, so both give the same bits."""
+    return {k: (v.view_as(v) if isinstance(v, torch.Tensor) and v.requires_grad else v) for k, v in routed.items()}
+
+
+def _vanilla_layers(couplings, s: CouplingSettings, routed_for_all, cd, x1v, x2v, x1i=None, x2i=None):
     """The same couplings under ordinary autograd (activations stored). Exact mode computes
     the identical integer forward, so its gradients are the reversible path's oracle."""
     flags: list = []
     for c in couplings:
+        routed = _per_layer_views(routed_for_all)
         f = c.F(_block_input(x2v, cd), routed)
         if s.exact:
             y1v, y1i = _ExactCouple.apply(x1v, f, x1i, s.lambda_, s.lambda_m, s.frac_bits, flags)

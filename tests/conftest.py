@@ -41,6 +41,14 @@ SHRINK = {
     "mistral": dict(_LLAMA_LIKE, sliding_window=4),
     "qwen2": dict(_LLAMA_LIKE, max_window_layers=2),
     "gpt2": dict(n_embd=32, n_head=4, n_layer=2, n_positions=128, n_ctx=128, vocab_size=1000, bos_token_id=1, eos_token_id=2),
+    "roberta": dict(
+        hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=66,
+        vocab_size=1000,
+    ),
+    "bart": dict(
+        d_model=32, encoder_layers=2, decoder_layers=2, num_hidden_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, vocab_size=1000,
+    ),
 }
 
 
@@ -79,6 +87,8 @@ TINY = {
     "mistral": ("mistral-7b-v0.1", {}, torch.bfloat16, False),
     "qwen2": ("qwen2-0.5b", {}, torch.bfloat16, False),
     "gpt2": ("gpt2", {}, torch.float32, False),
+    "roberta": ("roberta-base", {}, torch.float32, False),
+    "bart": ("bart-base", {}, torch.float32, False),
 }
 
 

@@ -38,7 +38,8 @@ def test_defaults(calls):
 
 def test_every_option_reaches_convert(calls):
     result = invoke(
-        "facebook/opt-1.3b", "--output", "o", "--variant", "meft1", "--adapter-dim", 16, "--lambda", "1/1024",
+        "facebook/opt-1.3b", "--output", "o", "--variant", "meft1", "--task", "sequence-classification",
+        "--num-labels", 3, "--adapter-dim", 16, "--lambda", "1/1024",
         "--beta", "2^-6", "--init-std", 0.01, "--adapter-init", "zero", "--reversible-layers", 3,
         "--output-stream", "mean", "--no-exact", "--revision", "v1", "--seed", 7, "--force", "--no-verify",
         "--allow-pickle", "--push-to-hub", "me/opt-meft", "--private",
@@ -46,7 +47,8 @@ def test_every_option_reaches_convert(calls):
     assert result.exit_code == 0, result.output
     assert calls == [
         ConvertOptions(
-            model="facebook/opt-1.3b", output=Path("o"), variant="meft1", adapter_dim=16, lambda_=1 / 1024, beta=2.0**-6,
+            model="facebook/opt-1.3b", output=Path("o"), variant="meft1", task="sequence-classification", num_labels=3,
+            adapter_dim=16, lambda_=1 / 1024, beta=2.0**-6,
             init_std=0.01, adapter_init="zero", reversible_layers=3, output_stream="mean", exact=False, revision="v1",
             seed=7, force=True, verify=False, allow_pickle=True, push_to_hub="me/opt-meft", private=True,
         )
@@ -68,6 +70,8 @@ def test_scales_accept_fractions_and_powers(calls, text, value):
         ("m", "-o", "o", "--lambda", "a tenth"),
         ("m", "-o", "o", "--lambda", "1/0"),
         ("m", "-o", "o", "--reversible-layers", "-1"),
+        ("m", "-o", "o", "--task", "translation"),
+        ("m", "-o", "o", "--num-labels", "0"),
         ("m", "-o", "o", "--output-stream", "x1"),
         ("m", "-o", "o", "--no-such-flag"),
     ],
@@ -115,7 +119,7 @@ def test_interrupt_exits_130(monkeypatch):
 def test_help_teaches():
     result = invoke("--help")
     assert result.exit_code == 0
-    for text in ("trust_remote_code=True", "--variant", "meft1", "--lambda", "1/1024", "HF_HUB_OFFLINE", "bert, gpt2, llama, mistral, opt, qwen2", "--force"):
+    for text in ("trust_remote_code=True", "--variant", "meft1", "--lambda", "1/1024", "HF_HUB_OFFLINE", "bart, bert, gpt2, llama, mistral, opt, qwen2, roberta", "--force", "--task"):
         assert text in result.output
 
 
@@ -131,3 +135,12 @@ def test_real_conversion_exits_0(tiny_checkpoints, tmp_path):
     result = invoke(tiny_checkpoints["opt-125m"], "-o", tmp_path / "out", "--variant", "meft2")
     assert result.exit_code == 0, result.output
     assert "bit-exact" in result.output and "passed" in result.output and (tmp_path / "out" / "config.json").is_file()
+
+
+def test_real_missing_head_exits_2(tiny_checkpoints, tmp_path):
+    result = invoke(tiny_checkpoints["opt-125m"], "-o", tmp_path / "out", "--task", "masked-lm")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "Error: opt models have no masked-lm head; their tasks: base, sequence-classification, causal-lm"
+    ]
+    assert not (tmp_path / "out").exists()

@@ -22,13 +22,16 @@ from meft_convert.errors import BadInputError, VerificationError
 from tests.conftest import source
 
 VARIANTS = ["meft1", "meft2", "meft3"]
-CHECKPOINTS = ["minilm", "bert", "opt-125m", "opt-350m", "llama", "mistral", "qwen2", "gpt2"]
-MODEL_TYPES = {"minilm": "bert", "bert": "bert", "opt-125m": "opt", "opt-350m": "opt", "llama": "llama", "mistral": "mistral",
-               "qwen2": "qwen2", "gpt2": "gpt2"}
-DECODER_HEADS = {"AutoModelForCausalLM", "AutoModelForSequenceClassification"}
-ARCHITECTURES = {"minilm": "MeftBertModel", "bert": "MeftBertForMaskedLM", "opt-125m": "MeftOPTForCausalLM",
-                 "opt-350m": "MeftOPTForCausalLM", "llama": "MeftLlamaForCausalLM", "mistral": "MeftMistralForCausalLM",
-                 "qwen2": "MeftQwen2ForCausalLM", "gpt2": "MeftGPT2LMHeadModel"}
+CHECKPOINTS = ["minilm", "bert", "roberta", "bart", "opt-125m", "opt-350m", "llama", "mistral", "qwen2", "gpt2"]
+MODEL_TYPES = {"minilm": "bert", "bert": "bert", "roberta": "roberta", "bart": "bart", "opt-125m": "opt", "opt-350m": "opt",
+               "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gpt2": "gpt2"}
+CLS, QA, MLM = "AutoModelForSequenceClassification", "AutoModelForQuestionAnswering", "AutoModelForMaskedLM"
+HEADS = {"minilm": {CLS, QA}, "bert": {CLS, QA, MLM}, "roberta": {CLS, QA, MLM}, "bart": {"AutoModelForSeq2SeqLM", CLS, QA}}
+DECODER_HEADS = {"AutoModelForCausalLM", CLS}
+ARCHITECTURES = {"minilm": "MeftBertModel", "bert": "MeftBertForMaskedLM", "roberta": "MeftRobertaForMaskedLM",
+                 "bart": "MeftBartModel", "opt-125m": "MeftOPTForCausalLM", "opt-350m": "MeftOPTForCausalLM",
+                 "llama": "MeftLlamaForCausalLM", "mistral": "MeftMistralForCausalLM", "qwen2": "MeftQwen2ForCausalLM",
+                 "gpt2": "MeftGPT2LMHeadModel"}
 
 
 def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
@@ -54,7 +57,8 @@ def test_conversion_writes_a_verified_checkpoint(name, variant, converted, tiny_
         assert torch.equal(written[key].view(torch.uint8), tensor.view(torch.uint8)), key
     added = set(written) - set(original)
     adapters = {"meft1": ("ffn", "coupling"), "meft2": ("coupling", "ffn"), "meft3": ("attn", "ffn")}[variant]
-    layers = transformers.AutoConfig.from_pretrained(out, trust_remote_code=True).num_hidden_layers
+    config = transformers.AutoConfig.from_pretrained(out, trust_remote_code=True)
+    layers = config.encoder_layers + config.decoder_layers if name == "bart" else config.num_hidden_layers
     assert len(added) == layers * len(adapters) * 4 and all(".meft." in key for key in added)
     assert {key.split(".meft.")[1].split(".")[0] for key in added} == set(adapters)
     plm_dtype = next(t.dtype for k, t in original.items() if ".0." in k and t.is_floating_point())
@@ -64,18 +68,15 @@ def test_conversion_writes_a_verified_checkpoint(name, variant, converted, tiny_
     assert config["model_type"] == "meft_" + MODEL_TYPES[name]
     assert config["variant"] == variant and config["exact"] is True and config["output_stream"] == "plm"
     assert set(config["auto_map"]) >= {"AutoConfig", "AutoModel"}
-    expected_heads = {
-        "minilm": {"AutoModelForSequenceClassification"},
-        "bert": {"AutoModelForSequenceClassification", "AutoModelForMaskedLM"},
-        "opt-125m": {"AutoModelForCausalLM"},
-        "opt-350m": {"AutoModelForCausalLM"},
-    }.get(name, DECODER_HEADS)
+    expected_heads = HEADS.get(name, DECODER_HEADS)
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModel"} | expected_heads
     assert config["architectures"] == [ARCHITECTURES[name]]
     for file in TEMPLATE_FILES:
         assert (out / file).read_bytes() == (Path(convert_module.__file__).parent.parent / "templates" / file).read_bytes()
     if name in ("minilm", "bert"):
         assert (out / "tokenizer.json").is_file() and (out / "vocab.txt").is_file()
+    if name == "bart":  # both stacks are reversible and were rebuilt exactly
+        assert {r["layer"].split()[0] for r in report["reconstruction"]} == {"encoder", "decoder"}
     assert "trust_remote_code=True" in (out / "README.md").read_text()
     assert not list(out.parent.glob(".*partial"))
 
@@ -200,7 +201,7 @@ def test_unknown_model_type_lists_supported_types(tmp_path):
     (folder / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
     save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"), metadata={"format": "pt"})
     _fails(ConvertOptions(model=str(folder), output=tmp_path / "out"),
-           match="'gpt_neox' is not supported; supported: bert, gpt2, llama, mistral, opt, qwen2")
+           match="'gpt_neox' is not supported; supported: bart, bert, gpt2, llama, mistral, opt, qwen2, roberta")
 
 
 def test_already_converted_checkpoint_is_refused(converted, tmp_path):
@@ -304,3 +305,39 @@ def test_meft2_with_a_small_lambda_is_warned_about(tiny_checkpoints, tmp_path):
                              lambda_=0.5, verify=False, show_progress=False)
     convert(options, log=messages.append)
     assert any(m.startswith("warning: in MEFT2, lambda scales") for m in messages)
+
+
+@pytest.mark.parametrize(
+    "name,task,architecture",
+    [
+        ("minilm", "sequence-classification", "MeftBertForSequenceClassification"),
+        ("bert", "question-answering", "MeftBertForQuestionAnswering"),
+        ("roberta", "base", "MeftRobertaModel"),
+        ("bart", "seq2seq-lm", "MeftBartForConditionalGeneration"),
+        ("opt-125m", "sequence-classification", "MeftOPTForSequenceClassification"),
+    ],
+)
+def test_task_chooses_the_declared_head(name, task, architecture, tiny_checkpoints, minilm, tmp_path):
+    options = ConvertOptions(model=str(source(name, tiny_checkpoints, minilm)), output=tmp_path / "o", task=task,
+                             num_labels=5 if task == "sequence-classification" else None, show_progress=False)
+    out = convert(options, log=lambda _: None)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == [architecture]
+    assert json.loads((out / "meft_report.json").read_text())["passed"]
+    if task == "sequence-classification":
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True)
+        assert model.config.num_labels == 5
+        trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad and ".meft." not in n}
+        assert trainable == {"classifier" if name == "minilm" else "score"}
+
+
+@pytest.mark.parametrize(
+    "name,task,match",
+    [
+        ("opt-125m", "masked-lm", "opt models have no masked-lm head; their tasks: base, sequence-classification, causal-lm"),
+        ("bert", "causal-lm", "bert models have no causal-lm head"),
+        ("minilm", "masked-lm", r"the checkpoint has no pretrained masked-lm head \(cls.predictions.\*\)"),
+    ],
+)
+def test_a_head_the_model_lacks_is_refused(name, task, match, tiny_checkpoints, minilm, tmp_path):
+    _fails(ConvertOptions(model=str(source(name, tiny_checkpoints, minilm)), output=tmp_path / "o", task=task), match=match)

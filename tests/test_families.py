@@ -19,6 +19,8 @@ CASES = {
     "mistral (sliding window)": ("mistral-7b-v0.1", "MistralModel"),
     "qwen2": ("qwen2-0.5b", "Qwen2Model"),
     "gpt2": ("gpt2", "GPT2Model"),
+    "roberta": ("roberta-base", "RobertaModel"),
+    "bart (encoder and decoder)": ("bart-base", "BartModel"),
 }
 
 
@@ -53,18 +55,18 @@ def test_blocks_recompose_the_library_layer_bitwise(case, training):
     base = getattr(transformers, base_class)(config)
     base.train(training)
     family = family_for(config.model_type)
-    stack = family.stacks[0]
-    layers = base.get_submodule(stack.layers)
-    hidden, args = _layer_call(base, family, layers)
-    for layer in layers:
-        with torch.random.fork_rng():
-            torch.manual_seed(7)
-            expected = layer(hidden, **args)
-        with torch.random.fork_rng():
-            torch.manual_seed(7)
-            got = stack.mlp(layer, stack.attention(layer, hidden, args, None), None)
-        assert torch.equal(expected, got)
-        hidden = expected
+    for stack in family.stacks:
+        layers = base.get_submodule(stack.layers)
+        hidden, args = _layer_call(base, family, layers)
+        for layer in layers:
+            with torch.random.fork_rng():
+                torch.manual_seed(7)
+                expected = layer(hidden, **args)
+            with torch.random.fork_rng():
+                torch.manual_seed(7)
+                got = stack.mlp(layer, stack.attention(layer, hidden, args, None), None)
+            assert torch.equal(expected, got)
+            hidden = expected
 
 
 def test_unknown_model_type_lists_the_supported_ones():

@@ -19,8 +19,13 @@ from tests.conftest import real_config
 from tests.test_reversible import _SavedTracker
 
 HEADS = {
-    "bert": ("bert-base-uncased", ["AutoModel", "AutoModelForSequenceClassification", "AutoModelForMaskedLM"]),
-    "opt-125m": ("opt-125m", ["AutoModel", "AutoModelForCausalLM"]),
+    "bert": ("bert-base-uncased", ["AutoModel", "AutoModelForSequenceClassification", "AutoModelForMaskedLM",
+                                   "AutoModelForQuestionAnswering"]),
+    "roberta": ("roberta-base", ["AutoModel", "AutoModelForSequenceClassification", "AutoModelForMaskedLM",
+                                 "AutoModelForQuestionAnswering"]),
+    "bart": ("bart-base", ["AutoModel", "AutoModelForSeq2SeqLM", "AutoModelForSequenceClassification",
+                           "AutoModelForQuestionAnswering"]),
+    "opt-125m": ("opt-125m", ["AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"]),
     "opt-350m": ("opt-350m", ["AutoModelForCausalLM"]),
     "llama": ("tinyllama-1.1b", ["AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"]),
     "mistral": ("mistral-7b-v0.1", ["AutoModelForCausalLM"]),
@@ -48,12 +53,16 @@ def batch(vocab: int = 1000):
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     mask[2, 3:] = 0
+    ids[0, 8], ids[1, 5], ids[2, 2] = 2, 2, 2  # one end-of-sequence token per row: BART's classifier reads it
     return ids, mask
 
 
 def loss_of(model, auto_class, ids, mask):
-    if auto_class == "AutoModelForCausalLM":
+    if auto_class in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM"):
         return model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    if auto_class == "AutoModelForQuestionAnswering":
+        positions = torch.tensor([1, 2, 0], device=ids.device)
+        return model(input_ids=ids, attention_mask=mask, start_positions=positions, end_positions=positions + 1).loss
     if auto_class == "AutoModelForSequenceClassification":
         return model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1], device=ids.device)).loss
     if auto_class == "AutoModelForMaskedLM":

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import run_without_meft_convert, source
 
-CHECKPOINTS = ["minilm", "bert", "opt-125m", "opt-350m", "llama", "mistral", "qwen2", "gpt2"]
+CHECKPOINTS = ["minilm", "bert", "roberta", "bart", "opt-125m", "opt-350m", "llama", "mistral", "qwen2", "gpt2"]
 
 SCRIPT = r"""
 import json, sys, tempfile
@@ -78,6 +78,7 @@ def test_every_auto_class_loads_without_meft_convert(standalone_results):
     assert ("minilm-meft3", "AutoModelForSequenceClassification") in loaded
     assert ("bert-meft1", "AutoModelForMaskedLM") in loaded
     assert ("opt-350m-meft2", "AutoModelForCausalLM") in loaded
+    assert ("bart-meft3", "AutoModelForSeq2SeqLM") in loaded and ("roberta-meft1", "AutoModelForQuestionAnswering") in loaded
     for r in standalone_results:
         assert r["cls"].startswith("Meft") and r["module"].startswith("transformers_modules."), r
 
@@ -87,6 +88,9 @@ def test_loaded_models_keep_the_starting_point_and_train_exactly(standalone_resu
         assert r["cosine_min"] > 0.5, r  # paper defaults: near, not equal (see the verification reports)
         assert r["grads_equal"] and r["n_grads"] > 0, r
         # after from_pretrained only the adapters and a new task head train
-        head = {"AutoModelForSequenceClassification": ("classifier.", "score.")}.get(r["auto"], ())
+        head = {
+            "AutoModelForSequenceClassification": ("classifier.", "score.", "classification_head."),
+            "AutoModelForQuestionAnswering": ("qa_outputs.",),
+        }.get(r["auto"], ())
         assert r["trainable"] and all(".meft." in n or n.startswith(head) for n in r["trainable"]), r
         assert r["reload_same"], r
