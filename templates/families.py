@@ -89,42 +89,28 @@ def _bert_unsupported(config):
     return None
 
 
-BERT = Family(
-    model_type="bert",
-    config_class="BertConfig",
-    stacks=(Stack("encoder.layer", _bert_attention, _bert_mlp),),
-    norm="post",
-    activation=lambda config: config.hidden_act,
-    dropout=lambda config: config.hidden_dropout_prob,
-    heads={
-        "AutoModel": Head("BertModel"),
-        "AutoModelForSequenceClassification": Head("BertForSequenceClassification", trainable=("classifier",)),
-        "AutoModelForQuestionAnswering": Head("BertForQuestionAnswering", trainable=("qa_outputs",)),
-        "AutoModelForMaskedLM": Head("BertForMaskedLM", requires_keys="cls.predictions."),
-    },
-    unsupported=_bert_unsupported,
-)
+def _bert_like(model_type: str, prefix: str, mlm_keys: str) -> Family:
+    return Family(
+        model_type=model_type,
+        config_class=f"{prefix}Config",
+        stacks=(Stack("encoder.layer", _bert_attention, _bert_mlp),),
+        norm="post",
+        activation=lambda config: config.hidden_act,
+        dropout=lambda config: config.hidden_dropout_prob,
+        heads={
+            "AutoModel": Head(f"{prefix}Model"),
+            "AutoModelForSequenceClassification": Head(f"{prefix}ForSequenceClassification", trainable=("classifier",)),
+            "AutoModelForQuestionAnswering": Head(f"{prefix}ForQuestionAnswering", trainable=("qa_outputs",)),
+            "AutoModelForMaskedLM": Head(f"{prefix}ForMaskedLM", requires_keys=mlm_keys),
+        },
+        unsupported=_bert_unsupported,
+    )
 
 
-# --------------------------------------------------------------------------------- RoBERTa
-# BERT's layers under other names of classes; RoBERTa's position ids (offset by the padding
-# index) are made by its embeddings, which MEFT leaves alone.
-
-ROBERTA = Family(
-    model_type="roberta",
-    config_class="RobertaConfig",
-    stacks=(Stack("encoder.layer", _bert_attention, _bert_mlp),),
-    norm="post",
-    activation=lambda config: config.hidden_act,
-    dropout=lambda config: config.hidden_dropout_prob,
-    heads={
-        "AutoModel": Head("RobertaModel"),
-        "AutoModelForSequenceClassification": Head("RobertaForSequenceClassification", trainable=("classifier",)),
-        "AutoModelForQuestionAnswering": Head("RobertaForQuestionAnswering", trainable=("qa_outputs",)),
-        "AutoModelForMaskedLM": Head("RobertaForMaskedLM", requires_keys="lm_head."),
-    },
-    unsupported=_bert_unsupported,
-)
+BERT = _bert_like("bert", "Bert", "cls.predictions.")
+# RoBERTa: BERT's layers under other class names; its position ids (offset by the padding
+# index) are made by its embeddings, which MEFT leaves alone
+ROBERTA = _bert_like("roberta", "Roberta", "lm_head.")
 
 
 # ------------------------------------------------------------------------------------- OPT
