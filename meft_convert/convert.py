@@ -419,6 +419,9 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
         log(report.to_text())
     for name in plan.missing:
         log(f"note: {name} is not in the checkpoint; it is initialised when the model loads")
+    if plan.unexpected:
+        shown = ", ".join(plan.unexpected[:5]) + (" ..." if len(plan.unexpected) > 5 else "")
+        log(f"note: {len(plan.unexpected)} tensors of the checkpoint are not used by the model and were kept as they are: {shown}")
     if options.push_to_hub:
         url = push_to_hub(output, options.push_to_hub, private=options.private)
         log(f"Pushed to {url}")

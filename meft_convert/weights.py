@@ -168,14 +168,6 @@ def _nbytes(info: TensorInfo) -> int:
     return count * _DTYPE_BYTES.get(info.dtype, 1)
 
 
-def read_tensor(source: SourceWeights, key: str) -> torch.Tensor:
-    info = source.tensors[key]
-    if source.pickle:
-        return _load_pickle(info.file)[key]
-    with safe_open(str(info.file), framework="pt") as f:
-        return f.get_tensor(key)
-
-
 def copy_if_present(src_folder: Path, dst_folder: Path, names: list[str]) -> list[str]:
     copied = []
     for name in names:

@@ -189,7 +189,9 @@ def _run_kernel(fn, *args):
             return _COMPILED[fn](*args)
         except Exception as e:  # no working compiler here: the eager path computes the same integers
             _COMPILE["enabled"] = False
-            warnings.warn(f"MEFT: torch.compile failed ({type(e).__name__}: {e}); using the slower eager kernels")
+            warnings.warn(
+                f"MEFT: torch.compile failed ({type(e).__name__}: {e}); using the slower eager kernels", stacklevel=2
+            )
     return fn(*args)
 
 
