@@ -41,7 +41,9 @@ TASKS = {
     "causal-lm": "AutoModelForCausalLM",
     "seq2seq-lm": "AutoModelForSeq2SeqLM",
 }
-TEMPLATE_FILES = ("configuration_meft.py", "modeling_meft.py", "families.py", "reversible.py", "adapters.py")
+TEMPLATE_FILES = (
+    "configuration_meft.py", "modeling_meft.py", "families.py", "reversible.py", "adapters.py", "losses.py"
+)
 EXTRA_FILES = [
     "tokenizer.json",
     "tokenizer_config.json",

@@ -37,6 +37,7 @@ def validate_meft_settings(
     exact: bool = True,
     frac_bits: int = 32,
     audit: bool = True,
+    loss_chunk_size: int = 256,
 ) -> dict:
     """Checks MEFT settings and fills λ and β from the variant; returns them as a dict.
     Raises ValueError with a message meant for the user."""
@@ -67,6 +68,8 @@ def validate_meft_settings(
         raise ValueError(f"output_stream must be one of {', '.join(OUTPUT_STREAMS)}, got {output_stream!r}")
     if not (isinstance(frac_bits, int) and 8 <= frac_bits <= 48):
         raise ValueError(f"frac_bits must be an integer in [8, 48], got {frac_bits!r}")
+    if not (isinstance(loss_chunk_size, int) and loss_chunk_size >= 0):
+        raise ValueError(f"loss_chunk_size must be a non-negative integer (0: off), got {loss_chunk_size!r}")
     return dict(
         variant=variant,
         lambda_=lambda_,
@@ -79,6 +82,7 @@ def validate_meft_settings(
         exact=bool(exact),
         frac_bits=frac_bits,
         audit=bool(audit),
+        loss_chunk_size=loss_chunk_size,
     )
 
 
@@ -105,6 +109,8 @@ class MeftConfig:
             float reconstruction, which is approximate.
         frac_bits: fractional bits K of the fixed-point streams.
         audit: compare a checksum of every layer's input with its reconstruction in backward.
+        loss_chunk_size: causal LMs only: in training, the LM head and its loss run on this many
+            tokens at a time, so the full logits never exist (0: the library's loss, all at once).
     """
 
     _plm_config_class: type = None  # set on each family's class

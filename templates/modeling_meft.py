@@ -33,6 +33,7 @@ from torch import nn
 from .adapters import MeftAdapter, init_adapter_projection, is_adapter_projection
 from .configuration_meft import config_class_for
 from .families import FAMILIES, Family, Stack, family_for
+from .losses import ChunkedLossMixin
 from .reversible import Coupling, CouplingSettings, run_stack
 
 
@@ -316,7 +317,9 @@ def model_class_for(family: Family, auto_class: str) -> type:
         library_class = getattr(transformers, head.library_class)
         _MODEL_CLASSES[name] = type(
             name,
-            (MeftModelMixin, library_class),
+            # causal LMs compute their training loss in chunks (losses.py)
+            (MeftModelMixin, ChunkedLossMixin, library_class) if auto_class == "AutoModelForCausalLM"
+            else (MeftModelMixin, library_class),
             {
                 "config_class": config_class,
                 "_meft_trainable_modules": head.trainable,

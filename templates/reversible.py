@@ -296,6 +296,7 @@ class StackRun:
     autocast: _AutocastState | None = None
     routed_grad_keys: tuple = ()
     param_list: list = field(default_factory=list)
+    final_streams: list | None = None  # the top layer's int64 outputs, until backward consumes them
 
     def grad_inputs(self) -> list[torch.Tensor]:
         """Tensors the stack differentiates with respect to, besides the two streams."""
@@ -307,8 +308,8 @@ class StackRun:
         return [self.routed[k] for k in self.routed_grad_keys] + params
 
     def kept_bytes(self) -> int:
-        """Bytes held for backward beside the saved tensors: RNG states and checksums."""
-        total = 0
+        """Bytes held for backward beside the saved tensors: the final streams, RNG states and checksums."""
+        total = sum(t.numel() * t.element_size() for t in self.final_streams or ())
         for rec in self.records:
             for rng in (rec.rng_f, rec.rng_g):
                 if rng is not None:
@@ -397,8 +398,11 @@ class _ReversibleStack(torch.autograd.Function):
             _raise_if_out_of_range(flags, ["the stack input"] + _block_names(run.couplings), s.frac_bits)
         else:
             v1, v2 = x1, x2
+        # the final streams stay outside save_for_backward: backward turns them into the layers'
+        # inputs one layer at a time and lets go of each as soon as the one below is rebuilt
+        run.final_streams = [x1, x2]
         # and the value the top layer's G saw: backward must feed it the very same one
-        ctx.save_for_backward(x1, x2, g_input, *remainders)
+        ctx.save_for_backward(g_input, *remainders)
         ctx.run = run
         ctx.stream_dtype = sd
         # an output nobody used gets None, not zeros: its blocks then contribute no gradient,
@@ -413,7 +417,13 @@ class _ReversibleStack(torch.autograd.Function):
     def backward(ctx, dy1: torch.Tensor | None, dy2: torch.Tensor | None, _di1=None, _di2=None):
         run: StackRun = ctx.run
         s = run.settings
-        y1, y2, g_input, *remainders = ctx.saved_tensors
+        if run.final_streams is None:
+            raise RuntimeError(
+                "MEFT: backward through the same reversible forward a second time is not supported; its streams "
+                "were consumed by the first backward (retain_graph=True cannot keep them). Run the forward again."
+            )
+        (y1, y2), run.final_streams = run.final_streams, None
+        g_input, *remainders = ctx.saved_tensors
         # the top layer's G input, placed where undoing the swap below expects it; the value of
         # y2 is never needed (F's input is rebuilt first)
         w1, w2 = (None, g_input) if s.swap else (g_input, None)
@@ -471,11 +481,13 @@ class _ReversibleStack(torch.autograd.Function):
                 x2, v2, sum2, dy1_from_g, dx2 = undo_half_step(
                     c.G, rec.rng_g, w1, y2, remainders[2 * idx + 1], s.beta, dy2, params, layer_routed_grads
                 )
+                y2 = w2 = None  # rebuilt into x2: two int64 streams alive at a time, not four
                 dy1 = _add(dy1, dy1_from_g)
                 # y1 = λ·x1 + F(x2): rebuild x1, then dx2 = β·dy2 + (∂F/∂x2)ᵀ·dy1 and dx1 = λ·dy1
                 x1, v1, sum1, dx2_from_f, dx1 = undo_half_step(
                     c.F, rec.rng_f, v2, y1, remainders[2 * idx], s.lambda_, dy1, params, layer_routed_grads
                 )
+                y1 = w1 = dy1 = dy2 = None
                 dx2 = _add(dx2, dx2_from_f)
                 routed_grads = [_add(total, g) for total, g in zip(routed_grads, layer_routed_grads)]
                 if run.trace is not None:

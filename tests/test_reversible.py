@@ -283,6 +283,17 @@ def test_saved_bytes_grow_with_depth_by_the_remainders_only():
     assert vanilla8 - vanilla2 > 10 * (saved8 - saved2)
 
 
+def test_a_second_backward_through_one_forward_is_refused(blocks):
+    # backward consumes the final streams as it rebuilds the layers below them
+    x = torch.randn(2, 5, D, requires_grad=True)
+    y1, y2 = R.run_stack(x, couplings(blocks), R.CouplingSettings(0.1, 0.1, False), {}, mode="reversible")
+    assert y1.grad_fn.run.kept_bytes() >= 2 * x.numel() * 8  # two int64 streams
+    (y1.sum() + y2.sum()).backward(retain_graph=True)
+    assert y1.grad_fn.run.final_streams is None
+    with pytest.raises(RuntimeError, match="a second time"):
+        (y1.sum() + y2.sum()).backward()
+
+
 @pytest.mark.slow
 def test_compiled_half_steps_give_the_eager_bits():
     """On CUDA the half-steps run through torch.compile; their integers must be the eager ones."""

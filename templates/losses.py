@@ -1,0 +1,107 @@
+"""The causal-LM loss over chunks of tokens, so that the full logits never exist at once.
+
+At a 50k vocabulary the logits of a batch outweigh every other activation: for 8 × 512
+tokens they are 0.4 GB in bf16, and the loss upcasts them to float32 and keeps their log-softmax
+(0.8 GB more), with as much again for their gradient. Reversible layers make the rest of the
+model small, so this is what would set the peak. Here the head and the cross-entropy run on
+`loss_chunk_size` tokens at a time, each chunk under activation checkpointing (its logits are
+recomputed in backward), and only tokens that have a label are computed at all. The loss and its
+gradient are the library's (`ForCausalLMLoss`): the same shift, ignore index and reduction, summed
+in another order.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch.nn import functional
+from torch.utils.checkpoint import checkpoint
+
+
+def chunked_causal_lm_loss(
+    hidden_states: torch.Tensor,
+    head: torch.nn.Module,
+    labels: torch.Tensor | None,
+    chunk_tokens: int,
+    *,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of head(hidden_states) against the next token, computed chunk by chunk.
+
+    hidden_states: (batch, seq, d), the input of the LM head. labels: (batch, seq), shifted here
+    as the library does unless `shift_labels` is given. The mean is over labelled tokens, or the
+    sum divided by `num_items_in_batch` when given (as Trainer does with gradient accumulation)."""
+    if shift_labels is None:
+        shift_labels = functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    targets = shift_labels.reshape(-1).to(hidden_states.device)
+    flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+    labelled = (targets != ignore_index).nonzero().squeeze(1)
+    total = torch.zeros((), dtype=torch.float32, device=flat.device)
+    for start in range(0, labelled.numel(), chunk_tokens):
+        rows = labelled[start : start + chunk_tokens]
+        total = total + checkpoint(_chunk_loss, flat, rows, targets, head, use_reentrant=False, preserve_rng_state=False)
+    if num_items_in_batch is None:
+        return total / labelled.numel()  # 0 / 0 = NaN without labels, as in the library
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def _chunk_loss(flat: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    logits = head(flat.index_select(0, rows)).float()
+    return functional.cross_entropy(logits, targets.index_select(0, rows), reduction="sum")
+
+
+class ChunkedLossMixin:
+    """For causal-LM heads: when training with labels, compute the loss in chunks
+    (`config.loss_chunk_size` tokens; 0 turns it off). The output's `logits` are then None;
+    evaluation (model.eval()) and generation compute full logits as the library does."""
+
+    def forward(self, *args, **kwargs):
+        chunk = getattr(self.config, "loss_chunk_size", 0)
+        if not (chunk and self.training and torch.is_grad_enabled()):
+            return super().forward(*args, **kwargs)
+        bound = inspect.signature(super().forward).bind_partial(*args, **kwargs)
+        arguments = dict(bound.arguments)
+        arguments.update(arguments.pop("kwargs", {}))
+        labels, shift_labels = arguments.get("labels"), arguments.get("shift_labels")
+        if labels is None and shift_labels is None:
+            return super().forward(*args, **kwargs)
+        return_dict = arguments.pop("return_dict", None)
+        arguments["labels"] = None
+        arguments.pop("shift_labels", None)
+        head = self.get_output_embeddings()
+        captured = []
+
+        def capture(hidden_states: torch.Tensor) -> torch.Tensor:
+            # the library's forward asks the head for logits; keep its input instead and hand
+            # back a tensor of the logits' shape that takes no memory
+            captured.append(hidden_states)
+            shape = (*hidden_states.shape[:-1], head.out_features)
+            return torch.empty(shape, dtype=hidden_states.dtype, device="meta")
+
+        # an instance attribute, as hooks (accelerate's) set one: it is put back afterwards
+        previous = head.__dict__.get("forward")
+        head.forward = capture
+        try:
+            outputs = super().forward(**arguments, return_dict=True)
+        finally:
+            if previous is None:
+                del head.forward
+            else:
+                head.forward = previous
+        loss = chunked_causal_lm_loss(
+            captured[0],
+            head,
+            labels,
+            chunk,
+            num_items_in_batch=arguments.get("num_items_in_batch"),
+            ignore_index=arguments.get("ignore_index", -100),
+            shift_labels=shift_labels,
+        )
+        rest = {key: value for key, value in outputs.items() if key not in ("loss", "logits")}
+        outputs = type(outputs)(loss=loss, **rest)
+        return outputs if return_dict is not False else outputs.to_tuple()
