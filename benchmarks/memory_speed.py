@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import statistics
 import sys
@@ -32,16 +33,29 @@ sys.path.insert(0, str(ROOT))
 from templates.configuration_meft import config_class_for  # noqa: E402
 from templates.families import family_for  # noqa: E402
 from templates.modeling_meft import model_class_for  # noqa: E402
+from templates.losses import ChunkedLossMixin  # noqa: E402
 from templates import reversible  # noqa: E402
+
+LOSS_CHUNK = 256  # tokens per chunk of the causal-LM loss (the converter's default)
 
 SHAPES = {
     "opt-1.3b": dict(config="opt-1.3b", head="AutoModelForCausalLM", batch=8, seq=512, lora=["q_proj", "v_proj"], task_head=()),
+    "opt-1.3b-long": dict(
+        config="opt-1.3b", head="AutoModelForCausalLM", batch=4, seq=2048, lora=["q_proj", "v_proj"], task_head=()
+    ),
     "bert-base": dict(
         config="bert-base-uncased", head="AutoModelForSequenceClassification", batch=32, seq=512,
         lora=["query", "value"], task_head=("classifier",),
     ),
 }
-METHODS = ["full", "lora", "lora+gc", "head-only", "meft1", "meft2", "meft3", "meft3-vanilla", "meft3-float"]
+METHODS = [
+    "full", "lora", "lora-bf16", "lora+gc", "lora+gc+chunked-loss", "head-only",
+    "meft1", "meft2", "meft3", "meft1-float", "meft2-float", "meft3-float", "meft3-vanilla",
+]
+# what the depth and sequence-length sweeps run (OPT-1.3b width)
+SWEEP_METHODS = ["lora+gc", "meft1", "meft2", "meft3", "meft3-float"]
+DEPTHS = [6, 12, 24, 48]
+SEQ_LENGTHS = [512, 1024, 2048, 4096]
 
 
 def plm_config(shape: dict, **overrides) -> transformers.PretrainedConfig:
@@ -49,6 +63,14 @@ def plm_config(shape: dict, **overrides) -> transformers.PretrainedConfig:
     values.pop("_name_or_path", None)
     values.update(overrides)
     return transformers.AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def _with_chunked_loss(auto, config):
+    """The library's causal LM with MEFT's chunked loss and nothing else: LoRA + checkpointing
+    with the same loss, so that the comparison is like for like."""
+    library_class = auto._model_mapping[type(config)]
+    config.loss_chunk_size = LOSS_CHUNK
+    return type("Chunked" + library_class.__name__, (ChunkedLossMixin, library_class), {})(config)
 
 
 def build(shape: dict, method: str, device, dtype, layers: int | None = None, attention: str = "sdpa"):
@@ -62,10 +84,12 @@ def build(shape: dict, method: str, device, dtype, layers: int | None = None, at
             for key in ("model_type", "transformers_version", "architectures"):
                 values.pop(key, None)
             meft_config = config_class_for(family_for(config.model_type))(
-                **values, variant=variant, exact=not method.endswith("float")
+                **values, variant=variant, exact=not method.endswith("float"), loss_chunk_size=LOSS_CHUNK
             )
             meft_config._attn_implementation = attention
             model = model_class_for(family_for(config.model_type), shape["head"])(meft_config)
+        elif method.endswith("chunked-loss"):
+            model = _with_chunked_loss(auto, config)
         else:
             model = auto.from_config(config)
     model.to(dtype)
@@ -75,14 +99,20 @@ def build(shape: dict, method: str, device, dtype, layers: int | None = None, at
         model.requires_grad_(True)
     elif method == "head-only":
         model.requires_grad_(False)
+        if not shape["task_head"]:
+            # an LM head tied to the input embeddings would send gradients through the whole
+            # backbone: train an untied copy, the input embeddings stay frozen
+            head = model.get_output_embeddings()
+            head.weight = torch.nn.Parameter(head.weight.detach().clone())
         for name in shape["task_head"] or ("lm_head",):
             model.get_submodule(name).requires_grad_(True)
     elif method.startswith("lora"):
         import peft
 
         lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=shape["lora"], modules_to_save=list(shape["task_head"]) or None)
-        model = peft.get_peft_model(model, lora)
-        if method == "lora+gc":
+        # peft keeps adapters in float32 by default; lora-bf16 keeps them in the model's dtype
+        model = peft.get_peft_model(model, lora, autocast_adapter_dtype=method != "lora-bf16")
+        if "+gc" in method:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
@@ -111,16 +141,22 @@ def train_step(model, batch, optimizer, mode: str = "reversible"):
     return loss.detach()
 
 
-def measure(shape_name: str, method: str, steps: int, device) -> dict:
-    shape = SHAPES[shape_name]
+def measure(shape_name: str, method: str, steps: int, device, layers: int | None = None, seq: int | None = None,
+            batch_size: int | None = None, profile: bool = False, sweep_name: str | None = None) -> dict:
+    shape = dict(SHAPES[shape_name])
+    if seq is not None:
+        shape["seq"] = seq
+    if batch_size is not None:
+        shape["batch"] = batch_size
+    gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model = build(shape, method, device, torch.bfloat16)
+    model = build(shape, method, device, torch.bfloat16, layers=layers)
     mode = "vanilla" if method.endswith("vanilla") else "reversible"
     batch = make_batch(shape, model.config, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
-    train_step(model, batch, optimizer, mode)  # warm-up: optimizer states exist afterwards
+    loss = train_step(model, batch, optimizer, mode)  # warm-up: optimizer states exist afterwards
     torch.cuda.synchronize()
     static = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -135,13 +171,38 @@ def measure(shape_name: str, method: str, steps: int, device) -> dict:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
+    step_ms = statistics.median(times)
+    tokens = shape["batch"] * shape["seq"]
     result = dict(
         shape=shape_name, method=method, batch=shape["batch"], seq=shape["seq"],
-        trainable=sum(p.numel() for p in params), static_gib=static / 2**30, peak_gib=peak / 2**30,
-        activation_gib=(peak - static) / 2**30, step_ms=statistics.median(times), step_ms_all=times,
+        layers=model.config.num_hidden_layers, trainable=sum(p.numel() for p in params),
+        static_gib=static / 2**30, peak_gib=peak / 2**30, activation_gib=(peak - static) / 2**30,
+        step_ms=step_ms, tokens_per_s=tokens / step_ms * 1000, step_ms_all=times, loss=float(loss),
     )
+    if profile:
+        result["profile"] = _profile(model, batch, optimizer, mode)
     del model, optimizer, batch, params
     return result
+
+
+def _profile(model, batch, optimizer, mode: str) -> dict:
+    """One step under torch.profiler: GPU kernel time against wall time says whether the step
+    waits on the GPU or on the host (Python, launches, syncs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        train_step(model, batch, optimizer, mode)
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1000
+    events = prof.key_averages()
+    kernel_ms = sum(e.self_device_time_total for e in events) / 1000
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
+    return dict(
+        wall_ms=wall_ms, gpu_kernel_ms=kernel_ms, kernel_launches=sum(e.count for e in events if e.self_device_time_total > 0),
+        top_kernels=[dict(name=e.key[:90], ms=e.self_device_time_total / 1000, calls=e.count) for e in top],
+    )
 
 
 def _grads(model, batch, mode: str, seed: int) -> dict:
@@ -240,11 +301,67 @@ def kernel_check(device) -> list[dict]:
     return rows
 
 
+def _run(results: dict, out: Path, **kw) -> None:
+    try:
+        row = measure(**kw)
+    except torch.cuda.OutOfMemoryError as e:
+        row = dict(shape=kw["shape_name"], method=kw["method"], error=f"out of memory: {e}")
+    row["sweep"] = kw.get("sweep_name")
+    results["memory_speed"].append(row)
+    print(json.dumps({k: v for k, v in row.items() if k not in ("step_ms_all", "profile")}), flush=True)
+    out.write_text(json.dumps(results, indent=1))
+
+
+def _slope(rows: list[dict], key: str) -> float | None:
+    """Least-squares slope of activation memory (GiB) against `key` (layers or tokens)."""
+    if len(rows) < 2:
+        return None
+    xs, ys = [r[key] for r in rows], [r["activation_gib"] for r in rows]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def summarise(results: dict) -> dict:
+    """The issue's targets as ratios measured in this run."""
+    rows = [r for r in results["memory_speed"] if "error" not in r]
+    summary: dict = {}
+    for shape in SHAPES:
+        main_rows = {r["method"]: r for r in rows if r["shape"] == shape and r.get("sweep") is None}
+        exact = {m: r for m, r in main_rows.items() if m in ("meft1", "meft2", "meft3")}
+        if not exact:
+            continue
+        best = min(exact.values(), key=lambda r: r["activation_gib"])
+        entry = {"best_exact_meft": best["method"], "best_exact_meft_activation_gib": best["activation_gib"]}
+        for ref in ("full", "lora", "lora+gc", "lora+gc+chunked-loss", "head-only"):
+            if ref in main_rows:
+                entry[f"activation_vs_{ref}"] = best["activation_gib"] / main_rows[ref]["activation_gib"]
+        if "lora" in main_rows:
+            entry["step_time_vs_lora"] = {m: r["step_ms"] / main_rows["lora"]["step_ms"] for m, r in exact.items()}
+        summary[shape] = entry
+    depth = {}
+    for method in SWEEP_METHODS:
+        slope = _slope(sorted((r for r in rows if r.get("sweep") == "depth" and r["method"] == method),
+                              key=lambda r: r["layers"]), "layers")
+        if slope is not None:
+            depth[method] = {"gib_per_layer": slope}
+    if "lora+gc" in depth:
+        for method, entry in depth.items():
+            entry["vs_lora+gc"] = entry["gib_per_layer"] / depth["lora+gc"]["gib_per_layer"]
+    summary["depth_slopes"] = depth
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--depths", nargs="*", type=int, default=DEPTHS,
+                        help="depth sweep at OPT-1.3b width, batch 8 x 512 (none: skip)")
+    parser.add_argument("--seq-lengths", nargs="*", type=int, default=SEQ_LENGTHS,
+                        help="sequence-length sweep at OPT-1.3b shape, batch 2 (none: skip)")
+    parser.add_argument("--sweep-methods", nargs="+", default=SWEEP_METHODS, choices=METHODS)
+    parser.add_argument("--profile", action="store_true", help="profile one step of LoRA, LoRA + checkpointing and MEFT3")
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--deterministic", action="store_true",
@@ -255,7 +372,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     env = dict(
         gpu=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
-        date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv),
+        date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv), loss_chunk_size=LOSS_CHUNK,
     )
     try:
         import peft
@@ -263,19 +380,27 @@ def main() -> None:
         env["peft"] = peft.__version__
     except ImportError:
         args.methods = [m for m in args.methods if not m.startswith("lora")]
-    results = {"environment": env, "kernels": [], "memory_speed": [], "checks": []}
+    results = {"environment": env, "kernels": [], "memory_speed": [], "checks": [], "summary": {}}
     if not args.skip_checks:
         results["kernels"] = kernel_check(device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    profiled = ("lora", "lora+gc", "meft3", "meft3-float")
     for shape in [] if args.skip_memory else args.shapes:
         for method in args.methods:
-            try:
-                row = measure(shape, method, args.steps, device)
-            except torch.cuda.OutOfMemoryError as e:
-                row = dict(shape=shape, method=method, error=f"out of memory: {e}")
-            results["memory_speed"].append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "step_ms_all"}), flush=True)
-            args.out.write_text(json.dumps(results, indent=1))
+            if method.endswith("chunked-loss") and SHAPES[shape]["head"] != "AutoModelForCausalLM":
+                continue  # a causal-LM loss
+            _run(results, args.out, shape_name=shape, method=method, steps=args.steps, device=device,
+                 profile=args.profile and shape == "opt-1.3b" and method in profiled)
+    for layers in [] if args.skip_memory else args.depths:
+        for method in args.sweep_methods:
+            _run(results, args.out, shape_name="opt-1.3b", method=method, steps=3, device=device, layers=layers,
+                 sweep_name="depth")
+    for seq in [] if args.skip_memory else args.seq_lengths:
+        for method in args.sweep_methods:
+            _run(results, args.out, shape_name="opt-1.3b", method=method, steps=3, device=device, seq=seq,
+                 batch_size=2, sweep_name="seq")
+    results["summary"] = summarise(results)
+    args.out.write_text(json.dumps(results, indent=1))
     if not args.skip_checks:
         results["checks"] += check("opt-1.3b", device, torch.bfloat16)
         results["checks"] += check("bert-base", device, torch.float32, autocast=True)
@@ -291,13 +416,14 @@ def main() -> None:
         results["checks"] += rows
         torch.use_deterministic_algorithms(False)
         args.out.write_text(json.dumps(results, indent=1))
-    print("\nshape      method          trainable  static GiB  peak GiB  activation GiB  step ms")
+    print("\nshape          method                 layers  seq  static GiB  peak GiB  activation GiB  step ms  tokens/s")
     for r in results["memory_speed"]:
         if "error" in r:
-            print(f"{r['shape']:10s} {r['method']:14s} {r['error'][:60]}")
+            print(f"{r['shape']:14s} {r['method']:22s} {r['error'][:60]}")
             continue
-        print(f"{r['shape']:10s} {r['method']:14s} {r['trainable']:>10,}  {r['static_gib']:10.2f}  {r['peak_gib']:8.2f}"
-              f"  {r['activation_gib']:14.2f}  {r['step_ms']:7.1f}")
+        print(f"{r['shape']:14s} {r['method']:22s} {r['layers']:6d} {r['seq']:4d}  {r['static_gib']:10.2f}  {r['peak_gib']:8.2f}"
+              f"  {r['activation_gib']:14.2f}  {r['step_ms']:7.1f}  {r['tokens_per_s']:8.0f}")
+    print(json.dumps(results["summary"], indent=1))
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ class ChunkedLossMixin:
         arguments["labels"] = None
         arguments.pop("shift_labels", None)
         head = self.get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear):
+            return super().forward(*args, **kwargs)
         captured = []
 
         def capture(hidden_states: torch.Tensor) -> torch.Tensor:
