@@ -20,8 +20,9 @@ fractional bits, fix(t) = round(t·2^K), and λ = 1/m for a positive integer m:
 Integer arithmetic has no rounding, so the inverse reproduces every bit provided F is
 recomputed bit-identically: same input (the dequantised integers), same dropout masks
 (the RNG state is recorded before each block and replayed), same kernels (the forward
-runs each block exactly as the recompute does). The remainders r (⌈log2 m⌉ bits per
-element, none for m = 1) are the only per-layer state, packed into bit planes.
+runs each block exactly as the recompute does). The remainders r are the only per-layer
+state: a few remainders share one number below m^k, packed into bit planes, so each takes
+about log2 m bits (3.33 for m = 10, 10 for m = 1024, none for m = 1).
 
 Gradients follow the real-valued coupling (dx1 = λ·dy1 + ..., fix and the integer
 division count as identity), so they equal plain autograd through the same forward.
@@ -118,31 +119,67 @@ def _out_of_range(t: torch.Tensor, frac_bits: int) -> torch.Tensor:
     return ~((t.to(torch.float64) * (2.0**frac_bits)).abs() < 2.0**RANGE_BITS).all()
 
 
-def remainder_bits(m: int) -> int:
-    """Bits needed for a remainder modulo m: 4 for m = 10, 0 for m = 1."""
-    return (m - 1).bit_length()
+def remainder_layout(m: int) -> tuple[int, int]:
+    """(k, bits): k remainders modulo m are stored together as one number below m^k in `bits`
+    bits, k ≤ 8 chosen for the fewest bits per remainder. m = 10: three remainders in 10 bits
+    (3.33 bits each, where one at a time would take 4); m = 2^j: one in j bits; m = 1: none."""
+    if m == 1:
+        return 1, 0
+    best_k, best_bits = 1, (m - 1).bit_length()
+    for k in range(2, 9):
+        if m**k > 2**62:
+            break
+        bits = (m**k - 1).bit_length()
+        if bits * best_k < best_bits * k:
+            best_k, best_bits = k, bits
+    return best_k, best_bits
+
+
+def packed_remainder_bytes(m: int, count: int) -> int:
+    """Bytes that `count` remainders modulo m take once packed."""
+    k, bits = remainder_layout(m)
+    return bits * (-(-(-(-count // k)) // 8))
+
+
+def _pack_bits(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """Values in [0, 2^bits) → uint8 bit planes of shape (bits, ⌈n/8⌉): plane j holds bit j of
+    eight values per byte, so each value costs exactly `bits` bits."""
+    flat = torch.nn.functional.pad(v, (0, (-v.numel()) % 8)).reshape(-1, 8)
+    weights = 1 << torch.arange(8, dtype=torch.uint8, device=v.device)  # 1, 2, ..., 128
+    return torch.stack([(((flat >> j) & 1).to(torch.uint8) * weights).sum(1, dtype=torch.uint8) for j in range(bits)])
+
+
+def _unpack_bits(planes: torch.Tensor, bits: int) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=planes.device)
+    v = torch.zeros(planes.shape[1] * 8, dtype=torch.int64, device=planes.device)
+    for j in range(bits):
+        v = v | (((planes[j].view(-1, 1) >> shifts) & 1).view(-1).to(torch.int64) << j)
+    return v
+
+
+def _pack(r: torch.Tensor, m: int) -> torch.Tensor:
+    """Remainders modulo m (m > 1) → bit planes of their groups of k (remainder_layout)."""
+    k, bits = remainder_layout(m)
+    groups = torch.nn.functional.pad(r.reshape(-1), (0, (-r.numel()) % k)).view(-1, k)
+    value = groups[:, k - 1]
+    for i in range(k - 2, -1, -1):  # Horner: r0 + m·(r1 + m·(r2 + ...))
+        value = value * m + groups[:, i]
+    return _pack_bits(value, bits)
+
+
+def _unpack(planes: torch.Tensor, m: int, like: torch.Tensor) -> torch.Tensor:
+    k, bits = remainder_layout(m)
+    value = _unpack_bits(planes, bits)
+    digits = []
+    for _ in range(k):
+        digits.append(value % m)
+        value = value // m
+    return torch.stack(digits, dim=1).reshape(-1)[: like.numel()].view(like.shape)
 
 
 def _value_of(ints: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
     """A stream's real value: the input its next block sees."""
     return from_fixed(ints, frac_bits, dtype)
-
-
-def _pack(r: torch.Tensor, bits: int) -> torch.Tensor:
-    """Remainders in [0, 2^bits) → uint8 bit planes of shape (bits, ⌈n/8⌉): plane j holds
-    bit j of eight remainders per byte, so each remainder costs exactly `bits` bits."""
-    flat = r.reshape(-1)
-    flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8)).reshape(-1, 8)
-    weights = 1 << torch.arange(8, dtype=torch.uint8, device=r.device)  # 1, 2, ..., 128
-    return torch.stack([(((flat >> j) & 1).to(torch.uint8) * weights).sum(1, dtype=torch.uint8) for j in range(bits)])
-
-
-def _unpack(planes: torch.Tensor, bits: int, like: torch.Tensor) -> torch.Tensor:
-    shifts = torch.arange(8, dtype=torch.uint8, device=planes.device)
-    r = torch.zeros(planes.shape[1] * 8, dtype=torch.int64, device=planes.device)
-    for j in range(bits):
-        r = r | (((planes[j].view(-1, 1) >> shifts) & 1).view(-1).to(torch.int64) << j)
-    return r[: like.numel()].view(like.shape)
 
 
 def _couple(x: torch.Tensor, block_out: torch.Tensor, m: int, frac_bits: int, value_dtype: torch.dtype):
@@ -157,7 +194,7 @@ def _couple(x: torch.Tensor, block_out: torch.Tensor, m: int, frac_bits: int, va
         q, packed = x, None
     else:
         q = torch.div(x, m, rounding_mode="floor")
-        packed = _pack(x - q * m, remainder_bits(m))
+        packed = _pack(x - q * m, m)
     y = q + scaled.round().to(torch.int64)
     return y, _value_of(y, frac_bits, value_dtype), packed, out_of_range, y.sum()
 
@@ -166,7 +203,7 @@ def _uncouple(y: torch.Tensor, block_out: torch.Tensor, packed, m: int, frac_bit
     """Inverse of _couple: x = m·(y − fix(block_out)) + r; returns x, its value and its sum."""
     x = (y - (block_out.to(torch.float64) * (2.0**frac_bits)).round().to(torch.int64)) * m
     if packed is not None:
-        x = x + _unpack(packed, remainder_bits(m), y)
+        x = x + _unpack(packed, m, y)
     return x, _value_of(x, frac_bits, value_dtype), x.sum()
 
 
@@ -195,14 +232,14 @@ def _run_kernel(fn, *args):
     return fn(*args)
 
 
-def pack_remainders(r: torch.Tensor, bits: int) -> torch.Tensor:
-    """Remainders in [0, 2^bits) → (bits, ⌈n/8⌉) uint8 bit planes; empty when bits is 0."""
-    return _pack(r, bits) if bits else torch.empty(0, dtype=torch.uint8)
+def pack_remainders(r: torch.Tensor, m: int) -> torch.Tensor:
+    """Remainders modulo m → uint8 bit planes (remainder_layout); empty for m = 1."""
+    return _pack(r, m) if m > 1 else torch.empty(0, dtype=torch.uint8)
 
 
-def unpack_remainders(planes: torch.Tensor, bits: int, like: torch.Tensor) -> torch.Tensor:
+def unpack_remainders(planes: torch.Tensor, m: int, like: torch.Tensor) -> torch.Tensor:
     """Inverse of pack_remainders: int64 remainders shaped like `like`."""
-    return _unpack(planes, bits, like)
+    return _unpack(planes, m, like)
 
 
 # ---------------------------------------------------------------------- RNG and autocast

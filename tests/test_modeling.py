@@ -14,7 +14,7 @@ from meft_convert.templates.adapters import MeftAdapter
 from meft_convert.templates.configuration_meft import config_class_for
 from meft_convert.templates.families import family_for
 from meft_convert.templates.modeling_meft import MeftLayers, model_class_for
-from meft_convert.templates.reversible import remainder_bits
+from meft_convert.templates.reversible import packed_remainder_bytes
 from tests.conftest import real_config
 from tests.test_reversible import _SavedTracker
 
@@ -238,6 +238,6 @@ def _graph(node, seen=None):
 def test_saved_bytes_grow_with_depth_by_the_remainders_only():
     saved2, kept2 = saved_bytes(2)
     saved8, kept8 = saved_bytes(8)
-    remainders_per_layer = 2 * remainder_bits(10) * (4 * 64 * 32) // 8
+    remainders_per_layer = 2 * packed_remainder_bytes(10, 4 * 64 * 32)
     assert saved8 - saved2 == 6 * remainders_per_layer
     assert (kept8 - kept2) / 6 <= 16 * 1024  # RNG states and a checksum per layer, whatever the batch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import weakref
 
 import pytest
@@ -209,15 +210,25 @@ def test_non_finite_block_output_is_reported_with_its_layer(mode):
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 10, 255, 256, 1024, 1000003])
-def test_remainders_pack_into_their_bits(m):
+def test_remainders_pack_into_about_log2_m_bits(m):
     r = torch.randint(0, m, (3, 37), generator=torch.Generator().manual_seed(m))
-    bits = R.remainder_bits(m)
-    packed = R.pack_remainders(r, bits)
-    assert packed.dtype == torch.uint8 and packed.numel() == bits * ((r.numel() + 7) // 8)
+    packed = R.pack_remainders(r, m)
+    assert packed.dtype == torch.uint8 and packed.numel() == R.packed_remainder_bytes(m, r.numel())
+    k, bits = R.remainder_layout(m)
     if m > 1:
-        assert torch.equal(R.unpack_remainders(packed, bits, r).long(), r)
+        assert torch.equal(R.unpack_remainders(packed, m, r), r)
+        assert math.log2(m) <= bits / k <= math.ceil(math.log2(m))  # never more than one at a time
     else:
         assert packed.numel() == 0
+
+
+def test_remainder_layout_packs_groups():
+    assert R.remainder_layout(10) == (3, 10)  # 10^3 = 1000 < 2^10: 3.33 bits per remainder
+    assert R.remainder_layout(3) == (5, 8)  # 3^5 = 243 < 2^8: 1.6 bits
+    assert R.remainder_layout(1024) == (1, 10) and R.remainder_layout(2) == (1, 1) and R.remainder_layout(1) == (1, 0)
+    # extremes of each digit survive the round trip
+    r = torch.tensor([[9, 0, 9, 9, 9, 0, 0, 9]])
+    assert torch.equal(R.unpack_remainders(R.pack_remainders(r, 10), 10, r), r)
 
 
 def test_scales_must_be_reciprocals_of_integers():
@@ -272,7 +283,7 @@ def saved_bytes(depth: int, mode: str, shape=(4, 64)) -> tuple[int, int]:
 def test_saved_bytes_grow_with_depth_by_the_remainders_only():
     shape = (4, 64)
     elements = 4 * 64 * D
-    remainders_per_layer = 2 * R.remainder_bits(10) * elements // 8  # two streams, 4 bits each
+    remainders_per_layer = 2 * R.packed_remainder_bytes(10, elements)  # two streams, 3.33 bits each
     saved2, kept2 = saved_bytes(2, "reversible", shape)
     saved8, kept8 = saved_bytes(8, "reversible", shape)
     assert saved8 - saved2 == 6 * remainders_per_layer
