@@ -50,7 +50,8 @@ SHAPES = {
 }
 METHODS = [
     "full", "lora", "lora-bf16", "lora+gc", "lora+gc+chunked-loss", "head-only",
-    "meft1", "meft2", "meft3", "meft1-float", "meft2-float", "meft3-float", "meft3-vanilla",
+    "meft1", "meft2", "meft3", "meft1-compiled", "meft2-compiled", "meft3-compiled",
+    "meft1-float", "meft2-float", "meft3-float", "meft3-vanilla",
 ]
 # what the depth and sequence-length sweeps run (OPT-1.3b width)
 SWEEP_METHODS = ["lora+gc", "meft1", "meft2", "meft3", "meft3-float"]
@@ -84,7 +85,8 @@ def build(shape: dict, method: str, device, dtype, layers: int | None = None, at
             for key in ("model_type", "transformers_version", "architectures"):
                 values.pop(key, None)
             meft_config = config_class_for(family_for(config.model_type))(
-                **values, variant=variant, exact=not method.endswith("float"), loss_chunk_size=LOSS_CHUNK
+                **values, variant=variant, exact=not method.endswith("float"), loss_chunk_size=LOSS_CHUNK,
+                compile_blocks=method.endswith("compiled"),
             )
             meft_config._attn_implementation = attention
             model = model_class_for(family_for(config.model_type), shape["head"])(meft_config)
@@ -331,7 +333,7 @@ def summarise(results: dict) -> dict:
     summary: dict = {}
     for shape in SHAPES:
         main_rows = {r["method"]: r for r in rows if r["shape"] == shape and r.get("sweep") is None}
-        exact = {m: r for m, r in main_rows.items() if m in ("meft1", "meft2", "meft3")}
+        exact = {m: r for m, r in main_rows.items() if m.startswith("meft") and not m.endswith(("float", "vanilla"))}
         if not exact:
             continue
         best = min(exact.values(), key=lambda r: r["activation_gib"])
@@ -388,7 +390,7 @@ def main() -> None:
     if not args.skip_checks:
         results["kernels"] = kernel_check(device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    profiled = ("lora", "lora+gc", "meft3", "meft3-float")
+    profiled = ("lora", "lora+gc", "meft3", "meft3-compiled", "meft3-float")
     for shape in [] if args.skip_memory else args.shapes:
         for method in args.methods:
             if method.endswith("chunked-loss") and SHAPES[shape]["head"] != "AutoModelForCausalLM":

@@ -38,6 +38,7 @@ def validate_meft_settings(
     frac_bits: int = 32,
     audit: bool = True,
     loss_chunk_size: int = 256,
+    compile_blocks: bool = False,
 ) -> dict:
     """Checks MEFT settings and fills λ and β from the variant; returns them as a dict.
     Raises ValueError with a message meant for the user."""
@@ -83,6 +84,7 @@ def validate_meft_settings(
         frac_bits=frac_bits,
         audit=bool(audit),
         loss_chunk_size=loss_chunk_size,
+        compile_blocks=bool(compile_blocks),
     )
 
 
@@ -111,6 +113,9 @@ class MeftConfig:
         audit: compare a checksum of every layer's input with its reconstruction in backward.
         loss_chunk_size: causal LMs only: in training, the LM head and its loss run on this many
             tokens at a time, so the full logits never exist (0: the library's loss, all at once).
+        compile_blocks: in training, run each attention/MLP block through torch.compile (one
+            compiled function shared by all layers). Fewer kernel launches and less Python per
+            layer, which is what bounds a reversible step on fast GPUs; the first steps compile.
     """
 
     _plm_config_class: type = None  # set on each family's class

@@ -55,16 +55,43 @@ VARIANTS = {
 BACKWARD_MODES = ("reversible", "vanilla")
 
 
-def _make_block(kind: str, stack: Stack, layer: nn.Module):
+def _layer_block(attention, mlp, layer, adapter, x, args):
+    return mlp(layer, attention(layer, x, args, None), adapter)
+
+
+def _attention_block(attention, layer, adapter, x, args):
+    return attention(layer, x, args, adapter)
+
+
+def _mlp_block(mlp, layer, adapter, x):
+    return mlp(layer, x, adapter)
+
+
+# compile_blocks: one compiled function per kind of block, shared by all layers (the layer is
+# an argument, so its parameters are inputs of the graph, not constants of one layer's copy)
+_COMPILED_BLOCKS: dict = {}
+
+
+def _compiled(fn):
+    if fn not in _COMPILED_BLOCKS:
+        _COMPILED_BLOCKS[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED_BLOCKS[fn]
+
+
+def _make_block(kind: str, stack: Stack, layer: nn.Module, compiled: bool = False):
     adapters = layer.meft
+    run = _compiled if compiled else (lambda fn: fn)
     if kind == "layer":
-        return lambda x, args: stack.mlp(layer, stack.attention(layer, x, args, None), adapters["ffn"])
+        block = run(_layer_block)
+        return lambda x, args: block(stack.attention, stack.mlp, layer, adapters["ffn"], x, args)
     if kind == "adapter":
         return lambda x, args: adapters["coupling"](x)
     if kind == "attention":
-        return lambda x, args: stack.attention(layer, x, args, adapters["attn"])
+        block = run(_attention_block)
+        return lambda x, args: block(stack.attention, layer, adapters["attn"], x, args)
     if kind == "mlp":
-        return lambda x, args: stack.mlp(layer, x, adapters["ffn"])
+        block = run(_mlp_block)
+        return lambda x, args: block(stack.mlp, layer, adapters["ffn"], x)
     raise ValueError(f"unknown block {kind!r}")
 
 
@@ -86,6 +113,7 @@ class MeftLayers(nn.ModuleList):
         )
         self.reversible_layers = config.reversible_layers
         self.output_stream = config.output_stream
+        self.compile_blocks = getattr(config, "compile_blocks", False)
         self.backward_mode = "reversible"
         self.trace = None  # a list to record stream values per layer (diagnostics, tests)
         self._layer_signature = inspect.signature(self[0].forward)
@@ -123,13 +151,13 @@ class MeftLayers(nn.ModuleList):
             )
 
     # --- the stack ------------------------------------------------------------------------
-    def couplings(self) -> list[Coupling]:
+    def couplings(self, compiled: bool = False) -> list[Coupling]:
         stack, result = self.stack, []
         prefix = f"{stack.name} " if stack.name else ""
         for index, layer in enumerate(self._modules.values()):
             params = tuple(p for p in layer.parameters() if p.requires_grad)
-            F = _make_block(self.variant.F, stack, layer)
-            G = _make_block(self.variant.G, stack, layer)
+            F = _make_block(self.variant.F, stack, layer, compiled)
+            G = _make_block(self.variant.G, stack, layer, compiled)
             result.append(Coupling(F, G, params, f"{prefix}layer {index}"))
         return result
 
@@ -153,6 +181,10 @@ class MeftLayers(nn.ModuleList):
             and torch.is_grad_enabled()
             and (hidden_states.requires_grad or any(c.params for c in couplings))
         )
+        if trains and self.compile_blocks:
+            # training only: forward and recompute run the same compiled code, and evaluation
+            # and generation (caches, changing shapes) stay eager
+            couplings = self.couplings(compiled=True)
         if trains:
             mode = self.backward_mode
             layer_args = _without_cache(layer_args)
