@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,23 @@ def _copy_with_progress(src: Path, dst: Path, progress: tqdm) -> None:
             progress.update(len(chunk))
 
 
+def _copy_adding_pt_metadata(src: Path, dst: Path, progress: tqdm) -> None:
+    """A safetensors file without `format: pt` metadata (transformers wants it): the same file
+    with that entry added to its JSON header; the tensor bytes, which the header addresses
+    relative to their own start, are copied unchanged in chunks, never loaded."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        (length,) = struct.unpack("<Q", fin.read(8))
+        header = json.loads(fin.read(length))
+        header["__metadata__"] = {**header.get("__metadata__", {}), "format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format pads headers with spaces to 8 bytes
+        fout.write(struct.pack("<Q", len(raw)) + raw)
+        progress.update(8 + length)
+        while chunk := fin.read(64 << 20):
+            fout.write(chunk)
+            progress.update(len(chunk))
+
+
 def _has_pt_metadata(file: Path) -> bool:
     with safe_open(str(file), framework="pt") as f:
         return (f.metadata() or {}).get("format") == "pt"
@@ -134,6 +152,8 @@ def write_weights(source: SourceWeights, adapters: dict[str, torch.Tensor], out:
         for file, name in zip(source.files, names):
             if not source.pickle and _has_pt_metadata(file):
                 _copy_with_progress(file, out / name, progress)
+            elif not source.pickle:
+                _copy_adding_pt_metadata(file, out / name, progress)
             else:
                 tensors = _load_pickle(file) if source.pickle else _read_all(file)
                 _save_tensors(tensors, out / name)

@@ -216,6 +216,23 @@ def _copy_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
+def test_shards_without_format_metadata_are_streamed_unchanged(tiny_checkpoints, tmp_path):
+    # some exporters write no `format: pt` entry; the converter adds it without loading tensors
+    folder = _copy_checkpoint(tiny_checkpoints["opt-125m"], tmp_path / "plain")
+    original = tensors_of(folder)
+    (folder / "model.safetensors").unlink()
+    save_file(original, str(folder / "model.safetensors"))  # no metadata
+    out = convert(ConvertOptions(model=str(folder), output=tmp_path / "out", show_progress=False), log=lambda _: None)
+    shard = next(f for f in sorted(out.glob("model-*.safetensors")) if "embed_tokens" in str(safe_open(str(f), "pt").keys()))
+    with safe_open(str(shard), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        for key in original:
+            assert torch.equal(f.get_tensor(key).view(torch.uint8), original[key].view(torch.uint8)), key
+    # the tensor bytes follow the new header byte for byte
+    data_of = lambda path: path.read_bytes()[8 + int.from_bytes(path.read_bytes()[:8], "little"):]  # noqa: E731
+    assert data_of(shard) == data_of(folder / "model.safetensors")
+
+
 def test_corrupt_safetensors_is_refused(tiny_checkpoints, tmp_path):
     folder = _copy_checkpoint(tiny_checkpoints["bert"], tmp_path / "corrupt")
     data = (folder / "model.safetensors").read_bytes()
