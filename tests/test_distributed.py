@@ -9,11 +9,11 @@ the assertions run here, in the test process.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
-import json
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 WORLD_SIZE = 2
 ROWS_PER_RANK, SEQ = 2, 12
 STEPS = 3
-DROPOUT_OFF = dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+DROPOUT_OFF = {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -63,7 +63,7 @@ def _trainable(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def _full(t: torch.Tensor) -> torch.Tensor:
     """A DTensor (FSDP2's sharded parameters and gradients) gathered into a full tensor."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
@@ -73,7 +73,7 @@ def _relative_differences(model, reference, what: str = "grad") -> dict[str, flo
     result = {}
     for name, ref in _trainable(reference).items():
         p = dict(model.named_parameters())[name]
-        a = _local(p.grad if what == "grad" else p.detach())
+        a = _full(p.grad if what == "grad" else p.detach())
         b = ref.grad if what == "grad" else ref.detach()
         result[name] = ((a - b).norm() / b.norm()).item()
     return result
@@ -82,7 +82,7 @@ def _relative_differences(model, reference, what: str = "grad") -> dict[str, flo
 def _grads_equal_across_ranks(model) -> bool:
     """Every rank holds the same gradients, bit for bit."""
     for p in _trainable(model).values():
-        g = _local(p.grad)
+        g = _full(p.grad)
         gathered = [torch.empty_like(g) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, g.contiguous())
         if not all(torch.equal(gathered[0], other) for other in gathered[1:]):
@@ -147,6 +147,24 @@ def _check_ddp(rank: int, folder: str) -> dict:
     return results
 
 
+def _check_ddp_two_steps(rank: int, folder: str) -> float:
+    """Two DDP backward passes of another variant (MEFT1 and MEFT2 swap the streams after every
+    layer); a parameter without gradient in the first would make DDP raise in the second."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model, reference = _load(folder, **DROPOUT_OFF), _load(folder, **DROPOUT_OFF)
+    ddp = DDP(model, find_unused_parameters=False)
+    worst = 0.0
+    for step in range(2):
+        batch = _global_batch(model.config.vocab_size, step)
+        model.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+        _loss(ddp, _rank_rows(batch, rank)).backward()
+        _loss(reference, batch).backward()
+        worst = max(worst, *_relative_differences(model, reference).values())
+    return worst
+
+
 def _check_accelerate(rank: int, folder: str, accelerator) -> dict:
     results: dict = {"steps": []}
     model, reference = _load(folder, **DROPOUT_OFF), _load(folder, **DROPOUT_OFF)
@@ -198,7 +216,7 @@ def _check_fsdp(rank: int, folder: str) -> dict:
     return results
 
 
-def _worker(rank: int, folder: str, port: int, out_dir: str) -> None:
+def _worker(rank: int, folders: dict[str, str], port: int, out_dir: str) -> None:
     """All three engines in one pair of processes: starting processes costs more than the checks."""
     import time
 
@@ -212,10 +230,12 @@ def _worker(rank: int, folder: str, port: int, out_dir: str) -> None:
     # accelerate starts the gloo process group from the environment; DDP and FSDP use it too
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=ROWS_PER_RANK)
     results = {"backend": dist.get_backend(), "world_size": dist.get_world_size(), "seconds": {}}
+    folder = folders["meft3"]
     for engine, check in (
         ("accelerate", lambda: _check_accelerate(rank, folder, accelerator)),
         ("ddp", lambda: _check_ddp(rank, folder)),
         ("fsdp", lambda: _check_fsdp(rank, folder)),
+        ("ddp_other_variants", lambda: {v: _check_ddp_two_steps(rank, folders[v]) for v in ("meft1", "meft2")}),
     ):
         start = time.perf_counter()
         results[engine] = check()
@@ -235,17 +255,19 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def opt_meft3(converted) -> str:
-    folder, _ = converted("opt-125m", "meft3")
-    _load(str(folder))  # writes the remote code into the modules cache once, before the workers read it
-    return str(folder)
+def opt_folders(converted) -> dict[str, str]:
+    """Converted tiny OPTs by variant."""
+    folders = {variant: str(converted("opt-125m", variant)[0]) for variant in ("meft1", "meft2", "meft3")}
+    for folder in folders.values():
+        _load(folder)  # writes the remote code into the modules cache once, before the workers read it
+    return folders
 
 
 @pytest.fixture(scope="module")
-def ranks(opt_meft3, tmp_path_factory) -> list[dict]:
+def ranks(opt_folders, tmp_path_factory) -> list[dict]:
     """What each of the two ranks measured."""
     out = tmp_path_factory.mktemp("ranks")
-    mp.start_processes(_worker, args=(opt_meft3, _free_port(), str(out)), nprocs=WORLD_SIZE, start_method="spawn")
+    mp.start_processes(_worker, args=(opt_folders, _free_port(), str(out)), nprocs=WORLD_SIZE, start_method="spawn")
     results = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
     for r in results:
         assert (r["backend"], r["world_size"]) == ("gloo", WORLD_SIZE)
@@ -254,6 +276,24 @@ def ranks(opt_meft3, tmp_path_factory) -> list[dict]:
 
 # all-reduce sums in another order than one process does: float32 rounding, no more
 TOLERANCE = 1e-6
+
+
+@pytest.mark.parametrize("output_stream", ["plm", "mean"])
+@pytest.mark.parametrize("variant", ["meft1", "meft2", "meft3"])
+def test_every_trainable_parameter_gets_a_gradient(converted, variant, output_stream):
+    """What DDP with find_unused_parameters=False and FSDP need: each step gives every trainable
+    parameter a gradient. Adapters whose output is dropped (MEFT1/2, PLM stream) are frozen."""
+    folder, _ = converted("opt-125m", variant)
+    model = _load(str(folder), output_stream=output_stream)
+    ids = _global_batch(model.config.vocab_size, 0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    trainable = _trainable(model)
+    assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
+    # the checkpoint's own MeftAdapter class, loaded as remote code
+    adapters = {n: m for n, m in model.named_modules() if type(m).__name__ == "MeftAdapter"}
+    frozen = [n for n, m in adapters.items() if not m.up_proj.weight.requires_grad]
+    top = f"model.decoder.layers.{model.config.num_hidden_layers - 1}.meft.coupling"
+    assert frozen == ([top] if variant != "meft3" and output_stream == "plm" else [])
 
 
 @pytest.mark.slow
@@ -266,6 +306,13 @@ def test_ddp_gradients_equal_the_single_process_gradient(ranks):
         assert r["unsynced_differ_across_ranks"]  # no_sync did not reduce
         assert r["accumulated_dropout"] <= TOLERANCE, (rank, r["accumulated_dropout"])
         assert r["equal_across_ranks"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["meft1", "meft2"])
+def test_ddp_other_variants(ranks, variant):
+    for rank, r in enumerate(r["ddp_other_variants"] for r in ranks):
+        assert r[variant] <= TOLERANCE, (rank, variant, r[variant])
 
 
 @pytest.mark.slow
@@ -283,3 +330,47 @@ def test_fsdp2_gradients_equal_the_single_process_gradient(ranks):
         assert r["sharded"] and r["frozen_without_grad"]
         assert max(r["steps"]) <= TOLERANCE, (rank, r["steps"])
         assert r["params_after"] <= TOLERANCE, (rank, r["params_after"])
+
+
+# ------------------------------------------------------- benchmarks/distributed.py, run by torchrun
+
+TINY_OPT = {
+    "hidden_size": 32, "num_attention_heads": 4, "ffn_dim": 64, "num_hidden_layers": 2, "word_embed_proj_dim": 32,
+    "max_position_embeddings": 64,
+}
+
+
+@pytest.mark.slow
+def test_distributed_benchmark_script(tmp_path):
+    """The GPU benchmark's own code path, on 2 CPU processes: both engines, both methods, float32."""
+    out = tmp_path / "result.json"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD_SIZE),
+        "--master-port", str(_free_port()), str(ROOT / "benchmarks" / "distributed.py"),
+        "--engine", "ddp", "fsdp", "--method", "meft3", "lora", "--shape", "opt-125m",
+        "--config-overrides", json.dumps(TINY_OPT), "--dtype", "fp32", "--steps", "6", "--batch", "2", "--seq", "16",
+        "--lr", "1e-2", "--data-dir", str(ROOT.parent / "shared" / "data"), "--out", str(out),
+        "--work-dir", str(tmp_path / "work"),
+    ]
+    if not (ROOT.parent / "shared" / "data" / "text").is_dir():
+        pytest.skip("../shared/data is not here")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["environment"]["world_size"] == WORLD_SIZE and result["environment"]["backend"] == "gloo"
+    runs = {(r["engine"], r["method"]): r for r in result["runs"]}
+    assert set(runs) == {(e, m) for e in ("ddp", "fsdp") for m in ("meft3", "lora")}
+    for key, r in runs.items():
+        check = r["gradient_check"]
+        assert check["passed"] and check["max_relative_difference"] <= 1e-5, (key, check)
+        assert check["without_gradient"] == 0 and check["zero_reference_but_nonzero"] == 0
+        assert len(r["losses"]) == 6 and not r["non_finite_steps"]
+        assert r["loss_last_mean"] < r["loss_first_mean"], (key, r["losses"])
+        assert r["tokens_per_second"] > 0 and len(r["per_rank"]) == WORLD_SIZE
+    # the engines differ only in how they reduce: the same data and seeds give the same losses
+    for method in ("meft3", "lora"):
+        assert runs["ddp", method]["losses"] == pytest.approx(runs["fsdp", method]["losses"], rel=1e-6)
+    # MEFT3 trains only its adapters: 2 per layer, each d·r + r + r·d + d
+    d, r, layers = TINY_OPT["hidden_size"], 8, TINY_OPT["num_hidden_layers"]
+    assert runs["ddp", "meft3"]["trainable_parameters"] == layers * 2 * (2 * d * r + r + d)
