@@ -150,6 +150,19 @@ class MeftLayers(nn.ModuleList):
                 "MEFT does not know, so the output would not be MEFT's"
             )
 
+    def unreachable_adapters(self) -> list[nn.Module]:
+        """Adapters whose output never reaches the returned stream. When MEFT1 or MEFT2 return
+        only the PLM stream, the top layer's adapter block (G in MEFT1, F in MEFT2) writes the
+        other, dropped stream: it can learn nothing and gets no gradient. It stays frozen, so that
+        every trainable parameter gets a gradient in every step (DDP would otherwise hand it zeros
+        where a single process has none, and weight decay would move it under DDP only)."""
+        if self.output_stream != "plm" or not self.variant.swap:
+            return []
+        # after the last swap, stream x1 holds G's output and x2 holds F's
+        dropped_block = self.variant.G if self.variant.plm_stream == 1 else self.variant.F
+        top = list(self._modules.values())[-1]
+        return [top.meft["coupling"]] if dropped_block == "adapter" else []
+
     # --- the stack ------------------------------------------------------------------------
     def couplings(self, compiled: bool = False) -> list[Coupling]:
         stack, result = self.stack, []
@@ -263,11 +276,15 @@ def install_meft(model: nn.Module, config, trainable_modules: tuple[str, ...] = 
 
 
 def freeze_plm(model: nn.Module, trainable_modules: tuple[str, ...] = ()) -> None:
-    """Freezes everything but the adapters (found by type, not by name) and the task head."""
+    """Freezes everything but the adapters (found by type, not by name) and the task head;
+    adapters whose output never reaches the model's output stay frozen."""
     model.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, MeftAdapter):
             module.requires_grad_(True)
+    for stack in [m for m in model.modules() if isinstance(m, MeftLayers)]:
+        for adapter in stack.unreachable_adapters():
+            adapter.requires_grad_(False)
     for name in trainable_modules:
         model.get_submodule(name).requires_grad_(True)
 
