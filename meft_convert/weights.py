@@ -8,6 +8,7 @@ shard of their own, and an index ties the shards together.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from dataclasses import dataclass
@@ -102,7 +103,15 @@ def _pickle_tensor_infos(files: list[Path]) -> dict[str, TensorInfo]:
 
 
 def _copy_with_progress(src: Path, dst: Path, progress: tqdm) -> None:
+    """A byte-for-byte copy in 256 MB steps; inside the kernel (copy_file_range: no bytes pass
+    through this process, and file systems that can share blocks do) where it is available."""
     with open(src, "rb") as fin, open(dst, "wb") as fout:
+        try:
+            while copied := os.copy_file_range(fin.fileno(), fout.fileno(), 256 << 20):
+                progress.update(copied)
+            return
+        except (AttributeError, OSError):  # no copy_file_range here (other OS, some file systems)
+            fin.seek(fout.tell())
         while chunk := fin.read(64 << 20):
             fout.write(chunk)
             progress.update(len(chunk))

@@ -1,0 +1,89 @@
+"""Conversion time and peak memory against copying the checkpoint's files.
+
+Builds an OPT-1.3b-shaped checkpoint (random fp16 weights, 1 GB safetensors shards) in a
+scratch folder, then times, with /usr/bin/time -v, `cp -r` of it and `meft-convert` of it
+(without the verification, which loads both models and is a separate step). The converter
+streams: shards are copied in chunks, the model is only built on the meta device, and the
+adapters are the only tensors it creates.
+
+    python benchmarks/conversion_speed.py --out benchmarks/results/conversion.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def build_checkpoint(folder: Path) -> int:
+    values = json.loads((ROOT / "tests" / "data" / "configs" / "opt-1.3b.json").read_text())
+    values.pop("_name_or_path", None)
+    config = transformers.AutoConfig.for_model(values.pop("model_type"), **values)
+    torch.manual_seed(0)
+    model = transformers.OPTForCausalLM(config).to(torch.float16)
+    model.save_pretrained(folder, max_shard_size="1GB")
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def timed(command: list[str]) -> dict:
+    """Wall time and peak RSS of a command, as /usr/bin/time -v reports them."""
+    result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{command} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", result.stderr)
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in wall.groups())
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
+    return {"command": " ".join(command), "seconds": hours * 3600 + minutes * 60 + seconds, "max_rss_bytes": rss_kb * 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each command; the median is reported")
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="meft-conversion-"))
+    try:
+        source = scratch / "opt-1.3b-shaped"
+        checkpoint_bytes = build_checkpoint(source)
+        runs: dict[str, list[dict]] = {"copy": [], "convert": []}
+        for i in range(args.repeats):
+            runs["copy"].append(timed(["cp", "-r", str(source), str(scratch / f"copy-{i}")]))
+            runs["convert"].append(timed([
+                str(Path(sys.executable).parent / "meft-convert"), str(source), "--output", str(scratch / f"meft-{i}"),
+                "--variant", "meft3", "--no-verify",
+            ]))
+            shutil.rmtree(scratch / f"copy-{i}")
+            shutil.rmtree(scratch / f"meft-{i}")
+        median = {k: sorted(v, key=lambda r: r["seconds"])[len(v) // 2] for k, v in runs.items()}
+        result = {
+            "date": time.strftime("%Y-%m-%d"),
+            "command": " ".join(sys.argv),
+            "machine": "the project's CPU machine (2 cores)",
+            "checkpoint": "OPT-1.3b config, random fp16 weights, 1 GB safetensors shards",
+            "checkpoint_bytes": checkpoint_bytes,
+            "shards": len(list(source.glob("*.safetensors"))),
+            "runs": runs,
+            "convert_over_copy_time": median["convert"]["seconds"] / median["copy"]["seconds"],
+            "convert_rss_over_checkpoint": median["convert"]["max_rss_bytes"] / checkpoint_bytes,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
