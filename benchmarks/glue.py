@@ -667,6 +667,10 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--time-budget", type=float, default=420.0, help="seconds after which no run starts")
     parser.add_argument("--compile", action="store_true", help="let the engine torch.compile its half-steps (off: MEFT_COMPILE=0)")
+    parser.add_argument(
+        "--resume", type=Path, metavar="JSON",
+        help="a glue.json of an earlier command: its finished runs are kept and not run again",
+    )
     parser.add_argument("--plan", action="store_true", help="print the runs and a time estimate, run nothing")
     parser.add_argument("--report", type=Path, metavar="DIR", help="rewrite DIR/glue.md and DIR/glue.png from DIR/glue.json")
     parser.add_argument("--export-model", type=Path, metavar="DIR", help="write the model with float16 tensors to DIR and exit")
@@ -736,6 +740,14 @@ def run_all(args, model: Path, work: Path, started: float) -> int:
         "methods": {m: asdict(METHODS[m]) for m in args.methods},
         "runs": [],
     }
+    done: set[tuple] = set()
+    if args.resume:
+        earlier = json.loads(args.resume.read_text())
+        if earlier["settings"]["epochs"] != args.epochs or earlier["settings"]["batch_size"] != args.batch_size:
+            raise SystemExit(f"error: {args.resume} was run with other --epochs or --batch-size")
+        results["runs"] = [r for r in earlier["runs"] if r.get("status") == "ok"]
+        done = {(r["task"], r["method"], r["lr"], r["seed"]) for r in results["runs"]}
+        results["resumed_from"] = earlier["command"]
 
     def save() -> None:
         results["elapsed_seconds"] = round(time.time() - started, 1)
@@ -744,8 +756,6 @@ def run_all(args, model: Path, work: Path, started: float) -> int:
         tmp.replace(args.out / "glue.json")
 
     save()
-    meft_methods = [m for m in args.methods if METHODS[m].kind == "meft"]
-    conversions = [(m, s) for m in meft_methods for s in args.seeds]
     specs = [
         RunSpec(
             task=task, method=method, lr=lr, seed=seed, epochs=args.epochs, batch_size=args.batch_size,
@@ -754,7 +764,9 @@ def run_all(args, model: Path, work: Path, started: float) -> int:
             work=str(work), hard_deadline=start_deadline + HARD_STOP_GRACE_S,
         )
         for task, method, lr, seed in plan_runs(args)
+        if (task, method, lr, seed) not in done
     ]
+    conversions = sorted({(spec.method, spec.seed) for spec in specs if METHODS[spec.method].kind == "meft"})
     threads = max(1, (os.cpu_count() or 1) // max(1, args.workers)) if args.device == "cpu" else 1
 
     def finished(record: dict) -> None:
