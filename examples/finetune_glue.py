@@ -333,8 +333,10 @@ def main(argv: list[str] | None = None) -> int:
             "label2id": {label: i for i, label in enumerate(spec.labels)},
         }
         transformers.set_seed(args.seed)  # the new task head's initialisation
+        # float32 weights whatever the checkpoint holds (OPT's are float16): the optimizer
+        # updates them in float32, and --bf16 runs the computation under autocast
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            model_path, trust_remote_code=True, num_labels=num_labels, **labels
+            model_path, trust_remote_code=True, num_labels=num_labels, dtype=torch.float32, **labels
         )
         if args.tokenizer is None and args.from_config is not None:
             tokenizer = HashingTokenizer(model.config)
@@ -365,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             warmup_steps=args.warmup_steps,
             max_grad_norm=args.max_grad_norm,
             bf16=args.bf16,
+            use_cpu=not torch.cuda.is_available(),  # bf16 on the CPU too (autocast)
             logging_steps=args.logging_steps,
             logging_nan_inf_filter=False,
             eval_strategy="no",

@@ -79,6 +79,9 @@ def test_training_under_autocast_stays_finite_and_learns(dtype):
     # one batch, eight steps: the adapters and classifier fit it
     assert losses[-1] < losses[0] - 0.05, losses
     assert all(torch.isfinite(p).all() and not torch.equal(p, start[n]) for n, p in model.named_parameters() if n in start)
+    model.eval()  # evaluation under autocast takes the plain float path
+    with torch.autocast("cpu", dtype=dtype), torch.no_grad():
+        assert torch.isfinite(loss_of(model, "AutoModelForSequenceClassification", *batch()))
     if scaler is not None:
         # no step was skipped for inf/NaN gradients: the scale never dropped
         assert scaler.get_scale() == 2.0**16

@@ -16,7 +16,9 @@ from tests.test_modeling import batch, build, gradients, loss_of
 from tests.test_reversible import _SavedTracker
 
 ROOT = Path(__file__).resolve().parent.parent
-RTE = Path("/work/shared/data/glue/RTE") if Path("/work/shared/data/glue/RTE").is_dir() else ROOT.parent / "shared" / "data" / "glue" / "RTE"
+# the GLUE TSVs: beside the repository (../shared/data), or copied into it (shared-data/)
+GLUE = next((p for p in (ROOT.parent / "shared" / "data" / "glue", ROOT / "shared-data" / "glue") if p.is_dir()), None)
+RTE = GLUE / "RTE" if GLUE else ROOT / "missing"
 STEPS, SAVE_AT = 8, 4
 
 
