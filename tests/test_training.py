@@ -106,7 +106,8 @@ def uninterrupted(minilm_meft3, rte_rows, example, tmp_path_factory):
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
     after = trainer.evaluate()["eval_loss"]
-    return dict(losses=losses.values, before=before, after=after, history=trainer.state.log_history, output_dir=output_dir)
+    history = trainer.state.log_history
+    return {"losses": losses.values, "before": before, "after": after, "history": history, "output_dir": output_dir}
 
 
 @pytest.mark.slow
