@@ -275,6 +275,10 @@ def mean_of_window(losses: list[float], first: bool) -> float | None:
     return sum(part) / len(part)
 
 
+def _loss(metrics: dict | None, prefix: str) -> float | None:
+    return None if metrics is None else metrics[f"{prefix}_loss"]
+
+
 # ------------------------------------------------------------------------------------- run
 
 
@@ -301,6 +305,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (the Trainer's bf16=True)")
     parser.add_argument("--max-train-samples", type=int, help="use only the first N training rows")
     parser.add_argument("--max-eval-samples", type=int, help="evaluate on the first N dev rows only")
+    parser.add_argument(
+        "--eval-train-samples", type=int, default=0,
+        help="also evaluate on the first N training rows before and after training (how well the run fits)",
+    )
     parser.add_argument("--logging-steps", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -388,15 +396,19 @@ def main(argv: list[str] | None = None) -> int:
             compute_metrics=metrics_for(args.task),
             callbacks=[run_log],
         )
+        fit_features = train_features[: args.eval_train_samples]
         eval_before = trainer.evaluate() if dev_features else None
+        fit_before = trainer.evaluate(fit_features, metric_key_prefix="train_eval") if fit_features else None
         error = None
         try:
             trainer.train()
         except FloatingPointError as e:  # the engine's range check: NaN, inf or overflow in a layer
             error = str(e)
-        eval_after = trainer.evaluate() if dev_features and error is None and run_log.non_finite is None else None
+        finished = error is None and run_log.non_finite is None
+        eval_after = trainer.evaluate() if dev_features and finished else None
+        fit_after = trainer.evaluate(fit_features, metric_key_prefix="train_eval") if fit_features and finished else None
         adapters_dir = output_dir / "adapters"
-        if error is None and run_log.non_finite is None:
+        if finished:
             model.save_pretrained(adapters_dir, adapters_only=True)
 
     losses = [e["loss"] for e in run_log.history if "loss" in e]
@@ -419,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         "loss_last": mean_of_window(losses, first=False),
         "eval_before": eval_before,
         "eval_after": eval_after,
+        "train_eval_before": fit_before,
+        "train_eval_after": fit_after,
         "non_finite": run_log.non_finite,
         "error": error,
         "adapters_dir": str(adapters_dir) if args.output_dir and not failed else None,
@@ -430,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         args.log_json.write_text(json.dumps(summary, indent=1) + "\n")
     print(
         f"loss: first {summary['loss_first']} -> last {summary['loss_last']} over {summary['steps_run']} steps; "
-        f"eval before {eval_before} after {eval_after}"
+        f"dev loss {_loss(eval_before, 'eval')} -> {_loss(eval_after, 'eval')}; "
+        f"loss on {len(fit_features)} training rows {_loss(fit_before, 'train_eval')} -> {_loss(fit_after, 'train_eval')}"
     )
     if failed:
         print(f"error: training stopped: {error or f'non-finite value logged: {run_log.non_finite}'}", file=sys.stderr)

@@ -94,8 +94,10 @@ def test_trains_a_model_built_from_a_config_in_bf16(example, config_name, tmp_pa
     code, log = run(
         example, tmp_path, "--from-config", str(config_file), "--data-dir", str(GLUE / "RTE"), "--bf16",
         "--max-steps", "3", "--batch-size", "4", "--seq-len", "24", "--max-train-samples", "12", "--max-eval-samples", "8",
+        "--eval-train-samples", "8",
     )
     assert code == 0 and log["bf16"] and log["variant"] == "meft3"
+    assert math.isfinite(log["train_eval_before"]["train_eval_loss"]) and math.isfinite(log["train_eval_after"]["train_eval_loss"])
     losses = [e["loss"] for e in log["history"] if "loss" in e]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert math.isfinite(log["eval_after"]["eval_loss"])
