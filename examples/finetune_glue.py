@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             report_to="none",
             seed=args.seed,
             dataloader_num_workers=0,
+            dataloader_pin_memory=torch.cuda.is_available(),
             remove_unused_columns=False,
             disable_tqdm=True,
         )

@@ -88,6 +88,7 @@ def trainer_for(model, features, pad_token_id, example, output_dir, **overrides)
         report_to="none",
         seed=0,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
         disable_tqdm=True,
         **overrides,
