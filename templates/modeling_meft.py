@@ -23,12 +23,18 @@ own chain of layers (the paper's starting point); `output_stream="plm"` returns 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .adapters import MeftAdapter, init_adapter_projection, is_adapter_projection
 from .configuration_meft import config_class_for
@@ -115,6 +121,9 @@ class MeftLayers(nn.ModuleList):
         self.output_stream = config.output_stream
         self.compile_blocks = getattr(config, "compile_blocks", False)
         self.backward_mode = "reversible"
+        # set by gradient_checkpointing_enable(): checkpoints the layers that store activations
+        self.checkpoint_func = None
+        self.checkpoint_every_n_layers = 1
         self.trace = None  # a list to record stream values per layer (diagnostics, tests)
         self._layer_signature = inspect.signature(self[0].forward)
         self._owner_calls = 0  # > 0 while the owner's forward runs
@@ -201,6 +210,8 @@ class MeftLayers(nn.ModuleList):
         if trains:
             mode = self.backward_mode
             layer_args = _without_cache(layer_args)
+            if self.checkpoint_func is not None:
+                couplings = self._checkpointed(couplings, mode)
         else:
             mode = "float"
         x1, x2 = run_stack(
@@ -215,6 +226,28 @@ class MeftLayers(nn.ModuleList):
         )
         out = (x1 + x2) / 2 if self.output_stream == "mean" else (x1, x2)[self.variant.plm_stream]
         return out.to(hidden_states.dtype)
+
+    def _checkpointed(self, couplings: list[Coupling], mode: str) -> list[Coupling]:
+        """Gradient checkpointing for the layers that store activations: the ones above
+        `reversible_layers` (all of them in the vanilla mode). Reversible layers already keep
+        nothing but remainders, so they are left alone. Each PLM block is checkpointed on its
+        own; a coupling's lone adapter (MEFT1's G, MEFT2's F) is too small to be worth it."""
+        first = 0 if mode == "vanilla" else (len(couplings) if self.reversible_layers is None else self.reversible_layers)
+        result = list(couplings[:first])
+        for index, coupling in enumerate(couplings[first:]):
+            if index % self.checkpoint_every_n_layers:
+                result.append(coupling)
+                continue
+            F = coupling.F if self.variant.F == "adapter" else self._checkpoint_block(coupling.F)
+            G = coupling.G if self.variant.G == "adapter" else self._checkpoint_block(coupling.G)
+            result.append(dataclasses.replace(coupling, F=F, G=G))
+        return result
+
+    def _checkpoint_block(self, block):
+        checkpoint_func = self.checkpoint_func
+        # always non-reentrant: the routed arguments are a dict, and reentrant checkpointing
+        # would not pass gradients to tensors inside it (BART's encoder output, for one)
+        return lambda x, args: checkpoint_func(block, x, args, use_reentrant=False)
 
 
 def _without_cache(layer_args: dict) -> dict:
@@ -289,6 +322,10 @@ def freeze_plm(model: nn.Module, trainable_modules: tuple[str, ...] = ()) -> Non
         model.get_submodule(name).requires_grad_(True)
 
 
+ADAPTERS_WEIGHTS_NAME = "meft_adapters.safetensors"
+ADAPTERS_CONFIG_NAME = "meft_adapters.json"
+
+
 class MeftModelMixin:
     """What every Meft<LibraryClass> adds to its library class."""
 
@@ -304,11 +341,15 @@ class MeftModelMixin:
         install_meft(self, config, self._meft_trainable_modules)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, *args, adapters: str | os.PathLike | None = None, **kwargs):
+        """transformers' from_pretrained; `adapters`, a folder written by
+        save_pretrained(..., adapters_only=True), is then loaded onto the converted model."""
         loaded = super().from_pretrained(*args, **kwargs)
         # loading replaces parameters by fresh ones that all require grad: freeze again
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         freeze_plm(model, cls._meft_trainable_modules)
+        if adapters is not None:
+            model.load_adapters(adapters)
         return loaded
 
     def _init_weights(self, module):
@@ -353,6 +394,113 @@ class MeftModelMixin:
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    # --- gradient checkpointing -----------------------------------------------------------
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
+        """Reached from gradient_checkpointing_enable()/_disable() and from the Trainer's
+        `gradient_checkpointing=True`. Reversible layers need no checkpointing and keep running
+        as they do; the layers that store activations (above `reversible_layers`, or all of
+        them under meft_backward("vanilla")) are checkpointed block by block."""
+        if gradient_checkpointing_func is None:
+            gradient_checkpointing_func = checkpoint
+        # the library's own flags too, so that is_gradient_checkpointing and the Trainer see it;
+        # the library layers are never called as a whole here, so the flags change nothing else
+        super()._set_gradient_checkpointing(enable=enable, gradient_checkpointing_func=gradient_checkpointing_func, **kwargs)
+        for stack in self.meft_stacks:
+            stack.checkpoint_func = gradient_checkpointing_func if enable else None
+            stack.checkpoint_every_n_layers = kwargs.get("every_n_layers", 1)
+
+    # --- adapter-only saves ---------------------------------------------------------------
+    def _meft_trained_modules(self) -> list[str]:
+        """Names of the modules fine-tuning changes: every adapter and the task head MEFT trains."""
+        return [
+            name
+            for name, module in self.named_modules()
+            if isinstance(module, MeftAdapter) or name in self._meft_trainable_modules
+        ]
+
+    def adapters_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors an adapter-only save holds: the adapters, the task head MEFT trains, and
+        any other parameter set to train. Everything else is the frozen converted base."""
+        state = self.state_dict()
+        names = {n for module in self._meft_trained_modules() for n in state if n.startswith(module + ".")}
+        names.update(n for n, p in self.named_parameters() if p.requires_grad)
+        return {n: state[n] for n in sorted(names)}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, adapters_only: bool = False, **kwargs):
+        """transformers' save_pretrained; with `adapters_only=True` it writes only what
+        fine-tuning changed (adapters_state_dict(): a few MB) to meft_adapters.safetensors and
+        the MEFT settings to meft_adapters.json. Load them onto the same converted base with
+        `model.load_adapters(folder)` or `from_pretrained(base, adapters=folder)`."""
+        if not adapters_only:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        unsupported = sorted(set(kwargs) - {"is_main_process"})
+        if args or unsupported:
+            raise TypeError(
+                f"save_pretrained(adapters_only=True) takes save_directory and is_main_process only, got {unsupported or args}"
+            )
+        if not kwargs.get("is_main_process", True):
+            return None
+        folder = Path(save_directory)
+        if folder.is_file():
+            raise ValueError(f"{folder} is a file; adapters are saved into a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {name: tensor.detach().contiguous() for name, tensor in self.adapters_state_dict().items()}
+        save_file(tensors, str(folder / ADAPTERS_WEIGHTS_NAME), metadata={"format": "pt"})
+        description = {
+            "architecture": type(self).__name__,
+            "plm_model_type": self.config.plm_model_type,
+            "meft_settings": self.config.meft_settings(),
+            "base_model": getattr(self.config, "_name_or_path", ""),
+            "id2label": {str(k): v for k, v in self.config.id2label.items()},
+            "tensors": sorted(tensors),
+        }
+        (folder / ADAPTERS_CONFIG_NAME).write_text(json.dumps(description, indent=2) + "\n")
+        return None
+
+    def load_adapters(self, adapters_dir: str | os.PathLike) -> None:
+        """Loads a folder written by save_pretrained(..., adapters_only=True) into this model,
+        which must be the converted base they were trained on (same MEFT settings and
+        shapes). Tensors are copied in place, cast to this model's dtype and device."""
+        folder = Path(adapters_dir)
+        weights, description_file = folder / ADAPTERS_WEIGHTS_NAME, folder / ADAPTERS_CONFIG_NAME
+        if not (weights.is_file() and description_file.is_file()):
+            raise FileNotFoundError(
+                f"{folder} holds no {ADAPTERS_WEIGHTS_NAME} and {ADAPTERS_CONFIG_NAME}; "
+                "write them with model.save_pretrained(folder, adapters_only=True)"
+            )
+        description = json.loads(description_file.read_text())
+        if description["plm_model_type"] != self.config.plm_model_type:
+            raise ValueError(
+                f"these adapters were trained on a {description['plm_model_type']} model, not {self.config.plm_model_type}"
+            )
+        ours = self.config.meft_settings()
+        differing = {k: (v, ours.get(k)) for k, v in description["meft_settings"].items() if ours.get(k) != v}
+        if differing:
+            details = ", ".join(f"{k}: saved {saved!r}, this model {here!r}" for k, (saved, here) in differing.items())
+            raise ValueError(f"the adapters' MEFT settings differ from this model's ({details})")
+        tensors = load_file(str(weights))
+        state = self.state_dict()
+        unknown = sorted(set(tensors) - set(state))
+        if unknown:
+            raise ValueError(f"{weights} holds tensors this model does not have: {', '.join(unknown[:5])}")
+        required = {n for module in self._meft_trained_modules() for n in state if n.startswith(module + ".")}
+        missing = sorted(required - set(tensors))
+        if missing:
+            raise ValueError(f"{weights} lacks tensors this model trains: {', '.join(missing[:5])}")
+        wrong_shape = sorted(n for n, t in tensors.items() if t.shape != state[n].shape)
+        if wrong_shape:
+            n = wrong_shape[0]
+            raise ValueError(
+                f"{n} has shape {tuple(tensors[n].shape)} in {weights} but {tuple(state[n].shape)} in this model "
+                "(another base model, adapter_dim or number of labels?)"
+            )
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                state[name].copy_(tensor)
+        if "id2label" in description:
+            self.config.id2label = {int(k): v for k, v in description["id2label"].items()}
+            self.config.label2id = {v: k for k, v in self.config.id2label.items()}
 
 
 _MODEL_CLASSES: dict[str, type] = {}

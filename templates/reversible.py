@@ -492,7 +492,10 @@ class _ReversibleStack(torch.autograd.Function):
             if rng is not None:
                 rng.restore()
             leaf = block_input.detach().requires_grad_()
-            with torch.enable_grad():
+            # only the recompute runs under the forward's autocast; the gradients are computed
+            # outside it, as loss.backward() computes plain autograd's (autocast would also
+            # apply to the backward's own kernels and change their rounding)
+            with torch.enable_grad(), run.autocast.active():
                 out = block(_block_input(leaf, run.compute_dtype), routed)
             if s.exact:
                 m = denominator_of(scale)
@@ -505,7 +508,7 @@ class _ReversibleStack(torch.autograd.Function):
         device_ids = run.records[0].rng_f.device_ids if run.record_rng and run.records else []
         device_type = run.autocast.device_type if run.autocast.device_type != "cpu" else "cuda"
         fork = torch.random.fork_rng(devices=device_ids, enabled=run.record_rng, device_type=device_type)
-        with fork, run.autocast.active():
+        with fork:
             for idx in reversed(range(len(run.couplings))):
                 c, rec = run.couplings[idx], run.records[idx]
                 if s.swap:  # undo the swap that followed this layer

@@ -1,0 +1,203 @@
+"""The transformers Trainer drives a converted model: the real MiniLM on real RTE rows, with
+gradient accumulation, clipping, evaluation, checkpoints and resuming; gradient checkpointing."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from tests.test_modeling import batch, build, gradients, loss_of
+from tests.test_reversible import _SavedTracker
+
+ROOT = Path(__file__).resolve().parent.parent
+# the GLUE TSVs: beside the repository (../shared/data), or copied into it (shared-data/)
+GLUE = next((p for p in (ROOT.parent / "shared" / "data" / "glue", ROOT / "shared-data" / "glue") if p.is_dir()), None)
+RTE = GLUE / "RTE" if GLUE else ROOT / "missing"
+STEPS, SAVE_AT = 8, 4
+# transformers >= 5.2x renames gradient_checkpointing_enable; the tests call the name 5.17 has
+pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing_(enable|disable)` is deprecated:FutureWarning")
+
+
+def example_module():
+    """examples/finetune_glue.py, whose data reading and batching the tests share."""
+    spec = importlib.util.spec_from_file_location("finetune_glue", ROOT / "examples" / "finetune_glue.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def example():
+    return example_module()
+
+
+@pytest.fixture(scope="module")
+def minilm_meft3(converted):
+    return converted("minilm", "meft3")[0]
+
+
+@pytest.fixture(scope="module")
+def rte_rows(example, minilm_meft3):
+    if not (RTE / "train.tsv").is_file():
+        pytest.skip(f"no GLUE RTE data at {RTE}")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_meft3)
+    rows = example.read_glue(RTE, "rte", "train")[:16]
+    return example.encode(rows, tokenizer, seq_len=32, with_type_ids=True), tokenizer.pad_token_id
+
+
+def classifier(folder):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return transformers.AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True, num_labels=2)
+
+
+class MicroBatchLosses:
+    """Every training forward's loss, recorded from the model's output."""
+
+    def __init__(self, model):
+        self.values: list[torch.Tensor] = []
+        model.register_forward_hook(self.record)
+
+    def record(self, module, args, output):
+        if module.training:
+            self.values.append(output.loss.detach().clone())
+
+
+def trainer_for(model, features, pad_token_id, example, output_dir, **overrides):
+    args = transformers.TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=STEPS,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        gradient_accumulation_steps=2,
+        max_grad_norm=0.5,
+        learning_rate=5e-3,
+        lr_scheduler_type="constant",
+        save_strategy="steps",
+        save_steps=SAVE_AT,
+        eval_strategy="no",
+        logging_steps=1,
+        logging_nan_inf_filter=False,
+        report_to="none",
+        seed=0,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        **overrides,
+    )
+    return transformers.Trainer(
+        model=model, args=args, train_dataset=features, eval_dataset=features, data_collator=example.Collator(pad_token_id)
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(minilm_meft3, rte_rows, example, tmp_path_factory):
+    features, pad_token_id = rte_rows
+    model = classifier(minilm_meft3)
+    assert model.config.hidden_dropout_prob == 0.1  # dropout on: resuming must replay its RNG
+    losses = MicroBatchLosses(model)
+    output_dir = tmp_path_factory.mktemp("uninterrupted")
+    trainer = trainer_for(model, features, pad_token_id, example, output_dir)
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    history = trainer.state.log_history
+    return {"losses": losses.values, "before": before, "after": after, "history": history, "output_dir": output_dir}
+
+
+@pytest.mark.slow
+def test_trainer_fits_rte_rows(uninterrupted):
+    # 16 RTE rows, 8 steps of 2 × 4: the loss on those rows falls from chance (ln 2)
+    assert math.isclose(uninterrupted["before"], math.log(2), abs_tol=0.01)
+    assert uninterrupted["after"] < uninterrupted["before"] - 0.05, (uninterrupted["before"], uninterrupted["after"])
+    logged = [e for e in uninterrupted["history"] if "loss" in e]
+    assert len(logged) == STEPS and len(uninterrupted["losses"]) == 2 * STEPS  # accumulation: 2 micro-batches a step
+    assert all(math.isfinite(e["loss"]) and e["grad_norm"] > 0 for e in logged)
+    assert (uninterrupted["output_dir"] / f"checkpoint-{SAVE_AT}" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_resuming_from_a_checkpoint_continues_the_same_run(uninterrupted, minilm_meft3, rte_rows, example, tmp_path):
+    features, pad_token_id = rte_rows
+    model = classifier(minilm_meft3)
+    losses = MicroBatchLosses(model)
+    # gradient checkpointing leaves the reversible layers as they are, so it changes nothing here
+    trainer = trainer_for(model, features, pad_token_id, example, tmp_path, gradient_checkpointing=True)
+    trainer.train(resume_from_checkpoint=str(uninterrupted["output_dir"] / f"checkpoint-{SAVE_AT}"))
+    assert all(stack.checkpoint_func is not None for stack in model.meft_stacks)
+    expected = uninterrupted["losses"][2 * SAVE_AT :]
+    assert len(losses.values) == len(expected) == 2 * (STEPS - SAVE_AT)
+    # bit for bit: same weights, optimizer state, data order and dropout masks
+    for resumed, reference in zip(losses.values, expected):
+        assert torch.equal(resumed, reference), (resumed, reference)
+
+
+# --- gradient checkpointing ------------------------------------------------------------------
+
+
+def saved_bytes(model, auto_class) -> int:
+    tracker = _SavedTracker(model.parameters())
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
+        loss = loss_of(model, auto_class, *batch())  # noqa: F841 (its graph holds what is counted)
+    return tracker.live_bytes()
+
+
+@pytest.mark.parametrize("variant", ["meft1", "meft3"])
+def test_gradient_checkpointing_applies_to_the_layers_that_store_activations(variant):
+    auto = "AutoModelForSequenceClassification"
+    # 4 layers, the lowest reversible: the 3 above store activations unless checkpointed
+    model = build("bert-base-uncased", auto, variant=variant, reversible_layers=1, plm={"num_hidden_layers": 4})
+    # what gradient_checkpointing_enable() also does, so that the counts differ by checkpointing only
+    model.enable_input_require_grads()
+    loss, reference = gradients(model, auto, "reversible")
+    stored = saved_bytes(model, auto)
+    model.gradient_checkpointing_enable()
+    assert all(stack.checkpoint_func is not None for stack in model.meft_stacks)
+    loss_gc, checkpointed = gradients(model, auto, "reversible")
+    assert torch.equal(loss, loss_gc)
+    for name, grad in reference.items():
+        assert torch.equal(grad, checkpointed[name]), name  # dropout replayed by the checkpoint
+    assert saved_bytes(model, auto) < stored / 3
+    # the vanilla mode stores every layer's activations: all of them are checkpointed
+    _, vanilla = gradients(model, auto, "vanilla")
+    for name, grad in reference.items():
+        assert torch.equal(grad, vanilla[name]), name
+    model.gradient_checkpointing_disable()
+    assert all(stack.checkpoint_func is None for stack in model.meft_stacks)
+    assert saved_bytes(model, auto) == stored
+
+
+def test_gradient_checkpointing_changes_nothing_in_a_fully_reversible_stack():
+    auto = "AutoModelForCausalLM"
+    model = build("opt-125m", auto, variant="meft3")
+    model.enable_input_require_grads()
+    loss, reference = gradients(model, auto, "reversible")
+    stored = saved_bytes(model, auto)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    loss_gc, checkpointed = gradients(model, auto, "reversible")
+    assert torch.equal(loss, loss_gc)
+    assert all(torch.equal(grad, checkpointed[name]) for name, grad in reference.items())
+    assert saved_bytes(model, auto) == stored
+
+
+def test_checkpointed_upper_layers_pass_gradients_to_routed_tensors():
+    # BART's decoder reads the encoder output through the routed arguments: non-reentrant
+    # checkpointing must still send its gradient back to the encoder's adapters
+    auto = "AutoModelForSeq2SeqLM"
+    model = build("bart-base", auto, variant="meft3", reversible_layers=1)
+    loss, reference = gradients(model, auto, "reversible")
+    model.gradient_checkpointing_enable()
+    loss_gc, checkpointed = gradients(model, auto, "reversible")
+    assert torch.equal(loss, loss_gc)
+    assert any(".encoder." in name for name in reference)
+    for name, grad in reference.items():
+        assert torch.equal(grad, checkpointed[name]), name
