@@ -237,7 +237,7 @@ def _pickle_checkpoint(tiny_checkpoints, folder: Path) -> Path:
 def test_pickle_only_checkpoint_is_refused_with_how_to_convert_it(tiny_checkpoints, tmp_path):
     folder = _pickle_checkpoint(tiny_checkpoints, tmp_path / "bin")
     _fails(ConvertOptions(model=str(folder), output=tmp_path / "out"), match="has only pickle weights")
-    _fails(ConvertOptions(model=str(folder), output=tmp_path / "out"), match=r"save_pretrained\(out\) \(transformers 5 saves safetensors\)")
+    _fails(ConvertOptions(model=str(folder), output=tmp_path / "out"), match=r"save_pretrained\(out\)` \(transformers 5 saves safetensors\)")
     (folder / "pytorch_model.bin").unlink()
     _fails(ConvertOptions(model=str(folder), output=tmp_path / "out"), match="reads safetensors only")
 
