@@ -1,12 +1,14 @@
-"""The `meft-convert` command: builds ConvertOptions, calls convert(), maps errors to exit codes.
+"""The `meft-convert` command: a group whose default command converts, beside `push` and `check`.
+Each builds its inputs, calls one library function and maps errors to exit codes.
 
-Exit codes: 0 success; 2 bad usage or input (nothing written); 1 a conversion or its
-verification failed (nothing written). Tracebacks only with --verbose.
+Exit codes: 0 success; 2 bad usage or input (nothing written); 1 a conversion, its
+verification, an upload or a check failed. Tracebacks only with --verbose.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import sys
 import traceback
@@ -15,9 +17,35 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .convert import ConvertOptions, convert, option_fields
-from .errors import MeftConvertError, VerificationError
-from .templates.families import FAMILIES
+from .errors import BadInputError, MeftConvertError, VerificationError
+from .hub import push_to_hub
+
+# torch and transformers load only for the commands that need them (convert, check with
+# verification), so that `push` and the help start quickly
+
+GROUP_HELP = """Convert pretrained transformers models into exact-reversible MEFT checkpoints,
+publish them and check them.
+
+\b
+    meft-convert MODEL -o OUTPUT [--variant meft3 ...] [--push-to-hub ORG/NAME]
+        convert MODEL (a folder or a hub id); the default command, also
+        spelled `meft-convert convert MODEL ...`: see `meft-convert convert --help`
+    meft-convert push OUTPUT ORG/NAME [--private] [--revision BRANCH]
+        upload a converted folder to the Hugging Face Hub
+    meft-convert check OUTPUT_OR_REPO [--revision COMMIT]
+        tell whether a checkpoint's code is byte-identical to what this
+        version ships, and verify the model again
+
+The result loads anywhere with transformers and trust_remote_code=True:
+
+\b
+    meft-convert facebook/opt-1.3b --variant meft3 -o opt-1.3b-meft3
+    python -c "from transformers import AutoModelForCausalLM as A; \\
+      m = A.from_pretrained('opt-1.3b-meft3', trust_remote_code=True)"
+
+The hub token comes from --token, else HF_TOKEN, else the stored login; it is never printed
+or written.
+"""
 
 HELP = """Convert MODEL into an exact-reversible MEFT checkpoint in OUTPUT.
 
@@ -76,6 +104,8 @@ def _type_of(f):
 
 
 def _params() -> list[click.Parameter]:
+    from .convert import option_fields
+
     params: list[click.Parameter] = []
     for f in option_fields():
         meta = f.metadata
@@ -103,8 +133,16 @@ def _params() -> list[click.Parameter]:
 
 
 def _run(verbose: bool, **kwargs) -> None:
+    from . import convert as conversion
+
+    output = _guarded(verbose, lambda: conversion.convert(conversion.ConvertOptions(**kwargs), log=click.echo))
+    click.echo(f"Wrote {output}")
+
+
+def _guarded(verbose: bool, action, interrupted: str = "Interrupted: nothing was written."):
+    """Runs `action`; errors become one message on stderr and an exit code."""
     try:
-        output = convert(ConvertOptions(**kwargs), log=click.echo)
+        return action()
     except MeftConvertError as e:
         if verbose:
             traceback.print_exc()
@@ -113,21 +151,124 @@ def _run(verbose: bool, **kwargs) -> None:
         click.echo(f"Error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo("Interrupted: nothing was written.", err=True)
+        click.echo(interrupted, err=True)
         sys.exit(130)
     except Exception as e:
         if verbose:
             traceback.print_exc()
         click.echo(f"Error: {type(e).__name__}: {e} (run with --verbose for the traceback)", err=True)
         sys.exit(1)
-    click.echo(f"Wrote {output}")
 
 
-main = click.Command(
-    "meft-convert",
-    params=_params(),
-    callback=_run,
-    help=HELP.format(families=", ".join(sorted(FAMILIES))),
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+VERBOSE = click.option("--verbose", "-v", is_flag=True, help="Show tracebacks of errors.")
+TOKEN = click.option(
+    "--token", metavar="TOKEN", default=None,
+    help="Hugging Face token (default: HF_TOKEN, else the stored login). Never printed or written.",
 )
+
+
+class DefaultGroup(click.Group):
+    """A group that runs `default` when the first argument names none of its commands, so
+    that `meft-convert MODEL ...` keeps working beside `meft-convert push ...`. (A local
+    folder named like a command is reached as ./push, or with `meft-convert convert push`.)
+    Commands in `lazy` are built on first use."""
+
+    def __init__(self, *args, default: str, lazy: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.default = default
+        self.lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(self.commands) | set(self.lazy))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy and name not in self.commands:
+            self.add_command(self.lazy[name](), name)
+        return super().get_command(ctx, name)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.list_commands(ctx) and args[0] not in (*ctx.help_option_names, "--version"):
+            args = [self.default, *args]
+        return super().parse_args(ctx, args)
+
+
+def _convert_command() -> click.Command:
+    from .templates.families import FAMILIES
+
+    return click.Command(
+        "convert",
+        params=_params(),
+        callback=_run,
+        help=HELP.format(families=", ".join(sorted(FAMILIES))),
+        short_help="Convert MODEL into a MEFT checkpoint (the default command).",
+        context_settings=CONTEXT,
+    )
+
+
+main = DefaultGroup("meft-convert", default="convert", lazy={"convert": _convert_command}, help=GROUP_HELP, context_settings=CONTEXT, no_args_is_help=True)
 main = click.version_option(__version__, "--version", prog_name="meft-convert")(main)
+
+
+def _meft_folder(folder: Path) -> Path:
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type", "")
+    except (OSError, ValueError):
+        model_type = ""
+    if not str(model_type).startswith("meft_"):
+        raise BadInputError(f"{folder} is not a converted MEFT checkpoint (no config.json with a meft_* model_type)")
+    return folder
+
+
+@main.command("push", context_settings=CONTEXT, short_help="Upload a converted folder to the hub.")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path), metavar="OUTPUT")
+@click.argument("repo_id", metavar="ORG/NAME")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+@click.option("--revision", metavar="BRANCH", default=None, help="Branch to push to (created from main if missing).")
+@click.option("--commit-message", metavar="TEXT", default=None, help="Commit message of the upload.")
+@TOKEN
+@VERBOSE
+def push(folder: Path, repo_id: str, private: bool, revision, commit_message, token, verbose: bool) -> None:
+    """Upload a converted folder OUTPUT to the hub repository ORG/NAME (created if needed).
+
+    The folder is only read. A failed upload exits 1 and names its cause; run the same
+    command again to retry.
+    """
+
+    def upload() -> str:
+        return push_to_hub(
+            _meft_folder(folder), repo_id, private=private, revision=revision, commit_message=commit_message, token=token
+        )
+
+    url = _guarded(verbose, upload, interrupted="Interrupted: the upload did not complete; run the command again.")
+    click.echo(f"Pushed to {url}")
+
+
+@main.command("check", context_settings=CONTEXT, short_help="Check a checkpoint's code and verify it again.")
+@click.argument("checkpoint", metavar="OUTPUT_OR_REPO")
+@click.option("--revision", metavar="REV", default=None, help="Branch, tag or commit of a hub repository.")
+@click.option("--original", metavar="MODEL", default=None, help="The original model (default: the one config.json records).")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Load the model and verify it again.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the verification's dropout.")
+@TOKEN
+@VERBOSE
+def check(checkpoint: str, revision, original, verify: bool, seed: int, token, verbose: bool) -> None:
+    """Check a converted checkpoint, a local folder or a hub repository.
+
+    Its code files are compared byte for byte with what this version of meft-convert ships.
+    Only if they are identical is the model loaded (which runs that code) and verified
+    again against its original. Exit code 0: identical and verified; 1: it is not.
+    """
+
+    def run():
+        from .check import check_checkpoint
+
+        return check_checkpoint(
+            checkpoint, revision=revision, original=original, verify=verify, seed=seed, token=token, log=click.echo
+        )
+
+    result = _guarded(verbose, run, interrupted="Interrupted.")
+    if not result.passed:
+        click.echo("Error: check failed", err=True)
+        sys.exit(1)
+    click.echo("Check passed")

@@ -23,8 +23,10 @@ from typing import Callable
 import torch
 import transformers
 
+from .card import CardFacts, base_model_license, model_card
 from .errors import BadInputError, VerificationError
 from .hub import push_to_hub, resolve_model
+from .provenance import provenance
 from .templates.adapters import MeftAdapter
 from .templates.configuration_meft import auto_map_for, config_class_for, validate_meft_settings
 from .templates.families import Family, family_for
@@ -138,17 +140,29 @@ class ConvertOptions:
         default=True,
         metadata=_option("Compare the result with the original: fidelity, reconstruction, gradients."),
     )
-    allow_pickle: bool = field(
-        default=False,
+    push_to_hub: str | None = field(
+        default=None,
         metadata=_option(
-            "Read pytorch_model.bin weights (with torch.load(weights_only=True)) when a model has no safetensors.",
-            flag_only=True,
+            "Upload the result to this hub repository (e.g. you/opt-1.3b-meft3), created if needed. The local "
+            "folder is written and verified first and kept whatever happens to the upload.",
+            metavar="REPO_ID",
         ),
     )
-    push_to_hub: str | None = field(
-        default=None, metadata=_option("Upload the result to this hub repository (e.g. you/opt-1.3b-meft3).", metavar="REPO_ID")
-    )
     private: bool = field(default=False, metadata=_option("Create the hub repository as private.", flag_only=True))
+    push_revision: str | None = field(
+        default=None,
+        metadata=_option("Branch to push to (created from main if missing; default: main).", metavar="BRANCH"),
+    )
+    commit_message: str | None = field(default=None, metadata=_option("Commit message of the upload.", metavar="TEXT"))
+    token: str | None = field(
+        default=None,
+        repr=False,  # never shown, not even in a traceback's locals
+        metadata=_option(
+            "Hugging Face token for downloading the model and pushing (default: HF_TOKEN, else the stored "
+            "login). Never printed or written.",
+            metavar="TOKEN",
+        ),
+    )
     show_progress: bool = field(default=True, metadata=_option("Progress bars.", cli=False))
 
     def meft_settings(self) -> dict:
@@ -177,6 +191,8 @@ class _Plan:
     adapters: dict[str, torch.Tensor]
     missing: list[str]  # tensors the model has but the checkpoint lacks (initialised on load)
     unexpected: list[str]  # tensors the checkpoint has but the model does not use (kept)
+    trainable: int  # parameters that train (adapters, a new head) ...
+    total: int  # ... of all the model's parameters
 
 
 def _read_config(folder: Path) -> dict:
@@ -304,46 +320,28 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     added = {file_name(k) for k in meft_keys} - mapped
     if set(adapters) != added:
         raise RuntimeError(f"adapter tensors {sorted(set(adapters) ^ added)[:3]} do not match the MEFT model")
-    return _Plan(family, config, adapters, missing, unexpected)
+    trainable, total = meft_model.get_nb_trainable_parameters()
+    return _Plan(family, config, adapters, missing, unexpected, trainable, total)
 
 
-def _model_card(options: ConvertOptions, plan: _Plan, report) -> str:
+def _card_facts(options: ConvertOptions, plan: _Plan, source: Path, report) -> CardFacts:
     config = plan.config
-    settings = config.meft_settings()
-    auto = [a for a in config.auto_map if a != "AutoConfig"]
-    loader = config.architectures[0].removeprefix("Meft")
-    auto_class = next((a for a in auto if plan.family.heads[a].library_class == loader), "AutoModel")
+    library_class = config.architectures[0].removeprefix("Meft")
+    auto_class = next((a for a, head in plan.family.heads.items() if head.library_class == library_class), "AutoModel")
     from_hub = not Path(options.model).expanduser().exists()
-    lines = [
-        "---",
-        *([f"base_model: {options.model}"] if from_hub else []),
-        "library_name: transformers",
-        "tags:",
-        "- meft",
-        "- reversible",
-        f"- {settings['variant']}",
-        "---",
-        "",
-        f"# {Path(options.output).name}",
-        "",
-        f"{options.model} converted by meft-convert into the {settings['variant'].upper()} architecture of "
-        "\"Make Pre-trained Model Reversible\" (Liao et al., NeurIPS 2023): bottleneck adapters on a frozen "
-        "pretrained model whose layers are exactly reversible, so training recomputes activations instead of storing them.",
-        "",
-        "```python",
-        f"from transformers import {auto_class}",
-        f'model = {auto_class}.from_pretrained("{options.push_to_hub or Path(options.output).name}", trust_remote_code=True)',
-        "```",
-        "",
-        "Only the adapters (and a new task head, if any) are trainable; fine-tune with any trainer.",
-        "",
-        "| setting | value |",
-        "|---|---|",
-    ]
-    lines += [f"| {key} | {value} |" for key, value in settings.items()]
-    if report is not None:
-        lines += ["", "Verification at conversion:", "", "```", report.to_text(), "```"]
-    return "\n".join(lines) + "\n"
+    return CardFacts(
+        name=options.push_to_hub or Path(options.output).name,
+        source=options.model,
+        base_model=options.model if from_hub else None,
+        license=base_model_license(source),
+        auto_class=auto_class,
+        model_type=plan.family.model_type,
+        settings=config.meft_settings(),
+        num_layers=config.num_hidden_layers,
+        trainable=plan.trainable,
+        total=plan.total,
+        report=report,
+    )
 
 
 def _use_umask(folder: Path) -> None:
@@ -386,9 +384,9 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
         raise BadInputError(f"{output} already exists; pass --force to replace it")
     if output.exists() and not output.is_dir():
         raise BadInputError(f"{output} exists and is not a folder")
-    source = resolve_model(options.model, options.revision)
+    source = resolve_model(options.model, options.revision, token=options.token)
     raw_config = _read_config(source)
-    weights = find_weights(source, options.allow_pickle)
+    weights = find_weights(source)
     plan = _plan(options, settings, source, raw_config, weights)
 
     created = [p for p in reversed(output.parents) if not p.exists()]
@@ -397,10 +395,13 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
     try:
         _use_umask(tmp)
         write_weights(weights, plan.adapters, tmp, show_progress=options.show_progress)
-        plan.config.save_pretrained(tmp)
         templates = resources.files("meft_convert.templates")
-        for name in TEMPLATE_FILES:
-            (tmp / name).write_bytes(templates.joinpath(name).read_bytes())
+        code = {name: templates.joinpath(name).read_bytes() for name in TEMPLATE_FILES}
+        for key, value in provenance(code).items():
+            setattr(plan.config, key, value)
+        plan.config.save_pretrained(tmp)
+        for name, data in code.items():
+            (tmp / name).write_bytes(data)
         copy_if_present(source, tmp, EXTRA_FILES)
         report = None
         if options.verify:
@@ -409,7 +410,7 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
             report.save(tmp)
             if not report.passed:
                 raise VerificationError(f"verification failed: {'; '.join(report.problems)}", report)
-        (tmp / "README.md").write_text(_model_card(options, plan, report))
+        (tmp / "README.md").write_text(model_card(_card_facts(options, plan, source, report)))
         _use_umask(tmp)
         _publish(tmp, output)
     except BaseException:
@@ -425,7 +426,15 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
         shown = ", ".join(plan.unexpected[:5]) + (" ..." if len(plan.unexpected) > 5 else "")
         log(f"note: {len(plan.unexpected)} tensors of the checkpoint are not used by the model and were kept as they are: {shown}")
     if options.push_to_hub:
-        url = push_to_hub(output, options.push_to_hub, private=options.private)
+        log(f"Pushing {output} to {options.push_to_hub} ...")
+        url = push_to_hub(
+            output,
+            options.push_to_hub,
+            private=options.private,
+            revision=options.push_revision,
+            commit_message=options.commit_message,
+            token=options.token,
+        )
         log(f"Pushed to {url}")
     return output
 

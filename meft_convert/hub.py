@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub import HfApi, constants, get_token, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
-    HFValidationError,
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
@@ -18,14 +19,11 @@ from huggingface_hub.errors import (
 from .errors import BadInputError, MeftConvertError
 
 # everything a conversion reads; other files of a repository (other frameworks' weights,
-# ONNX exports) are never downloaded
+# pickle weights, ONNX exports) are never downloaded
 NEEDED_FILES = [
     "config.json",
     "*.safetensors",
     "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model*.bin",
-    "pytorch_model.bin.index.json",
     "generation_config.json",
     "tokenizer*",
     "vocab*",
@@ -34,7 +32,17 @@ NEEDED_FILES = [
     "added_tokens.json",
     "*.model",
     "chat_template.jinja",
+    "README.md",  # the model card: its license goes into the converted model's card
 ]
+DEFAULT_COMMIT_MESSAGE = "Upload MEFT checkpoint converted with meft-convert"
+
+
+class PushError(MeftConvertError):
+    """An upload failed; the local checkpoint is complete and `retry` uploads it again."""
+
+    def __init__(self, message: str, retry: str):
+        super().__init__(f"{message}\nThe local checkpoint is complete and unchanged. To retry only the upload:\n  {retry}")
+        self.retry = retry
 
 
 def _looks_like_path(model: str) -> bool:
@@ -42,9 +50,12 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or model.endswith("/") or model.count("/") > 1 or "\\" in model
 
 
-def resolve_model(model: str, revision: str | None = None) -> Path:
+def resolve_model(
+    model: str, revision: str | None = None, *, patterns: list[str] | None = NEEDED_FILES, token: str | None = None
+) -> Path:
     """The folder holding `model`: itself if it is a local folder, else its snapshot in the
-    Hugging Face cache (downloaded unless HF_HUB_OFFLINE=1)."""
+    Hugging Face cache (downloaded unless HF_HUB_OFFLINE=1). `patterns` selects the files to
+    download (None: all of them)."""
     path = Path(model).expanduser()
     if path.is_dir():
         if revision is not None:
@@ -58,7 +69,9 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
         # offline, read the cache only (older huggingface_hub releases still ask the server
         # to list a pinned revision's files otherwise)
         return Path(
-            snapshot_download(model, revision=revision, allow_patterns=NEEDED_FILES, local_files_only=constants.HF_HUB_OFFLINE)
+            snapshot_download(
+                model, revision=revision, allow_patterns=patterns, token=token, local_files_only=constants.HF_HUB_OFFLINE
+            )
         )
     except (RepositoryNotFoundError, GatedRepoError) as e:
         raise BadInputError(f"model {model!r} not found or not accessible on the hub ({type(e).__name__})") from None
@@ -70,19 +83,83 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
     except HFValidationError:
         raise BadInputError(f"{model!r} is neither a local folder nor a valid hub model id") from None
     except HfHubHTTPError as e:
-        raise MeftConvertError(f"could not download {model!r}: {e}") from None
+        raise MeftConvertError(f"could not download {model!r}: {_scrub(str(e), token)}") from None
 
 
-def push_to_hub(folder: Path, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
-    """Uploads a converted folder to a model repository (created if needed); returns its URL."""
+def retry_command(folder: Path, repo_id: str, *, private: bool = False, revision: str | None = None) -> str:
+    """The command that uploads `folder` again (never with the token: it comes from the environment)."""
+    words = ["meft-convert", "push", str(folder), repo_id]
+    if private:
+        words.append("--private")
+    if revision is not None:
+        words += ["--revision", revision]
+    return shlex.join(words)
+
+
+def _scrub(text: str, token: str | None) -> str:
+    """Error texts are shown to the user: never with the token in them."""
+    for secret in {token, get_token()} - {None, ""}:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _why(error: Exception, repo_id: str, has_token: bool) -> str:
+    """The cause of a failed upload, in the user's terms."""
+    if isinstance(error, HfHubHTTPError) and error.response is not None:
+        status = error.response.status_code
+        server = error.server_message or error.response.reason_phrase
+        if status == 401:
+            if not has_token:
+                return "no Hugging Face token found: set HF_TOKEN, log in, or pass --token (401 Unauthorized)"
+            return f"the hub refused the token (401 Unauthorized: {server}); check HF_TOKEN, the stored login or --token"
+        if isinstance(error, RepositoryNotFoundError):
+            return (
+                f"{repo_id} exists but this token cannot see or write to it (a private repository of another "
+                f"account?); choose another name or use a token with access to it ({status}: {server})"
+            )
+        if status == 403:
+            return f"this token may not write to {repo_id} (403 Forbidden: {server}); it needs write access"
+        if status == 409:
+            return f"{repo_id} conflicts with an existing repository or branch (409 Conflict: {server})"
+        return f"the hub answered {status}: {server}"
+    name = type(error).__name__
+    if "Connect" in name or "Timeout" in name or isinstance(error, OSError):
+        return f"could not reach {constants.ENDPOINT} ({name}: {error})"
+    return f"{name}: {error}"
+
+
+def push_to_hub(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+) -> str:
+    """Uploads a converted folder to a model repository (created if needed) and returns the
+    commit's URL. `revision` is a branch, created from main if it does not exist. The token is
+    `token`, else HF_TOKEN, else the stored login. Raises PushError, which names the cause and
+    the command that retries the upload; `folder` is only read."""
+    folder = Path(folder)
     api = HfApi(token=token)
+    retry = retry_command(folder, repo_id, private=private, revision=revision)
     try:
-        url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None and revision != constants.DEFAULT_REVISION:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        # huggingface_hub shows its own progress while it uploads
+        commit = api.upload_folder(
             repo_id=repo_id,
             folder_path=str(folder),
-            commit_message="Upload MEFT checkpoint converted with meft-convert",
+            revision=revision,
+            commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
         )
-    except HfHubHTTPError as e:
-        raise MeftConvertError(f"pushing to {repo_id!r} failed: {e}") from None
-    return str(url)
+    except KeyboardInterrupt:
+        raise PushError(f"pushing to {repo_id!r} was interrupted", retry) from None
+    except HFValidationError as e:
+        raise BadInputError(f"{repo_id!r} is not a valid hub repository id ({e})") from None
+    except Exception as e:  # noqa: BLE001 (whatever broke the upload, the folder is intact: say so and how to retry)
+        has_token = bool(token or get_token())
+        raise PushError(f"pushing to {repo_id!r} failed: {_scrub(_why(e, repo_id, has_token), token)}", retry) from None
+    return str(commit.commit_url)

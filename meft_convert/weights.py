@@ -34,10 +34,9 @@ class TensorInfo:
 
 @dataclass
 class SourceWeights:
-    """The original weights: safetensors shards (or, with allow_pickle, .bin shards)."""
+    """The original weights: safetensors shards."""
 
     files: list[Path]
-    pickle: bool
     tensors: dict[str, TensorInfo]
 
 
@@ -46,23 +45,28 @@ def _index_files(folder: Path, index_name: str) -> list[Path]:
     return [folder / name for name in sorted(set(index["weight_map"].values()))]
 
 
-def find_weights(folder: Path, allow_pickle: bool = False) -> SourceWeights:
-    """Locates and inspects the weights in `folder`; raises BadInputError if unusable."""
+PICKLE_ONLY = (
+    "{folder} has only pickle weights (pytorch_model.bin). meft-convert reads safetensors only: unpickling "
+    "can run arbitrary code. Convert the model first, on a machine where you trust it, e.g. "
+    "`AutoModel.from_pretrained(folder).save_pretrained(out)` (transformers 5 saves safetensors) with the "
+    "model's own Auto class, or use a revision of it that has safetensors"
+)
+
+
+def find_weights(folder: Path) -> SourceWeights:
+    """Locates and inspects the safetensors weights in `folder`; raises BadInputError if
+    there are none (pickle weights are refused, never unpickled) or they are unreadable."""
     if (folder / "model.safetensors").is_file():
         files = [folder / "model.safetensors"]
     elif (folder / SAFETENSORS_INDEX).is_file():
         files = _index_files(folder, SAFETENSORS_INDEX)
     elif (folder / "pytorch_model.bin").is_file() or (folder / PICKLE_INDEX).is_file():
-        if not allow_pickle:
-            raise BadInputError(
-                f"{folder} has only pickle weights (pytorch_model.bin), which meft-convert does not unpickle "
-                "by default; pass --allow-pickle to read them with torch.load(weights_only=True), "
-                "or use a revision that has safetensors"
-            )
-        files = [folder / "pytorch_model.bin"] if (folder / "pytorch_model.bin").is_file() else _index_files(folder, PICKLE_INDEX)
-        return SourceWeights(files, True, _pickle_tensor_infos(files))
+        raise BadInputError(PICKLE_ONLY.format(folder=folder))
     else:
-        raise BadInputError(f"no model weights (model.safetensors or {SAFETENSORS_INDEX}) in {folder}")
+        raise BadInputError(
+            f"no model weights (model.safetensors or {SAFETENSORS_INDEX}) in {folder}; meft-convert reads "
+            "safetensors only (a model with only pytorch_model.bin must be converted to safetensors first)"
+        )
     tensors: dict[str, TensorInfo] = {}
     for file in files:
         if not file.is_file():
@@ -74,32 +78,7 @@ def find_weights(folder: Path, allow_pickle: bool = False) -> SourceWeights:
                     tensors[key] = TensorInfo(meta.get_dtype(), tuple(meta.get_shape()), file)
         except (SafetensorError, OSError, ValueError) as e:
             raise BadInputError(f"{file} is not a readable safetensors file ({e})") from None
-    return SourceWeights(files, False, tensors)
-
-
-def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        # weights_only=True: tensors and plain containers only, never arbitrary objects
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise BadInputError(f"{file} could not be read as weights only ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BadInputError(f"{file} does not hold a plain state dict of tensors")
-    return state
-
-
-_TORCH_TO_SAFETENSORS = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
-
-
-def _pickle_tensor_infos(files: list[Path]) -> dict[str, TensorInfo]:
-    tensors = {}
-    for file in files:
-        for key, t in _load_pickle(file).items():
-            tensors[key] = TensorInfo(_TORCH_TO_SAFETENSORS.get(t.dtype, str(t.dtype)), tuple(t.shape), file)
-    return tensors
+    return SourceWeights(files, tensors)
 
 
 def _copy_with_progress(src: Path, dst: Path, progress: tqdm) -> None:
@@ -140,7 +119,7 @@ def _has_pt_metadata(file: Path) -> bool:
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    # safetensors refuses tensors sharing storage (tied weights in pickle checkpoints): give
+    # safetensors refuses tensors sharing storage: give
     # each its own copy; bytes and names are unchanged
     seen, owned = set(), {}
     for key, t in tensors.items():
@@ -159,13 +138,12 @@ def write_weights(source: SourceWeights, adapters: dict[str, torch.Tensor], out:
     weight_map: dict[str, str] = {}
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="Writing weights", disable=not show_progress) as progress:
         for file, name in zip(source.files, names):
-            if not source.pickle and _has_pt_metadata(file):
+            if _has_pt_metadata(file):
                 _copy_with_progress(file, out / name, progress)
             elif not source.pickle:
                 _copy_adding_pt_metadata(file, out / name, progress)
             else:
-                tensors = _load_pickle(file) if source.pickle else _read_all(file)
-                _save_tensors(tensors, out / name)
+                _save_tensors(_read_all(file), out / name)
                 progress.update(file.stat().st_size)
             for key, info in source.tensors.items():
                 if info.file == file:

@@ -161,3 +161,29 @@ def run_without_meft_convert(code: str, cwd: Path) -> str:
     if result.returncode != 0:
         raise AssertionError(f"subprocess failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result.stdout
+
+
+# the Hub-compatible test server: users, their tokens and organisations
+HUB_TOKEN = "hf_test_token_d41d8cd98f00b204"
+HUB_USERS = {HUB_TOKEN: "alice", "hf_other_token_0123456789abcdef": "someone"}
+
+
+@pytest.fixture(scope="session")
+def hub():
+    """A Hub-compatible HTTP server on 127.0.0.1 (tests/hub_server.py) for the real client."""
+    from tests.hub_server import HubServer, HubState
+
+    server = HubServer(HubState(tokens=dict(HUB_USERS), organisations={"org": {"alice"}})).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def hub_env(endpoint: str, home: Path, token: str | None = HUB_TOKEN, **extra: str) -> dict:
+    """Environment of a process that talks to `endpoint` as the Hub: it must be set before
+    huggingface_hub is imported, so such code runs in a subprocess."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1", **extra)
+    if token is not None:
+        env["HF_TOKEN"] = token
+    return env

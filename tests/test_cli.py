@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from meft_convert import cli
+from meft_convert import convert as conversion
 from meft_convert.convert import ConvertOptions
 from meft_convert.errors import BadInputError, MeftConvertError, VerificationError
 
@@ -21,7 +22,7 @@ def calls(monkeypatch, tmp_path):
         recorded.append(options)
         return Path(options.output)
 
-    monkeypatch.setattr(cli, "convert", fake_convert)
+    monkeypatch.setattr(conversion, "convert", fake_convert)
     return recorded
 
 
@@ -42,7 +43,8 @@ def test_every_option_reaches_convert(calls):
         "--num-labels", 3, "--adapter-dim", 16, "--lambda", "1/1024",
         "--beta", "2^-6", "--init-std", 0.01, "--adapter-init", "zero", "--reversible-layers", 3,
         "--output-stream", "mean", "--no-exact", "--revision", "v1", "--seed", 7, "--force", "--no-verify",
-        "--allow-pickle", "--push-to-hub", "me/opt-meft", "--private",
+        "--push-to-hub", "me/opt-meft", "--private", "--push-revision", "v2", "--commit-message", "MEFT3 of OPT",
+        "--token", "hf_secret",
     )
     assert result.exit_code == 0, result.output
     assert calls == [
@@ -50,9 +52,17 @@ def test_every_option_reaches_convert(calls):
             model="facebook/opt-1.3b", output=Path("o"), variant="meft1", task="sequence-classification", num_labels=3,
             adapter_dim=16, lambda_=1 / 1024, beta=2.0**-6,
             init_std=0.01, adapter_init="zero", reversible_layers=3, output_stream="mean", exact=False, revision="v1",
-            seed=7, force=True, verify=False, allow_pickle=True, push_to_hub="me/opt-meft", private=True,
+            seed=7, force=True, verify=False, push_to_hub="me/opt-meft", private=True, push_revision="v2",
+            commit_message="MEFT3 of OPT", token="hf_secret",
         )
     ]
+    assert "hf_secret" not in repr(calls[0])
+
+
+def test_the_explicit_convert_command_is_the_default_one(calls):
+    assert invoke("convert", "m", "-o", "o", "--variant", "meft1").exit_code == 0
+    assert invoke("m", "-o", "o", "--variant", "meft1").exit_code == 0
+    assert calls[0] == calls[1] == ConvertOptions(model="m", output=Path("o"), variant="meft1")
 
 
 @pytest.mark.parametrize("text,value", [("0.1", 0.1), ("1/10", 0.1), ("1 / 1024", 1 / 1024), ("2^-10", 2**-10), ("1", 1.0)])
@@ -74,6 +84,7 @@ def test_scales_accept_fractions_and_powers(calls, text, value):
         ("m", "-o", "o", "--num-labels", "0"),
         ("m", "-o", "o", "--output-stream", "x1"),
         ("m", "-o", "o", "--no-such-flag"),
+        ("m", "-o", "o", "--allow-pickle"),  # removed: pickle weights are never read
     ],
 )
 def test_usage_errors_exit_2(calls, args):
@@ -89,7 +100,7 @@ def test_errors_become_one_line_and_exit_codes(monkeypatch, error, code):
     def failing(options, log=print):
         raise error
 
-    monkeypatch.setattr(cli, "convert", failing)
+    monkeypatch.setattr(conversion, "convert", failing)
     result = invoke("m", "-o", "o")
     assert result.exit_code == code
     assert result.output.strip().splitlines() == [f"Error: {error}"]
@@ -100,7 +111,7 @@ def test_unexpected_errors_show_a_traceback_only_with_verbose(monkeypatch):
     def broken(options, log=print):
         raise KeyError("surprise")
 
-    monkeypatch.setattr(cli, "convert", broken)
+    monkeypatch.setattr(conversion, "convert", broken)
     quiet = invoke("m", "-o", "o")
     assert quiet.exit_code == 1 and "Traceback" not in quiet.output and "--verbose" in quiet.output
     loud = invoke("m", "-o", "o", "--verbose")
@@ -111,7 +122,7 @@ def test_interrupt_exits_130(monkeypatch):
     def interrupted(options, log=print):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "convert", interrupted)
+    monkeypatch.setattr(conversion, "convert", interrupted)
     result = invoke("m", "-o", "o")
     assert result.exit_code == 130 and "nothing was written" in result.output
 
@@ -119,8 +130,19 @@ def test_interrupt_exits_130(monkeypatch):
 def test_help_teaches():
     result = invoke("--help")
     assert result.exit_code == 0
-    for text in ("trust_remote_code=True", "--variant", "meft1", "--lambda", "1/1024", "HF_HUB_OFFLINE", "bart, bert, gpt2, llama, mistral, opt, qwen2, roberta", "--force", "--task"):
+    for text in ("meft-convert MODEL -o OUTPUT", "meft-convert push OUTPUT ORG/NAME", "meft-convert check OUTPUT_OR_REPO",
+                 "trust_remote_code=True", "HF_TOKEN", "convert --help"):
         assert text in result.output
+    assert invoke().output == result.output  # no arguments: the same help
+    result = invoke("convert", "--help")
+    assert result.exit_code == 0
+    for text in ("trust_remote_code=True", "--variant", "meft1", "--lambda", "1/1024", "HF_HUB_OFFLINE", "bart, bert, gpt2, llama, mistral, opt, qwen2, roberta", "--force", "--task", "--push-to-hub", "--push-revision", "--commit-message", "--token"):
+        assert text in result.output
+    assert invoke("some/model", "--help").output == result.output
+    for command, texts in {"push": ("--private", "--revision BRANCH", "--commit-message", "--token"),
+                           "check": ("--revision", "--original", "--no-verify", "byte for byte")}.items():
+        result = invoke(command, "--help")
+        assert result.exit_code == 0 and all(text in result.output for text in texts)
 
 
 def test_real_bad_input_exits_2_with_one_line(tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -250,14 +251,12 @@ def _pickle_checkpoint(tiny_checkpoints, folder: Path) -> Path:
     return folder
 
 
-def test_pickle_only_checkpoint_needs_allow_pickle(tiny_checkpoints, tmp_path):
+def test_pickle_only_checkpoint_is_refused_with_how_to_convert_it(tiny_checkpoints, tmp_path):
     folder = _pickle_checkpoint(tiny_checkpoints, tmp_path / "bin")
-    _fails(ConvertOptions(model=str(folder), output=tmp_path / "out"), match="only pickle weights")
-    out = convert(ConvertOptions(model=str(folder), output=tmp_path / "out", allow_pickle=True, show_progress=False), log=lambda _: None)
-    original = torch.load(folder / "pytorch_model.bin", weights_only=True)
-    written = tensors_of(out)
-    assert all(torch.equal(written[k].view(torch.uint8), t.view(torch.uint8)) for k, t in original.items())
-    assert json.loads((out / "meft_report.json").read_text())["passed"]
+    _fails(ConvertOptions(model=str(folder), output=tmp_path / "out"), match="has only pickle weights")
+    _fails(ConvertOptions(model=str(folder), output=tmp_path / "out"), match=r"save_pretrained\(out\)` \(transformers 5 saves safetensors\)")
+    (folder / "pytorch_model.bin").unlink()
+    _fails(ConvertOptions(model=str(folder), output=tmp_path / "out"), match="reads safetensors only")
 
 
 class _Payload:
@@ -265,13 +264,13 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_pickle_is_never_unpickled_beyond_weights(tmp_path, tiny_checkpoints):
+def test_pickle_is_never_unpickled(tmp_path, tiny_checkpoints):
     folder = _pickle_checkpoint(tiny_checkpoints, tmp_path / "evil")
     marker = tmp_path / "code-ran"
     payload = _Payload()
     payload.marker = marker
     (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"x": payload}))
-    _fails(ConvertOptions(model=str(folder), output=tmp_path / "out", allow_pickle=True), match="could not be read as weights only")
+    _fails(ConvertOptions(model=str(folder), output=tmp_path / "out"), match="has only pickle weights")
     assert not marker.exists()
 
 
@@ -291,7 +290,8 @@ def test_hub_id_through_an_offline_cache(tiny_checkpoints, tmp_path):
     assert ok.returncode == 0, ok.stderr
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["meft_base_model"] == "tiny-org/opt"
-    assert "base_model: tiny-org/opt" in (tmp_path / "out" / "README.md").read_text()
+    assert ModelCard.load(tmp_path / "out" / "README.md").data.base_model == "tiny-org/opt"
+    assert "Not verified at conversion" in (tmp_path / "out" / "README.md").read_text()
     pinned = subprocess.run([*cli, "--revision", commit, "-o", str(tmp_path / "pinned")], env=env, capture_output=True, text=True)
     assert pinned.returncode == 0, pinned.stderr
     missing = subprocess.run([*cli, "-o", str(tmp_path / "x")], env={**env, "HF_HUB_CACHE": str(tmp_path / "empty")}, capture_output=True, text=True)

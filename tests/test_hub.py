@@ -1,11 +1,21 @@
-"""Resolving models and publishing results."""
+"""Resolving models, and publishing results through the real huggingface_hub client talking
+over HTTP to the Hub-compatible server in tests/hub_server.py."""
 
 from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from meft_convert import hub
-from meft_convert.errors import BadInputError, MeftConvertError
+from meft_convert.errors import BadInputError
+from tests.conftest import HUB_TOKEN, hub_env
+from tests.hub_server import git_blob_sha1
 
 
 def test_local_folder_resolves_to_itself(tiny_checkpoints):
@@ -28,42 +38,135 @@ def test_invalid_ids(name):
         hub.resolve_model(name)
 
 
-class RecordingApi:
-    """Stands in for the Hub's HTTP API (no network here); records what would be sent."""
-
-    calls: list = []
-
-    def __init__(self, token=None):
-        self.token = token
-
-    def create_repo(self, repo_id, **kwargs):
-        RecordingApi.calls.append(("create_repo", repo_id, kwargs))
-        return f"https://huggingface.co/{repo_id}"
-
-    def upload_folder(self, **kwargs):
-        RecordingApi.calls.append(("upload_folder", kwargs))
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-def test_push_creates_the_repository_and_uploads_the_folder(monkeypatch, tmp_path):
-    RecordingApi.calls = []
-    monkeypatch.setattr(hub, "HfApi", RecordingApi)
-    url = hub.push_to_hub(tmp_path, "me/opt-meft3", private=True)
-    assert url == "https://huggingface.co/me/opt-meft3"
-    assert RecordingApi.calls[0] == ("create_repo", "me/opt-meft3", {"private": True, "exist_ok": True})
-    assert RecordingApi.calls[1][1]["folder_path"] == str(tmp_path) and RecordingApi.calls[1][1]["repo_id"] == "me/opt-meft3"
+def _run(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300, check=False)
 
 
-def test_push_failure_is_a_conversion_error(monkeypatch, tmp_path):
-    from huggingface_hub.errors import HfHubHTTPError
+def _assert_token_nowhere(token: str, result: subprocess.CompletedProcess, *folders: Path) -> None:
+    assert token not in result.stdout and token not in result.stderr
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file():
+                assert token.encode() not in path.read_bytes(), path
 
-    class Unauthorized(HfHubHTTPError):
-        def __init__(self):  # the real one wants an HTTP response object of its client library
-            Exception.__init__(self, "401 Unauthorized")
 
-    class Failing(RecordingApi):
-        def create_repo(self, repo_id, **kwargs):
-            raise Unauthorized()
+# loads the pushed model by its hub id (and, if given, the local folder too), runs a forward
+# and a backward pass, and prints the bytes of the logits and of the adapters' gradients
+LOAD = """
+import hashlib, json, sys, torch, transformers
+def run(where):
+    model = transformers.AutoModelForCausalLM.from_pretrained(where, trust_remote_code=True)
+    ids = torch.arange(3, 27).reshape(2, 12)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    model.train()
+    torch.manual_seed(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = torch.cat([p.grad.flatten() for _, p in sorted(model.named_parameters()) if p.grad is not None])
+    return {"logits": hashlib.sha256(logits.numpy().tobytes()).hexdigest(),
+            "grads": hashlib.sha256(grads.numpy().tobytes()).hexdigest(), "n_grads": grads.numel()}
+print(json.dumps({where: run(where) for where in sys.argv[1:]}))
+"""
 
-    monkeypatch.setattr(hub, "HfApi", Failing)
-    with pytest.raises(MeftConvertError, match="pushing to 'me/x' failed"):
-        hub.push_to_hub(tmp_path, "me/x")
+
+@pytest.mark.slow
+def test_push_then_load_from_the_hub_and_offline(hub, tiny_checkpoints, tmp_path):
+    """Convert with --push-to-hub, load by hub id through the server in a fresh process (bitwise
+    equal to the local folder), then again offline from the cache in another process."""
+    out, home = tmp_path / "out", tmp_path / "hf-home"
+    env = hub_env(hub.endpoint, home)
+    pushed = _run(
+        ["-m", "meft_convert", str(tiny_checkpoints["opt-125m"]), "-o", str(out), "--variant", "meft3",
+         "--push-to-hub", "org/opt-meft3", "--commit-message", "first upload"],
+        env, tmp_path,
+    )
+    assert pushed.returncode == 0, pushed.stderr
+    assert f"Pushed to {hub.endpoint}/org/opt-meft3/commit/" in pushed.stdout
+    _assert_token_nowhere(HUB_TOKEN, pushed, out, home)
+
+    # the repository holds the folder, byte for byte
+    repo = hub.state.repos["org/opt-meft3"]
+    files = repo.commits[repo.branches["main"]]
+    assert sorted(files) == sorted(p.name for p in out.iterdir())
+    assert all(git_blob_sha1(content) == git_blob_sha1((out / name).read_bytes()) for name, content in files.items())
+
+    loaded = _run(["-c", LOAD, "org/opt-meft3", str(out)], env, tmp_path)
+    assert loaded.returncode == 0, loaded.stderr
+    results = json.loads(loaded.stdout.strip().splitlines()[-1])
+    assert results["org/opt-meft3"] == results[str(out)] and results[str(out)]["n_grads"] > 0
+
+    served = len(hub.state.requests)
+    offline = _run(["-c", LOAD, "org/opt-meft3"], dict(env, HF_HUB_OFFLINE="1"), tmp_path)
+    assert offline.returncode == 0, offline.stderr
+    assert json.loads(offline.stdout.strip().splitlines()[-1])["org/opt-meft3"] == results[str(out)]
+    assert len(hub.state.requests) == served  # the cache alone
+
+    checked = _run(["-m", "meft_convert", "check", "org/opt-meft3", "--no-verify"], env, tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "the code is byte-identical to what this version ships" in checked.stdout
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("server down", "could not reach http://127.0.0.1:"),
+        ("wrong token", "the hub refused the token (401 Unauthorized"),
+        ("no token", "no Hugging Face token found"),
+        ("private repo of another account", "someone/private-model exists but this token cannot see or write to it"),
+    ],
+)
+def test_failed_push_exits_1_with_the_cause_and_keeps_the_folder(hub, converted, tmp_path, case, expected):
+    folder, _ = converted("opt-125m", "meft3")
+    before = _hashes(folder)
+    hub.state.add_repo("someone/private-model", private=True) if "someone/private-model" not in hub.state.repos else None
+    repo_id = "someone/private-model" if case == "private repo of another account" else "org/failing"
+    endpoint = f"http://127.0.0.1:{_closed_port()}" if case == "server down" else hub.endpoint
+    token = {"wrong token": "hf_wrong_token_ffffffffffff", "no token": None}.get(case, HUB_TOKEN)
+    args = ["-m", "meft_convert", "push", str(folder), repo_id, "--private"]
+    if token is not None:
+        args += ["--token", token]  # on the command line: it must not be echoed either
+    result = _run(args, hub_env(endpoint, tmp_path / "home", token=None), tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert expected in result.stderr
+    assert f"meft-convert push {folder} {repo_id} --private" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert _hashes(folder) == before
+    if token is not None:
+        _assert_token_nowhere(token, result, folder, tmp_path / "home")
+    assert "org/failing" not in hub.state.repos or case == "private repo of another account"
+    assert not hub.state.repos["someone/private-model"].commits[hub.state.repos["someone/private-model"].branches["main"]]
+
+
+def test_push_to_a_branch_with_the_stored_login(hub, converted, tmp_path):
+    """--revision pushes to a branch created from main; the token comes from the stored login."""
+    folder, _ = converted("opt-125m", "meft3")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "token").write_text(HUB_TOKEN)
+    args = ["-m", "meft_convert", "push", str(folder), "org/branched", "--revision", "v1", "--commit-message", "to v1"]
+    result = _run(args, hub_env(hub.endpoint, home, token=None), tmp_path)
+    assert result.returncode == 0, result.stderr
+    repo = hub.state.repos["org/branched"]
+    assert not repo.commits[repo.branches["main"]]  # main untouched
+    assert sorted(repo.commits[repo.branches["v1"]]) == sorted(p.name for p in folder.iterdir())
+    assert HUB_TOKEN not in result.stdout + result.stderr
+
+
+def test_push_refuses_a_folder_that_is_not_a_meft_checkpoint(tiny_checkpoints, tmp_path):
+    from click.testing import CliRunner
+
+    from meft_convert.cli import main
+
+    result = CliRunner().invoke(main, ["push", str(tiny_checkpoints["opt-125m"]), "org/x"])
+    assert result.exit_code == 2 and "is not a converted MEFT checkpoint" in result.output

@@ -1,0 +1,218 @@
+"""The model card (README.md) written into every converted checkpoint.
+
+YAML front matter the Hub reads (base model, license, pipeline, tags), then what a user needs
+before trusting the checkpoint: the settings, what trains, the verification figures measured
+at conversion (the same numbers as meft_report.json), how to load it with a pinned revision,
+how to fine-tune it, what it saves, and where the code came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from huggingface_hub import ModelCard
+
+from . import __version__
+from .verify import VerificationReport
+
+PIPELINE_TAGS = {
+    "AutoModel": "feature-extraction",
+    "AutoModelForSequenceClassification": "text-classification",
+    "AutoModelForQuestionAnswering": "question-answering",
+    "AutoModelForMaskedLM": "fill-mask",
+    "AutoModelForCausalLM": "text-generation",
+    "AutoModelForSeq2SeqLM": "text2text-generation",
+}
+# activation memory of a training step against full fine-tuning and LoRA, measured on one H200
+# (bf16, OPT-1.3b at 8 × 512 tokens and BERT-base at 32 × 512): benchmarks/README.md
+MEASURED_SAVING = "63–71%"
+CITATION = """@inproceedings{liao2023make,
+  title     = {Make Pre-trained Model Reversible: From Parameter to Memory Efficient Fine-Tuning},
+  author    = {Liao, Baohao and Tan, Shaomu and Monz, Christof},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year      = {2023}
+}"""
+
+
+@dataclass
+class CardFacts:
+    """What the card states, gathered by convert()."""
+
+    name: str  # how the snippets refer to the model: the hub repository or the folder's name
+    source: str  # the model converted, as the user gave it
+    base_model: str | None  # its hub id, if it came from the hub
+    license: str | None  # the base model's, from its own card
+    auto_class: str  # e.g. "AutoModelForCausalLM"
+    model_type: str  # the PLM's, e.g. "opt"
+    settings: dict  # MEFT settings, as in config.json
+    num_layers: int
+    trainable: int
+    total: int
+    report: VerificationReport | None
+
+
+def base_model_license(folder: Path) -> str | None:
+    """The license the original model's card declares, if it has a card."""
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        return None
+    try:
+        return ModelCard.load(readme).data.license
+    except Exception:  # noqa: BLE001 (a malformed card upstream: no license to copy, not a failed conversion)
+        return None
+
+
+def _project_url(label: str) -> str | None:
+    try:
+        urls = metadata.metadata("meft-convert").get_all("Project-URL") or []
+    except metadata.PackageNotFoundError:
+        return None
+    for entry in urls:
+        name, _, url = entry.partition(",")
+        if name.strip().lower() == label:
+            return url.strip()
+    return None
+
+
+def _front_matter(facts: CardFacts) -> list[str]:
+    lines = ["---"]
+    if facts.base_model:
+        lines.append(f"base_model: {facts.base_model}")
+    if facts.license:
+        lines.append(f"license: {facts.license}")
+    lines += [
+        "library_name: transformers",
+        f"pipeline_tag: {PIPELINE_TAGS[facts.auto_class]}",
+        "tags:",
+        "- meft",
+        "- reversible",
+        f"- {facts.settings['variant']}",
+        f"- {facts.model_type}",
+        "---",
+    ]
+    return lines
+
+
+def _settings_table(facts: CardFacts) -> list[str]:
+    s = facts.settings
+    layers = facts.num_layers if s["reversible_layers"] is None else s["reversible_layers"]
+    rows = [
+        ("variant", s["variant"].upper()),
+        ("λ (scale of x1)", f"{s['lambda_']:g}"),
+        ("β (scale of x2)", f"{s['beta']:g}"),
+        ("adapter size r", s["adapter_dim"]),
+        ("adapter init", f"{s['adapter_init']} (σ = {s['adapter_init_std']:g})"),
+        ("output stream", s["output_stream"]),
+        ("inverse", f"exact (int64 fixed point, {s['frac_bits']} fractional bits)" if s["exact"] else "float (the paper's; approximate)"),
+        ("reversible layers", f"{layers} of {facts.num_layers}"),
+    ]
+    return ["| setting | value |", "|---|---|", *[f"| {key} | {value} |" for key, value in rows]]
+
+
+def verification_rows(report: VerificationReport) -> list[tuple[str, str]]:
+    """The figures the card shows, from the verification report (as measured at conversion)."""
+    f = report.fidelity
+    rows = [
+        ("tokens compared", str(report.tokens)),
+        ("cosine similarity to the original, mean", f"{f.cosine_mean:.6f}"),
+        ("cosine similarity to the original, min", f"{f.cosine_min:.6f}"),
+    ]
+    if f.top1_agreement is not None:
+        rows.append(("top-1 prediction agreement", f"{100 * f.top1_agreement:.2f}%"))
+        rows.append(("KL divergence original → converted", f"{f.kl_mean:.3e}"))
+    if report.reconstruction:
+        if report.settings["exact"]:
+            differing = sum(r["differing_elements"] for r in report.reconstruction)
+            rows.append(("reconstructed layer inputs: differing elements", str(differing)))
+        else:
+            worst = max(r["relative_error"] for r in report.reconstruction)
+            rows.append(("reconstructed layer inputs: worst relative error", f"{worst:.3e}"))
+        rows.append(("reversible layers checked", str(len(report.reconstruction))))
+    if report.gradients:
+        g = report.gradients
+        rows.append(("gradients bitwise equal to plain autograd", f"{g['bitwise_equal']}/{g['tensors']} tensors"))
+        rows.append(("gradients, max relative difference", f"{g['max_relative_difference']:.3e}"))
+    rows.append(("result", "passed" if report.passed else "FAILED: " + "; ".join(report.problems)))
+    return rows
+
+
+def model_card(facts: CardFacts) -> str:
+    """The README.md of a converted checkpoint."""
+    s = facts.settings
+    percent = 100 * facts.trainable / facts.total if facts.total else 0.0
+    benchmark = _project_url("benchmarks")
+    benchmark_link = f"[benchmarks]({benchmark})" if benchmark else "benchmarks/README.md of meft-convert"
+    lines = [
+        *_front_matter(facts),
+        "",
+        f"# {facts.name.split('/')[-1]}",
+        "",
+        (f"`{facts.source}` converted by meft-convert {__version__} into the {s['variant'].upper()} architecture of "
+         "*Make Pre-trained Model Reversible: From Parameter to Memory Efficient Fine-Tuning* (Liao, Tan, Monz, "
+         "NeurIPS 2023): bottleneck adapters on a frozen pretrained model whose layers are reversible, so that "
+         "training recomputes each layer's input from its output instead of storing activations."),
+        "",
+        "## Settings",
+        "",
+        *_settings_table(facts),
+        "",
+        (f"Trainable parameters: {facts.trainable:,} of {facts.total:,} ({percent:.4f}%): the adapters"
+         " (and a new task head, if any); the pretrained weights are frozen and kept byte for byte."),
+        "",
+        "## Verification at conversion",
+        "",
+    ]
+    if facts.report is None:
+        lines += ["Not verified at conversion (`--no-verify`). `meft-convert check` verifies it."]
+    else:
+        lines += [
+            (f"Measured on {facts.report.tokens} tokens against `{facts.report.model}` "
+             "(also in `meft_report.json`):"),
+            "",
+            "| measure | value |",
+            "|---|---|",
+            *[f"| {key} | {value} |" for key, value in verification_rows(facts.report)],
+        ]
+    lines += [
+        "",
+        "## Load",
+        "",
+        ("The checkpoint carries its own modeling code, so loading it needs `trust_remote_code=True`: that code"
+         " runs on your machine. Pin the revision (commit) you reviewed, so that later pushes cannot change it:"),
+        "",
+        "```python",
+        f"from transformers import {facts.auto_class}, AutoTokenizer",
+        "",
+        f'model = {facts.auto_class}.from_pretrained("{facts.name}", trust_remote_code=True, revision="COMMIT")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{facts.name}", revision="COMMIT")',
+        "```",
+        "",
+        ("The code files (`*.py`) only define the model: they read no files, open no connections and run no other"
+         " programs. `config.json` records the meft-convert version that wrote them and each file's sha256;"
+         f" `meft-convert check {facts.name}` tells whether they are byte-identical to what that version of"
+         " meft-convert ships, and verifies the model again."),
+        "",
+        "## Fine-tune",
+        "",
+        "Train as usual (Trainer, accelerate or your own loop); only the adapters receive gradients:",
+        "",
+        "```python",
+        "model.print_trainable_parameters()",
+        "model.train()                      # the reversible path: activations are recomputed in backward",
+        "loss = model(**batch).loss",
+        "loss.backward()",
+        "```",
+        "",
+        (f"Against full fine-tuning and LoRA, MEFT measured {MEASURED_SAVING} less activation memory per training step"
+         f" (one H200, bf16, OPT-1.3b and BERT-base; {benchmark_link}); the exact inverse gives the same"
+         " gradients as plain autograd, bit for bit."),
+        "",
+        "## Citation",
+        "",
+        "```bibtex",
+        CITATION,
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
