@@ -140,11 +140,8 @@ def write_weights(source: SourceWeights, adapters: dict[str, torch.Tensor], out:
         for file, name in zip(source.files, names):
             if _has_pt_metadata(file):
                 _copy_with_progress(file, out / name, progress)
-            elif not source.pickle:
-                _copy_adding_pt_metadata(file, out / name, progress)
             else:
-                _save_tensors(_read_all(file), out / name)
-                progress.update(file.stat().st_size)
+                _copy_adding_pt_metadata(file, out / name, progress)
             for key, info in source.tensors.items():
                 if info.file == file:
                     weight_map[key] = name
