@@ -12,6 +12,7 @@ in another order.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -60,22 +61,35 @@ class ChunkedLossMixin:
     (`config.loss_chunk_size` tokens; 0 turns it off). The output's `logits` are then None;
     evaluation (model.eval()) and generation compute full logits as the library does."""
 
-    def forward(self, *args, **kwargs):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # forward keeps the library forward's name, docs and signature: generate() reads the
+        # signature to decide which inputs (position ids, caches) to pass
+        library_forward = super(ChunkedLossMixin, cls).forward
+
+        @functools.wraps(library_forward)
+        def forward(self, *args, **kwargs):
+            return ChunkedLossMixin._chunked_forward(self, *args, **kwargs)
+
+        cls.forward = forward
+
+    def _chunked_forward(self, *args, **kwargs):
+        library_forward = super(ChunkedLossMixin, self).forward
         chunk = getattr(self.config, "loss_chunk_size", 0)
         if not (chunk and self.training and torch.is_grad_enabled()):
-            return super().forward(*args, **kwargs)
-        bound = inspect.signature(super().forward).bind_partial(*args, **kwargs)
+            return library_forward(*args, **kwargs)
+        bound = inspect.signature(library_forward).bind_partial(*args, **kwargs)
         arguments = dict(bound.arguments)
         arguments.update(arguments.pop("kwargs", {}))
         labels, shift_labels = arguments.get("labels"), arguments.get("shift_labels")
         if labels is None and shift_labels is None:
-            return super().forward(*args, **kwargs)
+            return library_forward(*args, **kwargs)
         return_dict = arguments.pop("return_dict", None)
         arguments["labels"] = None
         arguments.pop("shift_labels", None)
         head = self.get_output_embeddings()
         if not isinstance(head, torch.nn.Linear):
-            return super().forward(*args, **kwargs)
+            return library_forward(*args, **kwargs)
         captured = []
 
         def capture(hidden_states: torch.Tensor) -> torch.Tensor:
@@ -89,7 +103,7 @@ class ChunkedLossMixin:
         previous = head.__dict__.get("forward")
         head.forward = capture
         try:
-            outputs = super().forward(**arguments, return_dict=True)
+            outputs = library_forward(**arguments, return_dict=True)
         finally:
             if previous is None:
                 del head.forward

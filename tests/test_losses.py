@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import transformers
@@ -37,6 +39,8 @@ def test_chunked_loss_and_gradients_equal_the_library_loss(converted, name):
         converted(name, "meft3")[0], dtype=torch.float32, trust_remote_code=True
     ).train()
     assert model.config.loss_chunk_size == 256  # the default written at conversion
+    # the library forward's signature, which generate() reads
+    assert {"labels", "position_ids", "attention_mask"} <= set(inspect.signature(model.forward).parameters)
     batch = _batch(model)
     whole, whole_grads = _loss_and_grads(model, batch, chunk=0)
     chunked, chunked_grads = _loss_and_grads(model, batch, chunk=7)  # 7 does not divide the 52 labelled tokens
