@@ -189,8 +189,8 @@ def model_card(facts: CardFacts) -> str:
         f'tokenizer = AutoTokenizer.from_pretrained("{facts.name}", revision="COMMIT")',
         "```",
         "",
-        ("The code files (`*.py`) only define the model: they read no files, open no connections and run no other"
-         " programs. `config.json` records the meft-convert version that wrote them and each file's sha256;"
+        ("The code files (`*.py`) only define the model: they read no files (except the adapter-only save and load"
+         " you call yourself, safetensors and JSON), open no connections and run no other programs. `config.json` records the meft-convert version that wrote them and each file's sha256;"
          f" `meft-convert check {facts.name}` tells whether they are byte-identical to what that version of"
          " meft-convert ships, and verifies the model again."),
         "",

@@ -157,11 +157,6 @@ def write_weights(source: SourceWeights, adapters: dict[str, torch.Tensor], out:
     (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _read_all(file: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(file), framework="pt") as f:
-        return {key: f.get_tensor(key) for key in f.keys()}
-
-
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
 
 
