@@ -40,13 +40,9 @@ class CheckResult:
 
 
 def _read_meft_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise BadInputError(f"{folder} has no config.json")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadInputError(f"{path} is not valid JSON ({e})") from None
+    from .convert import read_config_json  # torch and transformers only when a check runs
+
+    config = read_config_json(folder)
     if not str(config.get("model_type", "")).startswith("meft_"):
         raise BadInputError(f"{folder} is not a MEFT checkpoint (model_type {config.get('model_type')!r})")
     return config

@@ -195,14 +195,19 @@ class _Plan:
     total: int  # ... of all the model's parameters
 
 
-def _read_config(folder: Path) -> dict:
+def read_config_json(folder: Path) -> dict:
+    """A checkpoint's config.json as a dict; BadInputError if it is missing or not JSON."""
     path = folder / "config.json"
     if not path.is_file():
         raise BadInputError(f"{folder} has no config.json")
     try:
-        config = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadInputError(f"{path} is not valid JSON ({e})") from None
+
+
+def _read_config(folder: Path) -> dict:
+    config = read_config_json(folder)
     model_type = config.get("model_type")
     if isinstance(model_type, str) and model_type.startswith("meft_"):
         raise BadInputError(f"{folder} is already a MEFT checkpoint ({model_type})")
