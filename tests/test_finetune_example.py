@@ -9,10 +9,9 @@ import pytest
 import torch
 import transformers
 
-from tests.conftest import real_config
+from tests.conftest import needs_full_data, real_config
 from tests.test_training import GLUE, example_module
 
-pytestmark = pytest.mark.skipif(GLUE is None, reason="no GLUE data (../shared/data/glue or shared-data/glue)")
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +29,7 @@ def example():
         ("stsb", "STS-B", 5749, None),
     ],
 )
+@needs_full_data
 def test_read_glue_reads_every_row(example, task, folder, rows, label_counts):
     examples = example.read_glue(GLUE / folder, task, "train")
     assert len(examples) == rows

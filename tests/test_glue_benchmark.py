@@ -13,17 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import SHARED_DATA, needs_full_data
+
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "glue"
-if not DATA.is_dir():  # a worktree beside the main checkout
-    DATA = Path("/work/shared/data/glue")
+DATA = SHARED_DATA / "glue"
 
 _spec = importlib.util.spec_from_file_location("glue_benchmark", ROOT / "benchmarks" / "glue.py")
 glue = importlib.util.module_from_spec(_spec)
 sys.modules["glue_benchmark"] = glue  # dataclasses look their module up by name
 _spec.loader.exec_module(glue)
 
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="the GLUE data (../shared/data/glue) is not here")
 
 
 def test_spearman_with_ties_matches_the_definition():
@@ -48,7 +47,7 @@ def test_f1_and_accuracy():
     assert glue.f1_score([0, 0], [1, 1]) == 0.0
 
 
-@needs_data
+@needs_full_data
 def test_reads_every_task_with_its_quirks():
     expected_rows = {"rte": (2490, 277), "mrpc": (3668, 408), "stsb": (5749, 1500), "sst2": (67349, 872)}
     for name, task in glue.TASKS.items():
@@ -95,7 +94,6 @@ def test_summary_picks_the_learning_rate_with_the_best_mean():
     assert set(cell["by_lr"]) == {"0.0001", "2e-05"}
 
 
-@needs_data
 @pytest.mark.slow
 def test_runs_end_to_end_on_a_tiny_subset(tmp_path, minilm, session_dir):
     out = tmp_path / "glue"

@@ -12,13 +12,13 @@ import pytest
 import torch
 import transformers
 
+from tests.conftest import SHARED_DATA
 from tests.test_modeling import batch, build, gradients, loss_of
 from tests.test_reversible import _SavedTracker
 
 ROOT = Path(__file__).resolve().parent.parent
-# the GLUE TSVs: beside the repository (../shared/data), or copied into it (shared-data/)
-GLUE = next((p for p in (ROOT.parent / "shared" / "data" / "glue", ROOT / "shared-data" / "glue") if p.is_dir()), None)
-RTE = GLUE / "RTE" if GLUE else ROOT / "missing"
+GLUE = SHARED_DATA / "glue"
+RTE = GLUE / "RTE"
 STEPS, SAVE_AT = 8, 4
 # transformers >= 5.2x renames gradient_checkpointing_enable; the tests call the name 5.17 has
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing_(enable|disable)` is deprecated:FutureWarning")

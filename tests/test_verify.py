@@ -44,11 +44,12 @@ def test_a_non_deterministic_layer_fails_verification(converted, tmp_path):
     shutil.copytree(folder, tampered)
     families = tampered / "families.py"
     code = families.read_text()
+    # a different offset at every call: the recompute in backward never sees the forward's
     code = code.replace(
         "    return layer.output.LayerNorm(h + x)\n",
-        "    import time\n    return layer.output.LayerNorm(h + x) + (time.perf_counter_ns() % 97) * 1e-4\n",
+        "    return layer.output.LayerNorm(h + x) + next(_CALLS) * 1e-4\n",
     )
-    families.write_text(code)
+    families.write_text(code + "\nimport itertools\n\n_CALLS = itertools.count(1)\n")
     report = verify_conversion(folder.parent.parent / "tiny" / "bert", tampered, reference=False)
     assert not report.passed
     assert any("layer 1" in problem for problem in report.problems), report.problems
