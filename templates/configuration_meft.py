@@ -89,6 +89,9 @@ def validate_meft_settings(
 
 
 MEFT_SETTINGS = tuple(validate_meft_settings())
+# settings that change how training runs, not what the model computes: adapters trained under
+# one value load under another
+RUNTIME_SETTINGS = ("audit", "loss_chunk_size", "compile_blocks")
 
 
 class MeftConfig:

@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .adapters import MeftAdapter, init_adapter_projection, is_adapter_projection
-from .configuration_meft import config_class_for
+from .configuration_meft import RUNTIME_SETTINGS, config_class_for
 from .families import FAMILIES, Family, Stack, family_for
 from .losses import ChunkedLossMixin
 from .reversible import Coupling, CouplingSettings, run_stack
@@ -475,7 +475,11 @@ class MeftModelMixin:
                 f"these adapters were trained on a {description['plm_model_type']} model, not {self.config.plm_model_type}"
             )
         ours = self.config.meft_settings()
-        differing = {k: (v, ours.get(k)) for k, v in description["meft_settings"].items() if ours.get(k) != v}
+        differing = {
+            k: (v, ours.get(k))
+            for k, v in description["meft_settings"].items()
+            if k not in RUNTIME_SETTINGS and ours.get(k) != v
+        }
         if differing:
             details = ", ".join(f"{k}: saved {saved!r}, this model {here!r}" for k, (saved, here) in differing.items())
             raise ValueError(f"the adapters' MEFT settings differ from this model's ({details})")

@@ -113,6 +113,12 @@ def test_loading_refuses_adapters_of_another_model(fine_tuned, converted, tmp_pa
         three_labels.load_adapters(folder)
     with pytest.raises(TypeError, match="adapters_only=True"):
         three_labels.save_pretrained(tmp_path / "x", adapters_only=True, push_to_hub=True)
+    # how training runs (chunked loss, compiled blocks, the audit) is no reason to refuse
+    runtime = AUTO.from_pretrained(
+        converted("minilm", "meft3")[0], trust_remote_code=True, compile_blocks=True, loss_chunk_size=0, audit=False
+    )
+    runtime.load_adapters(folder)
+    assert runtime.config.compile_blocks and not runtime.config.audit
 
 
 def test_print_trainable_parameters(fine_tuned, capsys):
