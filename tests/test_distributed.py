@@ -92,6 +92,23 @@ def _grads_equal_across_ranks(model) -> bool:
     return True
 
 
+def _train_against_reference(wrapped, model, reference, rank: int) -> dict:
+    """STEPS SGD steps of `wrapped` (DDP or FSDP around `model`) on this rank's rows, each checked
+    against `reference` stepping on the whole global batch in this process."""
+    steps = []
+    optimizer = torch.optim.SGD(_trainable(model).values(), lr=0.1)
+    reference_optimizer = torch.optim.SGD(_trainable(reference).values(), lr=0.1)
+    for step in range(STEPS):
+        batch = _global_batch(model.config.vocab_size, step)
+        optimizer.zero_grad(set_to_none=True)
+        _loss(wrapped, _rank_rows(batch, rank)).backward()
+        _reference_step(reference, reference_optimizer, batch)
+        steps.append(max(_relative_differences(model, reference).values()))
+        optimizer.step()
+        reference_optimizer.step()
+    return {"steps": steps, "params_after": max(_relative_differences(model, reference, "param").values())}
+
+
 def _reference_step(reference, optimizer, batch: torch.Tensor) -> None:
     """The single-process run: one forward of the whole global batch."""
     optimizer.zero_grad(set_to_none=True)
@@ -109,20 +126,9 @@ def _reference_accumulated(reference, micro_batches: list[torch.Tensor], seeds: 
 def _check_ddp(rank: int, folder: str) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    results: dict = {"steps": []}
     model, reference = _load(folder, **DROPOUT_OFF), _load(folder, **DROPOUT_OFF)
     ddp = DDP(model, find_unused_parameters=False)
-    optimizer = torch.optim.SGD(_trainable(model).values(), lr=0.1)
-    reference_optimizer = torch.optim.SGD(_trainable(reference).values(), lr=0.1)
-    for step in range(STEPS):
-        batch = _global_batch(model.config.vocab_size, step)
-        optimizer.zero_grad(set_to_none=True)
-        _loss(ddp, _rank_rows(batch, rank)).backward()
-        _reference_step(reference, reference_optimizer, batch)
-        results["steps"].append(max(_relative_differences(model, reference).values()))
-        optimizer.step()
-        reference_optimizer.step()
-    results["params_after"] = max(_relative_differences(model, reference, "param").values())
+    results = _train_against_reference(ddp, model, reference, rank)
 
     # dropout on, two micro-batches per rank, the first under no_sync: one all-reduce per step
     model, reference = _load(folder), _load(folder)
@@ -197,23 +203,12 @@ def _check_accelerate(rank: int, folder: str, accelerator) -> dict:
 def _check_fsdp(rank: int, folder: str) -> dict:
     from torch.distributed.fsdp import fully_shard
 
-    results: dict = {"steps": []}
     model, reference = _load(folder, **DROPOUT_OFF), _load(folder, **DROPOUT_OFF)
     # one FSDP unit for the whole model: the reversible stack runs all layers in one call, so
     # the layers' own forward (where per-layer units gather their shards) never runs
     fully_shard(model)
-    results["sharded"] = all(type(p).__name__ == "DTensor" for p in model.parameters())
-    optimizer = torch.optim.SGD(_trainable(model).values(), lr=0.1)
-    reference_optimizer = torch.optim.SGD(_trainable(reference).values(), lr=0.1)
-    for step in range(STEPS):
-        batch = _global_batch(model.config.vocab_size, step)
-        optimizer.zero_grad(set_to_none=True)
-        _loss(model, _rank_rows(batch, rank)).backward()
-        _reference_step(reference, reference_optimizer, batch)
-        results["steps"].append(max(_relative_differences(model, reference).values()))
-        optimizer.step()
-        reference_optimizer.step()
-    results["params_after"] = max(_relative_differences(model, reference, "param").values())
+    sharded = all(type(p).__name__ == "DTensor" for p in model.parameters())
+    results = {"sharded": sharded, **_train_against_reference(model, model, reference, rank)}
     results["frozen_without_grad"] = all(p.grad is None for p in model.parameters() if not p.requires_grad)
     return results
 
