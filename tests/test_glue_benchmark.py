@@ -143,6 +143,10 @@ def test_runs_end_to_end_on_a_tiny_subset(tmp_path, minilm, session_dir):
     again = [*command[2:command.index("--out")], "--out", str(resumed), *command[command.index("--out") + 2 :]]
     assert glue.main([*again, "--resume", str(out / "glue.json"), "--compile"]) == 0
     assert json.loads((resumed / "glue.json").read_text())["runs"] == runs
+    # runs of another budget are not mixed in
+    longer = [*again, "--epochs", "5", "--out", str(tmp_path / "other"), "--resume", str(out / "glue.json")]
+    with pytest.raises(SystemExit, match="other --epochs"):
+        glue.main(longer)
 
 
 def test_plan_counts_the_runs(capsys):
@@ -172,3 +176,27 @@ def test_float_tensors_go_to_float16_and_back(tmp_path, minilm):
         else:
             assert torch.equal(widened[key], tensor)
     assert glue.prepare_source(minilm, tmp_path / "work2") == minilm  # float32 already: used as it is
+
+
+def test_regression_targets_are_standardized_and_the_metrics_do_not_change(minilm):
+    tokens = glue.tokenize_task("stsb", DATA, minilm, max_train=64, max_eval=32)
+    train = torch.tensor(tokens["train"]["labels"], dtype=torch.float64)
+    assert abs(train.mean().item()) < 1e-12 and abs(train.std(unbiased=False).item() - 1.0) < 1e-12
+    scale = tokens["target_scale"]
+    _, raw_dev = glue.read_tsv(DATA / "STS-B" / "dev.tsv", glue.TASKS["stsb"])
+    raw_dev = [raw_dev[i] for i in glue.subsample(len(raw_dev), 32)]
+    dev = tokens["dev"]["labels"]
+    assert max(abs(d * scale["std"] + scale["mean"] - r) for d, r in zip(dev, raw_dev)) < 1e-12
+    # Spearman and Pearson of predictions against standardized targets equal those against raw ones
+    predictions = [[0.3 * r + (i % 5) * 0.1] for i, r in enumerate(raw_dev)]
+    standardized = glue.task_metrics(glue.TASKS["stsb"], predictions, dev)
+    raw = glue.task_metrics(glue.TASKS["stsb"], predictions, raw_dev)
+    assert standardized["spearman"] == pytest.approx(raw["spearman"], abs=1e-12)
+    assert standardized["pearson"] == pytest.approx(raw["pearson"], abs=1e-12)
+    # classification labels stay class indices
+    assert set(glue.tokenize_task("rte", DATA, minilm, max_train=16, max_eval=8)["train"]["labels"]) <= {0.0, 1.0}
+
+
+def test_a_run_on_cpu_uses_one_device():
+    assert glue.run_devices("cpu") == ["cpu"]
+    assert glue.run_devices("cuda:1") == ["cuda:1"]

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The commands of one session on two H200s (results under $OUT, copied into benchmarks/results
+# afterwards). Run from the repository root with shared-data/ carried along (glue/, text/,
+# minilm-fp16/; see benchmarks/README.md). Two calls, each under ten minutes:
+#   bash benchmarks/h200x2_session.sh 1   # torchrun DDP/FSDP on 2 GPUs, then GLUE until its budget
+#   bash benchmarks/h200x2_session.sh 2   # GLUE again, resuming from part 1's glue.json
+#                                         # (copied to shared-data/glue-part1.json)
+ln -sfn ../templates meft_convert/templates  # the package layout pip would install
+# NVLink multicast stays off (the machine's NCCL, PyTorch and NVSHMEM settings)
+export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
+  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+GLUE="python benchmarks/glue.py --data-dir shared-data/glue --model shared-data/minilm-fp16 --out $OUT/glue --workers 24"
+if [ "$1" = 1 ]; then
+  nvidia-smi -L; python -c 'import torch; print("GPUs:", torch.cuda.device_count())'
+  timeout 240 torchrun --nproc-per-node 2 benchmarks/distributed.py --engine ddp fsdp --data-dir shared-data \
+    --out $OUT/h200x2-distributed.json > $OUT/distributed-x2.log 2>&1
+  echo "distributed exit $?"; tail -6 $OUT/distributed-x2.log
+  budget=$((560 - SECONDS - 90))  # a run may go on 60 s past the budget, then the report is written
+  timeout $((570 - SECONDS)) $GLUE --time-budget $budget > $OUT/glue-part1.log 2>&1; echo "glue exit $?"
+else
+  timeout 570 $GLUE --time-budget 420 --resume shared-data/glue-part1.json > $OUT/glue-part2.log 2>&1; echo "glue exit $?"
+fi
+tail -25 $OUT/glue/glue.md 2>/dev/null | head -14
