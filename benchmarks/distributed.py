@@ -14,9 +14,13 @@ trains the same saved model. For each engine and method:
   after the first data-parallel step it compares its gradients with it (‖a − b‖ / ‖b‖ per tensor).
   On CUDA both run with math attention and deterministic kernels (see checked_step);
 - --steps training steps (AdamW) on byte-level tokens of Tiny Shakespeare: loss of the global
-  batch per step, non-finite losses, tokens/s (after the first step, which compiles);
+  batch per step, non-finite losses, tokens/s over the steps from the third on (the first runs
+  the gradient check with deterministic kernels, the second compiles the engine's half-steps
+  again for the fast kernels), every step's time;
 - per rank: static memory (model, optimizer state, after one step with gradients freed), peak
-  memory over the training steps and activation memory = peak − static (CUDA only).
+  memory over the training steps and activation memory = peak − static (CUDA only). Under FSDP
+  the peak also holds the gathered (unsharded) parameters: their size is measured on its own
+  (unshard() then reshard() before training) and subtracted in `activation_gib_less_gathered`.
 
 FSDP2 shards the whole model as one unit (`fully_shard(model)`): a MEFT stack runs all its
 layers in one call, so per-layer units would never gather their shards. Both methods use the
@@ -248,6 +252,23 @@ def wrap(model, engine: str, device: torch.device):
     return fully_shard(model)
 
 
+def gathered_parameter_bytes(wrapped, device: torch.device) -> int:
+    """Memory that FSDP2's all-gather of the whole model takes on this rank, measured: the unit
+    holds these full-size parameters from its forward until its backward has run."""
+    if device.type != "cuda":  # no allocator to read; the calls still run
+        wrapped.unshard()
+        wrapped.reshard()
+        return 0
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    wrapped.unshard()
+    synchronize(device)
+    gathered = torch.cuda.memory_allocated(device) - before
+    wrapped.reshard()
+    synchronize(device)
+    return gathered
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -265,6 +286,7 @@ def run(method: str, engine: str, args, paths, data: ByteText, device: torch.dev
         reference = reference_gradients(model, data, args.seed, device)
     model.zero_grad(set_to_none=True)
     wrapped = wrap(model, engine, device)
+    gathered = gathered_parameter_bytes(wrapped, device) if engine == "fsdp" else 0
     optimizer = torch.optim.AdamW(list(trainable(model).values()), lr=args.lr, weight_decay=0.0)
     losses, step_seconds, gradient_check = [], [], None
     static = peak = None
@@ -294,7 +316,7 @@ def run(method: str, engine: str, args, paths, data: ByteText, device: torch.dev
         log(f"{engine} {method} step {step}: loss {losses[-1]:.4f}, {step_seconds[-1] * 1000:.0f} ms")
     if device.type == "cuda" and static is not None:
         peak = torch.cuda.max_memory_allocated(device)
-    timed = step_seconds[1:] or step_seconds
+    timed = step_seconds[2:] or step_seconds
     tokens_per_step = world * args.batch * args.seq
     mine = {
         "rank": rank,
@@ -302,7 +324,10 @@ def run(method: str, engine: str, args, paths, data: ByteText, device: torch.dev
         "static_gib": None if static is None else static / 2**30,
         "peak_gib": None if peak is None else peak / 2**30,
         "activation_gib": None if peak is None else (peak - static) / 2**30,
+        "gathered_parameters_gib": gathered / 2**30 if device.type == "cuda" else None,
+        "activation_gib_less_gathered": None if peak is None else (peak - static - gathered) / 2**30,
         "step_ms_median": statistics.median(timed) * 1000,
+        "step_ms": [round(t * 1000, 2) for t in step_seconds],
     }
     per_rank: list = [None] * world
     dist.all_gather_object(per_rank, mine)
@@ -351,8 +376,8 @@ def parse_args(argv=None):
     parser.add_argument("--work-dir", type=Path, default=None, help="where the checkpoints are written (default: a temporary folder)")
     parser.add_argument("--out", type=Path, required=True, help="results JSON (written by rank 0)")
     args = parser.parse_args(argv)
-    if args.steps < 2:
-        parser.error("--steps must be at least 2 (the first step compiles and is not timed)")
+    if args.steps < 3:
+        parser.error("--steps must be at least 3 (the first two steps compile and are not timed)")
     return args
 
 
@@ -413,10 +438,11 @@ def main(argv=None) -> None:
                     args.out.parent.mkdir(parents=True, exist_ok=True)
                     args.out.write_text(json.dumps(results, indent=1))
         log("\nengine method  grad rel diff  loss first→last   tokens/s   " + "  ".join(
-            f"rank{r} static/peak/act GiB" for r in range(dist.get_world_size())))
+            f"rank{r} static/peak/act(/act less gathered) GiB" for r in range(dist.get_world_size())))
         for r in results["runs"]:
             memory = "  ".join(
                 "n/a" if m["peak_gib"] is None else f"{m['static_gib']:.2f}/{m['peak_gib']:.2f}/{m['activation_gib']:.2f}"
+                + (f"/{m['activation_gib_less_gathered']:.2f}" if r["engine"] == "fsdp" else "")
                 for m in r["per_rank"]
             )
             log(f"{r['engine']:6s} {r['method']:6s} {r['gradient_check']['max_relative_difference']:13.2e}  "

@@ -363,6 +363,7 @@ def test_distributed_benchmark_script(tmp_path):
         assert len(r["losses"]) == 6 and not r["non_finite_steps"]
         assert r["loss_last_mean"] < r["loss_first_mean"], (key, r["losses"])
         assert r["tokens_per_second"] > 0 and len(r["per_rank"]) == WORLD_SIZE
+        assert all(len(m["step_ms"]) == 6 and min(m["step_ms"]) > 0 for m in r["per_rank"])
     # the engines differ only in how they reduce: the same data and seeds give the same losses
     for method in ("meft3", "lora"):
         assert runs["ddp", method]["losses"] == pytest.approx(runs["fsdp", method]["losses"], rel=1e-6)
