@@ -11,6 +11,12 @@ meft_convert's Python API (to check that training runs at full size, e.g. on a G
     python examples/finetune_glue.py --from-config tests/data/configs/opt-125m.json --task rte \\
         --data-dir ../shared/data/glue/RTE --bf16 --max-steps 200 --log-json opt-125m-rte.json
 
+On several GPUs the Trainer runs DistributedDataParallel when started with torchrun (one
+process per GPU; --batch-size is per GPU; the main process writes the log and the adapters):
+
+    torchrun --nproc-per-node 2 examples/finetune_glue.py --from-config tests/data/configs/opt-125m.json \
+        --task rte --data-dir ../shared/data/glue/RTE --bf16 --max-steps 200 --log-json opt-125m-ddp.json
+
 The data folder holds the task's train.tsv and dev.tsv as GLUE distributes them (split on tabs
 only; MRPC's files start with a byte-order mark; CoLA's have no header).
 
@@ -409,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         eval_after = trainer.evaluate() if dev_features and finished else None
         fit_after = trainer.evaluate(fit_features, metric_key_prefix="train_eval") if fit_features and finished else None
         adapters_dir = output_dir / "adapters"
-        if finished:
+        main_process = trainer.is_world_process_zero()  # under torchrun, one process writes
+        if finished and main_process:
             model.save_pretrained(adapters_dir, adapters_only=True)
 
     losses = [e["loss"] for e in run_log.history if "loss" in e]
@@ -421,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         "variant": model.config.variant,
         "device": str(model.device) + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
         "bf16": args.bf16,
+        "world_size": training_args.world_size,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "train_examples": len(train_features),
@@ -440,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         "runtime_s": round(time.time() - started, 1),
         "history": run_log.history,
     }
-    if args.log_json:
+    if args.log_json and main_process:
         args.log_json.parent.mkdir(parents=True, exist_ok=True)
         args.log_json.write_text(json.dumps(summary, indent=1) + "\n")
     print(
