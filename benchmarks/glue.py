@@ -383,6 +383,7 @@ def train_one(spec: RunSpec, device_name: str) -> dict:
     started = time.time()
     try:
         device = torch.device(_WORKER_DEVICE or device_name)
+        record["device"] = str(device)
         autocast = device.type == "cuda"
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)
@@ -787,7 +788,10 @@ def run_all(args, model: Path, work: Path, started: float) -> int:
             raise SystemExit(f"error: {args.resume} was run with other {names}: its runs do not compare")
         results["runs"] = [r for r in earlier["runs"] if r.get("status") == "ok"]
         done = {(r["task"], r["method"], r["lr"], r["seed"]) for r in results["runs"]}
-        results["resumed_from"] = earlier["command"]
+        # every earlier command that contributed runs, with the machine it ran on
+        results["earlier_commands"] = earlier.get("earlier_commands", []) + [
+            {k: earlier.get(k) for k in ("command", "environment", "elapsed_seconds")}
+        ]
 
     def save() -> None:
         results["elapsed_seconds"] = round(time.time() - started, 1)

@@ -7,6 +7,8 @@
 #                                         # (copied to shared-data/glue-part1.json)
 #   bash benchmarks/h200x2_session.sh 3   # torchrun DDP/FSDP again (the committed results), then
 #                                         # examples/finetune_glue.py's Trainer under torchrun
+#   bash benchmarks/h200x2_session.sh 4   # (one H200 is enough) GLUE's two on-request methods,
+#                                         # resuming from part 2's glue.json (shared-data/glue-final.json)
 ln -sfn ../templates meft_convert/templates  # the package layout pip would install
 # NVLink multicast stays off (the machine's NCCL, PyTorch and NVSHMEM settings)
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
@@ -26,7 +28,12 @@ if [ "$1" = 3 ]; then
   echo "trainer exit $?"; tail -3 $OUT/finetune-opt-125m-rte-bf16-ddp2.log
   exit
 fi
-if [ "$1" = 1 ]; then
+if [ "$1" = 4 ]; then
+  timeout 570 python benchmarks/glue.py --data-dir shared-data/glue --model shared-data/minilm-fp16 --out $OUT/glue \
+    --workers 12 --time-budget 420 --resume shared-data/glue-final.json \
+    --methods full lora adapters meft1 meft2 meft3 meft1-small meft2-small meft3-small meft3-mean meft1-float \
+    > $OUT/glue-part4.log 2>&1; echo "glue exit $?"
+elif [ "$1" = 1 ]; then
   nvidia-smi -L; python -c 'import torch; print("GPUs:", torch.cuda.device_count())'
   distributed
   budget=$((560 - SECONDS - 90))  # a run may go on 60 s past the budget, then the report is written

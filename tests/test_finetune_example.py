@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from tests.conftest import needs_full_data, real_config
-from tests.test_training import GLUE, example_module
+from tests.test_training import GLUE, ROOT, example_module
 
 
 
@@ -124,3 +124,30 @@ def test_bad_usage_exits_with_2(example, tmp_path):
         example.main(["--model", "x", "--data-dir", str(GLUE / "RTE"), "--max-steps", "0"])
     assert exit_info.value.code == 2
     torch.manual_seed(0)  # nothing above touched the global RNG state in a way later tests see
+
+
+@pytest.mark.slow
+def test_runs_under_torchrun_with_two_processes(tmp_path, session_dir):
+    """The Trainer's DDP on 2 CPU processes (gloo): one log and one adapters folder, written by rank 0."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_distributed import _free_port
+
+    config_file = tmp_path / "config.json"
+    real_config("opt-125m").to_json_file(config_file)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+        str(ROOT / "examples" / "finetune_glue.py"), "--from-config", str(config_file), "--data-dir", str(GLUE / "RTE"), "--no-verify",
+        "--max-steps", "3", "--batch-size", "2", "--seq-len", "16", "--max-train-samples", "12",
+        "--max-eval-samples", "4", "--output-dir", str(tmp_path / "run"), "--log-json", str(tmp_path / "log.json"),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert log["world_size"] == 2 and log["steps_run"] == 3
+    losses = [e["loss"] for e in log["history"] if "loss" in e]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert sorted(p.name for p in (tmp_path / "run" / "adapters").iterdir()) == ["meft_adapters.json", "meft_adapters.safetensors"]

@@ -116,7 +116,7 @@ def test_runs_end_to_end_on_a_tiny_subset(tmp_path, minilm, session_dir):
     for run in runs:
         assert run["status"] == "ok", run.get("traceback")
         assert run["steps"] == 2 and run["lr"] == 1e-3 and run["seed"] == 0
-        assert math.isfinite(run["final_loss"]) and run["seconds"] > 0
+        assert math.isfinite(run["final_loss"]) and run["seconds"] > 0 and run["device"] == "cpu"
         if run["task"] == "stsb":
             assert -1.0 <= run["metrics"]["spearman"] <= 1.0 and -1.0 <= run["metrics"]["pearson"] <= 1.0
         else:
@@ -142,7 +142,9 @@ def test_runs_end_to_end_on_a_tiny_subset(tmp_path, minilm, session_dir):
     resumed = tmp_path / "resumed"
     again = [*command[2:command.index("--out")], "--out", str(resumed), *command[command.index("--out") + 2 :]]
     assert glue.main([*again, "--resume", str(out / "glue.json"), "--compile"]) == 0
-    assert json.loads((resumed / "glue.json").read_text())["runs"] == runs
+    resumed_results = json.loads((resumed / "glue.json").read_text())
+    assert resumed_results["runs"] == runs
+    assert [c["command"] for c in resumed_results["earlier_commands"]] == [results["command"]]
     # runs of another budget are not mixed in
     longer = [*again, "--epochs", "5", "--out", str(tmp_path / "other"), "--resume", str(out / "glue.json")]
     with pytest.raises(SystemExit, match="other --epochs"):
