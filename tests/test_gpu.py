@@ -17,7 +17,22 @@ from tests.test_modeling import batch, build, loss_of  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-CASES = [("bert-base-uncased", "AutoModelForSequenceClassification"), ("opt-125m", "AutoModelForCausalLM")]
+CASES = [
+    ("bert-base-uncased", "AutoModelForSequenceClassification"),
+    ("roberta-base", "AutoModelForSequenceClassification"),
+    ("bart-base", "AutoModelForSeq2SeqLM"),  # two reversible stacks; the encoder's gradients come through cross-attention
+    ("opt-125m", "AutoModelForCausalLM"),
+    ("tinyllama-1.1b", "AutoModelForCausalLM"),
+    ("mistral-7b-v0.1", "AutoModelForCausalLM"),
+    ("qwen2-0.5b", "AutoModelForCausalLM"),
+    ("gpt2", "AutoModelForCausalLM"),
+]
+# LLaMA-like configs ship without dropout: it is switched on so that its CUDA replay is tested
+DROPOUT_OFF = {"tinyllama-1.1b", "mistral-7b-v0.1", "qwen2-0.5b"}
+
+
+def plm_settings(config_name: str, attention: str) -> dict:
+    return {"attn_implementation": attention, **({"attention_dropout": 0.1} if config_name in DROPOUT_OFF else {})}
 
 
 def cuda_gradients(model, auto_class, mode, seed=0, autocast=False):
@@ -34,7 +49,7 @@ def cuda_gradients(model, auto_class, mode, seed=0, autocast=False):
 @pytest.mark.parametrize("variant", ["meft1", "meft2", "meft3"])
 @pytest.mark.parametrize("config_name,auto_class", CASES)
 def test_gradients_bitwise_with_deterministic_kernels(config_name, auto_class, variant):
-    model = build(config_name, auto_class, dtype=torch.bfloat16, variant=variant, plm={"attn_implementation": "eager"})
+    model = build(config_name, auto_class, dtype=torch.bfloat16, variant=variant, plm=plm_settings(config_name, "eager"))
     model.cuda().train()
     torch.use_deterministic_algorithms(True)
     try:
@@ -52,14 +67,15 @@ def test_gradients_bitwise_with_deterministic_kernels(config_name, auto_class, v
 @pytest.mark.parametrize("config_name,auto_class", CASES)
 def test_sdpa_reconstruction_is_bit_exact_and_compiled(config_name, auto_class, variant, autocast):
     dtype = torch.float32 if autocast else torch.bfloat16
-    model = build(config_name, auto_class, dtype=dtype, variant=variant, plm={"attn_implementation": "sdpa"})
+    model = build(config_name, auto_class, dtype=dtype, variant=variant, plm=plm_settings(config_name, "sdpa"))
     model.cuda().train()
-    layers = model.meft_layers
-    layers.trace = []
+    for layers in model.meft_stacks:
+        layers.trace = []
     cuda_gradients(model, auto_class, "reversible", autocast=autocast)  # the audit would raise on a mismatch
-    forward = {name: (a, b) for kind, name, a, b in layers.trace if kind == "forward"}
-    rebuilt = [(name, a, b) for kind, name, a, b in layers.trace if kind == "backward"]
-    assert len(rebuilt) == len(forward) == len(layers)
-    for name, a, b in rebuilt:
-        assert a.is_cuda and torch.equal(forward[name][0], a) and torch.equal(forward[name][1], b)
+    for layers in model.meft_stacks:
+        forward = {name: (a, b) for kind, name, a, b in layers.trace if kind == "forward"}
+        rebuilt = [(name, a, b) for kind, name, a, b in layers.trace if kind == "backward"]
+        assert len(rebuilt) == len(forward) == len(layers)
+        for name, a, b in rebuilt:
+            assert a.is_cuda and torch.equal(forward[name][0], a) and torch.equal(forward[name][1], b)
     assert reversible._COMPILE["enabled"]  # the half-steps ran compiled
