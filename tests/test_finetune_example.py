@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import transformers
 
 from tests.conftest import needs_full_data, real_config
+from tests.test_distributed import _free_port
 from tests.test_training import GLUE, ROOT, example_module
-
 
 
 @pytest.fixture(scope="module")
@@ -129,12 +132,6 @@ def test_bad_usage_exits_with_2(example, tmp_path):
 @pytest.mark.slow
 def test_runs_under_torchrun_with_two_processes(tmp_path, session_dir):
     """The Trainer's DDP on 2 CPU processes (gloo): one log and one adapters folder, written by rank 0."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.test_distributed import _free_port
-
     config_file = tmp_path / "config.json"
     real_config("opt-125m").to_json_file(config_file)
     command = [
