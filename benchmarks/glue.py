@@ -752,9 +752,13 @@ def run_all(args, model: Path, work: Path, started: float) -> int:
     start_deadline = started + args.time_budget
     (work / "tokens").mkdir(parents=True, exist_ok=True)
     source = prepare_source(model, work)
+    train_examples, target_scales = {}, {}
     for task in args.tasks:
         tokens = tokenize_task(task, args.data_dir, source, args.max_train_examples, args.max_eval_examples)
         torch.save(tokens, work / "tokens" / f"{task}.pt")
+        train_examples[task] = len(tokens["train"]["labels"])
+        if "target_scale" in tokens:
+            target_scales[task] = tokens["target_scale"]
     results = {
         "command": args.command,
         "environment": environment(args.device),
@@ -766,13 +770,11 @@ def run_all(args, model: Path, work: Path, started: float) -> int:
             "max_steps": args.max_steps,
             "max_train_examples": args.max_train_examples,
             "max_eval_examples": args.max_eval_examples,
-            "train_examples": {t: len(torch.load(work / "tokens" / f"{t}.pt")["train"]["labels"]) for t in args.tasks},
+            "train_examples": train_examples,
             "optimizer": "AdamW, weight decay 0.01, linear warm-up over 6% of the steps then linear decay to 0",
             "precision": "bf16 autocast" if args.device.startswith("cuda") else "float32",
             "compile": args.compile,
-            "regression_targets": {
-                t: torch.load(work / "tokens" / f"{t}.pt")["target_scale"] for t in args.tasks if TASKS[t].labels is None
-            },
+            "regression_targets": target_scales,
         },
         "target_scaling": TARGET_SCALING,
         "methods": {m: asdict(METHODS[m]) for m in args.methods},
