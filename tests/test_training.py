@@ -130,7 +130,10 @@ def test_resuming_from_a_checkpoint_continues_the_same_run(uninterrupted, minilm
     model = classifier(minilm_meft3)
     losses = MicroBatchLosses(model)
     # gradient checkpointing leaves the reversible layers as they are, so it changes nothing here
-    trainer = trainer_for(model, features, pad_token_id, example, tmp_path, gradient_checkpointing=True)
+    # the flag's newer name where transformers has it (the old one warns that v6 removes it)
+    fields = transformers.TrainingArguments.__dataclass_fields__
+    flag = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    trainer = trainer_for(model, features, pad_token_id, example, tmp_path, **{flag: True})
     trainer.train(resume_from_checkpoint=str(uninterrupted["output_dir"] / f"checkpoint-{SAVE_AT}"))
     assert all(stack.checkpoint_func is not None for stack in model.meft_stacks)
     expected = uninterrupted["losses"][2 * SAVE_AT :]
@@ -173,6 +176,33 @@ def test_gradient_checkpointing_applies_to_the_layers_that_store_activations(var
         assert torch.equal(grad, vanilla[name]), name
     model.gradient_checkpointing_disable()
     assert all(stack.checkpoint_func is None for stack in model.meft_stacks)
+    assert saved_bytes(model, auto) == stored
+
+
+@pytest.mark.skipif(
+    not hasattr(transformers.PreTrainedModel, "activation_checkpointing_enable"),
+    reason="transformers before gradient checkpointing was renamed activation checkpointing",
+)
+def test_activation_checkpointing_every_n_layers():
+    """The newer name and its every_n_layers reach the MEFT stacks: with 6 layers above the one
+    reversible layer, every second one is checkpointed, so less is stored than without and more
+    than with every layer checkpointed; gradients stay bit for bit the same."""
+    auto = "AutoModelForSequenceClassification"
+    model = build("bert-base-uncased", auto, variant="meft3", reversible_layers=1, plm={"num_hidden_layers": 7})
+    model.enable_input_require_grads()
+    loss, reference = gradients(model, auto, "reversible")
+    stored = saved_bytes(model, auto)
+    model.activation_checkpointing_enable()
+    every_layer = saved_bytes(model, auto)
+    model.activation_checkpointing_enable(every_n_layers=2)
+    assert all(stack.checkpoint_every_n_layers == 2 for stack in model.meft_stacks)
+    loss_gc, checkpointed = gradients(model, auto, "reversible")
+    assert torch.equal(loss, loss_gc)
+    for name, grad in reference.items():
+        assert torch.equal(grad, checkpointed[name]), name
+    every_second = saved_bytes(model, auto)
+    assert every_layer < every_second < stored, (every_layer, every_second, stored)
+    model.activation_checkpointing_disable()
     assert saved_bytes(model, auto) == stored
 
 
