@@ -2,7 +2,7 @@
 
 Run with torchrun from the repository root, one process per GPU (CPU with gloo works too):
 
-    torchrun --nproc-per-node 2 benchmarks/distributed.py --engine ddp fsdp --data-dir shared-data \\
+    torchrun --nproc-per-node 2 benchmarks/distributed.py --engine ddp fsdp fsdp-blocks --data-dir shared-data \\
         --out benchmarks/results/h200x2-distributed.json
 
 Rank 0 builds an OPT (tests/data/configs/<shape>.json, random weights, --dtype), saves it and
@@ -19,13 +19,15 @@ trains the same saved model. For each engine and method:
   again for the fast kernels), every step's time;
 - per rank: static memory (model, optimizer state, after one step with gradients freed), peak
   memory over the training steps and activation memory = peak − static (CUDA only). Under FSDP
-  the peak also holds the gathered (unsharded) parameters: their size is measured on its own
-  (unshard() then reshard() before training) and subtracted in `activation_gib_less_gathered`.
+  the peak also holds the root unit's gathered (unsharded) parameters: their size is measured on
+  its own (unshard() then reshard() before training) and subtracted in
+  `activation_gib_less_gathered`.
 
-FSDP2 shards the whole model as one unit (`fully_shard(model)`): a MEFT stack runs all its
-layers in one call, so per-layer units would never gather their shards. Both methods use the
-same wrapping. Trainable parameters are in the model's dtype for both (peft's float32 upcast of
-adapters is off), so that one FSDP unit has one dtype.
+Engines: `ddp`; `fsdp`, FSDP2 with the whole model as one unit (`fully_shard(model)`), gathered
+for the whole step; `fsdp-blocks`, a unit per block first, then the model: MEFT3 shards
+`model.fsdp_units()` (each layer's attention and MLP modules: a MEFT stack calls those, never a
+layer's own forward), LoRA each decoder layer. Trainable parameters are in the model's dtype for
+both methods (peft's float32 upcast of adapters is off), so that each FSDP unit has one dtype.
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ sys.path.insert(0, str(ROOT))
 
 from meft_convert.convert import ConvertOptions, convert
 
-ENGINES = ("ddp", "fsdp")
+# fsdp: the whole model one FSDP2 unit; fsdp-blocks: a unit per block first (MEFT: the layers'
+# attention and MLP modules, model.fsdp_units(); LoRA: each decoder layer), then the model
+ENGINES = ("ddp", "fsdp", "fsdp-blocks")
 METHODS = ("meft3", "lora")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # relative gradient difference allowed against the single-process run: reduction order only
@@ -239,7 +243,13 @@ def _collective_device() -> torch.device:
 # ----------------------------------------------------------------------------- training
 
 
-def wrap(model, engine: str, device: torch.device):
+def block_units(model, method: str) -> list[torch.nn.Module]:
+    if method == "meft3":
+        return model.fsdp_units()
+    return list(model.get_base_model().model.decoder.layers)  # LoRA's layers run their own forward
+
+
+def wrap(model, engine: str, method: str, device: torch.device):
     if engine == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -249,12 +259,16 @@ def wrap(model, engine: str, device: torch.device):
         )
     from torch.distributed.fsdp import fully_shard
 
+    if engine == "fsdp-blocks":
+        for unit in block_units(model, method):
+            fully_shard(unit)
     return fully_shard(model)
 
 
 def gathered_parameter_bytes(wrapped, device: torch.device) -> int:
-    """Memory that FSDP2's all-gather of the whole model takes on this rank, measured: the unit
-    holds these full-size parameters from its forward until its backward has run."""
+    """Memory that FSDP2's all-gather of the root unit takes on this rank, measured: the root holds
+    these full-size parameters from its forward until its backward has run (unshard() is not
+    recursive: block units gather theirs only while they run)."""
     if device.type != "cuda":  # no allocator to read; the calls still run
         wrapped.unshard()
         wrapped.reshard()
@@ -285,8 +299,9 @@ def run(method: str, engine: str, args, paths, data: ByteText, device: torch.dev
     with checked_step(device):
         reference = reference_gradients(model, data, args.seed, device)
     model.zero_grad(set_to_none=True)
-    wrapped = wrap(model, engine, device)
-    gathered = gathered_parameter_bytes(wrapped, device) if engine == "fsdp" else 0
+    wrapped = wrap(model, engine, method, device)
+    # the root unit's parameters stay gathered for the whole step (block units only while they run)
+    gathered = gathered_parameter_bytes(wrapped, device) if engine != "ddp" else 0
     optimizer = torch.optim.AdamW(list(trainable(model).values()), lr=args.lr, weight_decay=0.0)
     losses, step_seconds, gradient_check = [], [], None
     static = peak = None
@@ -361,7 +376,7 @@ def run(method: str, engine: str, args, paths, data: ByteText, device: torch.dev
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engine", nargs="+", choices=ENGINES, required=True, help="one or both, run in turn")
+    parser.add_argument("--engine", nargs="+", choices=ENGINES, required=True, help="one or more, run in turn")
     parser.add_argument("--method", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--shape", default="opt-1.3b", help="an OPT config in tests/data/configs")
     parser.add_argument("--config-overrides", type=json.loads, default={},
@@ -442,7 +457,7 @@ def main(argv=None) -> None:
         for r in results["runs"]:
             memory = "  ".join(
                 "n/a" if m["peak_gib"] is None else f"{m['static_gib']:.2f}/{m['peak_gib']:.2f}/{m['activation_gib']:.2f}"
-                + (f"/{m['activation_gib_less_gathered']:.2f}" if r["engine"] == "fsdp" else "")
+                + (f"/{m['activation_gib_less_gathered']:.2f}" if r["engine"] != "ddp" else "")
                 for m in r["per_rank"]
             )
             log(f"{r['engine']:6s} {r['method']:6s} {r['gradient_check']['max_relative_difference']:13.2e}  "

@@ -38,6 +38,9 @@ class Stack:
     # mlp(layer, x, adapter): the MLP block output; `adapter` (or None) runs parallel to the FFN
     mlp: Callable[[nn.Module, torch.Tensor, nn.Module | None], torch.Tensor]
     name: str = ""  # to tell the stacks of an encoder-decoder apart in messages ("encoder")
+    # submodules of a layer (dotted paths) that the blocks call as modules and that hold its
+    # weight matrices: FSDP2 can shard each as a unit of its own (MeftModelMixin.fsdp_units)
+    fsdp_units: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,12 @@ def _bert_like(model_type: str, prefix: str, mlm_keys: str) -> Family:
     return Family(
         model_type=model_type,
         config_class=f"{prefix}Config",
-        stacks=(Stack("encoder.layer", _bert_attention, _bert_mlp),),
+        stacks=(
+            Stack(
+                "encoder.layer", _bert_attention, _bert_mlp,
+                fsdp_units=("attention.self", "attention.output.dense", "intermediate", "output.dense"),
+            ),
+        ),
         norm="post",
         activation=lambda config: config.hidden_act,
         dropout=lambda config: config.hidden_dropout_prob,
@@ -150,7 +158,7 @@ def _opt_mlp(layer, x, adapter):
 OPT = Family(
     model_type="opt",
     config_class="OPTConfig",
-    stacks=(Stack("decoder.layers", _opt_attention, _opt_mlp),),
+    stacks=(Stack("decoder.layers", _opt_attention, _opt_mlp, fsdp_units=("self_attn", "fc1", "fc2")),),
     norm="pre",
     activation=lambda config: config.activation_function,
     dropout=lambda config: config.dropout,
@@ -226,8 +234,14 @@ BART = Family(
     model_type="bart",
     config_class="BartConfig",
     stacks=(
-        Stack("encoder.layers", _bart_encoder_attention, _bart_encoder_mlp, name="encoder"),
-        Stack("decoder.layers", _bart_decoder_attention, _bart_ffn, name="decoder"),
+        Stack(
+            "encoder.layers", _bart_encoder_attention, _bart_encoder_mlp, name="encoder",
+            fsdp_units=("self_attn", "fc1", "fc2"),
+        ),
+        Stack(
+            "decoder.layers", _bart_decoder_attention, _bart_ffn, name="decoder",
+            fsdp_units=("self_attn", "encoder_attn", "fc1", "fc2"),
+        ),
     ),
     norm="post",
     activation=lambda config: config.activation_function,
@@ -274,7 +288,7 @@ def _llama_like(model_type: str, prefix: str) -> Family:
     return Family(
         model_type=model_type,
         config_class=f"{prefix}Config",
-        stacks=(Stack("layers", _llama_attention, _llama_mlp),),
+        stacks=(Stack("layers", _llama_attention, _llama_mlp, fsdp_units=("self_attn", "mlp")),),
         norm="pre",
         activation=lambda config: config.hidden_act,
         dropout=lambda config: 0.0,  # these models train without hidden dropout
@@ -320,7 +334,7 @@ def _gpt2_unsupported(config):
 GPT2 = Family(
     model_type="gpt2",
     config_class="GPT2Config",
-    stacks=(Stack("h", _gpt2_attention, _gpt2_mlp),),
+    stacks=(Stack("h", _gpt2_attention, _gpt2_mlp, fsdp_units=("attn", "mlp")),),
     norm="pre",
     activation=lambda config: config.activation_function,
     dropout=lambda config: config.resid_pdrop,

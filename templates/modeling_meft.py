@@ -177,6 +177,12 @@ class MeftLayers(nn.ModuleList):
         stack, result = self.stack, []
         prefix = f"{stack.name} " if stack.name else ""
         for index, layer in enumerate(self._modules.values()):
+            if _is_fsdp_unit(layer):
+                raise RuntimeError(
+                    f"{prefix}layer {index} is an FSDP unit of its own; a MEFT stack never calls its layers' "
+                    "forward, so they would never gather their shards. Shard model.fsdp_units() one by one "
+                    "instead (the layers' attention and MLP modules), then the whole model."
+                )
             params = tuple(p for p in layer.parameters() if p.requires_grad)
             F = _make_block(self.variant.F, stack, layer, compiled)
             G = _make_block(self.variant.G, stack, layer, compiled)
@@ -248,6 +254,11 @@ class MeftLayers(nn.ModuleList):
         # always non-reentrant: the routed arguments are a dict, and reentrant checkpointing
         # would not pass gradients to tensors inside it (BART's encoder output, for one)
         return lambda x, args: checkpoint_func(block, x, args, use_reentrant=False)
+
+
+def _is_fsdp_unit(module: nn.Module) -> bool:
+    """fully_shard() (FSDP2) gives the module a subclass with unshard() and reshard()."""
+    return type(module).__name__.startswith("FSDP") and hasattr(module, "unshard") and hasattr(module, "reshard")
 
 
 def _without_cache(layer_args: dict) -> dict:
@@ -366,6 +377,25 @@ class MeftModelMixin:
     @property
     def meft_layers(self) -> MeftLayers:
         return self.meft_stacks[0]
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The frozen PLM blocks to shard one by one with FSDP2, before the whole model:
+
+            for unit in model.fsdp_units():
+                fully_shard(unit)
+            fully_shard(model)
+
+        A MEFT stack calls each layer's attention and MLP modules, never the layer itself, so
+        units around whole layers would never gather their shards. Units around these modules
+        (the family's attention and MLP projections, families.py) gather theirs for each call,
+        in forward and again when backward recomputes it, and free them after. The adapters,
+        norms, embeddings and heads stay in the model's own unit."""
+        return [
+            layer.get_submodule(path)
+            for stack in self.meft_stacks
+            for layer in stack._modules.values()
+            for path in stack.stack.fsdp_units
+        ]
 
     @contextlib.contextmanager
     def meft_backward(self, mode: str):

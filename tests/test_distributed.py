@@ -213,7 +213,55 @@ def _check_fsdp(rank: int, folder: str) -> dict:
     return results
 
 
-def _worker(rank: int, folders: dict[str, str], port: int, out_dir: str) -> None:
+def _without_dropout(folder: str) -> dict:
+    """Config overrides that switch off every dropout a family's config names."""
+    config = json.loads(Path(folder, "config.json").read_text())
+    return {k: 0.0 for k, v in config.items() if isinstance(v, float) and ("dropout" in k or "pdrop" in k)}
+
+
+def _check_fsdp_blocks(rank: int, families: dict[str, tuple[str, str]]) -> dict:
+    """FSDP2 with a unit per attention and MLP module (model.fsdp_units()) and the rest of the
+    model as the root unit, for each family: gradients against one process over STEPS steps,
+    and every unit's parameters sharded again once the forward is done."""
+    import transformers
+    from torch.distributed.fsdp import fully_shard
+
+    results = {}
+    for name, (folder, auto_class) in families.items():
+        load = getattr(transformers, auto_class).from_pretrained
+        model, reference = (
+            load(folder, trust_remote_code=True, dtype=torch.float32, **_without_dropout(folder)).train() for _ in range(2)
+        )
+        units = model.fsdp_units()
+        for unit in units:
+            fully_shard(unit)
+        fully_shard(model)
+        optimizer = torch.optim.SGD(_trainable(model).values(), lr=0.1)
+        reference_optimizer = torch.optim.SGD(_trainable(reference).values(), lr=0.1)
+        steps, resharded = [], True
+        for step in range(STEPS):
+            batch = _global_batch(model.config.vocab_size, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss = _loss(model, _rank_rows(batch, rank))
+            resharded &= all(type(p).__name__ == "DTensor" for unit in units for p in unit.parameters())
+            loss.backward()
+            _reference_step(reference, reference_optimizer, batch)
+            steps.append(max(_relative_differences(model, reference).values()))
+            optimizer.step()
+            reference_optimizer.step()
+        results[name] = {"units": len(units), "resharded_after_forward": resharded, "steps": steps}
+    # whole layers as units: their forward never runs, which the stack says instead of failing later
+    model = _load(families["opt-125m"][0])
+    fully_shard(model.model.decoder.layers[0])
+    try:
+        _loss(model, _global_batch(model.config.vocab_size, 0))
+        results["layer_unit_error"] = None
+    except RuntimeError as e:
+        results["layer_unit_error"] = str(e)
+    return results
+
+
+def _worker(rank: int, folders: dict[str, str], port: int, out_dir: str, families: dict) -> None:
     """All three engines in one pair of processes: starting processes costs more than the checks."""
     import time
 
@@ -232,6 +280,7 @@ def _worker(rank: int, folders: dict[str, str], port: int, out_dir: str) -> None
         ("accelerate", lambda: _check_accelerate(rank, folder, accelerator)),
         ("ddp", lambda: _check_ddp(rank, folder)),
         ("fsdp", lambda: _check_fsdp(rank, folder)),
+        ("fsdp_blocks", lambda: _check_fsdp_blocks(rank, families)),
         ("ddp_other_variants", lambda: {v: _check_ddp_two_steps(rank, folders[v]) for v in ("meft1", "meft2")}),
     ):
         start = time.perf_counter()
@@ -260,11 +309,27 @@ def opt_folders(converted) -> dict[str, str]:
     return folders
 
 
+# a model of each family with the head its tiny checkpoint has, for FSDP2 with a unit per block
+FSDP_FAMILIES = {
+    "opt-125m": "AutoModelForCausalLM", "llama": "AutoModelForCausalLM", "gpt2": "AutoModelForCausalLM",
+    "bert": "AutoModelForMaskedLM", "bart": "AutoModelForSeq2SeqLM",
+}
+
+
 @pytest.fixture(scope="module")
-def ranks(opt_folders, tmp_path_factory) -> list[dict]:
+def ranks(opt_folders, converted, tmp_path_factory) -> list[dict]:
     """What each of the two ranks measured."""
+    import transformers
+
     out = tmp_path_factory.mktemp("ranks")
-    mp.start_processes(_worker, args=(opt_folders, _free_port(), str(out)), nprocs=WORLD_SIZE, start_method="spawn")
+    families = {}
+    for name, auto_class in FSDP_FAMILIES.items():
+        folder = str(converted(name, "meft3")[0])
+        getattr(transformers, auto_class).from_pretrained(folder, trust_remote_code=True)  # the modules cache, once
+        families[name] = (folder, auto_class)
+    mp.start_processes(
+        _worker, args=(opt_folders, _free_port(), str(out), families), nprocs=WORLD_SIZE, start_method="spawn"
+    )
     results = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
     for r in results:
         assert (r["backend"], r["world_size"]) == ("gloo", WORLD_SIZE)
@@ -322,6 +387,16 @@ def test_accelerate_gradient_accumulation(ranks):
 
 
 @pytest.mark.slow
+def test_fsdp2_with_a_unit_per_block(ranks):
+    for rank, r in enumerate(r["fsdp_blocks"] for r in ranks):
+        for name in FSDP_FAMILIES:
+            assert r[name]["units"] > 0 and r[name]["resharded_after_forward"], (rank, name)
+            assert max(r[name]["steps"]) <= TOLERANCE, (rank, name, r[name]["steps"])
+        assert "layer 0 is an FSDP unit of its own" in r["layer_unit_error"]
+        assert "model.fsdp_units()" in r["layer_unit_error"]
+
+
+@pytest.mark.slow
 def test_fsdp2_gradients_equal_the_single_process_gradient(ranks):
     for rank, r in enumerate(r["fsdp"] for r in ranks):
         assert r["sharded"] and r["frozen_without_grad"]
@@ -344,7 +419,7 @@ def test_distributed_benchmark_script(tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD_SIZE),
         "--master-port", str(_free_port()), str(ROOT / "benchmarks" / "distributed.py"),
-        "--engine", "ddp", "fsdp", "--method", "meft3", "lora", "--shape", "opt-125m",
+        "--engine", "ddp", "fsdp", "fsdp-blocks", "--method", "meft3", "lora", "--shape", "opt-125m",
         "--config-overrides", json.dumps(TINY_OPT), "--dtype", "fp32", "--steps", "6", "--batch", "2", "--seq", "16",
         "--lr", "1e-2", "--data-dir", str(SHARED_DATA), "--out", str(out),
         "--work-dir", str(tmp_path / "work"),
@@ -355,7 +430,7 @@ def test_distributed_benchmark_script(tmp_path):
     result = json.loads(out.read_text())
     assert result["environment"]["world_size"] == WORLD_SIZE and result["environment"]["backend"] == "gloo"
     runs = {(r["engine"], r["method"]): r for r in result["runs"]}
-    assert set(runs) == {(e, m) for e in ("ddp", "fsdp") for m in ("meft3", "lora")}
+    assert set(runs) == {(e, m) for e in ("ddp", "fsdp", "fsdp-blocks") for m in ("meft3", "lora")}
     for key, r in runs.items():
         check = r["gradient_check"]
         assert check["passed"] and check["max_relative_difference"] <= 1e-5, (key, check)
@@ -366,7 +441,8 @@ def test_distributed_benchmark_script(tmp_path):
         assert all(len(m["step_ms"]) == 6 and min(m["step_ms"]) > 0 for m in r["per_rank"])
     # the engines differ only in how they reduce: the same data and seeds give the same losses
     for method in ("meft3", "lora"):
-        assert runs["ddp", method]["losses"] == pytest.approx(runs["fsdp", method]["losses"], rel=1e-6)
+        for engine in ("fsdp", "fsdp-blocks"):
+            assert runs["ddp", method]["losses"] == pytest.approx(runs[engine, method]["losses"], rel=1e-6)
     # MEFT3 trains only its adapters: 2 per layer, each d·r + r + r·d + d
     d, r, layers = TINY_OPT["hidden_size"], 8, TINY_OPT["num_hidden_layers"]
     assert runs["ddp", "meft3"]["trainable_parameters"] == layers * 2 * (2 * d * r + r + d)

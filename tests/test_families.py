@@ -85,3 +85,28 @@ def test_mixed_attention_layer_types_are_refused():
     assert set(config.layer_types) == {"full_attention", "sliding_attention"}
     assert "different attention types" in family_for("qwen2").unsupported(config)
     assert family_for("qwen2").unsupported(real_config("qwen2-0.5b")) is None
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fsdp_units_hold_every_weight_matrix_and_are_called_as_modules(case):
+    """What FSDP2 needs of a unit: the blocks call it as a module, once per block run (its hooks
+    gather its shards), and no weight matrix of the layer is used outside the units."""
+    config_name, base_class = CASES[case]
+    config = real_config(config_name, architectures=[base_class])
+    torch.manual_seed(0)
+    base = getattr(transformers, base_class)(config).train()
+    for stack in family_for(config.model_type).stacks:
+        assert stack.fsdp_units
+        layers = base.get_submodule(stack.layers)
+        hidden, args = _layer_call(base, family_for(config.model_type), layers)
+        for layer in layers:
+            units = [layer.get_submodule(path) for path in stack.fsdp_units]
+            in_units = {id(p) for unit in units for p in unit.parameters()}
+            matrices = [name for name, p in layer.named_parameters() if p.dim() >= 2]
+            assert matrices and all(id(layer.get_parameter(name)) in in_units for name in matrices), matrices
+            calls = [0] * len(units)
+            handles = [unit.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)) for i, unit in enumerate(units)]
+            stack.mlp(layer, stack.attention(layer, hidden, args, None), None)
+            for handle in handles:
+                handle.remove()
+            assert calls == [1] * len(units), dict(zip(stack.fsdp_units, calls))
