@@ -16,5 +16,5 @@ done
   --methods full lora lora+gc lora+gc+chunked-loss head-only meft1 meft2 meft3 meft2-compiled meft3-float \
   --depths 6 48 --sweep-methods lora+gc meft1 meft2 meft3 meft3-float --seq-lengths \
   --out $OUT/h200.json > $OUT/bench.log 2>&1); echo "bench exit $?"
-timeout 75 torchrun --nproc-per-node 1 benchmarks/distributed.py --engine ddp fsdp --steps 20 --data-dir shared-data \
-  --out $OUT/h200-distributed-1gpu.json > $OUT/distributed.log 2>&1; echo "distributed exit $?"
+timeout 270 torchrun --nproc-per-node 1 benchmarks/distributed.py --engine ddp fsdp fsdp-blocks --steps 20 \
+  --data-dir shared-data --out $OUT/h200-distributed-1gpu.json > $OUT/distributed-1gpu.log 2>&1; echo "distributed exit $?"

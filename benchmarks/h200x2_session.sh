@@ -3,6 +3,7 @@
 # afterwards). Run from the repository root with shared-data/ carried along (glue/, text/,
 # minilm-fp16/; see benchmarks/README.md). Two calls, each under ten minutes:
 #   bash benchmarks/h200x2_session.sh 1   # torchrun DDP/FSDP on 2 GPUs, then GLUE until its budget
+#                                         # (the committed run had --engine ddp fsdp: fsdp-blocks came later)
 #   bash benchmarks/h200x2_session.sh 2   # GLUE again, resuming from part 1's glue.json
 #                                         # (copied to shared-data/glue-part1.json)
 #   bash benchmarks/h200x2_session.sh 3   # torchrun DDP/FSDP again (the committed results), then
@@ -15,7 +16,7 @@ export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 GLUE="python benchmarks/glue.py --data-dir shared-data/glue --model shared-data/minilm-fp16 --out $OUT/glue --workers 24"
 distributed() {
-  timeout 240 torchrun --nproc-per-node 2 benchmarks/distributed.py --engine ddp fsdp --data-dir shared-data \
+  timeout 240 torchrun --nproc-per-node 2 benchmarks/distributed.py --engine ddp fsdp fsdp-blocks --data-dir shared-data \
     --out $OUT/h200x2-distributed.json > $OUT/distributed-x2.log 2>&1
   echo "distributed exit $?"; tail -6 $OUT/distributed-x2.log
 }

@@ -439,6 +439,17 @@ def test_distributed_benchmark_script(tmp_path):
         assert r["loss_last_mean"] < r["loss_first_mean"], (key, r["losses"])
         assert r["tokens_per_second"] > 0 and len(r["per_rank"]) == WORLD_SIZE
         assert all(len(m["step_ms"]) == 6 and min(m["step_ms"]) > 0 for m in r["per_rank"])
+    # memory on the CPU, per rank (live tensor storages, the data's tokens included): FSDP keeps
+    # half of the float32 weights at rest; mid-step, the whole-model unit holds every gathered
+    # weight, block units only their root's
+    memory = {key: r["per_rank"][0] for key, r in runs.items()}
+    for method in ("meft3", "lora"):
+        model_gib = runs["ddp", method]["parameters"] * 4 / 2**30
+        for engine in ("fsdp", "fsdp-blocks"):
+            saved = memory["ddp", method]["static_gib"] - memory[engine, method]["static_gib"]
+            assert 0.45 * model_gib < saved < 0.55 * model_gib, (method, engine, saved, model_gib)
+        assert memory["fsdp-blocks", method]["peak_gib"] < memory["fsdp", method]["peak_gib"], method
+    assert memory["fsdp-blocks", "meft3"]["gathered_parameters_gib"] < memory["fsdp", "meft3"]["gathered_parameters_gib"]
     # the engines differ only in how they reduce: the same data and seeds give the same losses
     for method in ("meft3", "lora"):
         for engine in ("fsdp", "fsdp-blocks"):
