@@ -270,11 +270,19 @@ def gathered_parameter_bytes(wrapped, device: torch.device) -> int:
     these full-size parameters from its forward until its backward has run (unshard() is not
     recursive: block units gather theirs only while they run)."""
     if device.type != "cuda":
-        before = live_tensor_bytes()
+        # no allocator to ask: count the storages behind the parameters that unshard() made full
+        # (block units' parameters stay sharded DTensors); a census of every live tensor would
+        # also count all-gather buffers whose lifetime varies between torch builds and machines
+        from torch.distributed.tensor import DTensor
+
         wrapped.unshard()
-        gathered = live_tensor_bytes() - before
+        storages = {
+            p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+            for p in wrapped.parameters()
+            if not isinstance(p, DTensor)
+        }
         wrapped.reshard()
-        return gathered
+        return sum(storages.values())
     synchronize(device)
     before = torch.cuda.memory_allocated(device)
     wrapped.unshard()
@@ -318,6 +326,9 @@ def run(method: str, engine: str, args, paths, data: ByteText, device: torch.dev
     model = load_in_turn(method, *paths, dtype, device, args.seed)
     n_trainable = sum(p.numel() for p in trainable(model).values())
     n_total = sum(p.numel() for p in model.parameters())
+    # distinct parameters that block units would shard (the rest belongs to the root unit)
+    in_units = {id(p): p.numel() for unit in block_units(model, method) for p in unit.parameters()}
+    n_in_units = sum(in_units.values())
     with checked_step(device):
         reference = reference_gradients(model, data, args.seed, device)
     model.zero_grad(set_to_none=True)
@@ -381,6 +392,7 @@ def run(method: str, engine: str, args, paths, data: ByteText, device: torch.dev
         "method": method,
         "trainable_parameters": n_trainable,
         "parameters": n_total,
+        "parameters_in_block_units": n_in_units,
         "gradient_check": dict(gradient_check, tolerance=GRAD_TOLERANCE[args.dtype],
                                passed=gradient_check["max_relative_difference"] <= GRAD_TOLERANCE[args.dtype]
                                and gradient_check["zero_reference_but_nonzero"] == 0
