@@ -471,14 +471,15 @@ def _check_fsdp_runs(runs: dict) -> None:
         expected_saving = (runs["ddp", method]["parameters"] / 2 + runs["ddp", method]["trainable_parameters"]) * 4 / 2**30
         for engine in ("fsdp", "fsdp-blocks"):
             saved = memory["ddp", method]["static_gib"] - memory[engine, method]["static_gib"]
-            assert saved == pytest.approx(expected_saving, rel=0.03), (method, engine, saved, expected_saving)
+            assert abs(saved - expected_saving) < 0.05 * model_gib, (method, engine, saved, expected_saving)
+        # mid-step, block units hold the layers' weights less (a buffer of the root's would sit in both)
+        layer_gib = runs["ddp", method]["parameters_in_block_units"] * 4 / 2**30
         blocks_mid_step, whole_mid_step = (memory[e, method]["activation_gib"] for e in ("fsdp-blocks", "fsdp"))
-        assert blocks_mid_step < 0.5 * whole_mid_step, (method, blocks_mid_step, whole_mid_step)
+        assert whole_mid_step - blocks_mid_step > 0.5 * layer_gib, (method, blocks_mid_step, whole_mid_step, layer_gib)
         # one unit gathers every weight in float32; block units only the root's (embeddings, head,
         # final norm), the layers' weights stay sharded
         whole = memory["fsdp", method]["gathered_parameters_gib"]
         assert whole == pytest.approx(model_gib, rel=1e-6), (method, whole, model_gib)
-        layer_gib = runs["ddp", method]["parameters_in_block_units"] * 4 / 2**30
         blocks = memory["fsdp-blocks", method]["gathered_parameters_gib"]
         assert blocks == pytest.approx(whole - layer_gib, rel=1e-6), (method, blocks, whole, layer_gib)
     # the engines differ only in how they reduce: the same data and seeds give the same losses
