@@ -233,10 +233,14 @@ def _check_fsdp_blocks(rank: int, families: dict[str, tuple[str, str]]) -> dict:
     from torch.distributed.fsdp import fully_shard
 
     results = {}
-    for name, (folder, auto_class) in families.items():
+    # each family, and OPT once more with compiled blocks (the reference stays eager)
+    cases = [(name, folder, auto_class, {}) for name, (folder, auto_class) in families.items()]
+    cases.append(("opt-125m compile_blocks", *families["opt-125m"], {"compile_blocks": True}))
+    for name, folder, auto_class, overrides in cases:
         load = getattr(transformers, auto_class).from_pretrained
         model, reference = (
-            load(folder, trust_remote_code=True, dtype=torch.float32, **_without_dropout(folder)).train() for _ in range(2)
+            load(folder, trust_remote_code=True, dtype=torch.float32, **_without_dropout(folder), **extra).train()
+            for extra in (overrides, {})
         )
         units = model.fsdp_units()
         for unit in units:
@@ -256,6 +260,7 @@ def _check_fsdp_blocks(rank: int, families: dict[str, tuple[str, str]]) -> dict:
             optimizer.step()
             reference_optimizer.step()
         results[name] = {"units": len(units), "resharded_after_forward": resharded, "steps": steps}
+        results[name]["frames_compiled"] = torch._dynamo.utils.counters["frames"]["ok"]
     # whole layers as units: their forward never runs, which the stack says instead of failing later
     model = _load(families["opt-125m"][0])
     fully_shard(model.model.decoder.layers[0])
@@ -398,9 +403,11 @@ def test_accelerate_gradient_accumulation(ranks):
 @needs_fsdp2_on_cpu
 def test_fsdp2_with_a_unit_per_block(ranks):
     for rank, r in enumerate(r["fsdp_blocks"] for r in ranks):
-        for name in FSDP_FAMILIES:
+        for name in [*FSDP_FAMILIES, "opt-125m compile_blocks"]:
             assert r[name]["units"] > 0 and r[name]["resharded_after_forward"], (rank, name)
             assert max(r[name]["steps"]) <= TOLERANCE, (rank, name, r[name]["steps"])
+        # the compiled case compiled its blocks (the eager cases before it compiled nothing)
+        assert r["opt-125m"]["frames_compiled"] == 0 < r["opt-125m compile_blocks"]["frames_compiled"], rank
         assert "layer 0 is an FSDP unit of its own" in r["layer_unit_error"]
         assert "model.fsdp_units()" in r["layer_unit_error"]
 
