@@ -25,8 +25,9 @@ trains the same saved model. For each engine and method:
 
 Engines: `ddp`; `fsdp`, FSDP2 with the whole model as one unit (`fully_shard(model)`), gathered
 for the whole step; `fsdp-blocks`, a unit per block first, then the model: MEFT3 shards
-`model.fsdp_units()` (each layer's attention and MLP modules: a MEFT stack calls those, never a
-layer's own forward), LoRA each decoder layer. Trainable parameters are in the model's dtype for
+`model.fsdp_units()` (each layer's attention and MLP modules), LoRA each decoder layer;
+`fsdp-layers`, a unit per decoder layer for both methods (the usual FSDP recipe; a MEFT stack
+gathers each layer around its work, as it never calls a layer's own forward). Trainable parameters are in the model's dtype for
 both methods (peft's float32 upcast of adapters is off), so that each FSDP unit has one dtype.
 """
 
@@ -63,8 +64,9 @@ sys.path.insert(0, str(ROOT))
 from meft_convert.convert import ConvertOptions, convert
 
 # fsdp: the whole model one FSDP2 unit; fsdp-blocks: a unit per block first (MEFT: the layers'
-# attention and MLP modules, model.fsdp_units(); LoRA: each decoder layer), then the model
-ENGINES = ("ddp", "fsdp", "fsdp-blocks")
+# attention and MLP modules, model.fsdp_units(); LoRA: each decoder layer), then the model;
+# fsdp-layers: a unit per decoder layer first, for both methods
+ENGINES = ("ddp", "fsdp", "fsdp-blocks", "fsdp-layers")
 METHODS = ("meft3", "lora")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # relative gradient difference allowed against the single-process run: reduction order only
@@ -243,10 +245,12 @@ def _collective_device() -> torch.device:
 # ----------------------------------------------------------------------------- training
 
 
-def block_units(model, method: str) -> list[torch.nn.Module]:
-    if method == "meft3":
-        return model.fsdp_units()
-    return list(model.get_base_model().model.decoder.layers)  # LoRA's layers run their own forward
+def block_units(model, method: str, engine: str = "fsdp-blocks") -> list[torch.nn.Module]:
+    if method == "lora":
+        return list(model.get_base_model().model.decoder.layers)  # LoRA's layers run their own forward
+    if engine == "fsdp-layers":
+        return list(model.model.decoder.layers)
+    return model.fsdp_units()
 
 
 def wrap(model, engine: str, method: str, device: torch.device):
@@ -259,8 +263,8 @@ def wrap(model, engine: str, method: str, device: torch.device):
         )
     from torch.distributed.fsdp import fully_shard
 
-    if engine == "fsdp-blocks":
-        for unit in block_units(model, method):
+    if engine in ("fsdp-blocks", "fsdp-layers"):
+        for unit in block_units(model, method, engine):
             fully_shard(unit)
     return fully_shard(model)
 
@@ -327,7 +331,7 @@ def run(method: str, engine: str, args, paths, data: ByteText, device: torch.dev
     n_trainable = sum(p.numel() for p in trainable(model).values())
     n_total = sum(p.numel() for p in model.parameters())
     # distinct parameters that block units would shard (the rest belongs to the root unit)
-    in_units = {id(p): p.numel() for unit in block_units(model, method) for p in unit.parameters()}
+    in_units = {id(p): p.numel() for unit in block_units(model, method, engine) for p in unit.parameters()}
     n_in_units = sum(in_units.values())
     with checked_step(device):
         reference = reference_gradients(model, data, args.seed, device)

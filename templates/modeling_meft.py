@@ -177,16 +177,16 @@ class MeftLayers(nn.ModuleList):
         stack, result = self.stack, []
         prefix = f"{stack.name} " if stack.name else ""
         for index, layer in enumerate(self._modules.values()):
-            if _is_fsdp_unit(layer):
-                raise RuntimeError(
-                    f"{prefix}layer {index} is an FSDP unit of its own; a MEFT stack never calls its layers' "
-                    "forward, so they would never gather their shards. Shard model.fsdp_units() one by one "
-                    "instead (the layers' attention and MLP modules), then the whole model."
-                )
-            params = tuple(p for p in layer.parameters() if p.requires_grad)
+            name = f"{prefix}layer {index}"
             F = _make_block(self.variant.F, stack, layer, compiled)
             G = _make_block(self.variant.G, stack, layer, compiled)
-            result.append(Coupling(F, G, params, f"{prefix}layer {index}"))
+            if _is_fsdp_unit(layer):
+                # a whole layer as an FSDP2 unit: the stack never calls the layer's forward, where
+                # FSDP would gather its shards, so the engine gathers them around the layer's work
+                params, gathered = _fsdp_layer(layer, name)
+                result.append(Coupling(F, G, params, name, gathered=gathered, autograd_ok=False))
+            else:
+                result.append(Coupling(F, G, tuple(p for p in layer.parameters() if p.requires_grad), name))
         return result
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
@@ -259,6 +259,41 @@ class MeftLayers(nn.ModuleList):
 def _is_fsdp_unit(module: nn.Module) -> bool:
     """fully_shard() (FSDP2) gives the module a subclass with unshard() and reshard()."""
     return type(module).__name__.startswith("FSDP") and hasattr(module, "unshard") and hasattr(module, "reshard")
+
+
+def _trainable_in(module: nn.Module) -> tuple[torch.Tensor, ...]:
+    return tuple(p for p in module.parameters() if p.requires_grad)
+
+
+def _fsdp_layer(layer: nn.Module, name: str):
+    """The trainable parameters of a layer that is an FSDP2 unit, and a context that gathers it.
+
+    Autograd must see the gathered (unsharded) parameters: their gradients are what FSDP
+    reduce-scatters into the shards when the backward ends. FSDP keeps the same unsharded
+    parameter objects from one gather to the next; they are read once, during one gather, and
+    every later gather checks that they are still the ones the layer holds."""
+    params = getattr(layer, "_meft_gathered_params", None)
+    if params is None:
+        layer.unshard()
+        params = _trainable_in(layer)
+        layer.reshard()
+        layer._meft_gathered_params = params
+
+    @contextlib.contextmanager
+    def gathered():
+        layer.unshard()
+        try:
+            held = _trainable_in(layer)
+            if len(held) != len(params) or any(a is not b for a, b in zip(held, params)):
+                raise RuntimeError(
+                    f"MEFT: the gathered parameters of {name} (an FSDP unit) changed since the first step; "
+                    "this torch release's FSDP does not keep them, so shard model.fsdp_units() instead of whole layers"
+                )
+            yield
+        finally:
+            layer.reshard()
+
+    return params, gathered
 
 
 def _without_cache(layer_args: dict) -> dict:
@@ -385,11 +420,12 @@ class MeftModelMixin:
                 fully_shard(unit)
             fully_shard(model)
 
-        A MEFT stack calls each layer's attention and MLP modules, never the layer itself, so
-        units around whole layers would never gather their shards. Units around these modules
-        (the family's attention and MLP projections, families.py) gather theirs for each call,
-        in forward and again when backward recomputes it, and free them after. The adapters,
-        norms, embeddings and heads stay in the model's own unit."""
+        A MEFT stack calls each layer's attention and MLP modules, never the layer itself.
+        Units around these modules (the family's attention and MLP projections, families.py)
+        gather theirs for each call, in forward and again when backward recomputes it, and free
+        them after. The adapters, norms, embeddings and heads stay in the model's own unit.
+        Whole layers as units work too (the usual recipe): the stack then gathers each layer
+        around that layer's work itself, and only the reversible backward can train them."""
         return [
             layer.get_submodule(path)
             for stack in self.meft_stacks

@@ -95,6 +95,12 @@ class Coupling:
     G: Block
     params: tuple[torch.Tensor, ...]  # trainable parameters used by F or G
     name: str  # e.g. "layer 3", used in error messages
+    # entered around everything the layer computes with its weights: in forward, and in backward
+    # around the recompute and its gradients (an FSDP unit gathers its shards here)
+    gathered: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    # False when the weights are there only inside `gathered`: plain autograd, whose backward
+    # runs later, cannot train such a layer
+    autograd_ok: bool = True
 
 
 # ----------------------------------------------------------------------------- fixed point
@@ -405,26 +411,27 @@ class _ReversibleStack(torch.autograd.Function):
                 rec.checksum = torch.stack([sum1, sum2])
             if run.trace is not None:
                 run.trace.append(("forward", c.name, x1.clone(), x2.clone()))
-            rec.rng_f = _RngState.capture(x1v) if run.record_rng else None
-            f = _run_block(c.F, v2, routed, run)
-            rec.rng_g = _RngState.capture(x1v) if run.record_rng else None
-            if s.exact:
-                # y1 = λ·x1 + F(x2) with λ = 1/m: floor-divide, keep the remainder for the inverse
-                y1, w1, r1, flag1, sum_y1 = _run_kernel(_couple, x1, f, s.lambda_m, s.frac_bits, sd)
-                del f
-                g = _run_block(c.G, w1, routed, run)
-                g_input = w1
-                y2, w2, r2, flag2, sum_y2 = _run_kernel(_couple, x2, g, s.beta_m, s.frac_bits, sd)
-                del g
-                remainders += [r1, r2]
-                flags += [flag1, flag2]
-            else:
-                y1 = w1 = x1 * s.lambda_ + f.to(sd)
-                g = _run_block(c.G, w1, routed, run)
-                g_input = w1
-                y2 = w2 = x2 * s.beta + g.to(sd)
-                del f, g
-                sum_y1 = sum_y2 = None
+            with c.gathered():
+                rec.rng_f = _RngState.capture(x1v) if run.record_rng else None
+                f = _run_block(c.F, v2, routed, run)
+                rec.rng_g = _RngState.capture(x1v) if run.record_rng else None
+                if s.exact:
+                    # y1 = λ·x1 + F(x2) with λ = 1/m: floor-divide, keep the remainder for the inverse
+                    y1, w1, r1, flag1, sum_y1 = _run_kernel(_couple, x1, f, s.lambda_m, s.frac_bits, sd)
+                    del f
+                    g = _run_block(c.G, w1, routed, run)
+                    g_input = w1
+                    y2, w2, r2, flag2, sum_y2 = _run_kernel(_couple, x2, g, s.beta_m, s.frac_bits, sd)
+                    del g
+                    remainders += [r1, r2]
+                    flags += [flag1, flag2]
+                else:
+                    y1 = w1 = x1 * s.lambda_ + f.to(sd)
+                    g = _run_block(c.G, w1, routed, run)
+                    g_input = w1
+                    y2 = w2 = x2 * s.beta + g.to(sd)
+                    del f, g
+                    sum_y1 = sum_y2 = None
             run.records.append(rec)
             # MEFT1/2 swap the streams so that the PLM path alternates between them
             if s.swap:
@@ -517,16 +524,17 @@ class _ReversibleStack(torch.autograd.Function):
                 # a routed tensor's gradient is summed within the layer first, then across layers,
                 # as plain autograd sums it (through one view of it per layer)
                 layer_routed_grads: list = [None] * len(routed_leaves)
-                # y2 = β·x2 + G(y1): rebuild x2, then dy1 += (∂G/∂y1)ᵀ·dy2
-                x2, v2, sum2, dy1_from_g, dx2 = undo_half_step(
-                    c.G, rec.rng_g, w1, y2, remainders[2 * idx + 1], s.beta, dy2, params, layer_routed_grads
-                )
-                y2 = w2 = None  # rebuilt into x2: two int64 streams alive at a time, not four
-                dy1 = _add(dy1, dy1_from_g)
-                # y1 = λ·x1 + F(x2): rebuild x1, then dx2 = β·dy2 + (∂F/∂x2)ᵀ·dy1 and dx1 = λ·dy1
-                x1, v1, sum1, dx2_from_f, dx1 = undo_half_step(
-                    c.F, rec.rng_f, v2, y1, remainders[2 * idx], s.lambda_, dy1, params, layer_routed_grads
-                )
+                with c.gathered():
+                    # y2 = β·x2 + G(y1): rebuild x2, then dy1 += (∂G/∂y1)ᵀ·dy2
+                    x2, v2, sum2, dy1_from_g, dx2 = undo_half_step(
+                        c.G, rec.rng_g, w1, y2, remainders[2 * idx + 1], s.beta, dy2, params, layer_routed_grads
+                    )
+                    y2 = w2 = None  # rebuilt into x2: two int64 streams alive at a time, not four
+                    dy1 = _add(dy1, dy1_from_g)
+                    # y1 = λ·x1 + F(x2): rebuild x1, then dx2 = β·dy2 + (∂F/∂x2)ᵀ·dy1 and dx1 = λ·dy1
+                    x1, v1, sum1, dx2_from_f, dx1 = undo_half_step(
+                        c.F, rec.rng_f, v2, y1, remainders[2 * idx], s.lambda_, dy1, params, layer_routed_grads
+                    )
                 y1 = w1 = dy1 = dy2 = None
                 dx2 = _add(dx2, dx2_from_f)
                 routed_grads = [_add(total, g) for total, g in zip(routed_grads, layer_routed_grads)]
@@ -625,17 +633,26 @@ def _vanilla_layers(couplings, s: CouplingSettings, routed_for_all, cd, x1v, x2v
     the identical integer forward, so its gradients are the reversible path's oracle."""
     flags: list = []
     for c in couplings:
+        if not c.autograd_ok and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"MEFT: {c.name} has its weights only while it runs (a whole layer as an FSDP unit), so plain "
+                "autograd cannot train it: its backward would run after the weights are freed. Train it with the "
+                "reversible backward over every layer (the default: backward mode \"reversible\", "
+                "reversible_layers=None), under torch.no_grad() for evaluation, or shard model.fsdp_units() "
+                "instead of whole layers."
+            )
         routed = _per_layer_views(routed_for_all)
-        f = c.F(_block_input(x2v, cd), routed)
-        if s.exact:
-            y1v, y1i = _ExactCouple.apply(x1v, f, x1i, s.lambda_, s.lambda_m, s.frac_bits, flags)
-        else:
-            y1v, y1i = x1v * s.lambda_ + f.to(x1v.dtype), None
-        g = c.G(_block_input(y1v, cd), routed)
-        if s.exact:
-            y2v, y2i = _ExactCouple.apply(x2v, g, x2i, s.beta, s.beta_m, s.frac_bits, flags)
-        else:
-            y2v, y2i = x2v * s.beta + g.to(x2v.dtype), None
+        with c.gathered():
+            f = c.F(_block_input(x2v, cd), routed)
+            if s.exact:
+                y1v, y1i = _ExactCouple.apply(x1v, f, x1i, s.lambda_, s.lambda_m, s.frac_bits, flags)
+            else:
+                y1v, y1i = x1v * s.lambda_ + f.to(x1v.dtype), None
+            g = c.G(_block_input(y1v, cd), routed)
+            if s.exact:
+                y2v, y2i = _ExactCouple.apply(x2v, g, x2i, s.beta, s.beta_m, s.frac_bits, flags)
+            else:
+                y2v, y2i = x2v * s.beta + g.to(x2v.dtype), None
         if s.swap:
             x1v, x2v, x1i, x2i = y2v, y1v, y2i, y1i
         else:

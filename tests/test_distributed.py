@@ -225,24 +225,39 @@ def _without_dropout(folder: str) -> dict:
     return {k: 0.0 for k, v in config.items() if isinstance(v, float) and ("dropout" in k or "pdrop" in k)}
 
 
+def _shard_units(model) -> list[torch.nn.Module]:
+    """model.fsdp_units(): each layer's attention and MLP modules."""
+    return model.fsdp_units()
+
+
+def _shard_no_split_modules(model) -> list[torch.nn.Module]:
+    """Whole layers, picked as accelerate's FSDP plugin and the Trainer's fsdp option pick them by
+    default: every module whose class the model names in _no_split_modules."""
+    names = set(model._no_split_modules)
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
 def _check_fsdp_blocks(rank: int, families: dict[str, tuple[str, str]]) -> dict:
-    """FSDP2 with a unit per attention and MLP module (model.fsdp_units()) and the rest of the
-    model as the root unit, for each family: gradients against one process over STEPS steps,
-    and every unit's parameters sharded again once the forward is done."""
+    """FSDP2 with a unit per attention and MLP module (model.fsdp_units()), or per whole layer,
+    and the rest of the model as the root unit: gradients against one process over STEPS
+    steps, and every unit's parameters sharded again once the forward is done."""
     import transformers
     from torch.distributed.fsdp import fully_shard
 
     results = {}
-    # each family, and OPT once more with compiled blocks (the reference stays eager)
-    cases = [(name, folder, auto_class, {}) for name, (folder, auto_class) in families.items()]
-    cases.append(("opt-125m compile_blocks", *families["opt-125m"], {"compile_blocks": True}))
-    for name, folder, auto_class, overrides in cases:
+    # each family; OPT once more with compiled blocks (the reference stays eager); whole layers
+    # for a decoder, an encoder-decoder and a LLaMA-family model
+    cases = [(name, folder, auto_class, {}, _shard_units) for name, (folder, auto_class) in families.items()]
+    cases.append(("opt-125m compile_blocks", *families["opt-125m"], {"compile_blocks": True}, _shard_units))
+    for name in ("opt-125m", "bart", "llama"):
+        cases.append((f"{name} whole layers", *families[name], {}, _shard_no_split_modules))
+    for name, folder, auto_class, overrides, pick_units in cases:
         load = getattr(transformers, auto_class).from_pretrained
         model, reference = (
             load(folder, trust_remote_code=True, dtype=torch.float32, **_without_dropout(folder), **extra).train()
             for extra in (overrides, {})
         )
-        units = model.fsdp_units()
+        units = pick_units(model)
         for unit in units:
             fully_shard(unit)
         fully_shard(model)
@@ -261,14 +276,20 @@ def _check_fsdp_blocks(rank: int, families: dict[str, tuple[str, str]]) -> dict:
             reference_optimizer.step()
         results[name] = {"units": len(units), "resharded_after_forward": resharded, "steps": steps}
         results[name]["frames_compiled"] = torch._dynamo.utils.counters["frames"]["ok"]
-    # whole layers as units: their forward never runs, which the stack says instead of failing later
-    model = _load(families["opt-125m"][0])
-    fully_shard(model.model.decoder.layers[0])
-    try:
-        _loss(model, _global_batch(model.config.vocab_size, 0))
-        results["layer_unit_error"] = None
-    except RuntimeError as e:
-        results["layer_unit_error"] = str(e)
+        if name == "opt-125m whole layers":
+            # evaluation gathers each layer around its forward, as training does
+            ids = _rank_rows(_global_batch(model.config.vocab_size, STEPS), rank)
+            with torch.no_grad():
+                logits, reference_logits = (m.eval()(input_ids=ids).logits for m in (model, reference))
+            results["eval_logits_difference"] = (logits - reference_logits).abs().max().item()
+            model.train()
+            # plain autograd would run its backward after the layers' weights are freed: refused
+            try:
+                with model.meft_backward("vanilla"):
+                    _loss(model, _rank_rows(_global_batch(model.config.vocab_size, 0), rank))
+                results["vanilla_error"] = None
+            except RuntimeError as e:
+                results["vanilla_error"] = str(e)
     return results
 
 
@@ -403,13 +424,16 @@ def test_accelerate_gradient_accumulation(ranks):
 @needs_fsdp2_on_cpu
 def test_fsdp2_with_a_unit_per_block(ranks):
     for rank, r in enumerate(r["fsdp_blocks"] for r in ranks):
-        for name in [*FSDP_FAMILIES, "opt-125m compile_blocks"]:
+        whole_layers = [f"{name} whole layers" for name in ("opt-125m", "bart", "llama")]
+        for name in [*FSDP_FAMILIES, "opt-125m compile_blocks", *whole_layers]:
             assert r[name]["units"] > 0 and r[name]["resharded_after_forward"], (rank, name)
             assert max(r[name]["steps"]) <= TOLERANCE, (rank, name, r[name]["steps"])
         # the compiled case compiled its blocks (the eager cases before it compiled nothing)
         assert r["opt-125m"]["frames_compiled"] == 0 < r["opt-125m compile_blocks"]["frames_compiled"], rank
-        assert "layer 0 is an FSDP unit of its own" in r["layer_unit_error"]
-        assert "model.fsdp_units()" in r["layer_unit_error"]
+        # the tiny OPT has 2 layers; BART 2 encoder and 2 decoder layers
+        assert r["opt-125m whole layers"]["units"] == 2 and r["bart whole layers"]["units"] == 4, rank
+        assert "FSDP unit" in r["vanilla_error"] and "plain autograd cannot train it" in r["vanilla_error"]
+        assert r["eval_logits_difference"] <= 1e-5, (rank, r["eval_logits_difference"])
 
 
 @pytest.mark.slow
@@ -429,7 +453,7 @@ TINY_OPT = {
     "hidden_size": 64, "num_attention_heads": 4, "ffn_dim": 256, "num_hidden_layers": 2, "word_embed_proj_dim": 64,
     "max_position_embeddings": 64, "vocab_size": 260,
 }
-ENGINES = ("ddp", "fsdp", "fsdp-blocks") if FSDP2_ON_CPU else ("ddp",)
+ENGINES = ("ddp", "fsdp", "fsdp-blocks", "fsdp-layers") if FSDP2_ON_CPU else ("ddp",)
 
 
 @pytest.mark.slow
@@ -470,26 +494,28 @@ def test_distributed_benchmark_script(tmp_path):
 def _check_fsdp_runs(runs: dict) -> None:
     # memory on the CPU, per rank (live tensor storages, the data's tokens included): at rest FSDP
     # keeps half of the float32 weights and DDP also its gradient bucket (one float32 copy of the
-    # trainable weights); mid-step, the whole-model unit holds every gathered weight, block units
-    # only their root's
+    # trainable weights); mid-step, the whole-model unit holds every gathered weight, units per
+    # block or per layer only their root's
     memory = {key: r["per_rank"][0] for key, r in runs.items()}
     for method in ("meft3", "lora"):
         model_gib = runs["ddp", method]["parameters"] * 4 / 2**30
         expected_saving = (runs["ddp", method]["parameters"] / 2 + runs["ddp", method]["trainable_parameters"]) * 4 / 2**30
-        for engine in ("fsdp", "fsdp-blocks"):
+        for engine in ("fsdp", "fsdp-blocks", "fsdp-layers"):
             saved = memory["ddp", method]["static_gib"] - memory[engine, method]["static_gib"]
             assert abs(saved - expected_saving) < 0.05 * model_gib, (method, engine, saved, expected_saving)
-        # mid-step, block units hold the layers' weights less (a buffer of the root's would sit in both)
-        layer_gib = runs["ddp", method]["parameters_in_block_units"] * 4 / 2**30
-        blocks_mid_step, whole_mid_step = (memory[e, method]["activation_gib"] for e in ("fsdp-blocks", "fsdp"))
-        assert whole_mid_step - blocks_mid_step > 0.5 * layer_gib, (method, blocks_mid_step, whole_mid_step, layer_gib)
-        # one unit gathers every weight in float32; block units only the root's (embeddings, head,
-        # final norm), the layers' weights stay sharded
+        # one unit gathers every weight in float32
         whole = memory["fsdp", method]["gathered_parameters_gib"]
         assert whole == pytest.approx(model_gib, rel=1e-6), (method, whole, model_gib)
-        blocks = memory["fsdp-blocks", method]["gathered_parameters_gib"]
-        assert blocks == pytest.approx(whole - layer_gib, rel=1e-6), (method, blocks, whole, layer_gib)
+        for engine in ("fsdp-blocks", "fsdp-layers"):
+            # the root gathers all but the units' weights (embeddings, head, final norm, and
+            # with block units the adapters), which stay sharded
+            unit_gib = runs[engine, method]["parameters_in_block_units"] * 4 / 2**30
+            gathered = memory[engine, method]["gathered_parameters_gib"]
+            assert gathered == pytest.approx(whole - unit_gib, rel=1e-6), (method, engine, gathered, whole, unit_gib)
+            # mid-step, the units' weights are not held (a buffer of the root's would sit in both)
+            mid_step, whole_mid_step = memory[engine, method]["activation_gib"], memory["fsdp", method]["activation_gib"]
+            assert whole_mid_step - mid_step > 0.5 * unit_gib, (method, engine, mid_step, whole_mid_step, unit_gib)
     # the engines differ only in how they reduce: the same data and seeds give the same losses
     for method in ("meft3", "lora"):
-        for engine in ("fsdp", "fsdp-blocks"):
+        for engine in ("fsdp", "fsdp-blocks", "fsdp-layers"):
             assert runs["ddp", method]["losses"] == pytest.approx(runs[engine, method]["losses"], rel=1e-6)
