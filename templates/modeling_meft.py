@@ -186,7 +186,7 @@ class MeftLayers(nn.ModuleList):
                 params, gathered = _fsdp_layer(layer, name)
                 result.append(Coupling(F, G, params, name, gathered=gathered, autograd_ok=False))
             else:
-                result.append(Coupling(F, G, tuple(p for p in layer.parameters() if p.requires_grad), name))
+                result.append(Coupling(F, G, _trainable_in(layer), name))
         return result
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
