@@ -36,6 +36,7 @@ def validate_meft_settings(
     output_stream: str = "plm",
     exact: bool = True,
     frac_bits: int = 32,
+    stream_bits: int = 64,
     audit: bool = True,
     loss_chunk_size: int = 256,
     compile_blocks: bool = False,
@@ -67,8 +68,12 @@ def validate_meft_settings(
         raise ValueError(f"reversible_layers must be a non-negative integer or None (all), got {reversible_layers!r}")
     if output_stream not in OUTPUT_STREAMS:
         raise ValueError(f"output_stream must be one of {', '.join(OUTPUT_STREAMS)}, got {output_stream!r}")
-    if not (isinstance(frac_bits, int) and 8 <= frac_bits <= 48):
-        raise ValueError(f"frac_bits must be an integer in [8, 48], got {frac_bits!r}")
+    if stream_bits not in (32, 64):
+        raise ValueError(f"stream_bits must be 32 or 64, got {stream_bits!r}")
+    # at least 4 integer bits: the streams must hold values of magnitude 8 and more
+    max_frac = 27 if stream_bits == 32 else 48
+    if not (isinstance(frac_bits, int) and 4 <= frac_bits <= max_frac):
+        raise ValueError(f"frac_bits must be an integer in [4, {max_frac}] for {stream_bits}-bit streams, got {frac_bits!r}")
     if not (isinstance(loss_chunk_size, int) and loss_chunk_size >= 0):
         raise ValueError(f"loss_chunk_size must be a non-negative integer (0: off), got {loss_chunk_size!r}")
     return dict(
@@ -82,6 +87,7 @@ def validate_meft_settings(
         output_stream=output_stream,
         exact=bool(exact),
         frac_bits=frac_bits,
+        stream_bits=stream_bits,
         audit=bool(audit),
         loss_chunk_size=loss_chunk_size,
         compile_blocks=bool(compile_blocks),
@@ -113,6 +119,9 @@ class MeftConfig:
         exact: int64 fixed-point streams with an exact inverse (default), or the paper's
             float reconstruction, which is approximate.
         frac_bits: fractional bits K of the fixed-point streams.
+        stream_bits: width of the stream integers, 64 (int64) or 32 (int32: half the memory; the
+            streams then hold values below 2^(31 - frac_bits) in magnitude). Conversion picks both
+            from the hidden-state range it measures.
         audit: compare a checksum of every layer's input with its reconstruction in backward.
         loss_chunk_size: causal LMs only: in training, the LM head and its loss run on this many
             tokens at a time, so the full logits never exist (0: the library's loss, all at once).
