@@ -46,7 +46,18 @@ class MeftAdapter(nn.Module):
         init_adapter_projection(self.up_proj, generator)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.up_proj(self.dropout(self.act(self.down_proj(hidden_states))))
+        # the weights stay float32 (an optimizer step on 16-bit weights under- and overflows);
+        # the adapter computes in the dtype of the model it sits in, as the frozen layers do
+        dtype = hidden_states.dtype
+        h = _linear(hidden_states, self.down_proj, dtype)
+        return _linear(self.dropout(self.act(h)), self.up_proj, dtype)
+
+
+def _linear(x: torch.Tensor, linear: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
+    if linear.weight.dtype == dtype:
+        return linear(x)
+    bias = None if linear.bias is None else linear.bias.to(dtype)
+    return nn.functional.linear(x, linear.weight.to(dtype), bias)
 
 
 def is_adapter_projection(module: nn.Module) -> bool:

@@ -362,13 +362,20 @@ class StackRun:
         return total
 
 
-def _raise_if_out_of_range(flags: list, names: list[str], frac_bits: int) -> None:
+def _raise_if_out_of_range(flags: list, names: list[str], frac_bits: int, couplings: Sequence[Coupling] = ()) -> None:
     if flags and bool(torch.stack(flags).any()):
         first = next(i for i, f in enumerate(flags) if bool(f))
+        broken = [c.name for c in couplings if any(not bool(torch.isfinite(p).all()) for p in c.params)]
+        if broken:
+            cause = (
+                f"the trainable parameters of {', '.join(broken[:3])} hold NaN or inf: an optimizer step diverged "
+                "(a learning rate too high, or 16-bit trainable weights: keep them in float32, as from_pretrained does)"
+            )
+        else:
+            cause = "usual causes: fp16 overflow, fully masked attention rows, a diverged training run"
         raise FloatingPointError(
             f"{names[first]} produced NaN, inf or values of magnitude >= 2^{RANGE_BITS - frac_bits}, "
-            f"outside the exact fixed-point range (frac_bits={frac_bits}). Usual causes: fp16 overflow, "
-            "fully masked attention rows, a diverged training run."
+            f"outside the exact fixed-point range (frac_bits={frac_bits}); {cause}."
         )
 
 
@@ -439,7 +446,7 @@ class _ReversibleStack(torch.autograd.Function):
             else:
                 x1, v1, sum1, x2, v2, sum2 = y1, w1, sum_y1, y2, w2, sum_y2
         if s.exact:
-            _raise_if_out_of_range(flags, ["the stack input"] + _block_names(run.couplings), s.frac_bits)
+            _raise_if_out_of_range(flags, ["the stack input"] + _block_names(run.couplings), s.frac_bits, run.couplings)
         else:
             v1, v2 = x1, x2
         # the final streams stay outside save_for_backward: backward turns them into the layers'
@@ -658,7 +665,7 @@ def _vanilla_layers(couplings, s: CouplingSettings, routed_for_all, cd, x1v, x2v
         else:
             x1v, x2v, x1i, x2i = y1v, y2v, y1i, y2i
     if s.exact:
-        _raise_if_out_of_range(flags, _block_names(couplings), s.frac_bits)
+        _raise_if_out_of_range(flags, _block_names(couplings), s.frac_bits, couplings)
     return x1v, x2v, x1i, x2i
 
 

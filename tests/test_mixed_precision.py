@@ -95,3 +95,47 @@ def test_fp16_overflow_is_reported_not_trained_on():
     ids, mask = batch()
     with torch.autocast("cpu", dtype=torch.float16), pytest.raises(FloatingPointError, match="layer 0"):
         model(input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("name", ["opt-125m", "llama"])  # saved in fp16 and in bf16
+def test_16bit_checkpoint_loaded_as_saved_trains(name, converted):
+    """Loaded as the README shows (no dtype), a 16-bit checkpoint keeps its frozen weights in
+    their dtype and its trainable ones in float32; 20 AdamW steps stay finite and learn, and
+    the reversible gradients still equal plain autograd's."""
+    from transformers import AutoModelForCausalLM
+
+    folder, _ = converted(name, "meft3")
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    saved_dtype = {"opt-125m": torch.float16, "llama": torch.bfloat16}[name]
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and {p.dtype for p in trainable.values()} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {saved_dtype}
+
+    _, reversible = autocast_gradients(model, "AutoModelForCausalLM", "reversible", saved_dtype, enabled=False)
+    _, vanilla = autocast_gradients(model, "AutoModelForCausalLM", "vanilla", saved_dtype, enabled=False)
+    assert reversible.keys() == vanilla.keys() == trainable.keys()
+    assert all(torch.equal(reversible[n], vanilla[n]) for n in reversible)
+
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    ids, mask = batch()
+    losses = []
+    torch.manual_seed(0)
+    for _ in range(20):
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert all(torch.isfinite(p).all() for p in trainable.values())
+    # random tiny models with a frozen head: the adapters lower the loss slowly but steadily
+    assert losses[-1] < losses[0] - 0.02 and losses[10] < losses[0], losses
+
+
+def test_diverged_parameters_are_named_as_the_cause():
+    model = build("bert-base-uncased", "AutoModel", variant="meft3")
+    with torch.no_grad():
+        model.encoder.layer[1].meft.ffn.down_proj.weight[0, 0] = float("nan")
+    model.train()
+    with pytest.raises(FloatingPointError, match="trainable parameters of layer 1 hold NaN"):
+        model(input_ids=batch()[0], attention_mask=batch()[1])
