@@ -373,7 +373,7 @@ def keep_trainable_in_float32(model: nn.Module, trainable_modules: tuple[str, ..
     """Adapters and the task head MEFT trains hold float32 weights whatever the model's dtype,
     as peft keeps its adapters: AdamW on fp16 weights turns them into NaN in one step (its eps
     of 1e-8 is zero in fp16). Adapters compute in the model's dtype (adapters.py); a trained
-    head receives its input cast to float32 and returns float32 logits."""
+    head receives its input cast to its weights' dtype and returns float32 logits."""
     for module in model.modules():
         if isinstance(module, MeftAdapter):
             module.float()
@@ -381,13 +381,17 @@ def keep_trainable_in_float32(model: nn.Module, trainable_modules: tuple[str, ..
         head = model.get_submodule(name)
         if any(p.is_floating_point() and p.dtype != torch.float32 for p in head.parameters()):
             head.float()
-        if not getattr(head, "_meft_float32_inputs", False):
-            head.register_forward_pre_hook(_inputs_to_float32)
-            head._meft_float32_inputs = True
+        if not getattr(head, "_meft_casts_inputs", False):
+            head.register_forward_pre_hook(_inputs_to_weight_dtype)
+            head._meft_casts_inputs = True
 
 
-def _inputs_to_float32(module, args):
-    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+def _inputs_to_weight_dtype(module, args):
+    # float32 unless the user cast the model since (model.to(torch.bfloat16) casts heads too)
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    if dtype is None:
+        return None
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 ADAPTERS_WEIGHTS_NAME = "meft_adapters.safetensors"
