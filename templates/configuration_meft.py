@@ -40,6 +40,8 @@ def validate_meft_settings(
     audit: bool = True,
     loss_chunk_size: int = 256,
     compile_blocks: bool = False,
+    recompute_chunk_tokens: int = 4096,
+    offload_remainders: bool = False,
 ) -> dict:
     """Checks MEFT settings and fills λ and β from the variant; returns them as a dict.
     Raises ValueError with a message meant for the user."""
@@ -76,6 +78,8 @@ def validate_meft_settings(
         raise ValueError(f"frac_bits must be an integer in [4, {max_frac}] for {stream_bits}-bit streams, got {frac_bits!r}")
     if not (isinstance(loss_chunk_size, int) and loss_chunk_size >= 0):
         raise ValueError(f"loss_chunk_size must be a non-negative integer (0: off), got {loss_chunk_size!r}")
+    if not (isinstance(recompute_chunk_tokens, int) and recompute_chunk_tokens >= 0):
+        raise ValueError(f"recompute_chunk_tokens must be a non-negative integer (0: off), got {recompute_chunk_tokens!r}")
     return dict(
         variant=variant,
         lambda_=lambda_,
@@ -91,13 +95,15 @@ def validate_meft_settings(
         audit=bool(audit),
         loss_chunk_size=loss_chunk_size,
         compile_blocks=bool(compile_blocks),
+        recompute_chunk_tokens=recompute_chunk_tokens,
+        offload_remainders=bool(offload_remainders),
     )
 
 
 MEFT_SETTINGS = tuple(validate_meft_settings())
 # settings that change how training runs, not what the model computes: adapters trained under
 # one value load under another
-RUNTIME_SETTINGS = ("audit", "loss_chunk_size", "compile_blocks")
+RUNTIME_SETTINGS = ("audit", "loss_chunk_size", "compile_blocks", "recompute_chunk_tokens", "offload_remainders")
 
 
 class MeftConfig:
@@ -129,6 +135,13 @@ class MeftConfig:
             compiled function shared by all layers; the first steps compile). On an H200, OPT-1.3b
             shape: 8% less activation memory for MEFT1/2 and 10% fewer kernel launches; the step
             time did not improve (benchmarks/README.md).
+        recompute_chunk_tokens: in training, the position-wise part of every block (MLP blocks,
+            adapters) and the stream arithmetic run this many tokens at a time, in forward and in
+            the backward recompute, so one layer's working set stops growing with sequence x FFN
+            width (0: all tokens at once). Gradients equal plain autograd's through the same chunks.
+        offload_remainders: in training on CUDA, keep the packed remainders in pinned host memory,
+            copied on a side stream and fetched one layer ahead in backward, so the GPU memory of
+            exact MEFT stops growing with depth.
     """
 
     _plm_config_class: type = None  # set on each family's class

@@ -40,7 +40,7 @@ from .adapters import MeftAdapter, init_adapter_projection, is_adapter_projectio
 from .configuration_meft import RUNTIME_SETTINGS, config_class_for
 from .families import FAMILIES, Family, Stack, family_for
 from .losses import ChunkedLossMixin
-from .reversible import Coupling, CouplingSettings, run_stack
+from .reversible import Block, Coupling, CouplingSettings, run_stack
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,6 @@ VARIANTS = {
     "meft3": Variant(F="attention", G="mlp", swap=False, adapters=("attn", "ffn"), plm_stream=1),
 }
 BACKWARD_MODES = ("reversible", "vanilla")
-
-
-def _layer_block(attention, mlp, layer, adapter, x, args):
-    return mlp(layer, attention(layer, x, args, None), adapter)
 
 
 def _attention_block(attention, layer, adapter, x, args):
@@ -84,20 +80,23 @@ def _compiled(fn):
     return _COMPILED_BLOCKS[fn]
 
 
-def _make_block(kind: str, stack: Stack, layer: nn.Module, compiled: bool = False):
+def _make_block(kind: str, stack: Stack, layer: nn.Module, compiled: bool = False) -> Block:
+    """F or G of one layer: the attention part mixes positions, the MLP block and adapters act on
+    each position alone (so the engine may run them a chunk of tokens at a time)."""
     adapters = layer.meft
     run = _compiled if compiled else (lambda fn: fn)
-    if kind == "layer":
-        block = run(_layer_block)
-        return lambda x, args: block(stack.attention, stack.mlp, layer, adapters["ffn"], x, args)
+    attention, mlp = run(_attention_block), run(_mlp_block)
+    if kind == "layer":  # the whole PLM layer: mlp(attention(x)), the adapter parallel to its FFN
+        return Block(
+            mixing=lambda x, args: attention(stack.attention, layer, None, x, args),
+            positionwise=lambda h: mlp(stack.mlp, layer, adapters["ffn"], h),
+        )
     if kind == "adapter":
-        return lambda x, args: adapters["coupling"](x)
+        return Block(positionwise=lambda x: adapters["coupling"](x))
     if kind == "attention":
-        block = run(_attention_block)
-        return lambda x, args: block(stack.attention, layer, adapters["attn"], x, args)
+        return Block(mixing=lambda x, args: attention(stack.attention, layer, adapters["attn"], x, args))
     if kind == "mlp":
-        block = run(_mlp_block)
-        return lambda x, args: block(stack.mlp, layer, adapters["ffn"], x)
+        return Block(positionwise=lambda x: mlp(stack.mlp, layer, adapters["ffn"], x))
     raise ValueError(f"unknown block {kind!r}")
 
 
@@ -115,7 +114,15 @@ class MeftLayers(nn.ModuleList):
         self.family_type, self.stack_index = family.model_type, stack_index
         self.variant = variant
         self.coupling = CouplingSettings(
-            config.lambda_, config.beta, variant.swap, exact=config.exact, frac_bits=config.frac_bits, audit=config.audit
+            config.lambda_,
+            config.beta,
+            variant.swap,
+            exact=config.exact,
+            frac_bits=config.frac_bits,
+            audit=config.audit,
+            stream_bits=getattr(config, "stream_bits", 64),
+            chunk_tokens=getattr(config, "recompute_chunk_tokens", 0),
+            offload_remainders=getattr(config, "offload_remainders", False),
         )
         self.reversible_layers = config.reversible_layers
         self.output_stream = config.output_stream

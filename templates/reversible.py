@@ -1,6 +1,6 @@
 """Exact reversible coupling: the engine every MEFT checkpoint carries.
 
-A reversible layer keeps two streams and couples them with two functions F and G:
+A reversible layer keeps two streams and couples them with two blocks F and G:
 
     y1 = λ·x1 + F(x2)            inverse:  x2 = (y2 − G(y1)) / β
     y2 = β·x2 + G(y1)                      x1 = (y1 − F(x2)) / λ
@@ -11,8 +11,9 @@ last layer's output instead of every layer's activations.
 In floating point the inverse divides by λ and β at every layer, so rounding errors are
 multiplied layer after layer (with λ = 0.1, the rebuilt input of a 6-layer BERT is off by
 14 to 19%, and by a factor of hundreds for MEFT3).
-This engine makes the inverse exact. The streams are int64 fixed-point numbers with K
-fractional bits, fix(t) = round(t·2^K), and λ = 1/m for a positive integer m:
+This engine makes the inverse exact. The streams are fixed-point integers (int64, or int32
+for 16-bit models) with K fractional bits, fix(t) = round(t·2^K), and λ = 1/m for a
+positive integer m:
 
     forward:  q1, r1 = divmod(x1, m)       y1 = q1 + fix(F(x2))
     inverse:  x1 = m·(y1 − fix(F(x2))) + r1
@@ -22,10 +23,18 @@ recomputed bit-identically: same input (the dequantised integers), same dropout 
 (the RNG state is recorded before each block and replayed), same kernels (the forward
 runs each block exactly as the recompute does). The remainders r are the only per-layer
 state: a few remainders share one number below m^k, packed into bit planes, so each takes
-about log2 m bits (3.33 for m = 10, 10 for m = 1024, none for m = 1).
+about log2 m bits (3.33 for m = 10, 8 for m = 256, none for m = 1).
 
 Gradients follow the real-valued coupling (dx1 = λ·dy1 + ..., fix and the integer
 division count as identity), so they equal plain autograd through the same forward.
+
+Memory. A block is the part that mixes positions (attention) followed by a part that acts
+on each position alone (an MLP block, an adapter). The position-wise part runs, in forward
+and in the recompute, a chunk of tokens at a time (`chunk_tokens`), so the MLP's wide
+intermediates cost a chunk, not the sequence; the coupling arithmetic is chunked alike.
+Streams are rebuilt in place: two stream-integer tensors are alive at a time. The packed
+remainders can live in pinned host memory (`offload_remainders`), copied out on a side
+stream in forward and fetched one layer ahead in backward.
 
 This module knows nothing about transformers: it sees F, G, λ, β and tensors.
 """
@@ -41,12 +50,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.checkpoint import get_device_states, set_device_states
 
-# A block maps a stream (in the compute dtype) and the routed layer arguments to a tensor.
-Block = Callable[[torch.Tensor, dict], torch.Tensor]
-
-# Block outputs must stay below 2^(RANGE_BITS − K) in magnitude: int64 streams then have
-# room for the sum of 2^(63 − RANGE_BITS) = 128 such outputs before they could overflow.
-RANGE_BITS = 56
+# The part of a block that mixes positions: (stream value, routed layer arguments) -> tensor.
+Mixing = Callable[[torch.Tensor, dict], torch.Tensor]
+# The part that acts on each position alone: tensor (any leading shape) -> tensor.
+Positionwise = Callable[[torch.Tensor], torch.Tensor]
 
 
 class ReconstructionError(RuntimeError):
@@ -67,6 +74,9 @@ class CouplingSettings:
     exact: bool = True
     frac_bits: int = 32
     audit: bool = True
+    stream_bits: int = 64  # width of the stream integers: 64, or 32 for 16-bit models
+    chunk_tokens: int = 0  # tokens per chunk of position-wise work and coupling arithmetic (0: all)
+    offload_remainders: bool = False  # keep the packed remainders in pinned host memory (CUDA)
 
     @property
     def lambda_m(self) -> int:
@@ -87,12 +97,37 @@ def denominator_of(scale: float) -> int:
     return m
 
 
+@dataclass(frozen=True)
+class Block:
+    """F or G: `mixing` (attention; None if the block has none) and then `positionwise` (an
+    MLP block, an adapter; None if none), which may run a chunk of tokens at a time."""
+
+    mixing: Mixing | None = None
+    positionwise: Positionwise | None = None
+
+    def __call__(self, x: torch.Tensor, routed: dict, chunk_tokens: int = 0) -> torch.Tensor:
+        """The block under ordinary autograd, chunked as the reversible path chunks it."""
+        h = self.mixing(x, routed) if self.mixing is not None else x
+        if self.positionwise is None:
+            return h
+        slices = _row_slices(h, chunk_tokens)
+        if len(slices) == 1:
+            return self.positionwise(h)
+        rows = torch.split(_rows(h), chunk_tokens)
+        return torch.cat([self.positionwise(r) for r in rows]).view(h.shape)
+
+
+def as_block(block: Block | Mixing) -> Block:
+    """A plain callable (x, routed) -> tensor is a block that mixes positions."""
+    return block if isinstance(block, Block) else Block(mixing=block)
+
+
 @dataclass
 class Coupling:
     """One reversible layer: its two blocks and the trainable tensors they read."""
 
-    F: Block
-    G: Block
+    F: Block | Mixing
+    G: Block | Mixing
     params: tuple[torch.Tensor, ...]  # trainable parameters used by F or G
     name: str  # e.g. "layer 3", used in error messages
     # entered around everything the layer computes with its weights: in forward, and in backward
@@ -102,27 +137,45 @@ class Coupling:
     # runs later, cannot train such a layer
     autograd_ok: bool = True
 
+    def __post_init__(self):
+        self.F, self.G = as_block(self.F), as_block(self.G)
+
 
 # ----------------------------------------------------------------------------- fixed point
 
 
 def stream_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
-    """Streams and their gradients are kept in at least float32, even for 16-bit models."""
+    """Float-mode streams are kept in at least float32, even for 16-bit models."""
     return torch.promote_types(compute_dtype, torch.float32)
 
 
-def to_fixed(t: torch.Tensor, frac_bits: int) -> torch.Tensor:
-    """round(t · 2^K) as int64 (exact through float64: 2^K scaling only moves the exponent)."""
-    return (t.to(torch.float64) * (2.0**frac_bits)).round().to(torch.int64)
+def _int_dtype(stream_bits: int) -> torch.dtype:
+    return torch.int32 if stream_bits == 32 else torch.int64
+
+
+def _wide_float(int_dtype: torch.dtype) -> torch.dtype:
+    # float32 holds every fix() of a 16-bit value exactly and is enough for int32 streams;
+    # int64 streams with K = 32 need float64 to scale without loss
+    return torch.float32 if int_dtype == torch.int32 else torch.float64
+
+
+def _limit(int_dtype: torch.dtype) -> float:
+    # |floor(x/m)| and |fix(out)| each below a quarter of the range: their sum cannot wrap
+    return 2.0 ** (30 if int_dtype == torch.int32 else 62)
+
+
+def to_fixed(t: torch.Tensor, frac_bits: int, int_dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """round(t · 2^K) as integers (exact: 2^K scaling only moves the exponent)."""
+    return (t.to(_wide_float(int_dtype)) * (2.0**frac_bits)).round().to(int_dtype)
 
 
 def from_fixed(i: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
-    return (i.to(torch.float64) * (2.0**-frac_bits)).to(dtype)
+    return (i.to(_wide_float(i.dtype)) * (2.0**-frac_bits)).to(dtype)
 
 
-def _out_of_range(t: torch.Tensor, frac_bits: int) -> torch.Tensor:
-    # `not (|v| < limit)` is also true for NaN: one flag per block, all checked once per stack
-    return ~((t.to(torch.float64) * (2.0**frac_bits)).abs() < 2.0**RANGE_BITS).all()
+def max_stream_value(frac_bits: int, stream_bits: int) -> float:
+    """The largest magnitude a stream or block output may reach in this fixed-point format."""
+    return _limit(_int_dtype(stream_bits)) * 2.0**-frac_bits
 
 
 def remainder_layout(m: int) -> tuple[int, int]:
@@ -141,6 +194,12 @@ def remainder_layout(m: int) -> tuple[int, int]:
     return best_k, best_bits
 
 
+def remainder_bits(m: int) -> float:
+    """Bits per element that one stream scaled by 1/m keeps per layer."""
+    k, bits = remainder_layout(m)
+    return bits / k
+
+
 def packed_remainder_bytes(m: int, count: int) -> int:
     """Bytes that `count` remainders modulo m take once packed."""
     k, bits = remainder_layout(m)
@@ -155,18 +214,20 @@ def _pack_bits(v: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack([(((flat >> j) & 1).to(torch.uint8) * weights).sum(1, dtype=torch.uint8) for j in range(bits)])
 
 
-def _unpack_bits(planes: torch.Tensor, bits: int) -> torch.Tensor:
+def _unpack_bits(planes: torch.Tensor, bits: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     shifts = torch.arange(8, dtype=torch.uint8, device=planes.device)
-    v = torch.zeros(planes.shape[1] * 8, dtype=torch.int64, device=planes.device)
+    v = torch.zeros(planes.shape[1] * 8, dtype=dtype, device=planes.device)
     for j in range(bits):
-        v = v | (((planes[j].view(-1, 1) >> shifts) & 1).view(-1).to(torch.int64) << j)
+        v = v | (((planes[j].view(-1, 1) >> shifts) & 1).view(-1).to(dtype) << j)
     return v
 
 
 def _pack(r: torch.Tensor, m: int) -> torch.Tensor:
     """Remainders modulo m (m > 1) → bit planes of their groups of k (remainder_layout)."""
     k, bits = remainder_layout(m)
-    groups = torch.nn.functional.pad(r.reshape(-1), (0, (-r.numel()) % k)).view(-1, k)
+    if k == 1:
+        return _pack_bits(r.reshape(-1), bits)
+    groups = torch.nn.functional.pad(r.reshape(-1).to(torch.int64), (0, (-r.numel()) % k)).view(-1, k)
     value = groups[:, k - 1]
     for i in range(k - 2, -1, -1):  # Horner: r0 + m·(r1 + m·(r2 + ...))
         value = value * m + groups[:, i]
@@ -175,67 +236,14 @@ def _pack(r: torch.Tensor, m: int) -> torch.Tensor:
 
 def _unpack(planes: torch.Tensor, m: int, like: torch.Tensor) -> torch.Tensor:
     k, bits = remainder_layout(m)
+    if k == 1:
+        return _unpack_bits(planes, bits, like.dtype)[: like.numel()].view(like.shape)
     value = _unpack_bits(planes, bits)
     digits = []
     for _ in range(k):
         digits.append(value % m)
         value = value // m
-    return torch.stack(digits, dim=1).reshape(-1)[: like.numel()].view(like.shape)
-
-
-def _value_of(ints: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """A stream's real value: the input its next block sees."""
-    return from_fixed(ints, frac_bits, dtype)
-
-
-def _couple(x: torch.Tensor, block_out: torch.Tensor, m: int, frac_bits: int, value_dtype: torch.dtype):
-    """One exact half-step on int64 streams: y = floor(x / m) + fix(block_out).
-
-    Returns y, its value (the next block's input), the remainders x mod m packed into bit
-    planes (None for m = 1), a flag for block outputs out of range, and the wrapping sum of
-    y, the audit's fingerprint. One function, so that it compiles to few fused kernels."""
-    scaled = block_out.to(torch.float64) * (2.0**frac_bits)
-    out_of_range = ~(scaled.abs() < 2.0**RANGE_BITS).all()
-    if m == 1:
-        q, packed = x, None
-    else:
-        q = torch.div(x, m, rounding_mode="floor")
-        packed = _pack(x - q * m, m)
-    y = q + scaled.round().to(torch.int64)
-    return y, _value_of(y, frac_bits, value_dtype), packed, out_of_range, y.sum()
-
-
-def _uncouple(y: torch.Tensor, block_out: torch.Tensor, packed, m: int, frac_bits: int, value_dtype: torch.dtype):
-    """Inverse of _couple: x = m·(y − fix(block_out)) + r; returns x, its value and its sum."""
-    x = (y - (block_out.to(torch.float64) * (2.0**frac_bits)).round().to(torch.int64)) * m
-    if packed is not None:
-        x = x + _unpack(packed, m, y)
-    return x, _value_of(x, frac_bits, value_dtype), x.sum()
-
-
-# On CUDA the half-steps run as kernels fused by torch.compile (eager, each is about fifteen
-# passes over 8-byte tensors); elsewhere, or if compiling fails, they run eagerly. Integer
-# results are the same either way, but float values can differ in rounding ties between the
-# two, so a run never mixes them: every value comes through _run_kernel. MEFT_COMPILE=0
-# turns compiling off.
-_COMPILE = {"enabled": os.environ.get("MEFT_COMPILE", "1") != "0"}
-_COMPILED: dict = {}
-
-
-def _run_kernel(fn, *args):
-    """fn(*args), through torch.compile when its tensors live on a CUDA device."""
-    if _COMPILE["enabled"] and args[0].is_cuda:
-        try:
-            if fn not in _COMPILED:
-                # dynamic: one kernel for all sequence lengths; m and the dtypes add a few variants
-                _COMPILED[fn] = torch.compile(fn, dynamic=True)
-            return _COMPILED[fn](*args)
-        except Exception as e:  # no working compiler here: the eager path computes the same integers
-            _COMPILE["enabled"] = False
-            warnings.warn(
-                f"MEFT: torch.compile failed ({type(e).__name__}: {e}); using the slower eager kernels", stacklevel=2
-            )
-    return fn(*args)
+    return torch.stack(digits, dim=1).reshape(-1)[: like.numel()].view(like.shape).to(like.dtype)
 
 
 def pack_remainders(r: torch.Tensor, m: int) -> torch.Tensor:
@@ -244,8 +252,176 @@ def pack_remainders(r: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def unpack_remainders(planes: torch.Tensor, m: int, like: torch.Tensor) -> torch.Tensor:
-    """Inverse of pack_remainders: int64 remainders shaped like `like`."""
+    """Inverse of pack_remainders: remainders shaped (and typed) like `like`."""
     return _unpack(planes, m, like)
+
+
+# --------------------------------------------------------------- the exact kernels (fused)
+
+
+def _value_of(ints: torch.Tensor, frac_bits: int, value_dtype: torch.dtype) -> torch.Tensor:
+    """A stream's real value: the input its next block sees."""
+    return from_fixed(ints, frac_bits, value_dtype)
+
+
+def _start(x: torch.Tensor, frac_bits: int, int_dtype: torch.dtype, value_dtype: torch.dtype):
+    """A stream's start: its integers, their value, their sum and a flag for values out of range."""
+    scaled = x.to(_wide_float(int_dtype)) * (2.0**frac_bits)
+    out_of_range = ~(scaled.abs() < _limit(int_dtype)).all()
+    ints = scaled.round().to(int_dtype)
+    return ints, _value_of(ints, frac_bits, value_dtype), ints.sum(dtype=torch.int64), out_of_range
+
+
+def _couple(x: torch.Tensor, block_out: torch.Tensor, m: int, frac_bits: int, value_dtype: torch.dtype):
+    """One exact half-step: y = floor(x / m) + fix(block_out), on the integers of x's width.
+
+    Returns y, its value (the next block's input), the remainders x mod m packed into bit
+    planes (None for m = 1), a flag for a block output or a stream out of range (or NaN),
+    and the wrapping sum of y, the audit's fingerprint. One function, so that it compiles to
+    few fused kernels."""
+    limit = _limit(x.dtype)
+    scaled = block_out.to(_wide_float(x.dtype)) * (2.0**frac_bits)
+    if m == 1:
+        q, packed = x, None
+    else:
+        q = torch.div(x, m, rounding_mode="floor")
+        packed = _pack(x - q * m, m)
+    # `not (|v| < limit)` is also true for NaN
+    out_of_range = ~((scaled.abs() < limit).all() & (q.abs() < limit).all())
+    y = q + scaled.round().to(x.dtype)
+    return y, _value_of(y, frac_bits, value_dtype), packed, out_of_range, y.sum(dtype=torch.int64)
+
+
+def _uncouple(y: torch.Tensor, block_out: torch.Tensor, packed, m: int, frac_bits: int, value_dtype: torch.dtype):
+    """Inverse of _couple: x = m·(y − fix(block_out)) + r; returns x, its value and its sum."""
+    x = (y - (block_out.to(_wide_float(y.dtype)) * (2.0**frac_bits)).round().to(y.dtype)) * m
+    if packed is not None:
+        x = x + _unpack(packed, m, y)
+    return x, _value_of(x, frac_bits, value_dtype), x.sum(dtype=torch.int64)
+
+
+# On CUDA the kernels above run fused by torch.compile (eager, each is about fifteen passes
+# over the stream); elsewhere they run eagerly. Integer results are the same either way,
+# but float values can differ in rounding ties between the two, so a run never mixes them.
+# Whether the compiler works is decided once per process, on a tiny tensor, before any value
+# of a run is computed; after that every error (out of memory first) propagates.
+# MEFT_COMPILE=0 turns compiling off.
+_COMPILE: dict = {"enabled": None if os.environ.get("MEFT_COMPILE", "1") != "0" else False}
+_COMPILED: dict = {}
+
+
+def _compiler_works(device: torch.device) -> bool:
+    if _COMPILE["enabled"] is None:
+        try:
+            probe = torch.zeros(4, 8, dtype=torch.int32, device=device)
+            compiled = torch.compile(_couple, dynamic=True)
+            compiled(probe, torch.zeros(4, 8, dtype=torch.bfloat16, device=device), 2, 8, torch.bfloat16)
+            _COMPILE["enabled"] = True
+        except Exception as e:  # no working compiler here: the eager kernels compute the same integers
+            _COMPILE["enabled"] = False
+            warnings.warn(
+                f"MEFT: torch.compile does not work here ({type(e).__name__}: {e}); the stream arithmetic "
+                "runs as slower eager kernels for the rest of this process",
+                stacklevel=3,
+            )
+    return _COMPILE["enabled"]
+
+
+def _run_kernel(fn, *args):
+    """fn(*args), through torch.compile when its tensors live on a CUDA device."""
+    if args[0].is_cuda and _compiler_works(args[0].device):
+        if fn not in _COMPILED:
+            # dynamic: one kernel for all sequence lengths; m and the dtypes add a few variants
+            _COMPILED[fn] = torch.compile(fn, dynamic=True)
+        return _COMPILED[fn](*args)
+    return fn(*args)
+
+
+# ---------------------------------------------------------------- streams and arithmetic
+
+
+@dataclass
+class Stream:
+    """One of the two streams.
+
+    ints: its fixed-point integers (exact mode; None in float mode, where the value is the
+    stream); value: its real value in the dtype the blocks read; checksum: the sum of its
+    integers, which the audit compares with the rebuilt stream's."""
+
+    ints: torch.Tensor | None
+    value: torch.Tensor
+    checksum: torch.Tensor | None = None
+
+
+class ExactArithmetic:
+    """Integer streams: y = floor(x / m) + fix(out), inverted exactly with the remainder."""
+
+    exact = True
+
+    def __init__(self, settings: CouplingSettings, value_dtype: torch.dtype):
+        self.frac_bits, self.value_dtype = settings.frac_bits, value_dtype
+        self.int_dtype = _int_dtype(settings.stream_bits)
+
+    def factor(self, scale: float) -> int:
+        return denominator_of(scale)
+
+    def start(self, x: torch.Tensor) -> tuple[Stream, torch.Tensor]:
+        ints, value, total, flag = _run_kernel(_start, x.detach().contiguous(), self.frac_bits, self.int_dtype, self.value_dtype)
+        return Stream(ints, value, total), flag
+
+    def couple(self, x_part: torch.Tensor, out: torch.Tensor, m: int):
+        """-> (y integers, y value, packed remainders, range flag, checksum) of one chunk."""
+        return _run_kernel(_couple, x_part, out, m, self.frac_bits, self.value_dtype)
+
+    def uncouple(self, y_part: torch.Tensor, out: torch.Tensor, packed, m: int):
+        """-> (x integers, x value, checksum) of one chunk."""
+        return _run_kernel(_uncouple, y_part, out, packed, m, self.frac_bits, self.value_dtype)
+
+
+class FloatArithmetic:
+    """The paper's float coupling: y = scale·x + out, inverted approximately by dividing."""
+
+    exact = False
+
+    def __init__(self, settings: CouplingSettings, value_dtype: torch.dtype):
+        self.value_dtype = value_dtype
+
+    def factor(self, scale: float) -> float:
+        return scale
+
+    def start(self, x: torch.Tensor) -> tuple[Stream, None]:
+        return Stream(None, x.detach().to(self.value_dtype)), None
+
+    def couple(self, x_part: torch.Tensor, out: torch.Tensor, scale: float):
+        y = x_part * scale + out.to(x_part.dtype)
+        return None, y, None, None, None
+
+    def uncouple(self, y_part: torch.Tensor, out: torch.Tensor, packed, scale: float):
+        return None, (y_part - out.to(y_part.dtype)) / scale, None
+
+
+def arithmetic_for(settings: CouplingSettings, compute_dtype: torch.dtype):
+    # exact streams hand blocks values in the compute dtype; float streams stay in float32
+    if settings.exact:
+        return ExactArithmetic(settings, compute_dtype)
+    return FloatArithmetic(settings, stream_dtype_for(compute_dtype))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as (tokens, hidden): chunks are ranges of rows."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _row_slices(t: torch.Tensor, chunk_tokens: int) -> list[slice]:
+    rows = t.numel() // t.shape[-1] if t.dim() else 1
+    if chunk_tokens <= 0 or rows <= chunk_tokens:
+        return [slice(None)]
+    return [slice(start, min(start + chunk_tokens, rows)) for start in range(0, rows, chunk_tokens)]
+
+
+def _part(t: torch.Tensor, sl: slice) -> torch.Tensor:
+    """One chunk of t; the whole tensor, shape and all, when there is a single chunk."""
+    return t if sl == slice(None) else _rows(t)[sl]
 
 
 # ---------------------------------------------------------------------- RNG and autocast
@@ -268,6 +444,9 @@ class _RngState:
         torch.set_rng_state(self.cpu)
         if self.device_ids:
             set_device_states(self.device_ids, self.device_states)
+
+    def nbytes(self) -> int:
+        return self.cpu.numel() + sum(s.numel() * s.element_size() for s in self.device_states)
 
 
 @dataclass(frozen=True)
@@ -305,24 +484,128 @@ class _AutocastState:
             yield
 
 
-# -------------------------------------------------------------------- the stack's context
+# ------------------------------------------------------------------- routed arguments
+
+
+def _map_tensors(obj, fn, path=()):
+    """obj with every tensor inside dicts, lists and tuples replaced by fn(tensor, path)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj, path)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn, path + (k,)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_map_tensors(v, fn, path + (i,)) for i, v in enumerate(obj))
+    if isinstance(obj, tuple):  # a named tuple
+        return type(obj)(*(_map_tensors(v, fn, path + (i,)) for i, v in enumerate(obj)))
+    return obj
+
+
+def _grad_paths(routed: dict) -> list[tuple]:
+    """Where the routed tensors that require grad sit, however deep in dicts, lists and tuples."""
+    paths: list = []
+    _map_tensors(routed, lambda t, p: paths.append(p) if t.requires_grad else None)
+    return paths
+
+
+def _at(obj, path: tuple):
+    for key in path:
+        obj = obj[key]
+    return obj
 
 
 def _leaf_routed(routed: dict) -> dict:
     """Routed arguments with tensors cut from the outer graph; grad-requiring ones stay leaves."""
-    return {
-        k: (v.detach().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v) for k, v in routed.items()
-    }
+    return _map_tensors(routed, lambda t, p: t.detach().requires_grad_(t.requires_grad))
+
+
+def _per_layer_views(routed: dict) -> dict:
+    """Routed tensors that need gradients, seen by each layer through its own view: the layer's
+    uses are summed first, then layer by layer from the top, the order the reversible
+    backward sums them in, so both give the same bits."""
+    return _map_tensors(routed, lambda t, p: t.view_as(t) if t.requires_grad else t)
+
+
+# ------------------------------------------------------------------ remainders, kept state
+
+
+class _Remainders:
+    """The packed remainders of every half-step, chunk by chunk: on the device (handed to
+    save_for_backward, so saved-tensor hooks see them), or in pinned host memory."""
+
+    def __init__(self, offload: bool, device: torch.device):
+        self.offload = offload and device.type == "cuda"
+        self.device = device
+        self.parts: list[list] = []  # per half-step: its chunks' packed tensors (None for m = 1)
+        self._copies = torch.cuda.Stream(device) if self.offload else None
+        self._fetched: dict[int, list] = {}
+
+    def add(self, chunks: list) -> None:
+        if self.offload:
+            chunks = [self._to_host(t) for t in chunks]
+        self.parts.append(chunks)
+
+    def _to_host(self, t: torch.Tensor | None):
+        if t is None:
+            return None
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self._copies.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._copies):
+            host.copy_(t, non_blocking=True)
+        t.record_stream(self._copies)  # its memory is reused only once the copy is done
+        return host
+
+    def device_tensors(self) -> list[torch.Tensor]:
+        """What save_for_backward keeps (nothing when offloaded)."""
+        return [] if self.offload else [t for chunks in self.parts for t in chunks if t is not None]
+
+    def restore(self, saved: Sequence[torch.Tensor]) -> None:
+        if self.offload:
+            return
+        it = iter(saved)
+        self.parts = [[None if t is None else next(it) for t in chunks] for chunks in self.parts]
+
+    def prefetch(self, index: int) -> None:
+        """Starts copying half-step `index`'s remainders back to the device."""
+        if not self.offload or index < 0 or index in self._fetched:
+            return
+        self._copies.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._copies):
+            self._fetched[index] = [None if t is None else t.to(self.device, non_blocking=True) for t in self.parts[index]]
+
+    def take(self, index: int) -> list:
+        if not self.offload:
+            chunks, self.parts[index] = self.parts[index], []
+            return chunks
+        self.prefetch(index)
+        torch.cuda.current_stream(self.device).wait_stream(self._copies)
+        chunks = self._fetched.pop(index)
+        for t in chunks:
+            if t is not None:
+                t.record_stream(torch.cuda.current_stream(self.device))
+        self.parts[index] = []
+        return chunks
+
+    def host_bytes(self) -> int:
+        if not self.offload:
+            return 0
+        return sum(t.numel() * t.element_size() for chunks in self.parts for t in chunks if t is not None)
+
+
+@dataclass
+class _HalfRecord:
+    """RNG states of one half-step: before the mixing part, and before each position-wise chunk."""
+
+    mixing: _RngState | None = None
+    chunks: list = field(default_factory=list)
 
 
 @dataclass
 class _LayerRecord:
-    """What the reversible forward keeps per layer besides its remainders (which go through
-    save_for_backward, so that saved-tensor hooks such as CPU offloading see them)."""
+    """What the reversible forward keeps per layer besides its remainders."""
 
-    rng_f: _RngState | None = None
-    rng_g: _RngState | None = None
-    checksum: torch.Tensor | None = None
+    F: _HalfRecord = field(default_factory=_HalfRecord)
+    G: _HalfRecord = field(default_factory=_HalfRecord)
+    checksum: torch.Tensor | None = None  # sums of the layer's two input streams
 
 
 @dataclass
@@ -337,32 +620,40 @@ class StackRun:
     trace: list | None = None  # when a list, inputs seen in forward and rebuilt in backward go here
     records: list = field(default_factory=list)
     autocast: _AutocastState | None = None
-    routed_grad_keys: tuple = ()
+    routed_grad_paths: list = field(default_factory=list)
     param_list: list = field(default_factory=list)
-    final_streams: list | None = None  # the top layer's int64 outputs, until backward consumes them
+    final_streams: list | None = None  # the top layer's output streams, until backward consumes them
+    remainders: _Remainders | None = None
+    arithmetic: Any = None
+    flags: list = field(default_factory=list)  # out-of-range flags, checked once per forward
+    flag_names: list = field(default_factory=list)
+    rng_device: torch.Tensor | None = None
 
     def grad_inputs(self) -> list[torch.Tensor]:
         """Tensors the stack differentiates with respect to, besides the two streams."""
-        self.routed_grad_keys = tuple(
-            k for k, v in self.routed.items() if isinstance(v, torch.Tensor) and v.requires_grad
-        )
-        params = list({id(p): p for c in self.couplings for p in c.params}.values())
-        self.param_list = params
-        return [self.routed[k] for k in self.routed_grad_keys] + params
+        self.routed_grad_paths = _grad_paths(self.routed)
+        self.param_list = list({id(p): p for c in self.couplings for p in c.params}.values())
+        return [_at(self.routed, p) for p in self.routed_grad_paths] + self.param_list
+
+    def capture_rng(self) -> _RngState | None:
+        return _RngState.capture(self.rng_device) if self.record_rng else None
 
     def kept_bytes(self) -> int:
-        """Bytes held for backward beside the saved tensors: the final streams, RNG states and checksums."""
-        total = sum(t.numel() * t.element_size() for t in self.final_streams or ())
+        """Bytes held for backward beside the saved tensors: the final streams, RNG states,
+        checksums and any remainders in host memory."""
+        total = 0
+        for stream in self.final_streams or ():
+            for t in (stream.ints, stream.value):
+                total += 0 if t is None else t.numel() * t.element_size()
         for rec in self.records:
-            for rng in (rec.rng_f, rec.rng_g):
-                if rng is not None:
-                    total += rng.cpu.numel() + sum(s.numel() * s.element_size() for s in rng.device_states)
-            if rec.checksum is not None:
-                total += rec.checksum.numel() * 8
-        return total
+            for half in (rec.F, rec.G):
+                for rng in (half.mixing, *half.chunks):
+                    total += 0 if rng is None else rng.nbytes()
+            total += 0 if rec.checksum is None else rec.checksum.numel() * 8
+        return total + (self.remainders.host_bytes() if self.remainders else 0)
 
 
-def _raise_if_out_of_range(flags: list, names: list[str], frac_bits: int, couplings: Sequence[Coupling] = ()) -> None:
+def _raise_if_out_of_range(flags: list, names: list[str], settings: CouplingSettings, couplings: Sequence[Coupling] = ()) -> None:
     if flags and bool(torch.stack(flags).any()):
         first = next(i for i, f in enumerate(flags) if bool(f))
         broken = [c.name for c in couplings if any(not bool(torch.isfinite(p).all()) for p in c.params)]
@@ -372,197 +663,19 @@ def _raise_if_out_of_range(flags: list, names: list[str], frac_bits: int, coupli
                 "(a learning rate too high, or 16-bit trainable weights: keep them in float32, as from_pretrained does)"
             )
         else:
-            cause = "usual causes: fp16 overflow, fully masked attention rows, a diverged training run"
+            cause = (
+                "usual causes: fp16 overflow, fully masked attention rows, a diverged training run, or hidden states "
+                "larger than the conversion measured (convert again with more integer bits: --stream-bits 64)"
+            )
+        limit = max_stream_value(settings.frac_bits, settings.stream_bits)
         raise FloatingPointError(
-            f"{names[first]} produced NaN, inf or values of magnitude >= 2^{RANGE_BITS - frac_bits}, "
-            f"outside the exact fixed-point range (frac_bits={frac_bits}); {cause}."
+            f"{names[first]} produced NaN, inf or values of magnitude >= {limit:g}, outside the exact fixed-point "
+            f"range ({settings.stream_bits}-bit streams, frac_bits={settings.frac_bits}); {cause}."
         )
 
 
 def _block_names(couplings: Sequence[Coupling]) -> list[str]:
     return [f"{c.name} ({half})" for c in couplings for half in ("F", "G")]
-
-
-# ------------------------------------------------------------------ exact reversible path
-
-
-def _quantize(x: torch.Tensor, frac_bits: int, value_dtype: torch.dtype):
-    """A stream's start: its integers, their value, their wrapping sum and a range flag."""
-    ints = to_fixed(x, frac_bits)
-    return ints, _run_kernel(_value_of, ints, frac_bits, value_dtype), ints.sum(), _out_of_range(x, frac_bits)
-
-
-class _ReversibleStack(torch.autograd.Function):
-    """Runs the couplings forward keeping only final streams and remainders; rebuilds in backward."""
-
-    @staticmethod
-    def forward(ctx, run: StackRun, x1v: torch.Tensor, x2v: torch.Tensor, *grad_inputs: torch.Tensor):
-        s = run.settings
-        sd = x1v.dtype  # stream dtype
-        run.autocast = _AutocastState.capture(x1v.device.type)
-        routed = _leaf_routed(run.routed)
-        flags: list = []  # out-of-range flags, checked once at the end (one device sync)
-        remainders: list = []  # packed (r1, r2) per layer
-        if s.exact:
-            # each stream: int64 fixed-point values, their real value (the next block's input)
-            # and the wrapping sum the audit compares
-            x1, v1, sum1, flag = _quantize(x1v, s.frac_bits, sd)
-            x2, v2, sum2 = (x1, v1, sum1) if x2v is x1v else _quantize(x2v, s.frac_bits, sd)[:3]
-            flags.append(flag)
-        else:
-            x1, x2 = x1v.detach(), x2v.detach()
-            v1, v2 = x1, x2
-        for c in run.couplings:
-            rec = _LayerRecord()
-            if s.exact and s.audit:
-                rec.checksum = torch.stack([sum1, sum2])
-            if run.trace is not None:
-                run.trace.append(("forward", c.name, x1.clone(), x2.clone()))
-            with c.gathered():
-                rec.rng_f = _RngState.capture(x1v) if run.record_rng else None
-                f = _run_block(c.F, v2, routed, run)
-                rec.rng_g = _RngState.capture(x1v) if run.record_rng else None
-                if s.exact:
-                    # y1 = λ·x1 + F(x2) with λ = 1/m: floor-divide, keep the remainder for the inverse
-                    y1, w1, r1, flag1, sum_y1 = _run_kernel(_couple, x1, f, s.lambda_m, s.frac_bits, sd)
-                    del f
-                    g = _run_block(c.G, w1, routed, run)
-                    g_input = w1
-                    y2, w2, r2, flag2, sum_y2 = _run_kernel(_couple, x2, g, s.beta_m, s.frac_bits, sd)
-                    del g
-                    remainders += [r1, r2]
-                    flags += [flag1, flag2]
-                else:
-                    y1 = w1 = x1 * s.lambda_ + f.to(sd)
-                    g = _run_block(c.G, w1, routed, run)
-                    g_input = w1
-                    y2 = w2 = x2 * s.beta + g.to(sd)
-                    del f, g
-                    sum_y1 = sum_y2 = None
-            run.records.append(rec)
-            # MEFT1/2 swap the streams so that the PLM path alternates between them
-            if s.swap:
-                x1, v1, sum1, x2, v2, sum2 = y2, w2, sum_y2, y1, w1, sum_y1
-            else:
-                x1, v1, sum1, x2, v2, sum2 = y1, w1, sum_y1, y2, w2, sum_y2
-        if s.exact:
-            _raise_if_out_of_range(flags, ["the stack input"] + _block_names(run.couplings), s.frac_bits, run.couplings)
-        else:
-            v1, v2 = x1, x2
-        # the final streams stay outside save_for_backward: backward turns them into the layers'
-        # inputs one layer at a time and lets go of each as soon as the one below is rebuilt
-        run.final_streams = [x1, x2]
-        # and the value the top layer's G saw: backward must feed it the very same one
-        ctx.save_for_backward(g_input, *remainders)
-        ctx.run = run
-        ctx.stream_dtype = sd
-        # an output nobody used gets None, not zeros: its blocks then contribute no gradient,
-        # and parameters only it reaches keep grad None, as under plain autograd
-        ctx.set_materialize_grads(False)
-        if s.exact:
-            ctx.mark_non_differentiable(x1, x2)
-            return v1, v2, x1, x2
-        return v1, v2, None, None
-
-    @staticmethod
-    def backward(ctx, dy1: torch.Tensor | None, dy2: torch.Tensor | None, _di1=None, _di2=None):
-        run: StackRun = ctx.run
-        s = run.settings
-        if run.final_streams is None:
-            raise RuntimeError(
-                "MEFT: backward through the same reversible forward a second time is not supported; its streams "
-                "were consumed by the first backward (retain_graph=True cannot keep them). Run the forward again."
-            )
-        (y1, y2), run.final_streams = run.final_streams, None
-        g_input, *remainders = ctx.saved_tensors
-        # the top layer's G input, placed where undoing the swap below expects it; the value of
-        # y2 is never needed (F's input is rebuilt first)
-        w1, w2 = (None, g_input) if s.swap else (g_input, None)
-        remainders = remainders or [None] * (2 * len(run.couplings))  # float mode keeps none
-        sd = ctx.stream_dtype
-        routed = _leaf_routed(run.routed)
-        routed_leaves = [routed[k] for k in run.routed_grad_keys]
-        routed_grads: list = [None] * len(routed_leaves)
-        param_index = {id(p): i for i, p in enumerate(run.param_list)}
-        param_grads: list = [None] * len(run.param_list)
-        checksums = []
-
-        def grads_of(out, leaf, grad_out, params, layer_routed_grads):
-            """Pushes grad_out through a recomputed block: parameter gradients are accumulated,
-            routed ones collected for the layer, and the gradient of the block's input returned."""
-            if grad_out is None:
-                return None
-            grads = torch.autograd.grad(out, [leaf, *routed_leaves, *params], grad_out.to(out.dtype), allow_unused=True)
-            for i, g in enumerate(grads[1 : 1 + len(routed_leaves)]):
-                layer_routed_grads[i] = _add(layer_routed_grads[i], g)
-            for p, g in zip(params, grads[1 + len(routed_leaves) :]):
-                j = param_index[id(p)]
-                param_grads[j] = _add(param_grads[j], g)
-            return grads[0]
-
-        def undo_half_step(block, rng, block_input, y, packed, scale, dy, params, layer_routed_grads):
-            """For y = scale·x + block(input): recompute the block as in forward, rebuild x, and
-            return x, its value, its sum, (∂block/∂input)ᵀ·dy and ∂y/∂x·dy = scale·dy."""
-            if rng is not None:
-                rng.restore()
-            leaf = block_input.detach().requires_grad_()
-            # only the recompute runs under the forward's autocast; the gradients are computed
-            # outside it, as loss.backward() computes plain autograd's (autocast would also
-            # apply to the backward's own kernels and change their rounding)
-            with torch.enable_grad(), run.autocast.active():
-                out = block(_block_input(leaf, run.compute_dtype), routed)
-            if s.exact:
-                m = denominator_of(scale)
-                x, value, total = _run_kernel(_uncouple, y, out.detach(), packed, m, s.frac_bits, sd)
-            else:
-                x = value = (y - out.detach().to(sd)) / scale
-                total = None
-            return x, value, total, grads_of(out, leaf, dy, params, layer_routed_grads), _scaled(dy, scale)
-
-        device_ids = run.records[0].rng_f.device_ids if run.record_rng and run.records else []
-        device_type = run.autocast.device_type if run.autocast.device_type != "cpu" else "cuda"
-        fork = torch.random.fork_rng(devices=device_ids, enabled=run.record_rng, device_type=device_type)
-        with fork:
-            for idx in reversed(range(len(run.couplings))):
-                c, rec = run.couplings[idx], run.records[idx]
-                if s.swap:  # undo the swap that followed this layer
-                    y1, w1, dy1, y2, w2, dy2 = y2, w2, dy2, y1, w1, dy1
-                params = list(c.params)
-                # a routed tensor's gradient is summed within the layer first, then across layers,
-                # as plain autograd sums it (through one view of it per layer)
-                layer_routed_grads: list = [None] * len(routed_leaves)
-                with c.gathered():
-                    # y2 = β·x2 + G(y1): rebuild x2, then dy1 += (∂G/∂y1)ᵀ·dy2
-                    x2, v2, sum2, dy1_from_g, dx2 = undo_half_step(
-                        c.G, rec.rng_g, w1, y2, remainders[2 * idx + 1], s.beta, dy2, params, layer_routed_grads
-                    )
-                    y2 = w2 = None  # rebuilt into x2: two int64 streams alive at a time, not four
-                    dy1 = _add(dy1, dy1_from_g)
-                    # y1 = λ·x1 + F(x2): rebuild x1, then dx2 = β·dy2 + (∂F/∂x2)ᵀ·dy1 and dx1 = λ·dy1
-                    x1, v1, sum1, dx2_from_f, dx1 = undo_half_step(
-                        c.F, rec.rng_f, v2, y1, remainders[2 * idx], s.lambda_, dy1, params, layer_routed_grads
-                    )
-                y1 = w1 = dy1 = dy2 = None
-                dx2 = _add(dx2, dx2_from_f)
-                routed_grads = [_add(total, g) for total, g in zip(routed_grads, layer_routed_grads)]
-                if run.trace is not None:
-                    run.trace.append(("backward", c.name, x1.clone(), x2.clone()))
-                if rec.checksum is not None:
-                    checksums.append((idx, rec.checksum, torch.stack([sum1, sum2])))
-                y1, w1, dy1, y2, w2, dy2 = x1, v1, dx1, x2, v2, dx2
-        if checksums:
-            saved = torch.stack([c[1] for c in checksums])
-            rebuilt = torch.stack([c[2] for c in checksums])
-            if not torch.equal(saved, rebuilt):
-                # errors propagate downwards: the highest mismatching layer is where it started
-                bad = next(idx for idx, a, b in checksums if not torch.equal(a, b))
-                raise ReconstructionError(
-                    f"MEFT audit: the input of {run.couplings[bad].name}, rebuilt in backward, differs from the "
-                    "forward pass, so its gradients would be wrong. A kernel in this layer is not deterministic "
-                    "(try torch.use_deterministic_algorithms(True) and CUBLAS_WORKSPACE_CONFIG=:4096:8), or the "
-                    "model or its inputs were modified between forward and backward."
-                )
-        return (None, dy1, dy2, *routed_grads, *param_grads)
 
 
 def _block_input(x: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
@@ -583,29 +696,291 @@ def _scaled(d: torch.Tensor | None, scale: float) -> torch.Tensor | None:
     return None if d is None else d * scale
 
 
-def _run_block(block: Block, value: torch.Tensor, routed: dict, run: StackRun) -> torch.Tensor:
-    """Runs F or G in forward exactly as backward recomputes it: grad enabled, input a leaf
-    that requires grad. Kernels can pick different paths when inputs require grad (SDPA
+def _part_input(leaf: torch.Tensor, reads_stream: bool, compute_dtype: torch.dtype) -> torch.Tensor:
+    # a part that reads a stream gets it as blocks do; one that reads the mixing part's output
+    # gets that tensor as it is, as under plain autograd
+    return _block_input(leaf, compute_dtype) if reads_stream else leaf
+
+
+def _detached_output(fn, x: torch.Tensor, run: StackRun, *args, reads_stream: bool = True) -> torch.Tensor:
+    """Runs a block part in forward exactly as backward recomputes it: grad enabled, input a
+    leaf that requires grad. Kernels can pick different paths when inputs require grad (SDPA
     backends do); running both passes the same way rules that out. The graph built here is
-    dropped as soon as the output is detached, so it costs one block's activations at most."""
-    leaf = value.detach().requires_grad_()
+    dropped as soon as the output is detached, so it costs one part's activations at most."""
+    leaf = x.detach().requires_grad_()
     with torch.enable_grad():
-        out = block(_block_input(leaf, run.compute_dtype), routed)
+        out = fn(_part_input(leaf, reads_stream, run.compute_dtype), *args)
     return out.detach()
+
+
+# ------------------------------------------------------------------ one coupling, both ways
+
+
+class _Gradients:
+    """The parameter and routed-tensor gradients a backward pass collects."""
+
+    def __init__(self, run: StackRun, routed: dict):
+        self.routed_leaves = [_at(routed, p) for p in run.routed_grad_paths]
+        self.routed = [None] * len(self.routed_leaves)
+        self.index = {id(p): i for i, p in enumerate(run.param_list)}
+        self.params: list = [None] * len(run.param_list)
+        self.layer_routed: list = []
+
+    def start_layer(self) -> None:
+        # a routed tensor's gradient is summed within the layer first, then across layers,
+        # as plain autograd sums it (through one view of it per layer)
+        self.layer_routed = [None] * len(self.routed_leaves)
+
+    def end_layer(self) -> None:
+        self.routed = [_add(total, g) for total, g in zip(self.routed, self.layer_routed)]
+
+    def of(self, out, leaf, grad_out, params, routed: bool = True):
+        """Pushes grad_out through a recomputed part: parameter gradients are accumulated,
+        routed ones collected for the layer, and the gradient of the part's input returned."""
+        leaves = self.routed_leaves if routed else []
+        grads = torch.autograd.grad(out, [leaf, *leaves, *params], grad_out.to(out.dtype), allow_unused=True)
+        for i, g in enumerate(grads[1 : 1 + len(leaves)]):
+            self.layer_routed[i] = _add(self.layer_routed[i], g)
+        for p, g in zip(params, grads[1 + len(leaves) :]):
+            j = self.index[id(p)]
+            self.params[j] = _add(self.params[j], g)
+        return grads[0]
+
+
+def _forward_half(run: StackRun, block: Block, inp: torch.Tensor, x: Stream, scale: float, record: _HalfRecord, routed):
+    """y = scale·x + block(inp), chunk by chunk; y's integers overwrite x's. Returns y."""
+    arith, s = run.arithmetic, run.settings
+    factor = arith.factor(scale)
+    record.mixing = run.capture_rng() if block.mixing is not None else None
+    h = _detached_output(block.mixing, inp, run, routed) if block.mixing is not None else inp
+    slices = _row_slices(h, s.chunk_tokens)
+    if len(slices) > 1:
+        h = h.contiguous()
+    value = torch.empty(x.value.shape, dtype=arith.value_dtype, device=x.value.device)
+    packed, total = [], None
+    for sl in slices:
+        if block.positionwise is not None:
+            record.chunks.append(run.capture_rng())
+            out = _detached_output(block.positionwise, _part(h, sl), run, reads_stream=block.mixing is None)
+        else:
+            out = _part(h, sl)
+        stream_part = _part(x.ints if arith.exact else x.value, sl)
+        y_ints, y_value, r, flag, part_sum = arith.couple(stream_part, out, factor)
+        if arith.exact:
+            stream_part.copy_(y_ints)
+            run.flags.append(flag)
+            total = part_sum if total is None else total + part_sum
+        _part(value, sl).copy_(y_value)
+        packed.append(r)
+        del out
+    run.remainders.add(packed if arith.exact else [])
+    return Stream(x.ints, value, total)
+
+
+def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, packed: list, scale: float, dy,
+                   record: _HalfRecord, routed, params, grads: _Gradients):
+    """For y = scale·x + block(inp): recompute the block as in forward, rebuild x (in place of
+    y's integers) and return x, (∂block/∂inp)ᵀ·dy and ∂y/∂x·dy = scale·dy."""
+    arith, s = run.arithmetic, run.settings
+    factor = arith.factor(scale)
+    # only the recompute runs under the forward's autocast; the gradients are computed outside
+    # it, as loss.backward() computes plain autograd's (autocast would also apply to the
+    # backward's own kernels and change their rounding)
+    if block.mixing is not None:
+        if record.mixing is not None:
+            record.mixing.restore()
+        leaf = inp.detach().requires_grad_()
+        with torch.enable_grad(), run.autocast.active():
+            h = block.mixing(_block_input(leaf, run.compute_dtype), routed)
+        h_detached = h.detach()
+    else:
+        leaf, h, h_detached = None, None, inp
+    slices = _row_slices(h_detached, s.chunk_tokens)
+    chunked = len(slices) > 1
+    if chunked:
+        h_detached = h_detached.contiguous()
+        dy = None if dy is None else dy.contiguous()
+    value = torch.empty(inp.shape, dtype=arith.value_dtype, device=inp.device)
+    d_h = None
+    if chunked and dy is not None and block.positionwise is not None:
+        d_h = torch.empty(h_detached.shape, dtype=h_detached.dtype, device=h_detached.device)
+    total = None
+    # chunks from the last: plain autograd sums a parameter's per-chunk gradients in that order
+    for i in reversed(range(len(slices))):
+        sl = slices[i]
+        if block.positionwise is not None:
+            if record.chunks and record.chunks[i] is not None:
+                record.chunks[i].restore()
+            part_leaf = _part(h_detached, sl).detach().requires_grad_()
+            with torch.enable_grad(), run.autocast.active():
+                part_out = block.positionwise(_part_input(part_leaf, block.mixing is None, run.compute_dtype))
+            out = part_out.detach()
+        else:
+            out = _part(h_detached, sl)
+        stream_part = _part(y.ints if arith.exact else y.value, sl)
+        x_ints, x_value, part_sum = arith.uncouple(stream_part, out, packed[i] if packed else None, factor)
+        if arith.exact:
+            stream_part.copy_(x_ints)
+            total = part_sum if total is None else total + part_sum
+        _part(value, sl).copy_(x_value)
+        if dy is not None and block.positionwise is not None:
+            g = grads.of(part_out, part_leaf, _part(dy, sl), params, routed=False)
+            if not chunked:
+                d_h = g
+            elif g is None:
+                _part(d_h, sl).zero_()
+            else:
+                _part(d_h, sl).copy_(g)
+        del out
+    d_inp = None
+    if dy is not None:
+        upstream = d_h if block.positionwise is not None else dy
+        d_inp = grads.of(h, leaf, upstream, params) if block.mixing is not None else upstream
+    x = Stream(y.ints, value, total) if arith.exact else Stream(None, value)
+    return x, d_inp, _scaled(dy, scale)
+
+
+def _swap_if(settings: CouplingSettings, a, b):
+    # MEFT1/2 swap the streams after every layer so that the PLM path alternates between them
+    return (b, a) if settings.swap else (a, b)
+
+
+class _ReversibleStack(torch.autograd.Function):
+    """Runs the couplings forward keeping only final streams and remainders; rebuilds in backward."""
+
+    @staticmethod
+    def forward(ctx, run: StackRun, x1v: torch.Tensor, x2v: torch.Tensor, *grad_inputs: torch.Tensor):
+        s = run.settings
+        run.autocast = _AutocastState.capture(x1v.device.type)
+        run.rng_device = torch.empty(0, device=x1v.device)  # where RNG states are recorded
+        run.arithmetic = arith = arithmetic_for(s, run.compute_dtype)
+        run.remainders = _Remainders(s.offload_remainders, x1v.device)
+        routed = _leaf_routed(run.routed)
+        x1, flag = arith.start(x1v)
+        if flag is not None:
+            run.flags.append(flag)
+            run.flag_names.append("the stack input")
+        # both streams start at the same point; each gets its own integers, overwritten in place
+        x2 = Stream(x1.ints.clone(), x1.value, x1.checksum) if arith.exact else Stream(None, x1.value)
+        for c in run.couplings:
+            rec = _LayerRecord()
+            if arith.exact and s.audit:
+                rec.checksum = torch.stack([x1.checksum, x2.checksum])
+            if run.trace is not None:
+                run.trace.append(("forward", c.name, *(t.clone() for t in _stream_state(x1, x2))))
+            names_before = len(run.flags)
+            with c.gathered():
+                y1 = _forward_half(run, c.F, x2.value, x1, s.lambda_, rec.F, routed)  # y1 = λ·x1 + F(x2)
+                n_f = len(run.flags) - names_before
+                y2 = _forward_half(run, c.G, y1.value, x2, s.beta, rec.G, routed)  # y2 = β·x2 + G(y1)
+            run.flag_names += [f"{c.name} (F)"] * n_f + [f"{c.name} (G)"] * (len(run.flags) - names_before - n_f)
+            run.records.append(rec)
+            x1, x2 = _swap_if(s, y1, y2)
+        if arith.exact:
+            _raise_if_out_of_range(run.flags, run.flag_names, s, run.couplings)
+        values = (x1.value, x2.value)
+        run.flags, run.flag_names = [], []
+        # the final streams stay outside save_for_backward: backward turns them into the layers'
+        # inputs one layer at a time, in place. Of their values only the top G's input (the
+        # output y1 became) is needed again, and it is the very tensor returned to the caller
+        if arith.exact and run.couplings:
+            g_input = y1.value
+            x1, x2 = (Stream(t.ints, t.value if t.value is g_input else None, t.checksum) for t in (x1, x2))
+        run.final_streams = [x1, x2]
+        ctx.save_for_backward(*run.remainders.device_tensors())
+        ctx.run = run
+        # an output nobody used gets None, not zeros: its blocks then contribute no gradient,
+        # and parameters only it reaches keep grad None, as under plain autograd
+        ctx.set_materialize_grads(False)
+        if arith.exact:
+            ctx.mark_non_differentiable(x1.ints, x2.ints)
+            return values[0], values[1], x1.ints, x2.ints
+        return values[0], values[1], None, None
+
+    @staticmethod
+    def backward(ctx, dy1: torch.Tensor | None, dy2: torch.Tensor | None, _di1=None, _di2=None):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "MEFT: the reversible backward cannot be differentiated again (create_graph=True, as gradient "
+                "penalties and double backward need). Train such a loss with plain autograd through the same "
+                "model: `with model.meft_backward(\"vanilla\"): ...` (activations are stored)."
+            )
+        run: StackRun = ctx.run
+        s = run.settings
+        if run.final_streams is None:
+            raise RuntimeError(
+                "MEFT: backward through the same reversible forward a second time is not supported; its streams "
+                "were consumed by the first backward (retain_graph=True cannot keep them). Run the forward again."
+            )
+        (y1, y2), run.final_streams = run.final_streams, None
+        run.remainders.restore(ctx.saved_tensors)
+        routed = _leaf_routed(run.routed)
+        grads = _Gradients(run, routed)
+        checksums = []
+        device_ids = [run.rng_device.device.index] if run.record_rng and run.rng_device.is_cuda else []
+        fork = torch.random.fork_rng(devices=device_ids, enabled=run.record_rng, device_type=run.rng_device.device.type
+                                     if run.rng_device.is_cuda else "cuda")
+        with fork:
+            for idx in reversed(range(len(run.couplings))):
+                c, rec = run.couplings[idx], run.records[idx]
+                y1, y2 = _swap_if(s, y1, y2)  # undo the swap that followed this layer
+                dy1, dy2 = _swap_if(s, dy1, dy2)
+                params = list(c.params)
+                grads.start_layer()
+                # the layer below's remainders travel back while this layer computes
+                run.remainders.prefetch(2 * idx - 1)
+                run.remainders.prefetch(2 * idx - 2)
+                with c.gathered():
+                    # y2 = β·x2 + G(y1): rebuild x2, then dy1 += (∂G/∂y1)ᵀ·dy2
+                    x2, dy1_from_g, dx2 = _backward_half(
+                        run, c.G, y1.value, y2, run.remainders.take(2 * idx + 1), s.beta, dy2, rec.G, routed, params, grads
+                    )
+                    dy1 = _add(dy1, dy1_from_g)
+                    del dy1_from_g, dy2
+                    # y1 = λ·x1 + F(x2): rebuild x1, then dx2 += (∂F/∂x2)ᵀ·dy1 and dx1 = λ·dy1
+                    x1, dx2_from_f, dx1 = _backward_half(
+                        run, c.F, x2.value, y1, run.remainders.take(2 * idx), s.lambda_, dy1, rec.F, routed, params, grads
+                    )
+                dx2 = _add(dx2, dx2_from_f)
+                del dx2_from_f, dy1
+                grads.end_layer()
+                if run.trace is not None:
+                    run.trace.append(("backward", c.name, *(t.clone() for t in _stream_state(x1, x2))))
+                if rec.checksum is not None:
+                    checksums.append((idx, rec.checksum, torch.stack([x1.checksum, x2.checksum])))
+                y1, y2, dy1, dy2 = x1, x2, dx1, dx2
+        if checksums:
+            saved = torch.stack([c[1] for c in checksums])
+            rebuilt = torch.stack([c[2] for c in checksums])
+            if not torch.equal(saved, rebuilt):
+                # errors propagate downwards: the highest mismatching layer is where it started
+                bad = next(idx for idx, a, b in checksums if not torch.equal(a, b))
+                raise ReconstructionError(
+                    f"MEFT audit: the input of {run.couplings[bad].name}, rebuilt in backward, differs from the "
+                    "forward pass, so its gradients would be wrong. A kernel in this layer is not deterministic "
+                    "(try torch.use_deterministic_algorithms(True) and CUBLAS_WORKSPACE_CONFIG=:4096:8), or the "
+                    "model or its inputs were modified between forward and backward."
+                )
+        return (None, dy1, dy2, *grads.routed, *grads.params)
+
+
+def _stream_state(x1: Stream, x2: Stream) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the trace records of a layer's input: integers in exact mode, values in float mode."""
+    return (x1.ints, x2.ints) if x1.ints is not None else (x1.value, x2.value)
 
 
 # ------------------------------------------------------------ plain-autograd (vanilla) path
 
 
-class _Quantize(torch.autograd.Function):
+class _Start(torch.autograd.Function):
     """x → (value of fix(x), fix(x)); gradient is the identity."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, frac_bits: int, flags: list):
-        ints, value, _, flag = _quantize(x, frac_bits, x.dtype)
+    def forward(ctx, x: torch.Tensor, arith: ExactArithmetic, flags: list):
+        stream, flag = arith.start(x)
         flags.append(flag)
-        ctx.mark_non_differentiable(ints)
-        return value, ints
+        ctx.mark_non_differentiable(stream.ints)
+        return stream.value, stream.ints
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _gi=None):
@@ -616,9 +991,16 @@ class _ExactCouple(torch.autograd.Function):
     """y = floor(x / m) + fix(block_out) on the integers; gradient of the real coupling y = x/m + b."""
 
     @staticmethod
-    def forward(ctx, x_value, block_out, x_int, scale: float, m: int, frac_bits: int, flags: list):
-        y, value, _, flag, _ = _run_kernel(_couple, x_int, block_out.detach(), m, frac_bits, x_value.dtype)
-        flags.append(flag)
+    def forward(ctx, x_value, block_out, x_int, scale: float, arith: ExactArithmetic, chunk_tokens: int, flags: list):
+        m = arith.factor(scale)
+        y = torch.empty_like(x_int)
+        value = torch.empty(x_value.shape, dtype=arith.value_dtype, device=x_value.device)
+        out = block_out.detach()
+        for sl in _row_slices(out, chunk_tokens):
+            y_part, v_part, _, flag, _ = arith.couple(_part(x_int, sl), _part(out, sl), m)
+            _part(y, sl).copy_(y_part)
+            _part(value, sl).copy_(v_part)
+            flags.append(flag)
         ctx.scale, ctx.block_dtype = scale, block_out.dtype
         ctx.mark_non_differentiable(y)
         return value, y
@@ -628,17 +1010,13 @@ class _ExactCouple(torch.autograd.Function):
         return grad * ctx.scale, grad.to(ctx.block_dtype), None, None, None, None, None
 
 
-def _per_layer_views(routed: dict) -> dict:
-    """Routed tensors that need gradients, seen by each layer through its own view: the layer's
-    uses are summed first, then layer by layer from the top, the order the reversible
-    backward sums them in, so both give the same bits."""
-    return {k: (v.view_as(v) if isinstance(v, torch.Tensor) and v.requires_grad else v) for k, v in routed.items()}
-
-
 def _vanilla_layers(couplings, s: CouplingSettings, routed_for_all, cd, x1v, x2v, x1i=None, x2i=None):
     """The same couplings under ordinary autograd (activations stored). Exact mode computes
-    the identical integer forward, so its gradients are the reversible path's oracle."""
+    the identical integer forward, chunked the same way, so its gradients are the reversible
+    path's oracle."""
+    arith = arithmetic_for(s, cd)
     flags: list = []
+    names: list = []
     for c in couplings:
         if not c.autograd_ok and torch.is_grad_enabled():
             raise RuntimeError(
@@ -650,22 +1028,22 @@ def _vanilla_layers(couplings, s: CouplingSettings, routed_for_all, cd, x1v, x2v
             )
         routed = _per_layer_views(routed_for_all)
         with c.gathered():
-            f = c.F(_block_input(x2v, cd), routed)
+            before = len(flags)
+            f = c.F(_block_input(x2v, cd), routed, s.chunk_tokens)
             if s.exact:
-                y1v, y1i = _ExactCouple.apply(x1v, f, x1i, s.lambda_, s.lambda_m, s.frac_bits, flags)
+                y1v, y1i = _ExactCouple.apply(x1v, f, x1i, s.lambda_, arith, s.chunk_tokens, flags)
             else:
                 y1v, y1i = x1v * s.lambda_ + f.to(x1v.dtype), None
-            g = c.G(_block_input(y1v, cd), routed)
+            n_f = len(flags) - before
+            g = c.G(_block_input(y1v, cd), routed, s.chunk_tokens)
             if s.exact:
-                y2v, y2i = _ExactCouple.apply(x2v, g, x2i, s.beta, s.beta_m, s.frac_bits, flags)
+                y2v, y2i = _ExactCouple.apply(x2v, g, x2i, s.beta, arith, s.chunk_tokens, flags)
             else:
                 y2v, y2i = x2v * s.beta + g.to(x2v.dtype), None
-        if s.swap:
-            x1v, x2v, x1i, x2i = y2v, y1v, y2i, y1i
-        else:
-            x1v, x2v, x1i, x2i = y1v, y2v, y1i, y2i
+            names += [f"{c.name} (F)"] * n_f + [f"{c.name} (G)"] * (len(flags) - before - n_f)
+        (x1v, x1i), (x2v, x2i) = _swap_if(s, (y1v, y1i), (y2v, y2i))
     if s.exact:
-        _raise_if_out_of_range(flags, _block_names(couplings), s.frac_bits, couplings)
+        _raise_if_out_of_range(flags, names, s, couplings)
     return x1v, x2v, x1i, x2i
 
 
@@ -692,15 +1070,17 @@ def run_stack(
                     above run under ordinary autograd (the paper's hybrid).
       "vanilla":    every coupling under ordinary autograd: the oracle and a debug path.
 
-    Returns the final streams (x1, x2) in the stream dtype (float32 for 16-bit models).
+    Returns the final streams' values (x1, x2): in the compute dtype in exact mode, in at
+    least float32 in float mode.
     """
     cd = x.dtype
-    h = x.to(stream_dtype_for(cd))
     if mode == "float":
         float_settings = CouplingSettings(settings.lambda_, settings.beta, settings.swap, exact=False)
+        h = x.to(stream_dtype_for(cd))
         return _vanilla_layers(couplings, float_settings, routed, cd, h, h)[:2]
     if mode not in ("reversible", "vanilla"):
         raise ValueError(f"unknown mode {mode!r}")
+    h = x.to(stream_dtype_for(cd)) if not settings.exact else x
     if not h.requires_grad:
         # F and G always see inputs that require grad, as in the reversible recompute, so
         # both paths run the same kernels even when the embeddings are frozen
@@ -713,8 +1093,9 @@ def run_stack(
         x1v, x2v, x1i, x2i = _ReversibleStack.apply(run, h, h, *run.grad_inputs())
     elif settings.exact:
         flags: list = []
-        (x1v, x1i), (x2v, x2i) = _Quantize.apply(h, settings.frac_bits, flags), _Quantize.apply(h, settings.frac_bits, flags)
-        _raise_if_out_of_range(flags, ["the stack input"] * 2, settings.frac_bits)
+        arith = arithmetic_for(settings, cd)
+        (x1v, x1i), (x2v, x2i) = _Start.apply(h, arith, flags), _Start.apply(h, arith, flags)
+        _raise_if_out_of_range(flags, ["the stack input"] * 2, settings)
     else:
         x1v, x2v = h, h
     if upper:

@@ -106,6 +106,48 @@ def test_reversible_gradients_equal_plain_autograd(name, auto_class, variant, dt
     assert any(not torch.equal(other[key], reversible[key]) for key in reversible)
 
 
+# the memory-saving engine: int32 streams, and position-wise parts and stream arithmetic run
+# 5 tokens at a time (the batch has 27), so every block is chunked
+CHUNKED_INT32 = dict(stream_bits=32, frac_bits=20, recompute_chunk_tokens=5)
+NO_DROPOUT = {
+    "bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+    "llama": {},
+    "bart": dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, classifier_dropout=0.0),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["meft1", "meft2", "meft3"])
+@pytest.mark.parametrize("name,auto_class", CASES)
+def test_chunked_int32_gradients_equal_plain_autograd(name, auto_class, variant, dtype):
+    plm = {"pad_token_id": 0, **({"attention_dropout": 0.1} if name in ("llama", "mistral", "qwen2") else {})}
+    if dtype == torch.float32 and name not in ("bert", "llama", "bart"):
+        pytest.skip("fp32 runs for one encoder, one decoder and the encoder-decoder")
+    model = build(HEADS[name][0], auto_class, dtype=dtype, variant=variant, plm=plm, **CHUNKED_INT32)
+    loss_v, vanilla = gradients(model, auto_class, "vanilla")
+    loss_r, reversible = gradients(model, auto_class, "reversible")
+    assert torch.equal(loss_v, loss_r)
+    assert set(vanilla) == set(reversible) and len(reversible) >= 4
+    for key in vanilla:
+        assert torch.equal(vanilla[key], reversible[key]), key
+    # without dropout (whose masks depend on how the tokens are split), chunking changes only
+    # the order of sums: the same gradients as all tokens at once, in fp32
+    if dtype == torch.float32:
+        no_dropout = dict(pad_token_id=0, **NO_DROPOUT[name])
+        chunked, whole = (
+            build(HEADS[name][0], auto_class, variant=variant, plm=no_dropout, **dict(CHUNKED_INT32, recompute_chunk_tokens=n))
+            for n in (5, 0)
+        )
+        loss_r, reversible = gradients(chunked, auto_class, "reversible")
+        loss_w, unchunked = gradients(whole, auto_class, "reversible")
+        assert torch.allclose(loss_w, loss_r, rtol=1e-6, atol=0)
+        # relative to each tensor's size, or to the largest gradient where one sums to almost nothing
+        largest = max(g.abs().max() for g in unchunked.values())
+        for key in unchunked:
+            scale = max(unchunked[key].abs().max(), 1e-3 * largest)
+            assert (unchunked[key] - reversible[key]).abs().max() <= 1e-5 * scale, key
+
+
 def test_plm_is_frozen_and_adapters_and_new_heads_train():
     model = build("bert-base-uncased", "AutoModelForSequenceClassification", variant="meft1", adapter_dim=4)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
