@@ -40,7 +40,7 @@ from .adapters import MeftAdapter, init_adapter_projection, is_adapter_projectio
 from .configuration_meft import RUNTIME_SETTINGS, config_class_for
 from .families import FAMILIES, Family, Stack, family_for
 from .losses import ChunkedLossMixin
-from .reversible import Block, Coupling, CouplingSettings, run_stack
+from .reversible import Block, Coupling, CouplingSettings, run_float_layer, run_stack, stream_dtype_for
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,7 @@ class MeftLayers(nn.ModuleList):
         self._layer_signature = inspect.signature(self[0].forward)
         self._owner_calls = 0  # > 0 while the owner's forward runs
         self._ran = False
+        self._wants_hidden_states = False  # the owner's call asked for output_hidden_states
 
     @property
     def stack(self) -> Stack:
@@ -211,11 +212,22 @@ class MeftLayers(nn.ModuleList):
 
     def run(self, hidden_states: torch.Tensor, layer_args: dict) -> torch.Tensor:
         couplings = self.couplings()
+        # gradients wanted: the exact reversible path, in eval mode too (dropout is off there,
+        # the gradients are still the exact ones); a filled cache means generation, which runs
+        # the float coupling as evaluation does
         trains = (
-            self.training
-            and torch.is_grad_enabled()
+            torch.is_grad_enabled()
             and (hidden_states.requires_grad or any(c.params for c in couplings))
+            and (self.training or not _has_filled_cache(layer_args))
         )
+        if trains and self._wants_hidden_states:
+            raise ValueError(
+                "output_hidden_states=True while training a MEFT model: the reversible layers keep no per-layer "
+                "hidden states (that is where the memory goes). Ask for them in evaluation (under torch.no_grad(), "
+                "or with gradients off), where every layer's state of the stream that follows the PLM is returned."
+            )
+        if not trains and any(layer._forward_hooks for layer in self._modules.values()):
+            return self._run_calling_layer_hooks(hidden_states, couplings, layer_args)
         if trains and self.compile_blocks:
             # training only: forward and recompute run the same compiled code, and evaluation
             # and generation (caches, changing shapes) stay eager
@@ -237,8 +249,26 @@ class MeftLayers(nn.ModuleList):
             record_rng=self.training,
             trace=self.trace,
         )
+        return self._output(x1, x2, hidden_states.dtype)
+
+    def _output(self, x1: torch.Tensor, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         out = (x1 + x2) / 2 if self.output_stream == "mean" else (x1, x2)[self.variant.plm_stream]
-        return out.to(hidden_states.dtype)
+        return out.to(dtype)
+
+    def _run_calling_layer_hooks(self, hidden_states: torch.Tensor, couplings: list[Coupling], layer_args: dict):
+        """Evaluation when the layers carry forward hooks (transformers records output_hidden_states
+        through them): the float coupling layer by layer, each layer's hooks called with the
+        model's output stream before and after that layer, as if the library had called it."""
+        dtype = hidden_states.dtype
+        x1 = x2 = hidden_states.to(stream_dtype_for(dtype))
+        before = hidden_states
+        for layer, coupling in zip(self._modules.values(), couplings):
+            x1, x2 = run_float_layer(x1, x2, coupling, self.coupling, layer_args, dtype)
+            after = self._output(x1, x2, dtype)
+            for hook in list(layer._forward_hooks.values()):
+                hook(layer, (before,), (after,))
+            before = after
+        return self._output(x1, x2, dtype)
 
     def _checkpointed(self, couplings: list[Coupling], mode: str) -> list[Coupling]:
         """Gradient checkpointing for the layers that store activations: the ones above
@@ -303,6 +333,10 @@ def _fsdp_layer(layer: nn.Module, name: str):
     return params, gathered
 
 
+def _has_filled_cache(layer_args: dict) -> bool:
+    return any(isinstance(v, transformers.Cache) and v.get_seq_length() > 0 for v in layer_args.values())
+
+
 def _without_cache(layer_args: dict) -> dict:
     """Training recomputes every layer, so a KV cache would be filled twice: layers get none."""
     result = {}
@@ -315,6 +349,16 @@ def _without_cache(layer_args: dict) -> dict:
             value = False
         result[key] = value
     return result
+
+
+def _note_output_hidden_states(module, args, kwargs):
+    """Whether this call of the base model asks for every layer's hidden states."""
+    wanted = kwargs.get("output_hidden_states")
+    if wanted is None:
+        wanted = getattr(module.config, "output_hidden_states", False)
+    for stack in module.modules():
+        if isinstance(stack, MeftLayers):
+            stack._wants_hidden_states = bool(wanted)
 
 
 class _OwnerHook:
@@ -358,6 +402,7 @@ def install_meft(model: nn.Module, config, trainable_modules: tuple[str, ...] = 
         hook = _OwnerHook(attribute)
         owner.register_forward_pre_hook(hook.enter)
         owner.register_forward_hook(hook.exit, always_call=True)
+    base.register_forward_pre_hook(_note_output_hidden_states, with_kwargs=True)
     freeze_plm(model, trainable_modules)
 
 
@@ -401,6 +446,22 @@ def _inputs_to_weight_dtype(module, args):
     return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
+def _refuse_split_stacks(model: nn.Module) -> None:
+    """A reversible stack runs all its layers as one unit, on the device of its input: a device
+    map that puts its layers on several devices (or leaves some on the meta device, offloaded)
+    cannot run."""
+    for stack in [m for m in model.modules() if isinstance(m, MeftLayers)]:
+        devices = {p.device for p in stack.parameters()}
+        if len(devices) > 1 or any(d.type == "meta" for d in devices):
+            names = ", ".join(sorted(str(d) for d in devices))
+            raise ValueError(
+                f"the reversible layers ({stack.stack.layers}) were loaded onto several devices ({names}), as a "
+                "device_map splits them or offloads some to the CPU or disk; a MEFT stack runs its layers as one "
+                "unit and needs them on one device. Load with device_map={'': 0} (or one device of your choice), "
+                "or shard the model with FSDP (model.fsdp_units()) to spread it over several GPUs."
+            )
+
+
 ADAPTERS_WEIGHTS_NAME = "meft_adapters.safetensors"
 ADAPTERS_CONFIG_NAME = "meft_adapters.json"
 
@@ -426,6 +487,7 @@ class MeftModelMixin:
         loaded = super().from_pretrained(*args, **kwargs)
         # loading replaces parameters by fresh ones that all require grad: freeze again
         model = loaded[0] if isinstance(loaded, tuple) else loaded
+        _refuse_split_stacks(model)
         freeze_plm(model, cls._meft_trainable_modules)
         if adapters is not None:
             model.load_adapters(adapters)

@@ -327,9 +327,13 @@ def _compiler_works(device: torch.device) -> bool:
     return _COMPILE["enabled"]
 
 
+def _use_compiler(t: torch.Tensor) -> bool:
+    return t.is_cuda and _compiler_works(t.device)
+
+
 def _run_kernel(fn, *args):
     """fn(*args), through torch.compile when its tensors live on a CUDA device."""
-    if args[0].is_cuda and _compiler_works(args[0].device):
+    if _use_compiler(args[0]):
         if fn not in _COMPILED:
             # dynamic: one kernel for all sequence lengths; m and the dtypes add a few variants
             _COMPILED[fn] = torch.compile(fn, dynamic=True)
@@ -1045,6 +1049,13 @@ def _vanilla_layers(couplings, s: CouplingSettings, routed_for_all, cd, x1v, x2v
     if s.exact:
         _raise_if_out_of_range(flags, names, s, couplings)
     return x1v, x2v, x1i, x2i
+
+
+def run_float_layer(x1: torch.Tensor, x2: torch.Tensor, coupling: Coupling, settings: CouplingSettings, routed: dict,
+                    compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One coupling in float arithmetic, from two given streams (evaluation layer by layer)."""
+    float_settings = CouplingSettings(settings.lambda_, settings.beta, settings.swap, exact=False)
+    return _vanilla_layers([coupling], float_settings, routed, compute_dtype, x1, x2)[:2]
 
 
 # ---------------------------------------------------------------------------- entry point

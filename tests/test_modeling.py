@@ -285,3 +285,61 @@ def test_saved_bytes_grow_with_depth_by_the_remainders_only():
     remainders_per_layer = 2 * packed_remainder_bytes(10, 4 * 64 * 32)
     assert saved8 - saved2 == 6 * remainders_per_layer
     assert (kept8 - kept2) / 6 <= 16 * 1024  # RNG states and a checksum per layer, whatever the batch
+
+
+def test_eval_mode_with_gradients_keeps_the_exact_reversible_path():
+    """model.eval() with gradients on (dropout off, as some training loops do) trains through the
+    exact reversible layers: the same gradients as plain autograd, bit for bit."""
+    model = build("tinyllama-1.1b", "AutoModelForCausalLM", variant="meft3", adapter_init="paper")
+    model.eval()
+    ids, mask = batch()
+    grads = {}
+    for mode in ("vanilla", "reversible"):
+        model.zero_grad(set_to_none=True)
+        with model.meft_backward(mode):
+            loss_of(model, "AutoModelForCausalLM", ids, mask).backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["vanilla"].keys() == grads["reversible"].keys() and len(grads["vanilla"]) >= 4
+    assert all(torch.equal(grads["vanilla"][n], grads["reversible"][n]) for n in grads["vanilla"])
+    layer = model.model.layers
+    assert layer.training is False
+
+
+@pytest.mark.parametrize("name,auto_class", [("llama", "AutoModelForCausalLM"), ("bert", "AutoModel"), ("opt-125m", "AutoModel")])
+def test_output_hidden_states_in_evaluation_and_refused_in_training(name, auto_class):
+    model = build(HEADS[name][0], auto_class, variant="meft3", adapter_init="zero", lambda_=2.0**-16, beta=2.0**-16)
+    model.eval()
+    ids, mask = batch()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        plain = model(input_ids=ids, attention_mask=mask)
+    # the original model with the same weights returns the same per-layer states (the adapters
+    # start at zero and λ = β = 2^-16 keep the starting point)
+    original = getattr(transformers, auto_class).from_config(real_config(HEADS[name][0])).float()
+    original.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        expected = original.eval()(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    assert len(out.hidden_states) == len(expected) == len(model.meft_layers) + 1
+    for ours, theirs in zip(out.hidden_states, expected):
+        assert ours.shape == theirs.shape
+        cosine = torch.nn.functional.cosine_similarity(ours[mask.bool()], theirs[mask.bool()], dim=-1)
+        assert cosine.min() > 0.9999
+    assert all(not torch.equal(a, b) for a, b in zip(out.hidden_states[:-1], out.hidden_states[1:-1]))
+    # the run with hidden states computes what the plain run does
+    final = out.logits if auto_class == "AutoModelForCausalLM" else out.last_hidden_state
+    assert torch.equal(final, plain.logits if auto_class == "AutoModelForCausalLM" else plain.last_hidden_state)
+    model.train()
+    with pytest.raises(ValueError, match="output_hidden_states=True while training"):
+        model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+
+
+def test_device_map_that_splits_the_reversible_layers_is_refused(tmp_path):
+    model = build("tinyllama-1.1b", "AutoModelForCausalLM", variant="meft3")
+    model.save_pretrained(tmp_path / "model")
+    cls = type(model)
+    split = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+             "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    with pytest.raises(ValueError, match=r"several devices .*device_map=\{'': 0\}"):
+        cls.from_pretrained(tmp_path / "model", device_map=split, offload_folder=str(tmp_path / "offload"))
+    loaded = cls.from_pretrained(tmp_path / "model", device_map={"": "cpu"})
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}

@@ -319,3 +319,120 @@ def test_compiled_half_steps_give_the_eager_bits():
         assert torch.equal(eager[i], fused[i])
     back = compiled_uncouple(fused[0], out, fused[2], 10, 32, torch.float32)
     assert torch.equal(back[0], x) and torch.equal(back[2], x.sum())
+
+
+def test_compiler_is_decided_once_and_later_errors_propagate(monkeypatch):
+    """A compiler that fails on the probe turns compiling off once, with one warning, before
+    any value is computed; once compiling is on, an error in a compiled kernel (out of memory
+    first) propagates instead of switching to the eager kernels mid-run."""
+    monkeypatch.setitem(R._COMPILE, "enabled", None)
+
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="does not work here"):
+        assert R._compiler_works(torch.device("cpu")) is False
+    assert R._compiler_works(torch.device("cpu")) is False  # decided: no second probe, no warning
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setitem(R._COMPILE, "enabled", True)
+    monkeypatch.setattr(R, "_use_compiler", lambda t: True)
+    monkeypatch.setitem(R._COMPILED, R._couple, out_of_memory)
+    monkeypatch.setitem(R._COMPILED, R._start, R._start)
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([ToyBlock() for _ in range(4)])
+    with pytest.raises(torch.OutOfMemoryError):
+        R.run_stack(torch.randn(2, 3, D, requires_grad=True), couplings(blocks), R.CouplingSettings(0.1, 0.1, False), {})
+    assert R._COMPILE["enabled"] is True
+
+
+class NestedRoutedBlock(ToyBlock):
+    """Reads a tensor from inside a tuple inside a dict, as routed arguments may carry them."""
+
+    def forward(self, x, routed):
+        context = routed["extras"]["pair"][0]
+        return super().forward(x, {}) + context.to(x.dtype) * routed["extras"]["pair"][1]
+
+
+def test_routed_tensors_inside_containers_get_their_gradients():
+    settings = R.CouplingSettings(0.1, 0.1, swap=False)
+    grads = {}
+    for mode in ("vanilla", "reversible"):
+        torch.manual_seed(0)
+        blocks = nn.ModuleList([NestedRoutedBlock() for _ in range(4)])
+        context = torch.randn(2, 4, D, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        x = torch.randn(2, 4, D, generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(1)
+        y1, y2 = R.run_stack(x, couplings(blocks), settings, {"extras": {"pair": (context, 0.5)}}, mode=mode)
+        (y1.sum() + (y2**2).sum()).backward()
+        grads[mode] = context.grad
+    assert grads["reversible"] is not None and grads["reversible"].abs().sum() > 0
+    assert torch.equal(grads["reversible"], grads["vanilla"])
+
+
+def test_double_backward_is_refused_with_what_to_do(blocks):
+    x = torch.randn(2, 5, D, requires_grad=True)
+    y1, y2 = R.run_stack(x, couplings(blocks), R.CouplingSettings(0.1, 0.1, False), {}, mode="reversible")
+    params = [p for p in blocks.parameters()]
+    with pytest.raises(RuntimeError, match="create_graph=True.*vanilla"):
+        torch.autograd.grad((y1 + y2).sum(), params, create_graph=True)
+
+
+class Constant(nn.Module):
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x, routed):
+        return torch.full_like(x, self.value)
+
+
+@pytest.mark.parametrize("stream_bits,frac_bits,value,layers", [(64, 32, 2.0**23, 300), (32, 20, 100.0, 20)])
+@pytest.mark.parametrize("mode", ["reversible", "vanilla"])
+def test_streams_of_scale_one_are_range_checked(stream_bits, frac_bits, value, layers, mode):
+    """With λ = β = 1 nothing shrinks the streams: block outputs far inside the range still sum
+    past it. The streams themselves are checked, so this raises instead of wrapping around."""
+    blocks = nn.ModuleList([Constant(value) for _ in range(2 * layers)])
+    settings = R.CouplingSettings(1.0, 1.0, swap=False, stream_bits=stream_bits, frac_bits=frac_bits)
+    x = torch.zeros(1, 2, D, requires_grad=True)
+    with pytest.raises(FloatingPointError, match=r"layer \d+ \([FG]\)"):
+        R.run_stack(x, couplings(blocks), settings, {}, mode=mode)
+    # the stack input is checked too, and a few layers of the same outputs are fine
+    with pytest.raises(FloatingPointError, match="the stack input"):
+        R.run_stack(x.detach() + 4 * value * layers, couplings(blocks[:2]), settings, {}, mode=mode)
+    R.run_stack(x, couplings(blocks[:4]), settings, {}, mode=mode)
+
+
+def positionwise_couplings(blocks: nn.ModuleList) -> list[R.Coupling]:
+    """F mixes (a toy block reading routed arguments), G is position-wise: chunkable."""
+    result = []
+    for i in range(len(blocks) // 2):
+        F, G = blocks[2 * i], blocks[2 * i + 1]
+        params = tuple(p for p in [*F.parameters(), *G.parameters()] if p.requires_grad)
+        result.append(R.Coupling(R.Block(mixing=F, positionwise=lambda h, G=G: G(h, {})), R.Block(positionwise=lambda h, G=G: G(h, {})), params, f"layer {i}"))
+    return result
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stream_bits,frac_bits", [(64, 32), (32, 20)])
+def test_chunked_positionwise_parts_rebuild_exactly_and_match_plain_autograd(blocks, dtype, stream_bits, frac_bits):
+    blocks.to(dtype)
+    settings = R.CouplingSettings(0.1, 1 / 256, swap=True, stream_bits=stream_bits, frac_bits=frac_bits, chunk_tokens=3)
+    x = torch.randn(2, 7, D, dtype=dtype, requires_grad=True)  # 14 tokens: chunks of 3, 3, 3, 3, 2
+    results = {}
+    for mode in ("vanilla", "reversible"):
+        blocks.zero_grad(set_to_none=True)
+        trace = []
+        torch.manual_seed(4)
+        y1, y2 = R.run_stack(x, positionwise_couplings(blocks), settings, {"scale": 0.5}, mode=mode, trace=trace)
+        (y1.float().sum() * 1.3 + (y2.float() ** 2).sum()).backward()
+        results[mode] = ([p.grad.clone() for p in blocks.parameters()], trace)
+    assert all(torch.equal(a, b) for a, b in zip(results["vanilla"][0], results["reversible"][0]))
+    trace = results["reversible"][1]
+    forward = {n: (a, b) for kind, n, a, b in trace if kind == "forward"}
+    rebuilt = [(n, a, b) for kind, n, a, b in trace if kind == "backward"]
+    assert len(rebuilt) == 4 and all(torch.equal(forward[n][0], a) and torch.equal(forward[n][1], b) for n, a, b in rebuilt)
+    assert {a.dtype for _, a, _ in rebuilt} == {torch.int32 if stream_bits == 32 else torch.int64}
