@@ -587,9 +587,11 @@ def measure_arm(arm: Arm, shape_name: str, seqs: list[int], steps: int, warmup_s
                 row["offloaded_checkpoints_gib"] = OFFLOADED["peak"] / 2**30
             if "offload" in arm.method and host:
                 row["pinned_host"] = host
-                peak_host = host.get("allocated_bytes.peak", host.get("allocated_bytes.all.peak"))
-                if peak_host is not None:
-                    row["pinned_host_peak_gib"] = peak_host / 2**30
+                # owned by the pinned allocator (in use + cached), and in use, at the peak of these steps
+                for key, name in (("allocated_bytes.peak", "pinned_host_peak_gib"),
+                                  ("active_bytes.peak", "pinned_host_in_use_peak_gib")):
+                    if key in host:
+                        row[name] = host[key] / 2**30
             if budget is not None:
                 budget.record(arm.method, seq, step_ms)
         rows.append(row)
@@ -606,7 +608,7 @@ def measure(shape_name: str, method: str, steps: int, device, layers: int | None
     if batch_size is not None:
         shape["batch"] = batch_size
     free()
-    torch.cuda.reset_peak_memory_stats()
+    _reset_peaks()
     model = build(shape, method, device, torch.bfloat16, layers=layers)
     arm = Arm(model, shape, method, device, torch.bfloat16)
     # warm-up, one step for the peak, then the timed steps, all at the shape's length
@@ -777,7 +779,7 @@ def summarise(results: dict) -> dict:
         best = min(exact.values(), key=lambda r: r["activation_gib"])
         entry = {"best_exact_meft": best["method"], "best_exact_meft_activation_gib": best["activation_gib"]}
         for ref in ("full", "lora", "lora+gc", "lora+gc+chunked-loss", OFFLOAD_GC, "head-only", "frozen-layer"):
-            if ref in main_rows:
+            if ref in main_rows and main_rows[ref]["activation_gib"] > 0:
                 entry[f"activation_vs_{ref}"] = best["activation_gib"] / main_rows[ref]["activation_gib"]
         if "lora" in main_rows:
             entry["step_time_vs_lora"] = {m: r["step_ms"] / main_rows["lora"]["step_ms"] for m, r in exact.items()}
@@ -857,6 +859,16 @@ def _fit_line(points: list[tuple[int, float]]) -> tuple[float, float] | None:
     return my - slope * mx, slope
 
 
+def _close(arm: Arm | None) -> None:
+    """Closes an arm (LoRA: unwraps the shared model); a failure there is reported, not raised."""
+    if arm is None:
+        return
+    try:
+        arm.close()
+    except Exception:
+        traceback.print_exc()
+
+
 def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
@@ -898,8 +910,7 @@ def run_shared(results: dict, out: Path, plain, shape_name: str, methods: list[s
                 if seq not in done:
                     on_row(dict(shape=shape_name, method=method, batch=shape["batch"], seq=seq, error=_error_text(e)))
         finally:
-            if arm is not None:
-                arm.close()
+            _close(arm)
             del arm
             free()
 
@@ -970,10 +981,8 @@ def max_context(results: dict, out: Path, plain, shape_name: str, methods: list[
                     lo = seq
                 else:
                     hi = seq
-                    if arm is not None:  # after a failed step, a fresh arm
-                        arm.optimizer.zero_grad(set_to_none=True) if arm.optimizer else None
-                        arm.close()
-                        arm = None
+                    _close(arm)  # after a failed step, a fresh arm
+                    arm = None
                     if error not in ("out of memory", "reserved more than the cap"):
                         row["stopped"] = error
                         break
@@ -993,8 +1002,7 @@ def max_context(results: dict, out: Path, plain, shape_name: str, methods: list[
                     if hi - lo <= granule:
                         break
                     seq = (lo + hi) // 2 // granule * granule
-            if arm is not None:
-                arm.close()
+            _close(arm)
             del arm
             free()
             row.update(max_context=lo or None, first_failing=hi, resolution=None if hi is None or not lo else hi - lo)
