@@ -21,8 +21,8 @@ finds the longest batch-1 sequence each arm of `--max-context-methods` trains wi
 `--memory-cap-gib` of GPU memory. `--time-budget` stops starting work that would not end in
 time; the JSON is rewritten after every row, so a run cut short keeps what it measured:
 
-    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python benchmarks/memory_speed.py \
-        --shapes llama-3-8b --skip-checks --depths --seq-lengths --steps 3 --time-budget 500 \
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python benchmarks/memory_speed.py --shapes llama-3-8b \
+        --skip-checks --depths --seq-lengths --steps 3 --long-seqs 8192 16384 32768 --time-budget 450 \
         --out benchmarks/results/h200-llama-3-8b.json
 """
 
