@@ -95,8 +95,8 @@ SWEEP_METHODS = ["lora+gc", "meft1", "meft2", "meft3", "meft3-float"]
 DEPTHS = [6, 12, 24, 48]
 SEQ_LENGTHS = [256, 512, 1024, 2048]  # OPT's position embeddings end at 2048
 
-# MEFT settings of a run (main() sets them from the command line). "paper": the variants'
-# defaults (λ, β = 0.1; int64 streams), as the earlier runs measured. "llm": the λ and β that keep
+# MEFT settings of a run (main() sets them from the command line). "paper": the variants' and the
+# engine's defaults (λ, β = 0.1; int64 streams), as the earlier runs measured. "llm": the λ and β that keep
 # a real model's starting point (2^-8 on MEFT1's/MEFT2's scaled stream, 2^-10 on both of MEFT3's),
 # int32 streams with 18 fractional bits (|x| < 8192: bf16 residual streams), the position-wise
 # blocks recomputed `recompute_chunk_tokens` tokens at a time.
