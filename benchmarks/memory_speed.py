@@ -11,6 +11,19 @@ Memory follows DESIGN §5: static = allocated once the model, the optimizer and 
 step exist (grads set to None); peak = max allocated during one training step (forward,
 backward, optimizer step); activation = peak − static. Time is the median of --steps steps,
 measured with CUDA events after warm-up.
+
+Llama-3-8B at batch 1 and long sequences (`--shapes llama-3-8b`) runs differently, to fit in a
+few minutes: the 8B model's weights are built once on the GPU and shared by every arm (LoRA
+wraps and unwraps them with peft, MEFT models are built on the meta device and take the same
+tensors), each arm is built once for all of `--long-seqs` (one warm-up step at the shortest,
+then --steps timed steps per length; peak = max over those steps), and a max-context search
+finds the longest batch-1 sequence each arm of `--max-context-methods` trains within
+`--memory-cap-gib` of GPU memory. `--time-budget` stops starting work that would not end in
+time; the JSON is rewritten after every row, so a run cut short keeps what it measured:
+
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python benchmarks/memory_speed.py --shapes llama-3-8b \
+        --skip-checks --depths --seq-lengths --steps 3 --long-seqs 8192 16384 32768 --time-budget 450 \
+        --out benchmarks/results/h200-llama-3-8b.json
 """
 
 from __future__ import annotations
@@ -19,9 +32,12 @@ import argparse
 import contextlib
 import gc
 import json
+import math
+import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -30,9 +46,10 @@ import transformers
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from templates.configuration_meft import config_class_for  # noqa: E402
+from templates.adapters import MeftAdapter  # noqa: E402
+from templates.configuration_meft import MEFT_SETTINGS, config_class_for  # noqa: E402
 from templates.families import family_for  # noqa: E402
-from templates.modeling_meft import model_class_for  # noqa: E402
+from templates.modeling_meft import freeze_plm, keep_trainable_in_float32, model_class_for  # noqa: E402
 from templates.losses import ChunkedLossMixin  # noqa: E402
 from templates import reversible  # noqa: E402
 
@@ -47,21 +64,110 @@ SHAPES = {
         config="bert-base-uncased", head="AutoModelForSequenceClassification", batch=32, seq=512,
         lora=["query", "value"], task_head=("classifier",),
     ),
+    # batch 1 at long sequences (--long-seqs), one set of weights shared by every arm (`shared`),
+    # no attention mask (one row, no padding: SDPA runs causal without a materialised mask)
+    "llama-3-8b": dict(
+        config="llama-3-8b", head="AutoModelForCausalLM", batch=1, seq=16384, lora=["q_proj", "v_proj"], task_head=(),
+        shared=True, mask=False,
+    ),
 }
-METHODS = [
+LEGACY_SHAPES = ["opt-1.3b", "opt-1.3b-long", "bert-base"]  # the default run, as before
+LEGACY_METHODS = [
     "full", "lora", "lora-bf16", "lora+gc", "lora+gc+chunked-loss", "head-only",
     "meft1", "meft2", "meft3", "meft1-compiled", "meft2-compiled", "meft3-compiled",
     "meft1-float", "meft2-float", "meft3-float", "meft3-vanilla",
 ]
+OFFLOAD_GC = "lora+offload-gc+chunked-loss"
+METHODS = LEGACY_METHODS + [OFFLOAD_GC, "frozen-layer", "meft1+offload", "meft2+offload", "meft3+offload"]
+# the arms of a shape with shared weights (the others train or copy the PLM's weights)
+SHARED_METHODS = ["frozen-layer", "lora+gc+chunked-loss", OFFLOAD_GC] + [
+    m for m in METHODS if m.startswith("meft") and not m.endswith("vanilla")
+]
+LONG_METHODS = [
+    "frozen-layer", "lora+gc+chunked-loss", OFFLOAD_GC, "meft1", "meft2", "meft3", "meft3-float",
+    "meft1+offload", "meft3+offload",
+]
+LONG_SEQS = [8192, 16384, 32768]
+# in order of interest: a run out of time drops the last
+MAX_CONTEXT_METHODS = ["lora+gc+chunked-loss", OFFLOAD_GC, "meft1+offload", "meft1", "meft3+offload", "meft3"]
 # what the depth and sequence-length sweeps run (OPT-1.3b width)
 SWEEP_METHODS = ["lora+gc", "meft1", "meft2", "meft3", "meft3-float"]
 DEPTHS = [6, 12, 24, 48]
 SEQ_LENGTHS = [256, 512, 1024, 2048]  # OPT's position embeddings end at 2048
 
+# MEFT settings of a run (main() sets them from the command line). "paper": the variants' and the
+# engine's defaults (λ, β = 0.1; int64 streams), as the earlier runs measured. "llm": the λ and β that keep
+# a real model's starting point (2^-8 on MEFT1's/MEFT2's scaled stream, 2^-10 on both of MEFT3's),
+# int32 streams with 18 fractional bits (|x| < 8192: bf16 residual streams), the position-wise
+# blocks recomputed `recompute_chunk_tokens` tokens at a time.
+RUN = dict(profile="paper", recompute_chunk_tokens=4096)
+LLM_SCALES = {"meft1": (2.0**-8, 1.0), "meft2": (1.0, 2.0**-8), "meft3": (2.0**-10, 2.0**-10)}
+
+
+def parse_meft(method: str) -> dict:
+    """'meft3-float+offload' -> variant meft3, exact False, offload True, compiled False."""
+    base, _, extra = method.partition("+")
+    variant, _, mode = base.partition("-")
+    return dict(variant=variant, exact=mode not in ("float",), compiled=mode == "compiled",
+                vanilla=mode == "vanilla", offload=extra == "offload")
+
+
+def meft_settings(method: str, profile: str | None = None) -> dict:
+    """The MEFT config settings of an arm. Settings this engine's config does not know are set as
+    attributes after it is built (meft_config): an engine that ignores them still runs."""
+    arm, profile = parse_meft(method), profile or RUN["profile"]
+    settings = dict(variant=arm["variant"], exact=arm["exact"], loss_chunk_size=LOSS_CHUNK, compile_blocks=arm["compiled"])
+    if profile == "llm":
+        settings["lambda_"], settings["beta"] = LLM_SCALES[arm["variant"]]
+        settings.update(stream_bits=32, frac_bits=18, recompute_chunk_tokens=RUN["recompute_chunk_tokens"])
+    if arm["offload"] or profile == "llm":
+        settings["offload_remainders"] = arm["offload"]
+    return settings
+
+
+def arm_settings(methods: list[str]) -> dict:
+    """What each MEFT arm of a run is asked for, and the remainder bits that costs (known before
+    any model is built, so that it is in the results even for an arm that fails)."""
+    from templates.configuration_meft import VARIANT_DEFAULTS
+
+    arms = {}
+    for method in methods:
+        if not method.startswith("meft"):
+            continue
+        settings = meft_settings(method)
+        defaults = VARIANT_DEFAULTS[settings["variant"]]
+        scales = settings.get("lambda_", defaults["lambda_"]), settings.get("beta", defaults["beta"])
+        bits = sum(math.ceil(math.log2(round(1 / s))) for s in scales) if settings["exact"] else 0
+        arms[method] = dict(settings, lambda_=scales[0], beta=scales[1], remainder_bits_per_element_per_layer=bits)
+    return arms
+
+
+def remainder_bits(config) -> int:
+    """Bits per stream element each exact layer keeps for its inverse: ⌈log2 m⌉ per scaled stream."""
+    if not config.exact:
+        return 0
+    return sum(math.ceil(math.log2(round(1 / scale))) for scale in (config.lambda_, config.beta))
+
+
+def meft_config(plm, method: str, attention: str = "sdpa"):
+    values = plm.to_dict()
+    for key in ("model_type", "transformers_version", "architectures"):
+        values.pop(key, None)
+    settings = meft_settings(method)
+    known = {k: v for k, v in settings.items() if k in MEFT_SETTINGS}
+    values.update(known)
+    config = config_class_for(family_for(plm.model_type))(**values)
+    for key, value in settings.items():
+        if key not in known:
+            setattr(config, key, value)
+    config._attn_implementation = attention
+    return config
+
 
 def plm_config(shape: dict, **overrides) -> transformers.PretrainedConfig:
     values = json.loads((ROOT / "tests" / "data" / "configs" / f"{shape['config']}.json").read_text())
     values.pop("_name_or_path", None)
+    values.update(shape.get("overrides", {}))
     values.update(overrides)
     return transformers.AutoConfig.for_model(values.pop("model_type"), **values)
 
@@ -74,31 +180,116 @@ def _with_chunked_loss(auto, config):
     return type("Chunked" + library_class.__name__, (ChunkedLossMixin, library_class), {})(config)
 
 
+# --- LoRA + offloaded checkpointing --------------------------------------------------------
+# The recipe Unsloth, torchtune and transformers' `offload=True` ship: a checkpointed layer keeps
+# its input in pinned host memory, not on the GPU, and gets it back for its recompute in backward.
+# Written here as one autograd Function that transformers' layers call through their
+# checkpointing hook (GradientCheckpointingLayer calls `_gradient_checkpointing_func(
+# partial(forward, layer, **kwargs), *args)`: the hidden states positionally, the rest bound).
+
+OFFLOADED = {"current": 0, "peak": 0}  # bytes of layer inputs held on the host
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    """forward: copy the tensor inputs to (pinned) host buffers, run the layer without a graph;
+    backward: copy them back, rerun the layer with a graph, backpropagate through it. Parameter
+    gradients accumulate into .grad inside (as reentrant checkpointing does); the inputs'
+    gradients are returned. Bound (keyword) inputs are constants of the recompute. The RNG
+    states are replayed, so dropout draws the same masks."""
+
+    @staticmethod
+    def forward(ctx, run, *args):
+        ctx.run = run
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state() if any(torch.is_tensor(a) and a.is_cuda for a in args) else None
+        saved = []
+        for a in args:
+            if torch.is_tensor(a):
+                host = torch.empty(a.shape, dtype=a.dtype, pin_memory=a.is_cuda)
+                host.copy_(a, non_blocking=a.is_cuda)
+                OFFLOADED["current"] += host.numel() * host.element_size()
+                OFFLOADED["peak"] = max(OFFLOADED["peak"], OFFLOADED["current"])
+                saved.append((host, a.device, a.requires_grad))
+            else:
+                saved.append(a)
+        ctx.saved = saved
+        with torch.no_grad():
+            return run(*args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        inputs = []
+        for s in ctx.saved:
+            if isinstance(s, tuple):
+                host, device, requires_grad = s
+                inputs.append(host.to(device, non_blocking=True).requires_grad_(requires_grad))
+                OFFLOADED["current"] -= host.numel() * host.element_size()
+            else:
+                inputs.append(s)
+        ctx.saved = None
+        devices = [torch.cuda.current_device()] if ctx.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng)
+            outputs = ctx.run(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [(o, g) for o, g in zip(outputs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return (None, *(i.grad if torch.is_tensor(i) and i.requires_grad else None for i in inputs))
+
+
+def offloaded_checkpoint(function, *args, **kwargs):
+    """A checkpoint function for transformers' layers (`_set_gradient_checkpointing(
+    gradient_checkpointing_func=offloaded_checkpoint)`); keyword arguments are bound first."""
+    if kwargs:
+        function = _bind(function, kwargs)
+    if not any(torch.is_tensor(a) and a.requires_grad for a in args):
+        raise ValueError("offloaded_checkpoint: no positional input requires grad (hidden states passed by keyword?)")
+    return _OffloadedCheckpoint.apply(function, *args)
+
+
+def _bind(function, kwargs):
+    return lambda *args: function(*args, **kwargs)
+
+
+def enable_offloaded_checkpointing(model) -> None:
+    """Checkpointing with each layer's input in pinned host memory, installed through the
+    library's own hook (so the layers also drop their caches as under plain checkpointing)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=offloaded_checkpoint)
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.base_model.get_submodule(family_for(base.config.model_type).stacks[0].layers)
+
+
+# --- building arms --------------------------------------------------------------------------
+
+
 def build(shape: dict, method: str, device, dtype, layers: int | None = None, attention: str = "sdpa"):
     overrides = {} if layers is None else {"num_hidden_layers": layers}
     config = plm_config(shape, attn_implementation=attention, **overrides)
     auto = getattr(transformers, shape["head"])
     with torch.device(device):
         if method.startswith("meft"):
-            variant = method.split("-")[0]
-            values = config.to_dict()
-            for key in ("model_type", "transformers_version", "architectures"):
-                values.pop(key, None)
-            meft_config = config_class_for(family_for(config.model_type))(
-                **values, variant=variant, exact=not method.endswith("float"), loss_chunk_size=LOSS_CHUNK,
-                compile_blocks=method.endswith("compiled"),
-            )
-            meft_config._attn_implementation = attention
-            model = model_class_for(family_for(config.model_type), shape["head"])(meft_config)
+            meft = meft_config(config, method, attention)
+            model = model_class_for(family_for(config.model_type), shape["head"])(meft)
         elif method.endswith("chunked-loss"):
             model = _with_chunked_loss(auto, config)
         else:
             model = auto.from_config(config)
     model.to(dtype)
     if method.startswith("meft"):
-        pass  # MEFT freezes the PLM itself
+        # MEFT freezes the PLM itself; its adapters stay float32, as from_pretrained gives them
+        keep_trainable_in_float32(model, model._meft_trainable_modules)
     elif method == "full":
         model.requires_grad_(True)
+    elif method == "frozen-layer":
+        model.requires_grad_(False)
     elif method == "head-only":
         model.requires_grad_(False)
         if not shape["task_head"]:
@@ -109,15 +300,117 @@ def build(shape: dict, method: str, device, dtype, layers: int | None = None, at
         for name in shape["task_head"] or ("lm_head",):
             model.get_submodule(name).requires_grad_(True)
     elif method.startswith("lora"):
-        import peft
-
-        lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=shape["lora"], modules_to_save=list(shape["task_head"]) or None)
-        # peft keeps adapters in float32 by default; lora-bf16 keeps them in the model's dtype
-        model = peft.get_peft_model(model, lora, autocast_adapter_dtype=method != "lora-bf16")
-        if "+gc" in method:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = _lora(model, shape, method)
     model.train()
     return model
+
+
+def _lora(model, shape: dict, method: str):
+    import peft
+
+    lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=shape["lora"], modules_to_save=list(shape["task_head"]) or None)
+    # peft keeps adapters in float32 by default; lora-bf16 keeps them in the model's dtype
+    model = peft.get_peft_model(model, lora, autocast_adapter_dtype=method != "lora-bf16")
+    if method == OFFLOAD_GC:
+        enable_offloaded_checkpointing(model)
+    elif "+gc" in method:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def build_plain(shape: dict, device, dtype, attention: str = "sdpa"):
+    """The PLM every arm of a shared shape uses: built once on `device` in `dtype`, the library's
+    initialisation skipped, weights drawn once (N(0, 0.02²) matrices, unit norm weights, zero biases).
+    A causal LM carries the chunked loss (the plain library forward where the loss is not asked for)."""
+    config = plm_config(shape, attn_implementation=attention)
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:  # initialising on the GPU is fast too
+            no_init_weights = contextlib.nullcontext
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device), no_init_weights():
+            if shape["head"] == "AutoModelForCausalLM":
+                model = _with_chunked_loss(transformers.AutoModelForCausalLM, config)
+            else:
+                model = getattr(transformers, shape["head"]).from_config(config)
+    finally:
+        torch.set_default_dtype(previous)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02, generator=g)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+    model.to(dtype)
+    model.requires_grad_(False)
+    model.train()
+    return model
+
+
+def _share_meta_tensors(model, plain) -> None:
+    """What load_state_dict leaves on the meta device besides the adapters: non-persistent
+    buffers (rotary inv_freq) and tensor attributes of the same modules, taken from `plain`."""
+    plain_modules = dict(plain.named_modules())
+    for name, module in model.named_modules():
+        source = plain_modules.get(name)
+        if source is None:
+            continue
+        for key, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.is_meta and key in source._buffers:
+                module._buffers[key] = source._buffers[key]
+        for key, value in list(vars(module).items()):
+            if torch.is_tensor(value) and value.is_meta and torch.is_tensor(getattr(source, key, None)):
+                setattr(module, key, getattr(source, key))
+
+
+def build_shared(plain, shape: dict, method: str, device, dtype, attention: str = "sdpa"):
+    """An arm on `plain`'s weights, without copying them. Returns (model, undo): undo() gives
+    `plain` back as it was (LoRA unwrapped, checkpointing off)."""
+    if method not in SHARED_METHODS:
+        raise ValueError(f"{method} does not run on shared weights; arms: {', '.join(SHARED_METHODS)}")
+    if method == "frozen-layer":
+        return plain, lambda: None
+    if method.startswith("lora"):
+        model = _lora(plain, shape, method)
+        model.train()
+
+        def undo():
+            base = model.get_base_model()
+            base.gradient_checkpointing_disable()
+            if hasattr(base, "disable_input_require_grads"):
+                base.disable_input_require_grads()
+            model.unload()
+            for attribute in ("peft_config", "_hf_peft_config_loaded"):
+                if attribute in vars(base):
+                    delattr(base, attribute)
+            base.requires_grad_(False)
+        return model, undo
+    config = meft_config(plain.config, method, attention)
+    with torch.device("meta"):
+        model = model_class_for(family_for(plain.config.model_type), shape["head"])(config)
+    result = model.load_state_dict(plain.state_dict(), assign=True, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"the MEFT model lacks the PLM's {result.unexpected_keys[:3]}")
+    _share_meta_tensors(model, plain)
+    for module in model.modules():
+        if isinstance(module, MeftAdapter):
+            module.to_empty(device=device)
+            module.reset_parameters()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"not materialised: {left[:3]}")
+    model.to(dtype)
+    freeze_plm(model, model._meft_trainable_modules)  # also keeps the adapters float32
+    model.train()
+    return model, lambda: None
 
 
 def make_batch(shape: dict, config, device, seed: int = 0) -> dict:
@@ -130,6 +423,8 @@ def make_batch(shape: dict, config, device, seed: int = 0) -> dict:
         batch["labels"] = ids.masked_fill(mask == 0, -100)
     else:
         batch["labels"] = torch.randint(0, 2, (shape["batch"],), generator=g)
+    if not shape.get("mask", True):
+        del batch["attention_mask"]
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -143,6 +438,168 @@ def train_step(model, batch, optimizer, mode: str = "reversible"):
     return loss.detach()
 
 
+class FrozenLayer:
+    """The `frozen-layer` arm: the model's first decoder layer alone, frozen, forward and backward
+    with its input requiring grad (the gradient from above given): what one layer's recompute
+    and backward cost, the floor of any method that recomputes layers."""
+
+    def __init__(self, model, shape: dict, device, dtype):
+        self.layer = decoder_layers(model)[0]
+        self.layer.requires_grad_(False)
+        base = (model.get_base_model() if hasattr(model, "get_base_model") else model).base_model
+        self.rotary = getattr(base, "rotary_emb", None)
+        self.hidden_size, self.batch_size, self.device, self.dtype = model.config.hidden_size, shape["batch"], device, dtype
+
+    def batch(self, seq: int) -> dict:
+        g = torch.Generator(device=self.device).manual_seed(0)
+        hidden = torch.randn(self.batch_size, seq, self.hidden_size, device=self.device, dtype=self.dtype, generator=g)
+        kwargs = {"position_ids": torch.arange(seq, device=self.device).expand(self.batch_size, -1)}
+        if self.rotary is not None:
+            kwargs["position_embeddings"] = self.rotary(hidden, kwargs["position_ids"])
+        return dict(hidden=hidden.requires_grad_(True), kwargs=kwargs, grad=torch.randn_like(hidden) * 1e-3)
+
+    def step(self, batch: dict):
+        out = self.layer(batch["hidden"], attention_mask=None, **batch["kwargs"])
+        out = out[0] if isinstance(out, tuple) else out
+        torch.autograd.backward(out, batch["grad"])
+        batch["hidden"].grad = None
+        return None
+
+
+class Arm:
+    """One arm ready to step: its model, optimizer (AdamW on the trainable parameters) and step."""
+
+    def __init__(self, model, shape: dict, method: str, device, dtype, undo=lambda: None):
+        self.model, self.shape, self.method, self.device, self.undo = model, shape, method, device, undo
+        self.mode = "vanilla" if method.endswith("vanilla") else "reversible"
+        self.frozen = FrozenLayer(model, shape, device, dtype) if method == "frozen-layer" else None
+        if method == OFFLOAD_GC:
+            OFFLOADED.update(current=0, peak=0)
+        self.params = [] if self.frozen else [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-5) if self.params else None
+        self.static = None  # allocated after the warm-up step (measure_arm)
+
+    def batch(self, seq: int) -> dict:
+        if self.frozen:
+            return self.frozen.batch(seq)
+        return make_batch(dict(self.shape, seq=seq), self.model.config, self.device)
+
+    def step(self, batch: dict):
+        if self.frozen:
+            return self.frozen.step(batch)
+        return train_step(self.model, batch, self.optimizer, self.mode)
+
+    def describe(self) -> dict:
+        info = dict(trainable=sum(p.numel() for p in self.params), layers=self.model.config.num_hidden_layers)
+        config = self.model.config
+        if self.method.startswith("meft"):
+            info["meft"] = {k: getattr(config, k, None) for k in (
+                "variant", "exact", "lambda_", "beta", "stream_bits", "frac_bits", "recompute_chunk_tokens", "offload_remainders")}
+            info["remainder_bits_per_element_per_layer"] = remainder_bits(config)
+        return info
+
+    def close(self) -> None:
+        self.optimizer = self.params = self.frozen = None
+        self.undo()
+        self.model = None
+
+
+def free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        if hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()  # the pinned buffers offloading cached
+
+
+def _host_stats() -> dict:
+    if not (torch.cuda.is_available() and hasattr(torch.cuda, "host_memory_stats")):
+        return {}
+    stats = torch.cuda.host_memory_stats()
+    return {k: v for k, v in stats.items() if "bytes" in k}
+
+
+def _reset_peaks() -> None:
+    OFFLOADED["peak"] = OFFLOADED["current"]
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        if hasattr(torch.cuda, "reset_peak_host_memory_stats"):
+            torch.cuda.reset_peak_host_memory_stats()
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(arm: Arm, batch: dict) -> tuple[float, object]:
+    if torch.cuda.is_available():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss = arm.step(batch)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end), loss
+    start = time.perf_counter()
+    loss = arm.step(batch)
+    return (time.perf_counter() - start) * 1000, loss
+
+
+def measure_arm(arm: Arm, shape_name: str, seqs: list[int], steps: int, warmup_seq: int | None = None,
+                peak_step: bool = False, on_row=None, budget=None) -> list[dict]:
+    """DESIGN §5 for one built arm at each of `seqs`: one warm-up step (at `warmup_seq`, default the
+    shortest), static = allocated afterwards; per length `steps` timed steps (CUDA events), peak =
+    max allocated over them (or over one untimed step before them with `peak_step`)."""
+    cuda = torch.cuda.is_available()
+    if arm.static is None:  # once per arm
+        batch = arm.batch(warmup_seq or min(seqs))
+        arm.step(batch)  # warm-up: optimizer states exist afterwards
+        del batch
+        _sync()
+        arm.static = torch.cuda.memory_allocated() if cuda else 0
+    static = arm.static
+    rows = []
+    for seq in seqs:
+        if budget is not None and not budget.allows(arm.method, seq, steps + peak_step):
+            row = dict(shape=shape_name, method=arm.method, batch=arm.shape["batch"], seq=seq, error="skipped: time budget")
+        else:
+            batch = arm.batch(seq)
+            _reset_peaks()
+            if peak_step:
+                arm.step(batch)
+                _sync()
+            times, loss = [], None
+            for _ in range(steps):
+                ms, loss = _timed(arm, batch)
+                times.append(ms)
+            peak = torch.cuda.max_memory_allocated() if cuda else 0
+            host = _host_stats()
+            del batch
+            step_ms = statistics.median(times)
+            tokens = arm.shape["batch"] * seq
+            row = dict(
+                shape=shape_name, method=arm.method, batch=arm.shape["batch"], seq=seq, **arm.describe(),
+                static_gib=static / 2**30, peak_gib=peak / 2**30, activation_gib=(peak - static) / 2**30,
+                step_ms=step_ms, tokens_per_s=tokens / step_ms * 1000, step_ms_all=times,
+                loss=None if loss is None else float(loss),
+            )
+            if arm.method == OFFLOAD_GC:
+                row["offloaded_checkpoints_gib"] = OFFLOADED["peak"] / 2**30
+            if "offload" in arm.method and host:
+                row["pinned_host"] = host
+                # owned by the pinned allocator (in use + cached), and in use, at the peak of these steps
+                for key, name in (("allocated_bytes.peak", "pinned_host_peak_gib"),
+                                  ("active_bytes.peak", "pinned_host_in_use_peak_gib")):
+                    if key in host:
+                        row[name] = host[key] / 2**30
+            if budget is not None:
+                budget.record(arm.method, seq, step_ms)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows
+
+
 def measure(shape_name: str, method: str, steps: int, device, layers: int | None = None, seq: int | None = None,
             batch_size: int | None = None, profile: bool = False, sweep_name: str | None = None) -> dict:
     shape = dict(SHAPES[shape_name])
@@ -150,40 +607,18 @@ def measure(shape_name: str, method: str, steps: int, device, layers: int | None
         shape["seq"] = seq
     if batch_size is not None:
         shape["batch"] = batch_size
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    free()
+    _reset_peaks()
     model = build(shape, method, device, torch.bfloat16, layers=layers)
-    mode = "vanilla" if method.endswith("vanilla") else "reversible"
-    batch = make_batch(shape, model.config, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    loss = train_step(model, batch, optimizer, mode)  # warm-up: optimizer states exist afterwards
-    torch.cuda.synchronize()
-    static = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    train_step(model, batch, optimizer, mode)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        train_step(model, batch, optimizer, mode)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    step_ms = statistics.median(times)
-    tokens = shape["batch"] * shape["seq"]
-    result = dict(
-        shape=shape_name, method=method, batch=shape["batch"], seq=shape["seq"],
-        layers=model.config.num_hidden_layers, trainable=sum(p.numel() for p in params),
-        static_gib=static / 2**30, peak_gib=peak / 2**30, activation_gib=(peak - static) / 2**30,
-        step_ms=step_ms, tokens_per_s=tokens / step_ms * 1000, step_ms_all=times, loss=float(loss),
-    )
-    if profile:
-        result["profile"] = _profile(model, batch, optimizer, mode)
-    del model, optimizer, batch, params
+    arm = Arm(model, shape, method, device, torch.bfloat16)
+    # warm-up, one step for the peak, then the timed steps, all at the shape's length
+    result = measure_arm(arm, shape_name, [shape["seq"]], steps, warmup_seq=shape["seq"], peak_step=True)[0]
+    if profile and not arm.frozen:
+        batch = make_batch(shape, model.config, device)
+        result["profile"] = _profile(model, batch, arm.optimizer, arm.mode)
+        del batch
+    arm.close()
+    del model, arm
     return result
 
 
@@ -312,6 +747,9 @@ def _run(results: dict, out: Path, **kw) -> None:
         row = measure(**kw)
     except torch.cuda.OutOfMemoryError as e:
         row = dict(shape=kw["shape_name"], method=kw["method"], error=f"out of memory: {e}")
+    except Exception as e:  # one broken arm must not end the run
+        traceback.print_exc()
+        row = dict(shape=kw["shape_name"], method=kw["method"], error=f"{type(e).__name__}: {e}")
     row["sweep"] = kw.get("sweep_name")
     results["memory_speed"].append(row)
     print(json.dumps({k: v for k, v in row.items() if k not in ("step_ms_all", "profile")}), flush=True)
@@ -332,17 +770,22 @@ def summarise(results: dict) -> dict:
     rows = [r for r in results["memory_speed"] if "error" not in r]
     summary: dict = {}
     for shape in SHAPES:
+        if SHAPES[shape].get("shared"):
+            continue  # summarise_long
         main_rows = {r["method"]: r for r in rows if r["shape"] == shape and r.get("sweep") is None}
         exact = {m: r for m, r in main_rows.items() if m.startswith("meft") and not m.endswith(("float", "vanilla"))}
         if not exact:
             continue
         best = min(exact.values(), key=lambda r: r["activation_gib"])
         entry = {"best_exact_meft": best["method"], "best_exact_meft_activation_gib": best["activation_gib"]}
-        for ref in ("full", "lora", "lora+gc", "lora+gc+chunked-loss", "head-only"):
-            if ref in main_rows:
+        for ref in ("full", "lora", "lora+gc", "lora+gc+chunked-loss", OFFLOAD_GC, "head-only", "frozen-layer"):
+            if ref in main_rows and main_rows[ref]["activation_gib"] > 0:
                 entry[f"activation_vs_{ref}"] = best["activation_gib"] / main_rows[ref]["activation_gib"]
         if "lora" in main_rows:
             entry["step_time_vs_lora"] = {m: r["step_ms"] / main_rows["lora"]["step_ms"] for m, r in exact.items()}
+        if "lora+gc+chunked-loss" in main_rows:
+            reference = main_rows["lora+gc+chunked-loss"]["step_ms"]
+            entry["step_time_vs_lora+gc+chunked-loss"] = {m: r["step_ms"] / reference for m, r in exact.items()}
         summary[shape] = entry
     depth = {}
     for method in SWEEP_METHODS:
@@ -357,42 +800,338 @@ def summarise(results: dict) -> dict:
     return summary
 
 
-def main() -> None:
+# --- long sequences on shared weights ---------------------------------------------------------
+
+
+class Budget:
+    """Wall-clock budget of a run: work whose predicted time does not fit is not started.
+    Step time at a length is predicted from the arm's measured steps, t = a·s + b·s² (a, b ≥ 0),
+    or from the longest measured step scaled by (s/s0)^1.5."""
+
+    def __init__(self, seconds: float | None, reserve: float = 15.0):
+        self.start, self.seconds, self.reserve = time.perf_counter(), seconds, reserve
+        self.times: dict[str, dict[int, float]] = {}
+
+    def left(self) -> float:
+        if self.seconds is None:
+            return math.inf
+        return self.seconds - (time.perf_counter() - self.start)
+
+    def record(self, method: str, seq: int, ms: float) -> None:
+        self.times.setdefault(method, {})[seq] = ms
+
+    def predict_s(self, method: str, seq: int) -> float:
+        # an arm not measured yet: the others' times (one layer alone says nothing of a whole model)
+        known = self.times.get(method) or {
+            s: ms for m, times in self.times.items() if m != "frozen-layer" for s, ms in times.items()}
+        if not known:
+            return 0.0
+        if len(known) >= 2:
+            a, b = _fit_linear_quadratic(list(known.items()))
+            return (a * seq + b * seq * seq) / 1000
+        s0, t0 = max(known.items())
+        return t0 * (seq / s0) ** 1.5 / 1000
+
+    def allows(self, method: str, seq: int, steps: int = 1) -> bool:
+        return self.predict_s(method, seq) * steps + self.reserve < self.left()
+
+
+def _fit_linear_quadratic(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least squares t = a·s + b·s² with a, b ≥ 0."""
+    sxx = sum(s**2 for s, _ in points)
+    sx3 = sum(s**3 for s, _ in points)
+    sx4 = sum(s**4 for s, _ in points)
+    sxy = sum(s * t for s, t in points)
+    sx2y = sum(s * s * t for s, t in points)
+    det = sxx * sx4 - sx3 * sx3
+    a, b = ((sxy * sx4 - sx3 * sx2y) / det, (sxx * sx2y - sx3 * sxy) / det) if det else (0.0, -1.0)
+    if a < 0 or b < 0:  # one term alone
+        a, b = (sxy / sxx, 0.0) if b < 0 else (0.0, sx2y / sx4)
+    return a, b
+
+
+def _fit_line(points: list[tuple[int, float]]) -> tuple[float, float] | None:
+    if len(points) < 2:
+        return None
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
+
+
+def _close(arm: Arm | None) -> None:
+    """Closes an arm (LoRA: unwraps the shared model); a failure there is reported, not raised."""
+    if arm is None:
+        return
+    try:
+        arm.close()
+    except Exception:
+        traceback.print_exc()
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def run_shared(results: dict, out: Path, plain, shape_name: str, methods: list[str], seqs: list[int], steps: int,
+               device, dtype, budget: Budget) -> None:
+    """Every arm on `plain`'s weights at every length: one build and warm-up per arm."""
+    shape = SHAPES[shape_name]
+
+    def on_row(row):
+        results["memory_speed"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("step_ms_all", "pinned_host", "meft")}), flush=True)
+        out.write_text(json.dumps(results, indent=1))
+
+    for method in methods:
+        if not budget.allows(method, min(seqs), steps + 1):
+            for seq in seqs:
+                on_row(dict(shape=shape_name, method=method, batch=shape["batch"], seq=seq, error="skipped: time budget"))
+            continue
+        print(f"# {shape_name} {method}: building ({budget.left():.0f} s left)", flush=True)
+        free()
+        arm = None
+        done = set()
+        try:
+            model, undo = build_shared(plain, shape, method, device, dtype)
+            arm = Arm(model, shape, method, device, dtype, undo)
+            del model
+            for seq in seqs:
+                # each length on its own, so that an OOM at the longest keeps the shorter ones
+                try:
+                    measure_arm(arm, shape_name, [seq], steps, warmup_seq=min(seqs), on_row=on_row, budget=budget)
+                except torch.cuda.OutOfMemoryError as e:
+                    on_row(dict(shape=shape_name, method=method, batch=shape["batch"], seq=seq, error=f"out of memory: {_error_text(e)}"))
+                    free()
+                done.add(seq)
+        except Exception as e:  # a broken arm must not end the run
+            traceback.print_exc()
+            for seq in seqs:
+                if seq not in done:
+                    on_row(dict(shape=shape_name, method=method, batch=shape["batch"], seq=seq, error=_error_text(e)))
+        finally:
+            _close(arm)
+            del arm
+            free()
+
+
+def max_context(results: dict, out: Path, plain, shape_name: str, methods: list[str], device, dtype, cap_gib: float,
+                limit: int, probes: int, budget: Budget, granule: int = 4096) -> None:
+    """The longest batch-1 sequence (a multiple of `granule`) that one training step of each arm
+    runs within `cap_gib` of GPU memory (torch.cuda.set_per_process_memory_fraction). The first probe
+    is the length the arm's measured peaks predict (a line through peak against length, 3% under the
+    cap); then up in steps that double, or down, and bisection. A probe fits if the step ends
+    without OutOfMemoryError and the allocator reserved no more than the cap."""
+    shape = SHAPES[shape_name]
+    cuda = torch.cuda.is_available()
+    cap = cap_gib * 2**30
+    if cuda:
+        free()
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    try:
+        for method in methods:
+            grid = [(r["seq"], r["peak_gib"] * 2**30) for r in results["memory_speed"]
+                    if r["shape"] == shape_name and r["method"] == method and "error" not in r and r.get("sweep") is None]
+            line = _fit_line(grid)
+            if line and line[1] > 0:
+                guess = (cap * 0.97 - line[0]) / line[1]
+            else:
+                guess = 32768
+            guess = int(min(limit, max(granule, guess // granule * granule)))
+            row = dict(shape=shape_name, method=method, cap_gib=cap_gib, limit=limit, predicted=guess, probes=[],
+                       max_context=None, first_failing=None)
+            results["max_context"].append(row)
+            lo, hi, seq, step = 0, None, guess, None
+            arm = None
+            for _ in range(probes):
+                if seq is None or not budget.allows(method, seq):
+                    row["stopped"] = "time budget" if seq is not None else None
+                    break
+                print(f"# max context {method}: probe {seq} ({budget.left():.0f} s left)", flush=True)
+                ok, error, t0 = True, None, time.perf_counter()
+                try:
+                    if arm is None:
+                        model, undo = build_shared(plain, shape, method, device, dtype)
+                        arm = Arm(model, shape, method, device, dtype, undo)
+                        del model
+                    batch = arm.batch(seq)
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats()
+                    arm.step(batch)
+                    _sync()
+                    del batch
+                except torch.cuda.OutOfMemoryError as e:
+                    ok, error = False, "out of memory"
+                    del e
+                except Exception as e:
+                    traceback.print_exc()
+                    ok, error = False, _error_text(e)
+                    del e
+                seconds = time.perf_counter() - t0
+                peak = torch.cuda.max_memory_allocated() if cuda else 0
+                reserved = torch.cuda.max_memory_reserved() if cuda else 0
+                if ok and cuda and reserved > cap:
+                    ok, error = False, "reserved more than the cap"
+                row["probes"].append(dict(seq=seq, fits=ok, seconds=seconds, peak_gib=peak / 2**30,
+                                          reserved_gib=reserved / 2**30, error=error))
+                print(json.dumps(row["probes"][-1]), flush=True)
+                if ok:
+                    budget.record(method, seq, seconds * 1000)
+                    lo = seq
+                else:
+                    hi = seq
+                    _close(arm)  # after a failed step, a fresh arm
+                    arm = None
+                    if error not in ("out of memory", "reserved more than the cap"):
+                        row["stopped"] = error
+                        break
+                free()
+                row.update(max_context=lo or None, first_failing=hi)
+                out.write_text(json.dumps(results, indent=1))
+                # next probe
+                if hi is None:
+                    if lo >= limit:
+                        break
+                    step = granule if step is None else step * 2
+                    seq = min(limit, lo + step)
+                elif lo == 0:
+                    step = max(granule, (seq // 4) // granule * granule) if step is None else step * 2
+                    seq = hi - step if hi - step >= granule else (granule if hi > granule else None)
+                else:
+                    if hi - lo <= granule:
+                        break
+                    seq = (lo + hi) // 2 // granule * granule
+            _close(arm)
+            del arm
+            free()
+            row.update(max_context=lo or None, first_failing=hi, resolution=None if hi is None or not lo else hi - lo)
+            out.write_text(json.dumps(results, indent=1))
+            print(json.dumps({k: v for k, v in row.items() if k != "probes"}), flush=True)
+    finally:
+        if cuda:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def summarise_long(results: dict, shape_name: str) -> dict:
+    """The issue's targets at the long-sequence shape, as ratios measured in this run."""
+    rows = [r for r in results["memory_speed"] if r["shape"] == shape_name and "error" not in r]
+    entry: dict = {}
+    for seq in sorted({r["seq"] for r in rows}):
+        at = {r["method"]: r for r in rows if r["seq"] == seq}
+        exact = {m: r for m, r in at.items() if m.startswith("meft") and parse_meft(m)["exact"]}
+        on_gpu = {m: r for m, r in exact.items() if not parse_meft(m)["offload"]}
+        e: dict = {}
+        for name, group, ref in (("on_gpu", on_gpu, "lora+gc+chunked-loss"), ("offloaded", exact, OFFLOAD_GC)):
+            if group:
+                best = min(group.values(), key=lambda r: r["activation_gib"])
+                e[f"best_exact_meft_{name}"] = best["method"]
+                e[f"best_exact_meft_{name}_activation_gib"] = best["activation_gib"]
+                if ref in at and at[ref]["activation_gib"] > 0:
+                    e[f"best_exact_meft_{name}_activation_vs_{ref}"] = best["activation_gib"] / at[ref]["activation_gib"]
+        if "lora+gc+chunked-loss" in at:
+            e["step_time_vs_lora+gc+chunked-loss"] = {
+                m: r["step_ms"] / at["lora+gc+chunked-loss"]["step_ms"] for m, r in at.items()}
+        if "frozen-layer" in at:
+            e["frozen_layer_activation_gib"] = at["frozen-layer"]["activation_gib"]
+        entry[str(seq)] = e
+    contexts = {r["method"]: r["max_context"] for r in results.get("max_context", []) if r["shape"] == shape_name}
+    if contexts:
+        entry["max_context"] = contexts
+        exact = {m: c for m, c in contexts.items() if m.startswith("meft") and parse_meft(m)["exact"] and c}
+        if exact:
+            best = max(exact, key=exact.get)
+            entry["max_context_best_exact_meft"] = best
+            for ref in ("lora+gc+chunked-loss", OFFLOAD_GC):
+                if contexts.get(ref):
+                    entry[f"max_context_vs_{ref}"] = exact[best] / contexts[ref]
+    return entry
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--shapes", nargs="+", default=LEGACY_SHAPES, choices=list(SHAPES))
+    parser.add_argument("--methods", nargs="+", default=None, choices=METHODS,
+                        help=f"default: {' '.join(LEGACY_METHODS)}; for llama-3-8b: {' '.join(LONG_METHODS)}")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--depths", nargs="*", type=int, default=DEPTHS,
                         help="depth sweep at OPT-1.3b width, batch 8 x 512 (none: skip)")
     parser.add_argument("--seq-lengths", nargs="*", type=int, default=SEQ_LENGTHS,
                         help="sequence-length sweep at OPT-1.3b shape, batch 2 (none: skip)")
     parser.add_argument("--sweep-methods", nargs="+", default=SWEEP_METHODS, choices=METHODS)
+    parser.add_argument("--long-seqs", nargs="+", type=int, default=LONG_SEQS,
+                        help="sequence lengths of the batch-1 shapes with shared weights (llama-3-8b)")
+    parser.add_argument("--max-context-methods", nargs="*", default=MAX_CONTEXT_METHODS, choices=SHARED_METHODS,
+                        help="arms of the max-context search at the shared shapes (none: skip it)")
+    parser.add_argument("--memory-cap-gib", type=float, default=40.0, help="GPU memory cap of the max-context search")
+    parser.add_argument("--max-context-limit", type=int, default=262144, help="longest sequence the search tries")
+    parser.add_argument("--max-probes", type=int, default=5, help="training steps the search tries per arm")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds: shared-shape work predicted to end later is skipped and marked so")
+    parser.add_argument("--meft-profile", choices=("paper", "llm"), default=None,
+                        help="MEFT settings: paper (λ, β 0.1, int64 streams) or llm (starting-point scales 2^-8 / 2^-10, "
+                             "int32 streams, 18 fractional bits); default llm when a shared shape runs, else paper")
+    parser.add_argument("--recompute-chunk-tokens", type=int, default=4096,
+                        help="MEFT's recompute_chunk_tokens with --meft-profile llm")
     parser.add_argument("--profile", action="store_true", help="profile one step of LoRA, LoRA + checkpointing and MEFT3")
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--deterministic", action="store_true",
                         help="also check gradients with torch.use_deterministic_algorithms (needs CUBLAS_WORKSPACE_CONFIG=:4096:8)")
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    device = torch.device("cuda")
+    parser.add_argument("--device", default="cuda", help="cpu runs the code paths without memory figures (tests)")
+    args = parser.parse_args(argv)
+    budget = Budget(args.time_budget)
+    shared_shapes = [s for s in args.shapes if SHAPES[s].get("shared")]
+    RUN["profile"] = args.meft_profile or ("llm" if shared_shapes else "paper")
+    RUN["recompute_chunk_tokens"] = args.recompute_chunk_tokens
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
     env = dict(
-        gpu=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
+        gpu=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, transformers=transformers.__version__,
         date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv), loss_chunk_size=LOSS_CHUNK,
+        meft_profile=RUN["profile"], recompute_chunk_tokens=RUN["recompute_chunk_tokens"],
+        alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"),
+        total_gpu_gib=torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else None,
+        time_budget_s=args.time_budget,
     )
     try:
         import peft
 
         env["peft"] = peft.__version__
     except ImportError:
-        args.methods = [m for m in args.methods if not m.startswith("lora")]
-    results = {"environment": env, "kernels": [], "memory_speed": [], "checks": [], "summary": {}}
+        peft = None
+    results = {"environment": env, "kernels": [], "memory_speed": [], "max_context": [], "checks": [], "summary": {}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     if not args.skip_checks:
         results["kernels"] = kernel_check(device)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     profiled = ("lora", "lora+gc", "meft3", "meft3-compiled", "meft3-float")
     for shape in [] if args.skip_memory else args.shapes:
-        for method in args.methods:
+        methods = args.methods or (LONG_METHODS if SHAPES[shape].get("shared") else LEGACY_METHODS)
+        if peft is None:
+            methods = [m for m in methods if not m.startswith("lora")]
+        results.setdefault("arms", {}).update(arm_settings(methods))
+        if SHAPES[shape].get("shared"):
+            print(f"# {shape}: building the shared weights", flush=True)
+            t0 = time.perf_counter()
+            plain = build_plain(SHAPES[shape], device, torch.bfloat16)
+            _sync()
+            env[f"{shape}_build_s"] = time.perf_counter() - t0
+            env[f"{shape}_weights_gib"] = torch.cuda.memory_allocated() / 2**30 if cuda else None
+            print(f"# built in {env[f'{shape}_build_s']:.1f} s, {env[f'{shape}_weights_gib']} GiB", flush=True)
+            run_shared(results, args.out, plain, shape, [m for m in methods if m in SHARED_METHODS], args.long_seqs,
+                       args.steps, device, torch.bfloat16, budget)
+            search = [m for m in args.max_context_methods if peft is not None or not m.startswith("lora")]
+            if search:
+                max_context(results, args.out, plain, shape, search, device, torch.bfloat16, args.memory_cap_gib,
+                            args.max_context_limit, args.max_probes, budget)
+            results["summary"][shape] = summarise_long(results, shape)
+            args.out.write_text(json.dumps(results, indent=1))
+            del plain
+            free()
+            continue
+        for method in methods:
             if method.endswith("chunked-loss") and SHAPES[shape]["head"] != "AutoModelForCausalLM":
                 continue  # a causal-LM loss
             _run(results, args.out, shape_name=shape, method=method, steps=args.steps, device=device,
@@ -405,7 +1144,8 @@ def main() -> None:
         for method in args.sweep_methods:
             _run(results, args.out, shape_name="opt-1.3b", method=method, steps=3, device=device, seq=seq,
                  batch_size=2, sweep_name="seq")
-    results["summary"] = summarise(results)
+    results["summary"].update(summarise(results))
+    env["wall_s"] = time.perf_counter() - budget.start
     args.out.write_text(json.dumps(results, indent=1))
     if not args.skip_checks:
         results["checks"] += check("opt-1.3b", device, torch.bfloat16)
@@ -422,14 +1162,17 @@ def main() -> None:
         results["checks"] += rows
         torch.use_deterministic_algorithms(False)
         args.out.write_text(json.dumps(results, indent=1))
-    print("\nshape          method                 layers  seq  static GiB  peak GiB  activation GiB  step ms  tokens/s")
+    print("\nshape          method                        layers    seq  static GiB  peak GiB  activation GiB  step ms  tokens/s")
     for r in results["memory_speed"]:
         if "error" in r:
-            print(f"{r['shape']:14s} {r['method']:22s} {r['error'][:60]}")
+            print(f"{r['shape']:14s} {r['method']:29s} {r.get('seq', '')!s:>13}  {r['error'][:60]}")
             continue
-        print(f"{r['shape']:14s} {r['method']:22s} {r['layers']:6d} {r['seq']:4d}  {r['static_gib']:10.2f}  {r['peak_gib']:8.2f}"
+        print(f"{r['shape']:14s} {r['method']:29s} {r['layers']:6d} {r['seq']:6d}  {r['static_gib']:10.2f}  {r['peak_gib']:8.2f}"
               f"  {r['activation_gib']:14.2f}  {r['step_ms']:7.1f}  {r['tokens_per_s']:8.0f}")
-    print(json.dumps(results["summary"], indent=1))
+    for r in results["max_context"]:
+        print(f"max context {r['shape']} {r['method']:29s} {r['max_context']} (first failing {r['first_failing']}, "
+              f"cap {r['cap_gib']} GiB)")
+    print(json.dumps(results["summary"], indent=1), flush=True)
 
 
 if __name__ == "__main__":

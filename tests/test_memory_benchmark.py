@@ -1,0 +1,133 @@
+"""benchmarks/memory_speed.py's long-sequence code paths on the CPU, at a tiny Llama shape: the
+offloaded-checkpoint arm, the frozen-layer arm, MEFT arms built on the plain model's own
+weights, and the max-context search. Memory figures need CUDA; here only the code runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("memory_speed_benchmark", ROOT / "benchmarks" / "memory_speed.py")
+ms = importlib.util.module_from_spec(_spec)
+sys.modules["memory_speed_benchmark"] = ms
+_spec.loader.exec_module(ms)
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft")
+
+TINY = dict(
+    ms.SHAPES["llama-3-8b"], seq=64,
+    overrides=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256),
+)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return ms.build_plain(TINY, CPU, torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def llm_settings(monkeypatch):
+    monkeypatch.setitem(ms.RUN, "profile", "llm")
+    monkeypatch.setitem(ms.RUN, "recompute_chunk_tokens", 32)
+
+
+def _lora_grads(plain, method):
+    model, undo = ms.build_shared(plain, TINY, method, CPU, torch.float32)
+    try:
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # lora_B starts at zero, which would leave lora_A without a gradient
+            for name, p in sorted(model.named_parameters()):
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        batch = ms.make_batch(TINY, model.config, CPU)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    finally:
+        undo()
+
+
+def test_offloaded_checkpointing_gives_plain_checkpointings_gradients_exactly(plain):
+    ms.OFFLOADED.update(current=0, peak=0)
+    loss, grads = _lora_grads(plain, "lora+gc+chunked-loss")
+    assert ms.OFFLOADED["peak"] == 0
+    offloaded_loss, offloaded = _lora_grads(plain, ms.OFFLOAD_GC)
+    # each of the 2 layers' input (1 x 64 x 32 float32) went to the host, and came back
+    assert ms.OFFLOADED["peak"] == 2 * 64 * 32 * 4 and ms.OFFLOADED["current"] == 0
+    assert torch.equal(loss, offloaded_loss)
+    assert sorted(grads) == sorted(offloaded) and len(grads) == 8  # q, v: A and B, 2 layers
+    for name in grads:
+        assert torch.equal(grads[name], offloaded[name]), name
+        assert grads[name].abs().sum() > 0, name
+    # unwrapped again: the plain model has its own modules and no checkpointing
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in plain.modules())
+
+
+def test_frozen_layer_arm_runs(plain):
+    arm = ms.Arm(plain, TINY, "frozen-layer", CPU, torch.float32)
+    [row] = ms.measure_arm(arm, "tiny-llama", [64], steps=1)
+    assert row["trainable"] == 0 and row["step_ms"] > 0
+    batch = arm.batch(64)
+    out = arm.frozen.layer(batch["hidden"], attention_mask=None, **batch["kwargs"])
+    assert out.shape == (1, 64, 32)
+    assert all(p.grad is None for p in plain.parameters())
+
+
+@pytest.mark.parametrize("method,bits", [("meft1", 8), ("meft2+offload", 8), ("meft3+offload", 20), ("meft3-float", 0)])
+def test_meft_arms_run_on_the_plain_models_weights(plain, method, bits):
+    model, _ = ms.build_shared(plain, TINY, method, CPU, torch.float32)
+    own = dict(model.named_parameters())
+    for name, tensor in plain.state_dict().items():
+        assert own[name].data_ptr() == tensor.data_ptr(), name  # the same storage, not a copy
+        assert not own[name].requires_grad
+    adapters = [p for n, p in own.items() if ".meft." in n]
+    assert adapters and all(p.dtype == torch.float32 and not p.is_meta for p in adapters)
+    assert all(p.requires_grad for n, p in own.items() if p.requires_grad) and any(p.requires_grad for p in adapters)
+    config = model.config
+    assert config.recompute_chunk_tokens == 32 and config.offload_remainders == method.endswith("+offload")
+    assert config.frac_bits == 18 and config.stream_bits == 32
+    arm = ms.Arm(model, TINY, method, CPU, torch.float32)
+    [row] = ms.measure_arm(arm, "tiny-llama", [64], steps=1)
+    assert row["remainder_bits_per_element_per_layer"] == bits
+    assert row["meft"]["lambda_"] == ms.LLM_SCALES[method[:5]][0]
+    assert torch.isfinite(torch.tensor(row["loss"]))
+    arm.close()
+
+
+def test_max_context_search_runs(plain, tmp_path):
+    results = {"memory_speed": [], "max_context": []}
+    budget = ms.Budget(None)
+    ms.max_context(results, tmp_path / "r.json", plain, "llama-3-8b", ["meft3"], CPU, torch.float32, cap_gib=40,
+                   limit=192, probes=3, budget=budget, granule=64)
+    [row] = results["max_context"]
+    # without CUDA every step fits: the search climbs to the limit
+    assert row["max_context"] == 192 and row["first_failing"] is None
+    assert [p["fits"] for p in row["probes"]] == [True] * len(row["probes"])
+    assert json.loads((tmp_path / "r.json").read_text())["max_context"][0]["max_context"] == 192
+
+
+def test_the_long_sequence_run_end_to_end(monkeypatch, tmp_path):
+    monkeypatch.setitem(ms.SHAPES, "llama-3-8b", TINY)
+    out = tmp_path / "run.json"
+    methods = ["frozen-layer", "lora+offload-gc+chunked-loss", "meft3+offload"]
+    ms.main(["--shapes", "llama-3-8b", "--device", "cpu", "--skip-checks", "--depths", "--seq-lengths", "--steps", "1",
+             "--methods", *methods, "--long-seqs", "64", "--max-context-methods", "meft3+offload",
+             "--max-context-limit", "256", "--max-probes", "2", "--time-budget", "600", "--out", str(out)])
+    results = json.loads(out.read_text())
+    rows = results["memory_speed"]
+    assert [(r["method"], r["seq"]) for r in rows] == [(m, 64) for m in methods]
+    assert not [r for r in rows if "error" in r]
+    assert results["arms"]["meft3+offload"]["remainder_bits_per_element_per_layer"] == 20
+    assert [r["max_context"] for r in results["max_context"]] == [256]
+    summary = results["summary"]["llama-3-8b"]
+    assert summary["64"]["best_exact_meft_offloaded"] == "meft3+offload"
+    assert summary["max_context"] == {"meft3+offload": 256}
