@@ -27,6 +27,14 @@ CASES = [
     ("qwen2-0.5b", "AutoModelForCausalLM"),
     ("gpt2", "AutoModelForCausalLM"),
 ]
+# the engine as converted fp32 checkpoints use it, and as 16-bit ones do (int32 streams; the
+# batch's 27 tokens in chunks of 5, so every position-wise part and the arithmetic are chunked),
+# with the remainders in pinned host memory
+ENGINES = {
+    "int64": {},
+    "int32-chunked": dict(stream_bits=32, frac_bits=20, recompute_chunk_tokens=5),
+    "int32-chunked-offload": dict(stream_bits=32, frac_bits=20, recompute_chunk_tokens=5, offload_remainders=True),
+}
 # LLaMA-like configs ship without dropout: it is switched on so that its CUDA replay is tested
 DROPOUT_OFF = {"tinyllama-1.1b", "mistral-7b-v0.1", "qwen2-0.5b"}
 
@@ -46,10 +54,12 @@ def cuda_gradients(model, auto_class, mode, seed=0, autocast=False):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("engine", ["int64", "int32-chunked"])
 @pytest.mark.parametrize("variant", ["meft1", "meft2", "meft3"])
 @pytest.mark.parametrize("config_name,auto_class", CASES)
-def test_gradients_bitwise_with_deterministic_kernels(config_name, auto_class, variant):
-    model = build(config_name, auto_class, dtype=torch.bfloat16, variant=variant, plm=plm_settings(config_name, "eager"))
+def test_gradients_bitwise_with_deterministic_kernels(config_name, auto_class, variant, engine):
+    model = build(config_name, auto_class, dtype=torch.bfloat16, variant=variant, plm=plm_settings(config_name, "eager"),
+                  **ENGINES[engine])
     model.cuda().train()
     torch.use_deterministic_algorithms(True)
     try:
@@ -62,12 +72,14 @@ def test_gradients_bitwise_with_deterministic_kernels(config_name, auto_class, v
         assert torch.equal(vanilla[key], reversible_grads[key]), key
 
 
+@pytest.mark.parametrize("engine", ["int64", "int32-chunked-offload"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "fp32-autocast"])
 @pytest.mark.parametrize("variant", ["meft1", "meft2", "meft3"])
 @pytest.mark.parametrize("config_name,auto_class", CASES)
-def test_sdpa_reconstruction_is_bit_exact_and_compiled(config_name, auto_class, variant, autocast):
+def test_sdpa_reconstruction_is_bit_exact_and_compiled(config_name, auto_class, variant, autocast, engine):
     dtype = torch.float32 if autocast else torch.bfloat16
-    model = build(config_name, auto_class, dtype=dtype, variant=variant, plm=plm_settings(config_name, "sdpa"))
+    model = build(config_name, auto_class, dtype=dtype, variant=variant, plm=plm_settings(config_name, "sdpa"),
+                  **ENGINES[engine])
     model.cuda().train()
     for layers in model.meft_stacks:
         layers.trace = []
@@ -79,3 +91,27 @@ def test_sdpa_reconstruction_is_bit_exact_and_compiled(config_name, auto_class, 
         for name, a, b in rebuilt:
             assert a.is_cuda and torch.equal(forward[name][0], a) and torch.equal(forward[name][1], b)
     assert reversible._COMPILE["enabled"]  # the half-steps ran compiled
+
+
+def test_offloaded_remainders_live_in_pinned_host_memory_and_change_nothing():
+    from torch import nn
+
+    from tests.test_reversible import D, ToyBlock, couplings
+
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([ToyBlock() for _ in range(8)]).cuda().to(torch.bfloat16)
+    x = torch.randn(4, 300, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    results = {}
+    for offload in (False, True):
+        settings = reversible.CouplingSettings(1 / 256, 1 / 256, swap=False, stream_bits=32, frac_bits=20,
+                                               chunk_tokens=256, offload_remainders=offload)
+        blocks.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        y1, y2 = reversible.run_stack(x, couplings(blocks), settings, {}, mode="reversible")
+        run = y1.grad_fn.run
+        host = run.remainders.host_bytes()
+        (y1.float().sum() + (y2.float() ** 2).sum()).backward()
+        results[offload] = (host, [p.grad.clone() for p in blocks.parameters()])
+    # 4 layers, 2 streams, 8 bits for each of the 1200 x 16 elements
+    assert results[False][0] == 0 and results[True][0] == 4 * 2 * 1200 * D
+    assert all(torch.equal(a, b) for a, b in zip(results[False][1], results[True][1]))
