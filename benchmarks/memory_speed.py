@@ -928,7 +928,7 @@ def max_context(results: dict, out: Path, plain, shape_name: str, methods: list[
     if cuda:
         free()
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), torch.device(device).index or 0)
     try:
         for method in methods:
             grid = [(r["seq"], r["peak_gib"] * 2**30) for r in results["memory_speed"]
@@ -1010,7 +1010,7 @@ def max_context(results: dict, out: Path, plain, shape_name: str, methods: list[
             print(json.dumps({k: v for k, v in row.items() if k != "probes"}), flush=True)
     finally:
         if cuda:
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
+            torch.cuda.set_per_process_memory_fraction(1.0, torch.device(device).index or 0)
 
 
 def summarise_long(results: dict, shape_name: str) -> dict:

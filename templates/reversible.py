@@ -697,7 +697,7 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _scaled(d: torch.Tensor | None, scale: float) -> torch.Tensor | None:
-    return None if d is None else d * scale
+    return d if d is None or scale == 1 else d * scale
 
 
 def _part_input(leaf: torch.Tensor, reads_stream: bool, compute_dtype: torch.dtype) -> torch.Tensor:
@@ -799,6 +799,11 @@ def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, pa
         h_detached = h.detach()
     else:
         leaf, h, h_detached = None, None, inp
+    d_inp = None
+    if block.positionwise is None and dy is not None:
+        # the mixing part's gradients first: its graph is freed before x's value is allocated
+        d_inp = grads.of(h, leaf, dy, params)
+        h = leaf = None
     slices = _row_slices(h_detached, s.chunk_tokens)
     chunked = len(slices) > 1
     if chunked:
@@ -836,10 +841,8 @@ def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, pa
             else:
                 _part(d_h, sl).copy_(g)
         del out
-    d_inp = None
-    if dy is not None:
-        upstream = d_h if block.positionwise is not None else dy
-        d_inp = grads.of(h, leaf, upstream, params) if block.mixing is not None else upstream
+    if dy is not None and block.positionwise is not None:
+        d_inp = grads.of(h, leaf, d_h, params) if block.mixing is not None else d_h
     x = Stream(y.ints, value, total) if arith.exact else Stream(None, value)
     return x, d_inp, _scaled(dy, scale)
 
@@ -941,12 +944,17 @@ class _ReversibleStack(torch.autograd.Function):
                     )
                     dy1 = _add(dy1, dy1_from_g)
                     del dy1_from_g, dy2
+                    if run.arithmetic.exact:
+                        y1.value = None  # G's input, needed no more (in float mode it is the stream)
                     # y1 = λ·x1 + F(x2): rebuild x1, then dx2 += (∂F/∂x2)ᵀ·dy1 and dx1 = λ·dy1
                     x1, dx2_from_f, dx1 = _backward_half(
                         run, c.F, x2.value, y1, run.remainders.take(2 * idx), s.lambda_, dy1, rec.F, routed, params, grads
                     )
                 dx2 = _add(dx2, dx2_from_f)
                 del dx2_from_f, dy1
+                # only the value of the stream that is G's input in the layer below is read again
+                if run.arithmetic.exact:
+                    (x1 if s.swap else x2).value = None
                 grads.end_layer()
                 if run.trace is not None:
                     run.trace.append(("backward", c.name, *(t.clone() for t in _stream_state(x1, x2))))
