@@ -13,6 +13,10 @@ class BadInputError(MeftConvertError):
     exit_code = 2
 
 
+class HubAccessError(MeftConvertError):
+    """The hub could not be reached, or refused access (exit code 1: the input may be right)."""
+
+
 class VerificationError(MeftConvertError):
     """The converted model does not reconstruct or differentiate as it must (exit code 1)."""
 
