@@ -18,21 +18,33 @@ import uuid
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-import transformers
-
-from .card import CardFacts, base_model_license, model_card
 from .errors import BadInputError, VerificationError
 from .hub import push_to_hub, resolve_model
 from .provenance import provenance
-from .templates.adapters import MeftAdapter
-from .templates.configuration_meft import auto_map_for, config_class_for, validate_meft_settings
-from .templates.families import Family, family_for
-from .templates.modeling_meft import model_class_for
-from .verify import quiet_transformers, verify_conversion
 from .weights import SourceWeights, copy_if_present, find_weights, write_weights
+
+# torch, transformers and the templates (which import both) load inside the functions that use
+# them, so that the CLI parses its arguments and answers --help or a usage error without them
+if TYPE_CHECKING:
+    import torch
+    import transformers
+
+    from .templates.families import Family
+
+
+def verify_conversion(*args, **kwargs):
+    from .verify import verify_conversion as verify
+
+    return verify(*args, **kwargs)
+
+
+def model_card(facts) -> str:
+    from .card import model_card as card
+
+    return card(facts)
+
 
 # --task values and the Auto class whose head each one means
 TASKS = {
@@ -166,6 +178,8 @@ class ConvertOptions:
     show_progress: bool = field(default=True, metadata=_option("Progress bars.", cli=False))
 
     def meft_settings(self) -> dict:
+        from .templates.configuration_meft import validate_meft_settings
+
         try:
             return validate_meft_settings(
                 variant=self.variant,
@@ -208,6 +222,8 @@ def read_config_json(folder: Path) -> dict:
 
 def _read_config(folder: Path) -> dict:
     config = read_config_json(folder)
+    from .templates.families import family_for
+
     model_type = config.get("model_type")
     if isinstance(model_type, str) and model_type.startswith("meft_"):
         raise BadInputError(f"{folder} is already a MEFT checkpoint ({model_type})")
@@ -247,6 +263,15 @@ def _architecture(family: Family, declared: list[str] | None, task: str | None, 
 
 
 def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dict, weights: SourceWeights) -> _Plan:
+    import torch
+    import transformers
+
+    from .templates.adapters import MeftAdapter
+    from .templates.configuration_meft import auto_map_for, config_class_for
+    from .templates.families import family_for
+    from .templates.modeling_meft import model_class_for
+    from .verify import quiet_transformers
+
     family = family_for(raw_config["model_type"])
     with quiet_transformers():
         plm_config = transformers.AutoConfig.from_pretrained(source)
@@ -329,7 +354,9 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     return _Plan(family, config, adapters, missing, unexpected, trainable, total)
 
 
-def _card_facts(options: ConvertOptions, plan: _Plan, source: Path, report) -> CardFacts:
+def _card_facts(options: ConvertOptions, plan: _Plan, source: Path, report):
+    from .card import CardFacts, base_model_license
+
     config = plan.config
     library_class = config.architectures[0].removeprefix("Meft")
     auto_class = next((a for a, head in plan.family.heads.items() if head.library_class == library_class), "AutoModel")

@@ -14,12 +14,14 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING
+
 from tqdm.auto import tqdm
 
 from .errors import BadInputError
+
+if TYPE_CHECKING:
+    import torch
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -72,13 +74,50 @@ def find_weights(folder: Path) -> SourceWeights:
         if not file.is_file():
             raise BadInputError(f"weight shard {file.name} listed in {SAFETENSORS_INDEX} is missing from {folder}")
         try:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    meta = f.get_slice(key)
-                    tensors[key] = TensorInfo(meta.get_dtype(), tuple(meta.get_shape()), file)
-        except (SafetensorError, OSError, ValueError) as e:
+            header = read_header(file)
+        except (OSError, ValueError) as e:
             raise BadInputError(f"{file} is not a readable safetensors file ({e})") from None
+        for key, entry in header.items():
+            if key != "__metadata__":
+                tensors[key] = TensorInfo(entry["dtype"], tuple(entry["shape"]), file)
     return SourceWeights(files, tensors)
+
+
+def read_header(file: Path) -> dict:
+    """A safetensors file's JSON header (tensor names to dtype, shape and byte range, plus
+    `__metadata__`), read without loading any tensor or torch; ValueError if the file is not
+    a complete safetensors file."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        start = f.read(8)
+        if len(start) < 8:
+            raise ValueError("shorter than a header")
+        (length,) = struct.unpack("<Q", start)
+        if length > size - 8 or length > 100 << 20:
+            raise ValueError(f"a header of {length} bytes in a file of {size}")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"its header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    data_size = size - 8 - length
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            count = 1
+            for dim in shape:
+                count *= dim
+            valid = isinstance(dtype, str) and 0 <= begin <= end <= data_size
+            if dtype in _DTYPE_BYTES:
+                valid = valid and end - begin == count * _DTYPE_BYTES[dtype]
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise ValueError(f"tensor {key!r} has an invalid entry or lies outside the file's {data_size} data bytes")
+    return header
 
 
 def _copy_with_progress(src: Path, dst: Path, progress: tqdm) -> None:
@@ -114,11 +153,12 @@ def _copy_adding_pt_metadata(src: Path, dst: Path, progress: tqdm) -> None:
 
 
 def _has_pt_metadata(file: Path) -> bool:
-    with safe_open(str(file), framework="pt") as f:
-        return (f.metadata() or {}).get("format") == "pt"
+    return (read_header(file).get("__metadata__") or {}).get("format") == "pt"
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
     # safetensors refuses tensors sharing storage: give
     # each its own copy; bytes and names are unchanged
     seen, owned = set(), {}
@@ -157,7 +197,10 @@ def write_weights(source: SourceWeights, adapters: dict[str, torch.Tensor], out:
     (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+_DTYPE_BYTES = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
 
 
 def _nbytes(info: TensorInfo) -> int:

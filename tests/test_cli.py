@@ -166,3 +166,50 @@ def test_real_missing_head_exits_2(tiny_checkpoints, tmp_path):
         "Error: opt models have no masked-lm head; their tasks: base, sequence-classification, causal-lm"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_interrupt_during_start_up_exits_130(monkeypatch):
+    """Ctrl-C while the command is being built (before convert() runs) exits as any interrupt does."""
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.delitem(cli.main.commands, "convert", raising=False)  # built again, on first use
+    monkeypatch.setattr(conversion, "option_fields", interrupted)
+    result = invoke("m", "-o", "o")
+    assert result.exit_code == 130 and "Interrupted" in result.output and "Aborted!" not in result.output
+
+
+# runs the CLI with the given arguments and reports its exit code and the heavy modules it imported
+PROBE = """
+import json, sys
+from meft_convert.cli import main
+sys.argv = ["meft-convert", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as e:
+    code = e.code
+print(json.dumps({"code": code, "heavy": sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers"})}), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    "args,code",
+    [
+        (["--help"], 0),
+        (["--version"], 0),
+        (["push", "--help"], 0),
+        (["check", "--help"], 0),
+        (["some/model"], 2),  # no --output
+        (["some/model", "-o", "out", "--variant", "meft4"], 2),
+        (["some/model", "-o", "out", "--no-such-flag"], 2),
+    ],
+)
+def test_help_and_usage_errors_do_not_import_torch(tmp_path, args, code):
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    report = json.loads(result.stderr.strip().splitlines()[-1])
+    assert report == {"code": code, "heavy": []}, result.stdout + result.stderr
