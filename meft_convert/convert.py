@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .errors import BadInputError, VerificationError
 from .hub import push_to_hub, resolve_model
+from .partial import clean_stale_partials, mark_partial, unmark_partial
 from .provenance import provenance
 from .weights import SourceWeights, copy_if_present, find_weights, write_weights
 
@@ -416,6 +417,7 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
         raise BadInputError(f"{output} already exists; pass --force to replace it")
     if output.exists() and not output.is_dir():
         raise BadInputError(f"{output} exists and is not a folder")
+    clean_stale_partials(output, log)
     source = resolve_model(options.model, options.revision, token=options.token)
     raw_config = _read_config(source)
     weights = find_weights(source)
@@ -425,6 +427,7 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
+        mark_partial(tmp, output)  # so that a run after this one, if it is killed, can clean up
         _use_umask(tmp)
         write_weights(weights, plan.adapters, tmp, show_progress=options.show_progress)
         templates = resources.files("meft_convert.templates")
@@ -443,6 +446,7 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
             if not report.passed:
                 raise VerificationError(f"verification failed: {'; '.join(report.problems)}", report)
         (tmp / "README.md").write_text(model_card(_card_facts(options, plan, source, report)))
+        unmark_partial(tmp)
         _use_umask(tmp)
         _publish(tmp, output)
     except BaseException:

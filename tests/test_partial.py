@@ -1,0 +1,82 @@
+"""Partial output folders: a conversion killed outright leaves its `.NAME.XXXX.partial` folder;
+the next conversion of the same output removes it if its process is gone, and names it (with the
+command that removes it) otherwise."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from meft_convert.convert import ConvertOptions, convert
+from meft_convert.partial import MARKER, clean_stale_partials, mark_partial
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_killed_conversion_is_cleaned_up_by_the_next(tiny_checkpoints, tmp_path):
+    out = tmp_path / "opt-meft3"
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "meft_convert", str(tiny_checkpoints["opt-125m"]), "-o", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+    )
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob(f".{out.name}.*.partial/{MARKER}")):
+        assert killed.poll() is None and time.monotonic() < deadline, "the conversion ended before it could be killed"
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)  # what the out-of-memory killer sends: no clean-up runs
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    [partial] = tmp_path.glob(f".{out.name}.*.partial")
+    assert json.loads((partial / MARKER).read_text())["pid"] == killed.pid and not out.exists()
+
+    logged = []
+    convert(ConvertOptions(model=str(tiny_checkpoints["opt-125m"]), output=out, verify=False, show_progress=False), log=logged.append)
+    assert not partial.exists()
+    assert f"note: removed {partial}, left by a conversion that was killed before it finished" in logged
+    assert (out / "config.json").is_file() and not (out / MARKER).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+def _partial(parent: Path, name: str, owner: dict | None) -> Path:
+    folder = parent / name
+    folder.mkdir()
+    (folder / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 64)
+    if owner is not None:
+        (folder / MARKER).write_text(json.dumps(owner))
+    return folder
+
+
+def test_partials_of_live_foreign_or_unknown_runs_are_reported_not_removed(tmp_path):
+    out, host = tmp_path / "model-meft3", socket.gethostname()
+    dead = _partial(tmp_path, ".model-meft3.dead1234.partial", {"pid": _dead_pid(), "host": host})
+    running = tmp_path / ".model-meft3.live5678.partial"
+    running.mkdir()
+    mark_partial(running, out)  # this process: still running
+    elsewhere = _partial(tmp_path, ".model-meft3.host9012.partial", {"pid": _dead_pid(), "host": host + "-other"})
+    unmarked = _partial(tmp_path, ".model-meft3.none3456.partial", None)
+    other_output = _partial(tmp_path, ".other-model.dead7890.partial", {"pid": _dead_pid(), "host": host})
+    # a pid in use again by a later process (this one) that started after the writer did
+    reused = _partial(tmp_path, ".model-meft3.reuse000.partial", {"pid": os.getpid(), "host": host, "start_time": "1"})
+
+    logged = []
+    assert clean_stale_partials(out, logged.append) == sorted([dead, reused])
+    assert not dead.exists() and not reused.exists()
+    for kept, why in [
+        (running, f"the conversion writing it (pid {os.getpid()}) is still running"),
+        (elsewhere, f"it was written on another machine ({host}-other"),
+        (unmarked, "it has no readable owner marker"),
+    ]:
+        assert kept.is_dir()
+        [line] = [line for line in logged if str(kept) in line]
+        assert why in line and line.endswith(f"remove it with: rm -rf {kept}"), line
+    assert other_output.is_dir() and not any(str(other_output) in line for line in logged)
+    assert len(logged) == 5
