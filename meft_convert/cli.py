@@ -152,7 +152,7 @@ def _guarded(verbose: bool, action, interrupted: str = "Interrupted: nothing was
             traceback.print_exc()
         if isinstance(e, VerificationError) and e.report is not None:
             click.echo(e.report.to_text(), err=True)
-        click.echo(f"Error: {e}", err=True)
+        click.echo(f"Error: {e.cli_message or e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo(interrupted, err=True)

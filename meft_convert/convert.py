@@ -178,6 +178,13 @@ class ConvertOptions:
     )
     show_progress: bool = field(default=True, metadata=_option("Progress bars.", cli=False))
 
+    def __post_init__(self):
+        # the Python API takes paths as well as strings (the config records the model as text)
+        if isinstance(self.model, os.PathLike):
+            self.model = os.fspath(self.model)
+        if self.output is not None and not isinstance(self.output, Path):
+            self.output = Path(self.output)
+
     def meft_settings(self) -> dict:
         from .templates.configuration_meft import validate_meft_settings
 
@@ -194,7 +201,33 @@ class ConvertOptions:
                 exact=self.exact,
             )
         except ValueError as e:
-            raise BadInputError(str(e)) from None
+            raise _setting_error(e) from None
+
+
+# the names validate_meft_settings and the config classes use in their messages, and the flags
+# they are set with on the command line
+_SETTING_FLAGS = [
+    (r"\(exact=False\)", "(--no-exact)"),
+    (r"\bexact=False\b", "--no-exact"),
+    (r"\b(lambda|beta)=", r"--\1 "),
+    (r"^(lambda|beta|variant)\b", r"--\1"),
+    (r"\badapter_dim\b", "--adapter-dim"),
+    (r"\badapter_init\b", "--adapter-init"),
+    (r"\bthe adapters' init std\b", "--init-std"),
+    (r"\breversible_layers=", "--reversible-layers "),
+    (r"\breversible_layers\b", "--reversible-layers"),
+    (r"\boutput_stream\b", "--output-stream"),
+]
+
+
+def _setting_error(error: ValueError) -> BadInputError:
+    """A settings check's message as BadInputError, with its command line version: flags, not fields."""
+    import re
+
+    message = cli_message = str(error)
+    for pattern, flag in _SETTING_FLAGS:
+        cli_message = re.sub(pattern, flag, cli_message)
+    return BadInputError(message, cli_message=cli_message)
 
 
 @dataclass
@@ -284,6 +317,13 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
             raise BadInputError(f"--num-labels must be at least 1, got {options.num_labels}")
         plm_config.num_labels = options.num_labels
     auto_class, library_class = _architecture(family, plm_config.architectures, options.task, weights.tensors)
+    if options.num_labels is not None and auto_class != TASKS["sequence-classification"]:
+        task = next(t for t, a in TASKS.items() if a == auto_class)
+        given = f"from --task {options.task}" if options.task else f"the original's, {library_class}"
+        raise BadInputError(
+            f"--num-labels sets the labels of a sequence-classification head, but the result's head is {task} "
+            f"({given}); add --task sequence-classification, or leave out --num-labels"
+        )
     heads = [a for a, h in family.heads.items() if h.requires_keys is None or any(h.requires_keys in k for k in weights.tensors)]
     if auto_class not in heads:
         heads.append(auto_class)
@@ -301,7 +341,7 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     try:
         config = config_class(**values, **settings)
     except ValueError as e:
-        raise BadInputError(str(e)) from None
+        raise _setting_error(e) from None
     config.architectures = ["Meft" + library_class]
     config.auto_map = auto_map_for(family, heads)
     config.meft_base_model = options.model if options.revision is None else f"{options.model}@{options.revision}"
@@ -330,7 +370,13 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     if mismatched:
         raise BadInputError("tensor shapes do not match the config: " + "; ".join(mismatched[:3]))
     mapped = {file_name(k) for k in library_keys}
-    missing = sorted(mapped - set(weights.tensors))
+    # a tensor tied to another (OPT's and GPT-2's lm_head is their embedding matrix) is loaded
+    # with the one it is tied to: it is missing from the checkpoint only if all its ties are
+    ties: dict[int, set[str]] = {}
+    for key, tensor in [*library_model.named_parameters(remove_duplicate=False), *library_model.named_buffers(remove_duplicate=False)]:
+        ties.setdefault(id(tensor), set()).add(file_name(key))
+    tied = {key: names for names in ties.values() for key in names}
+    missing = sorted(k for k in mapped - set(weights.tensors) if not tied.get(k, set()) & set(weights.tensors))
     unexpected = sorted(set(weights.tensors) - mapped)
 
     layer0 = file_prefix + family.stacks[0].layers + ".0."

@@ -358,3 +358,31 @@ def test_task_chooses_the_declared_head(name, task, architecture, tiny_checkpoin
 )
 def test_a_head_the_model_lacks_is_refused(name, task, match, tiny_checkpoints, minilm, tmp_path):
     _fails(ConvertOptions(model=str(source(name, tiny_checkpoints, minilm)), output=tmp_path / "o", task=task), match=match)
+
+
+@pytest.mark.parametrize("name", ["opt-125m", "gpt2"])
+def test_a_tied_head_is_not_noted_as_missing_an_untied_one_is(tiny_checkpoints, tmp_path, name):
+    from tests.conftest import TINY, build_checkpoint, real_config
+
+    logged = []
+    convert(ConvertOptions(model=str(tiny_checkpoints[name]), output=tmp_path / "tied", verify=False, show_progress=False), log=logged.append)
+    assert not any("not in the checkpoint" in line for line in logged), logged
+
+    config_name, _, dtype, _ = TINY[name]
+    untied = build_checkpoint(tmp_path / "untied", real_config(config_name, tie_word_embeddings=False), dtype)
+    head = "lm_head.weight"
+    with safe_open(str(untied / "model.safetensors"), framework="pt") as f:
+        kept = {key: f.get_tensor(key) for key in f.keys() if key != head}
+        assert len(kept) == len(list(f.keys())) - 1
+    save_file(kept, str(untied / "model.safetensors"), metadata={"format": "pt"})
+    logged = []
+    convert(ConvertOptions(model=str(untied), output=tmp_path / "out", verify=False, show_progress=False), log=logged.append)
+    assert f"note: {head} is not in the checkpoint; it is initialised when the model loads" in logged
+
+
+def test_paths_are_accepted_where_strings_are(tiny_checkpoints, tmp_path):
+    """The Python API takes pathlib.Path for the model (MiniLM's get_model_path() returns one)."""
+    out = convert(ConvertOptions(model=Path(tiny_checkpoints["bert"]), output=str(tmp_path / "out"), verify=False, show_progress=False), log=lambda _: None)
+    assert out == tmp_path / "out"
+    config = json.loads((out / "config.json").read_text())
+    assert isinstance(config["meft_base_model"], str) and config["meft_base_model"]
