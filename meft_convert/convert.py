@@ -345,6 +345,16 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     config.architectures = ["Meft" + library_class]
     config.auto_map = auto_map_for(family, heads)
     config.meft_base_model = options.model if options.revision is None else f"{options.model}@{options.revision}"
+    dtype = _adapter_dtype(family, weights)
+    generator = torch.Generator().manual_seed(options.seed)
+
+    # without verification (which builds the models anyway), the checkpoint's own headers tell the
+    # layers and their shapes where it was saved by the class the result declares: building the
+    # models would only import transformers' modeling code (seconds) to learn the same
+    if not options.verify and options.num_labels is None and library_class in (plm_config.architectures or []):
+        plan = _plan_from_headers(family, auto_class, config, settings, weights, generator, dtype)
+        if plan is not None:
+            return plan
 
     # the tensors MEFT adds and the shapes it expects, read off models built on the meta device
     with torch.device("meta"), quiet_transformers():
@@ -379,26 +389,109 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     missing = sorted(k for k in mapped - set(weights.tensors) if not tied.get(k, set()) & set(weights.tensors))
     unexpected = sorted(set(weights.tensors) - mapped)
 
-    layer0 = file_prefix + family.stacks[0].layers + ".0."
-    float_dtypes = [
-        info.dtype for key, info in weights.tensors.items() if key.startswith(layer0) and info.dtype in ("F32", "F16", "BF16", "F64")
-    ]
-    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[
-        float_dtypes[0] if float_dtypes else "F32"
-    ]
-    generator = torch.Generator().manual_seed(options.seed)
     adapters = {}
     for name, module in meft_model.named_modules():
         if isinstance(module, MeftAdapter):
-            module.to_empty(device="cpu")
-            module.reset_parameters(generator)
-            for param_name, param in module.named_parameters():
-                adapters[file_name(f"{name}.{param_name}")] = param.detach().to(dtype).contiguous()
+            adapters.update(_initialised(module, file_name(name), generator, dtype))
     added = {file_name(k) for k in meft_keys} - mapped
     if set(adapters) != added:
         raise RuntimeError(f"adapter tensors {sorted(set(adapters) ^ added)[:3]} do not match the MEFT model")
     trainable, total = meft_model.get_nb_trainable_parameters()
     return _Plan(family, config, adapters, missing, unexpected, trainable, total)
+
+
+def _adapter_dtype(family: Family, weights: SourceWeights) -> torch.dtype:
+    """The adapters are stored in the dtype of the PLM's layers."""
+    import torch
+
+    layer0 = (_layer_prefix(weights.tensors, family) or "") + family.stacks[0].layers + ".0."
+    float_dtypes = [
+        info.dtype for key, info in weights.tensors.items() if key.startswith(layer0) and info.dtype in ("F32", "F16", "BF16", "F64")
+    ]
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[
+        float_dtypes[0] if float_dtypes else "F32"
+    ]
+
+
+def _initialised(adapter, name: str, generator: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of `adapter` (built on the meta device), named under `name`, drawn from
+    `generator`: adapters drawn in the model's module order are the model's."""
+    adapter.to_empty(device="cpu")
+    adapter.reset_parameters(generator)
+    return {f"{name}.{key}": param.detach().to(dtype).contiguous() for key, param in adapter.named_parameters()}
+
+
+def _plan_from_headers(
+    family: Family, auto_class: str, config, settings: dict, weights: SourceWeights, generator, dtype
+) -> _Plan | None:
+    """The plan of a checkpoint saved by the class the result declares, from its tensor headers
+    and the family table, without building a model. Each stack's layers must be numbered 0..n-1
+    with n the config's count, hold the same tensors as layer 0 (names, shapes, dtypes), and
+    every matrix must have the config's hidden size; the adapters are drawn in the order the
+    model's modules have them. None where the headers do not settle this (the caller then
+    builds the models, which name what is missing or mismatched)."""
+    import re
+
+    import torch
+
+    from .templates.adapters import MeftAdapter
+    from .templates.modeling_meft import VARIANTS
+
+    prefix = _layer_prefix(weights.tensors, family)
+    if prefix is None:
+        return None
+    if any(info.dtype not in ("F16", "BF16", "F32", "F64") for info in weights.tensors.values()):
+        return None  # integer tensors are buffers older versions saved (BERT's position_ids): not parameters
+    variant, hidden = VARIANTS[settings["variant"]], config.hidden_size
+    layer_counts = []
+    for stack in family.stacks:
+        expected = getattr(config, f"{stack.name}_layers", None) if stack.name else config.num_hidden_layers
+        pattern = re.compile(re.escape(prefix + stack.layers) + r"\.(\d+)\.(.+)")
+        layers: dict[int, dict[str, tuple]] = {}
+        for key, info in weights.tensors.items():
+            if match := pattern.fullmatch(key):
+                layers.setdefault(int(match[1]), {})[match[2]] = (info.shape, info.dtype)
+        if not isinstance(expected, int) or sorted(layers) != list(range(expected)):
+            return None
+        if any(layers[i] != layers[0] for i in layers):
+            return None
+        if any(len(shape) == 2 and hidden not in shape for shape, _ in layers[0].values()):
+            return None
+        layer_counts.append(expected)
+
+    adapters, frozen = {}, 0
+    for stack, count in zip(family.stacks, layer_counts):
+        for index in range(count):
+            for name in variant.adapters:
+                with torch.device("meta"):
+                    adapter = MeftAdapter(
+                        hidden, config.adapter_dim, family.activation(config), family.dropout(config),
+                        init=config.adapter_init, init_std=config.adapter_init_std,
+                    )
+                tensors = _initialised(adapter, f"{prefix}{stack.layers}.{index}.meft.{name}", generator, dtype)
+                adapters.update(tensors)
+                # as MeftLayers.unreachable_adapters: with the PLM stream returned, the top layer's
+                # adapter block that writes the dropped stream stays frozen
+                dropped = variant.G if variant.plm_stream == 1 else variant.F
+                if index == count - 1 and name == "coupling" and config.output_stream == "plm" and variant.swap and dropped == "adapter":
+                    frozen += sum(t.numel() for t in tensors.values())
+    overlap = sorted(set(adapters) & set(weights.tensors))
+    if overlap:
+        return None
+
+    def numel(shape) -> int:
+        count = 1
+        for dim in shape:
+            count *= dim
+        return count
+
+    head = family.heads[auto_class]
+    head_size = sum(
+        numel(info.shape) for key, info in weights.tensors.items() if any(key.startswith(m + ".") for m in head.trainable)
+    )
+    adapter_size = sum(t.numel() for t in adapters.values())
+    total = sum(numel(info.shape) for info in weights.tensors.values()) + adapter_size
+    return _Plan(family, config, adapters, [], [], adapter_size - frozen + head_size, total)
 
 
 def _card_facts(options: ConvertOptions, plan: _Plan, source: Path, report):
