@@ -120,7 +120,7 @@ def _download_failure(error: Exception, model: str, revision: str | None, token:
     hub (bad input, exit 2), or the hub unreachable or refusing the token (exit 1)."""
     at = "" if revision is None else f" at revision {revision!r}"
     if constants.HF_HUB_OFFLINE:
-        return BadInputError(f"model {model!r}{at} is not in the Hugging Face cache (HF_HUB_OFFLINE is set)")
+        return BadInputError(f"model {model!r}{at} not found in the Hugging Face cache (HF_HUB_OFFLINE is set)")
     for cause in _causes(error):
         if isinstance(cause, HfHubHTTPError) and cause.response is not None:
             status = cause.response.status_code

@@ -195,7 +195,7 @@ print(json.dumps({"modules": sorted(m for m in ("torch", "transformers") if m in
         ("gated, no token", "someone/gated-model", 1, "'someone/gated-model' is gated"),
         ("not on the hub", "org/no-such-model", 2, "'org/no-such-model' not found on the hub"),
         ("private repo of another account", "someone/private-model", 2, "if it is private, use a token"),
-        ("offline, not cached", "org/model", 2, "'org/model' is not in the Hugging Face cache (HF_HUB_OFFLINE is set)"),
+        ("offline, not cached", "org/model", 2, "'org/model' not found in the Hugging Face cache (HF_HUB_OFFLINE is set)"),
     ],
 )
 def test_unreachable_models_say_why(hub, tmp_path, case, model, exit_code, expected):
