@@ -351,7 +351,14 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     # without verification (which builds the models anyway), the checkpoint's own headers tell the
     # layers and their shapes where it was saved by the class the result declares: building the
     # models would only import transformers' modeling code (seconds) to learn the same
-    if not options.verify and options.num_labels is None and library_class in (plm_config.architectures or []):
+    # A head with untied output embeddings has a tensor of its own whose name only the model knows.
+    untied = getattr(plm_config, "tie_word_embeddings", True) is False and auto_class != "AutoModel"
+    if (
+        not options.verify
+        and options.num_labels is None
+        and not untied
+        and library_class in (plm_config.architectures or [])
+    ):
         plan = _plan_from_headers(family, auto_class, config, settings, weights, generator, dtype)
         if plan is not None:
             return plan
@@ -426,10 +433,12 @@ def _plan_from_headers(
 ) -> _Plan | None:
     """The plan of a checkpoint saved by the class the result declares, from its tensor headers
     and the family table, without building a model. Each stack's layers must be numbered 0..n-1
-    with n the config's count, hold the same tensors as layer 0 (names, shapes, dtypes), and
-    every matrix must have the config's hidden size; the adapters are drawn in the order the
-    model's modules have them. None where the headers do not settle this (the caller then
-    builds the models, which name what is missing or mismatched)."""
+    with n the config's count and hold the same tensors as layer 0 (names, shapes, dtypes), every
+    matrix must have the config's hidden size, and every tensor must be a float one; the tensors
+    outside the layers are taken as the class saved them (its head tied to the embeddings, which
+    the caller checks). The adapters are drawn in the order the model's modules have them. None
+    where the headers do not settle this: the caller then builds the models, which name what is
+    missing or mismatched."""
     import re
 
     import torch
