@@ -24,7 +24,7 @@ from .errors import BadInputError, VerificationError
 from .hub import push_to_hub, resolve_model
 from .partial import clean_stale_partials, mark_partial, unmark_partial
 from .provenance import provenance
-from .weights import SourceWeights, copy_if_present, find_weights, write_weights
+from .weights import ShardCopy, SourceWeights, copy_if_present, find_weights, write_weights
 
 # torch, transformers and the templates (which import both) load inside the functions that use
 # them, so that the CLI parses its arguments and answers --help or a usage error without them
@@ -550,16 +550,24 @@ def _publish(tmp: Path, output: Path) -> None:
         tmp.rename(output)
 
 
-def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path:
-    """Converts `options.model` and returns the output folder. Raises BadInputError for
-    unusable input (before anything is written) and MeftConvertError if conversion or
-    verification fails (nothing is left behind)."""
+def _checked_settings(options: ConvertOptions, log: Callable[[str], None]) -> dict:
     settings = options.meft_settings()
     if settings["variant"] == "meft2" and settings["lambda_"] < 1:
         log(
             "warning: in MEFT2, lambda scales the stream its PLM layers read (y1 = lambda*x1 + adapter(x2)); "
             "below 1 the pretrained model's output is lost at the start. Keep lambda=1 and make beta small."
         )
+    return settings
+
+
+def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path:
+    """Converts `options.model` and returns the output folder. Raises BadInputError for
+    unusable input and MeftConvertError if conversion or verification fails; either way
+    nothing is left behind, and an existing output is never touched unless it is replaced."""
+    # a hub model downloads only once its settings are known to be valid; a local folder's
+    # shards start copying first, and the settings (which load torch) are checked meanwhile
+    local = Path(options.model).expanduser().is_dir()
+    settings = None if local else _checked_settings(options, log)
     output = Path(options.output).expanduser().absolute()
     if output.exists() and not options.force:
         raise BadInputError(f"{output} already exists; pass --force to replace it")
@@ -567,17 +575,23 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
         raise BadInputError(f"{output} exists and is not a folder")
     clean_stale_partials(output, log)
     source = resolve_model(options.model, options.revision, token=options.token)
-    raw_config = _read_config(source)
+    read_config_json(source)
     weights = find_weights(source)
-    plan = _plan(options, settings, source, raw_config, weights)
 
     created = [p for p in reversed(output.parents) if not p.exists()]
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    copy = None
     try:
         mark_partial(tmp, output)  # so that a run after this one, if it is killed, can clean up
         _use_umask(tmp)
-        write_weights(weights, plan.adapters, tmp, show_progress=options.show_progress)
+        # the kernel copies the shards while torch and transformers load and the plan is made
+        copy = ShardCopy(weights, tmp, show_progress=options.show_progress).start()
+        if settings is None:
+            settings = _checked_settings(options, log)
+        raw_config = _read_config(source)
+        plan = _plan(options, settings, source, raw_config, weights)
+        write_weights(weights, plan.adapters, tmp, copy=copy)
         templates = resources.files("meft_convert.templates")
         code = {name: templates.joinpath(name).read_bytes() for name in TEMPLATE_FILES}
         for key, value in provenance(code).items():
@@ -598,6 +612,8 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
         _use_umask(tmp)
         _publish(tmp, output)
     except BaseException:
+        if copy is not None:
+            copy.cancel()
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in reversed(created):
             shutil.rmtree(folder, ignore_errors=True)

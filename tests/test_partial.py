@@ -80,3 +80,20 @@ def test_partials_of_live_foreign_or_unknown_runs_are_reported_not_removed(tmp_p
         assert why in line and line.endswith(f"remove it with: rm -rf {kept}"), line
     assert other_output.is_dir() and not any(str(other_output) in line for line in logged)
     assert len(logged) == 5
+
+
+def test_a_conversion_refused_while_its_shards_copy_leaves_nothing(tiny_checkpoints, tmp_path):
+    """A local folder's shards start copying before the settings and the plan are checked: a
+    refusal then stops the copy and removes the partial folder (and the folders made for it)."""
+    import pytest
+
+    from meft_convert.errors import BadInputError
+
+    model = str(tiny_checkpoints["opt-125m"])
+    for options, match in [
+        (dict(task="masked-lm"), "opt models have no masked-lm head"),
+        (dict(lambda_=0.3), "is not 1/m"),
+    ]:
+        with pytest.raises(BadInputError, match=match):
+            convert(ConvertOptions(model=model, output=tmp_path / "new" / "out", show_progress=False, **options), log=lambda _: None)
+        assert list(tmp_path.iterdir()) == []
