@@ -23,16 +23,36 @@ def _dead_pid() -> int:
     return process.pid
 
 
+def _wait_for_shards(parent: Path, out: Path, process: subprocess.Popen) -> None:
+    """Until the conversion to `out` has its partial folder, marked, with shards being written."""
+    deadline = time.monotonic() + 240
+    while not (list(parent.glob(f".{out.name}.*.partial/{MARKER}")) and list(parent.glob(f".{out.name}.*.partial/*.safetensors"))):
+        assert process.poll() is None and time.monotonic() < deadline, "the conversion ended before it could be stopped"
+        time.sleep(0.01)
+
+
+def test_ctrl_c_during_start_up_exits_130_and_leaves_nothing(tiny_checkpoints, tmp_path):
+    """SIGINT while torch loads (the shards are already copying): exit 130, no partial folder."""
+    out = tmp_path / "opt-meft3"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "meft_convert", str(tiny_checkpoints["opt-125m"]), "-o", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    _wait_for_shards(tmp_path, out, process)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stdout + stderr
+    assert "Interrupted: nothing was written." in stderr and "Aborted!" not in stderr and "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_killed_conversion_is_cleaned_up_by_the_next(tiny_checkpoints, tmp_path):
     out = tmp_path / "opt-meft3"
     killed = subprocess.Popen(
         [sys.executable, "-m", "meft_convert", str(tiny_checkpoints["opt-125m"]), "-o", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
     )
-    deadline = time.monotonic() + 240
-    while not list(tmp_path.glob(f".{out.name}.*.partial/{MARKER}")):
-        assert killed.poll() is None and time.monotonic() < deadline, "the conversion ended before it could be killed"
-        time.sleep(0.01)
+    _wait_for_shards(tmp_path, out, killed)
     killed.send_signal(signal.SIGKILL)  # what the out-of-memory killer sends: no clean-up runs
     assert killed.wait(timeout=60) == -signal.SIGKILL
     [partial] = tmp_path.glob(f".{out.name}.*.partial")
