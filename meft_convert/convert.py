@@ -390,7 +390,8 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     # a tensor tied to another (OPT's and GPT-2's lm_head is their embedding matrix) is loaded
     # with the one it is tied to: it is missing from the checkpoint only if all its ties are
     ties: dict[int, set[str]] = {}
-    for key, tensor in [*library_model.named_parameters(remove_duplicate=False), *library_model.named_buffers(remove_duplicate=False)]:
+    named = [*library_model.named_parameters(remove_duplicate=False), *library_model.named_buffers(remove_duplicate=False)]
+    for key, tensor in named:
         ties.setdefault(id(tensor), set()).add(file_name(key))
     tied = {key: names for names in ties.values() for key in names}
     missing = sorted(k for k in mapped - set(weights.tensors) if not tied.get(k, set()) & set(weights.tensors))
@@ -468,6 +469,10 @@ def _plan_from_headers(
             return None
         layer_counts.append(expected)
 
+    # as MeftLayers.unreachable_adapters: with the PLM stream returned, the top layer's adapter
+    # block that writes the dropped stream (MEFT1's G, MEFT2's F) stays frozen
+    dropped = variant.G if variant.plm_stream == 1 else variant.F
+    frozen_block = config.output_stream == "plm" and variant.swap and dropped == "adapter"
     adapters, frozen = {}, 0
     for stack, count in zip(family.stacks, layer_counts):
         for index in range(count):
@@ -479,10 +484,7 @@ def _plan_from_headers(
                     )
                 tensors = _initialised(adapter, f"{prefix}{stack.layers}.{index}.meft.{name}", generator, dtype)
                 adapters.update(tensors)
-                # as MeftLayers.unreachable_adapters: with the PLM stream returned, the top layer's
-                # adapter block that writes the dropped stream stays frozen
-                dropped = variant.G if variant.plm_stream == 1 else variant.F
-                if index == count - 1 and name == "coupling" and config.output_stream == "plm" and variant.swap and dropped == "adapter":
+                if frozen_block and index == count - 1 and name == "coupling":
                     frozen += sum(t.numel() for t in tensors.values())
     overlap = sorted(set(adapters) & set(weights.tensors))
     if overlap:
@@ -496,7 +498,9 @@ def _plan_from_headers(
 
     head = family.heads[auto_class]
     head_size = sum(
-        numel(info.shape) for key, info in weights.tensors.items() if any(key.startswith(m + ".") for m in head.trainable)
+        numel(info.shape)
+        for key, info in weights.tensors.items()
+        if any(key.startswith(module + ".") for module in head.trainable)
     )
     adapter_size = sum(t.numel() for t in adapters.values())
     total = sum(numel(info.shape) for info in weights.tensors.values()) + adapter_size
