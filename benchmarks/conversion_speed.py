@@ -1,10 +1,12 @@
-"""Conversion time and peak memory against copying the checkpoint's files.
+"""Conversion time and peak memory against copying the checkpoint's files, and start-up time.
 
 Builds an OPT-1.3b-shaped checkpoint (random fp16 weights, 1 GB safetensors shards) in a
-scratch folder, then times, with /usr/bin/time -v, `cp -r` of it and `meft-convert` of it
-(without the verification, which loads both models and is a separate step). The converter
-streams: shards are copied in chunks, the model is only built on the meta device, and the
-adapters are the only tensors it creates.
+scratch folder (or uses --checkpoint), then times, with /usr/bin/time -v, `cp -r` of it and
+`meft-convert` of it (without the verification, which loads both models and is a separate
+step), alternating, with `sync` between runs so that one run's writeback does not slow the
+next. The converter streams: shards are copied in chunks, the plan comes from the shards'
+headers, and the adapters are the only tensors it creates. It also times `meft-convert
+--help` and a usage error (a missing --output), which must not wait for torch.
 
     python benchmarks/conversion_speed.py --out benchmarks/results/conversion.json
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -21,13 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-import transformers
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def build_checkpoint(folder: Path) -> int:
+    import torch
+    import transformers
+
     values = json.loads((ROOT / "tests" / "data" / "configs" / "opt-1.3b.json").read_text())
     values.pop("_name_or_path", None)
     config = transformers.AutoConfig.for_model(values.pop("model_type"), **values)
@@ -37,10 +40,11 @@ def build_checkpoint(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def timed(command: list[str]) -> dict:
+def timed(command: list[str], expect: int = 0, cwd: Path | None = None) -> dict:
     """Wall time and peak RSS of a command, as /usr/bin/time -v reports them."""
-    result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
-    if result.returncode != 0:
+    subprocess.run(["sync"], check=True)
+    result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, cwd=cwd)
+    if result.returncode != expect:
         raise RuntimeError(f"{command} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
     wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", result.stderr)
     hours, minutes, seconds = (float(g) if g else 0.0 for g in wall.groups())
@@ -52,16 +56,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each command; the median is reported")
+    parser.add_argument("--checkpoint", type=Path, help="an OPT-1.3b-shaped checkpoint built before (default: build one)")
+    parser.add_argument(
+        "--baseline", type=Path,
+        help="a folder holding another version's meft_convert package (e.g. `git archive COMMIT meft_convert | tar -x "
+        "-C DIR`), timed the same way, interleaved, through PYTHONPATH (the templates stay this checkout's)",
+    )
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="meft-conversion-"))
+    meft_convert = str(Path(sys.executable).parent / "meft-convert")
     try:
-        source = scratch / "opt-1.3b-shaped"
-        checkpoint_bytes = build_checkpoint(source)
-        runs: dict[str, list[dict]] = {"copy": [], "convert": []}
+        source = args.checkpoint or scratch / "opt-1.3b-shaped"
+        if args.checkpoint is None:
+            build_checkpoint(source)
+        checkpoint_bytes = sum(f.stat().st_size for f in source.glob("*.safetensors"))
+        runs: dict[str, list[dict]] = {"copy": [], "convert": [], "help": [], "usage_error": [], "convert_help": []}
         for i in range(args.repeats):
+            runs["help"].append(timed([meft_convert, "--help"]))
+            runs["usage_error"].append(timed([meft_convert, str(source)], expect=2))
+            # lists the supported model types, read from the family table, which imports torch
+            runs["convert_help"].append(timed([meft_convert, "convert", "--help"]))
+            if args.baseline is not None:
+                # from the scratch folder, so that this checkout's meft_convert is not on the path
+                baseline = ["env", f"PYTHONPATH={args.baseline.absolute()}", sys.executable, "-m", "meft_convert"]
+                runs.setdefault("baseline_help", []).append(timed([*baseline, "--help"], cwd=scratch))
+                runs.setdefault("baseline_convert", []).append(timed(
+                    [*baseline, str(source), "--output", str(scratch / f"baseline-{i}"), "--variant", "meft3", "--no-verify"],
+                    cwd=scratch,
+                ))
+                shutil.rmtree(scratch / f"baseline-{i}")
             runs["copy"].append(timed(["cp", "-r", str(source), str(scratch / f"copy-{i}")]))
             runs["convert"].append(timed([
-                str(Path(sys.executable).parent / "meft-convert"), str(source), "--output", str(scratch / f"meft-{i}"),
+                meft_convert, str(source), "--output", str(scratch / f"meft-{i}"),
                 "--variant", "meft3", "--no-verify",
             ]))
             shutil.rmtree(scratch / f"copy-{i}")
@@ -75,6 +101,9 @@ def main() -> None:
             "checkpoint_bytes": checkpoint_bytes,
             "shards": len(list(source.glob("*.safetensors"))),
             "runs": runs,
+            "median_seconds": {k: r["seconds"] for k, r in median.items()},
+            "baseline": None if args.baseline is None else str(args.baseline),
+            "load_average_after": os.getloadavg(),
             "convert_over_copy_time": median["convert"]["seconds"] / median["copy"]["seconds"],
             "convert_rss_over_checkpoint": median["convert"]["max_rss_bytes"] / checkpoint_bytes,
         }

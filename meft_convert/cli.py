@@ -8,6 +8,7 @@ verification, an upload or a check failed. Tracebacks only with --verbose.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import re
 import sys
@@ -20,8 +21,8 @@ from . import __version__
 from .errors import BadInputError, MeftConvertError, VerificationError
 from .hub import push_to_hub
 
-# torch and transformers load only for the commands that need them (convert, check with
-# verification), so that `push` and the help start quickly
+# torch and transformers load only once a command runs that needs them (convert, check with
+# verification): arguments are parsed first, so that the help and usage errors answer at once
 
 GROUP_HELP = """Convert pretrained transformers models into exact-reversible MEFT checkpoints,
 publish them and check them.
@@ -133,9 +134,12 @@ def _params() -> list[click.Parameter]:
 
 
 def _run(verbose: bool, **kwargs) -> None:
-    from . import convert as conversion
+    def run():
+        from . import convert as conversion
 
-    output = _guarded(verbose, lambda: conversion.convert(conversion.ConvertOptions(**kwargs), log=click.echo))
+        return conversion.convert(conversion.ConvertOptions(**kwargs), log=click.echo)
+
+    output = _guarded(verbose, run)
     click.echo(f"Wrote {output}")
 
 
@@ -148,7 +152,7 @@ def _guarded(verbose: bool, action, interrupted: str = "Interrupted: nothing was
             traceback.print_exc()
         if isinstance(e, VerificationError) and e.report is not None:
             click.echo(e.report.to_text(), err=True)
-        click.echo(f"Error: {e}", err=True)
+        click.echo(f"Error: {e.cli_message or e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo(interrupted, err=True)
@@ -192,15 +196,49 @@ class DefaultGroup(click.Group):
             args = [self.default, *args]
         return super().parse_args(ctx, args)
 
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        """Click's standalone mode, except that Ctrl-C anywhere (parsing, building a command,
+        importing torch) exits 130 like an interrupted conversion, not 1 with "Aborted!"."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort as e:
+            if isinstance(e.__cause__, KeyboardInterrupt):
+                click.echo("Interrupted: nothing was written.", err=True)
+                sys.exit(130)
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("Interrupted: nothing was written.", err=True)
+            sys.exit(130)
+        except OSError as e:
+            if e.errno == errno.EPIPE:  # output piped into a command that stopped reading (head)
+                sys.exit(1)
+            raise
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+class ConvertCommand(click.Command):
+    """The convert command; its help lists the supported model types, read from the family
+    table (which imports torch) only when the help is shown."""
+
+    def format_help_text(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from .templates.families import FAMILIES
+
+        self.help = HELP.format(families=", ".join(sorted(FAMILIES)))
+        super().format_help_text(ctx, formatter)
+
 
 def _convert_command() -> click.Command:
-    from .templates.families import FAMILIES
-
-    return click.Command(
+    return ConvertCommand(
         "convert",
         params=_params(),
         callback=_run,
-        help=HELP.format(families=", ".join(sorted(FAMILIES))),
+        help=HELP,
         short_help="Convert MODEL into a MEFT checkpoint (the default command).",
         context_settings=CONTEXT,
     )

@@ -18,21 +18,34 @@ import uuid
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-import transformers
-
-from .card import CardFacts, base_model_license, model_card
 from .errors import BadInputError, VerificationError
 from .hub import push_to_hub, resolve_model
+from .partial import clean_stale_partials, mark_partial, unmark_partial
 from .provenance import provenance
-from .templates.adapters import MeftAdapter
-from .templates.configuration_meft import auto_map_for, config_class_for, validate_meft_settings
-from .templates.families import Family, family_for
-from .templates.modeling_meft import model_class_for
-from .verify import quiet_transformers, verify_conversion
-from .weights import SourceWeights, copy_if_present, find_weights, write_weights
+from .weights import ShardCopy, SourceWeights, copy_if_present, find_weights, write_weights
+
+# torch, transformers and the templates (which import both) load inside the functions that use
+# them, so that the CLI parses its arguments and answers --help or a usage error without them
+if TYPE_CHECKING:
+    import torch
+    import transformers
+
+    from .templates.families import Family
+
+
+def verify_conversion(*args, **kwargs):
+    from .verify import verify_conversion as verify
+
+    return verify(*args, **kwargs)
+
+
+def model_card(facts) -> str:
+    from .card import model_card as card
+
+    return card(facts)
+
 
 # --task values and the Auto class whose head each one means
 TASKS = {
@@ -165,7 +178,16 @@ class ConvertOptions:
     )
     show_progress: bool = field(default=True, metadata=_option("Progress bars.", cli=False))
 
+    def __post_init__(self):
+        # the Python API takes paths as well as strings (the config records the model as text)
+        if isinstance(self.model, os.PathLike):
+            self.model = os.fspath(self.model)
+        if self.output is not None and not isinstance(self.output, Path):
+            self.output = Path(self.output)
+
     def meft_settings(self) -> dict:
+        from .templates.configuration_meft import validate_meft_settings
+
         try:
             return validate_meft_settings(
                 variant=self.variant,
@@ -179,7 +201,33 @@ class ConvertOptions:
                 exact=self.exact,
             )
         except ValueError as e:
-            raise BadInputError(str(e)) from None
+            raise _setting_error(e) from None
+
+
+# the names validate_meft_settings and the config classes use in their messages, and the flags
+# they are set with on the command line
+_SETTING_FLAGS = [
+    (r"\(exact=False\)", "(--no-exact)"),
+    (r"\bexact=False\b", "--no-exact"),
+    (r"\b(lambda|beta)=", r"--\1 "),
+    (r"^(lambda|beta|variant)\b", r"--\1"),
+    (r"\badapter_dim\b", "--adapter-dim"),
+    (r"\badapter_init\b", "--adapter-init"),
+    (r"\bthe adapters' init std\b", "--init-std"),
+    (r"\breversible_layers=", "--reversible-layers "),
+    (r"\breversible_layers\b", "--reversible-layers"),
+    (r"\boutput_stream\b", "--output-stream"),
+]
+
+
+def _setting_error(error: ValueError) -> BadInputError:
+    """A settings check's message as BadInputError, with its command line version: flags, not fields."""
+    import re
+
+    message = cli_message = str(error)
+    for pattern, flag in _SETTING_FLAGS:
+        cli_message = re.sub(pattern, flag, cli_message)
+    return BadInputError(message, cli_message=cli_message)
 
 
 @dataclass
@@ -208,6 +256,8 @@ def read_config_json(folder: Path) -> dict:
 
 def _read_config(folder: Path) -> dict:
     config = read_config_json(folder)
+    from .templates.families import family_for
+
     model_type = config.get("model_type")
     if isinstance(model_type, str) and model_type.startswith("meft_"):
         raise BadInputError(f"{folder} is already a MEFT checkpoint ({model_type})")
@@ -247,6 +297,15 @@ def _architecture(family: Family, declared: list[str] | None, task: str | None, 
 
 
 def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dict, weights: SourceWeights) -> _Plan:
+    import torch
+    import transformers
+
+    from .templates.adapters import MeftAdapter
+    from .templates.configuration_meft import auto_map_for, config_class_for
+    from .templates.families import family_for
+    from .templates.modeling_meft import model_class_for
+    from .verify import quiet_transformers
+
     family = family_for(raw_config["model_type"])
     with quiet_transformers():
         plm_config = transformers.AutoConfig.from_pretrained(source)
@@ -258,6 +317,13 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
             raise BadInputError(f"--num-labels must be at least 1, got {options.num_labels}")
         plm_config.num_labels = options.num_labels
     auto_class, library_class = _architecture(family, plm_config.architectures, options.task, weights.tensors)
+    if options.num_labels is not None and auto_class != TASKS["sequence-classification"]:
+        task = next(t for t, a in TASKS.items() if a == auto_class)
+        given = f"from --task {options.task}" if options.task else f"the original's, {library_class}"
+        raise BadInputError(
+            f"--num-labels sets the labels of a sequence-classification head, but the result's head is {task} "
+            f"({given}); add --task sequence-classification, or leave out --num-labels"
+        )
     heads = [a for a, h in family.heads.items() if h.requires_keys is None or any(h.requires_keys in k for k in weights.tensors)]
     if auto_class not in heads:
         heads.append(auto_class)
@@ -275,10 +341,27 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     try:
         config = config_class(**values, **settings)
     except ValueError as e:
-        raise BadInputError(str(e)) from None
+        raise _setting_error(e) from None
     config.architectures = ["Meft" + library_class]
     config.auto_map = auto_map_for(family, heads)
     config.meft_base_model = options.model if options.revision is None else f"{options.model}@{options.revision}"
+    dtype = _adapter_dtype(family, weights)
+    generator = torch.Generator().manual_seed(options.seed)
+
+    # without verification (which builds the models anyway), the checkpoint's own headers tell the
+    # layers and their shapes where it was saved by the class the result declares: building the
+    # models would only import transformers' modeling code (seconds) to learn the same
+    # A head with untied output embeddings has a tensor of its own whose name only the model knows.
+    untied = getattr(plm_config, "tie_word_embeddings", True) is False and auto_class != "AutoModel"
+    if (
+        not options.verify
+        and options.num_labels is None
+        and not untied
+        and library_class in (plm_config.architectures or [])
+    ):
+        plan = _plan_from_headers(family, auto_class, config, settings, weights, generator, dtype)
+        if plan is not None:
+            return plan
 
     # the tensors MEFT adds and the shapes it expects, read off models built on the meta device
     with torch.device("meta"), quiet_transformers():
@@ -304,24 +387,20 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     if mismatched:
         raise BadInputError("tensor shapes do not match the config: " + "; ".join(mismatched[:3]))
     mapped = {file_name(k) for k in library_keys}
-    missing = sorted(mapped - set(weights.tensors))
+    # a tensor tied to another (OPT's and GPT-2's lm_head is their embedding matrix) is loaded
+    # with the one it is tied to: it is missing from the checkpoint only if all its ties are
+    ties: dict[int, set[str]] = {}
+    named = [*library_model.named_parameters(remove_duplicate=False), *library_model.named_buffers(remove_duplicate=False)]
+    for key, tensor in named:
+        ties.setdefault(id(tensor), set()).add(file_name(key))
+    tied = {key: names for names in ties.values() for key in names}
+    missing = sorted(k for k in mapped - set(weights.tensors) if not tied.get(k, set()) & set(weights.tensors))
     unexpected = sorted(set(weights.tensors) - mapped)
 
-    layer0 = file_prefix + family.stacks[0].layers + ".0."
-    float_dtypes = [
-        info.dtype for key, info in weights.tensors.items() if key.startswith(layer0) and info.dtype in ("F32", "F16", "BF16", "F64")
-    ]
-    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[
-        float_dtypes[0] if float_dtypes else "F32"
-    ]
-    generator = torch.Generator().manual_seed(options.seed)
     adapters = {}
     for name, module in meft_model.named_modules():
         if isinstance(module, MeftAdapter):
-            module.to_empty(device="cpu")
-            module.reset_parameters(generator)
-            for param_name, param in module.named_parameters():
-                adapters[file_name(f"{name}.{param_name}")] = param.detach().to(dtype).contiguous()
+            adapters.update(_initialised(module, file_name(name), generator, dtype))
     added = {file_name(k) for k in meft_keys} - mapped
     if set(adapters) != added:
         raise RuntimeError(f"adapter tensors {sorted(set(adapters) ^ added)[:3]} do not match the MEFT model")
@@ -329,7 +408,108 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     return _Plan(family, config, adapters, missing, unexpected, trainable, total)
 
 
-def _card_facts(options: ConvertOptions, plan: _Plan, source: Path, report) -> CardFacts:
+def _adapter_dtype(family: Family, weights: SourceWeights) -> torch.dtype:
+    """The adapters are stored in the dtype of the PLM's layers."""
+    import torch
+
+    layer0 = (_layer_prefix(weights.tensors, family) or "") + family.stacks[0].layers + ".0."
+    float_dtypes = [
+        info.dtype for key, info in weights.tensors.items() if key.startswith(layer0) and info.dtype in ("F32", "F16", "BF16", "F64")
+    ]
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[
+        float_dtypes[0] if float_dtypes else "F32"
+    ]
+
+
+def _initialised(adapter, name: str, generator: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of `adapter` (built on the meta device), named under `name`, drawn from
+    `generator`: adapters drawn in the model's module order are the model's."""
+    adapter.to_empty(device="cpu")
+    adapter.reset_parameters(generator)
+    return {f"{name}.{key}": param.detach().to(dtype).contiguous() for key, param in adapter.named_parameters()}
+
+
+def _plan_from_headers(
+    family: Family, auto_class: str, config, settings: dict, weights: SourceWeights, generator, dtype
+) -> _Plan | None:
+    """The plan of a checkpoint saved by the class the result declares, from its tensor headers
+    and the family table, without building a model. Each stack's layers must be numbered 0..n-1
+    with n the config's count and hold the same tensors as layer 0 (names, shapes, dtypes), every
+    matrix must have the config's hidden size, and every tensor must be a float one; the tensors
+    outside the layers are taken as the class saved them (its head tied to the embeddings, which
+    the caller checks). The adapters are drawn in the order the model's modules have them. None
+    where the headers do not settle this: the caller then builds the models, which name what is
+    missing or mismatched."""
+    import re
+
+    import torch
+
+    from .templates.adapters import MeftAdapter
+    from .templates.modeling_meft import VARIANTS
+
+    prefix = _layer_prefix(weights.tensors, family)
+    if prefix is None:
+        return None
+    if any(info.dtype not in ("F16", "BF16", "F32", "F64") for info in weights.tensors.values()):
+        return None  # integer tensors are buffers older versions saved (BERT's position_ids): not parameters
+    variant, hidden = VARIANTS[settings["variant"]], config.hidden_size
+    layer_counts = []
+    for stack in family.stacks:
+        expected = getattr(config, f"{stack.name}_layers", None) if stack.name else config.num_hidden_layers
+        pattern = re.compile(re.escape(prefix + stack.layers) + r"\.(\d+)\.(.+)")
+        layers: dict[int, dict[str, tuple]] = {}
+        for key, info in weights.tensors.items():
+            if match := pattern.fullmatch(key):
+                layers.setdefault(int(match[1]), {})[match[2]] = (info.shape, info.dtype)
+        if not isinstance(expected, int) or sorted(layers) != list(range(expected)):
+            return None
+        if any(layers[i] != layers[0] for i in layers):
+            return None
+        if any(len(shape) == 2 and hidden not in shape for shape, _ in layers[0].values()):
+            return None
+        layer_counts.append(expected)
+
+    # as MeftLayers.unreachable_adapters: with the PLM stream returned, the top layer's adapter
+    # block that writes the dropped stream (MEFT1's G, MEFT2's F) stays frozen
+    dropped = variant.G if variant.plm_stream == 1 else variant.F
+    frozen_block = config.output_stream == "plm" and variant.swap and dropped == "adapter"
+    adapters, frozen = {}, 0
+    for stack, count in zip(family.stacks, layer_counts):
+        for index in range(count):
+            for name in variant.adapters:
+                with torch.device("meta"):
+                    adapter = MeftAdapter(
+                        hidden, config.adapter_dim, family.activation(config), family.dropout(config),
+                        init=config.adapter_init, init_std=config.adapter_init_std,
+                    )
+                tensors = _initialised(adapter, f"{prefix}{stack.layers}.{index}.meft.{name}", generator, dtype)
+                adapters.update(tensors)
+                if frozen_block and index == count - 1 and name == "coupling":
+                    frozen += sum(t.numel() for t in tensors.values())
+    overlap = sorted(set(adapters) & set(weights.tensors))
+    if overlap:
+        return None
+
+    def numel(shape) -> int:
+        count = 1
+        for dim in shape:
+            count *= dim
+        return count
+
+    head = family.heads[auto_class]
+    head_size = sum(
+        numel(info.shape)
+        for key, info in weights.tensors.items()
+        if any(key.startswith(module + ".") for module in head.trainable)
+    )
+    adapter_size = sum(t.numel() for t in adapters.values())
+    total = sum(numel(info.shape) for info in weights.tensors.values()) + adapter_size
+    return _Plan(family, config, adapters, [], [], adapter_size - frozen + head_size, total)
+
+
+def _card_facts(options: ConvertOptions, plan: _Plan, source: Path, report):
+    from .card import CardFacts, base_model_license
+
     config = plan.config
     library_class = config.architectures[0].removeprefix("Meft")
     auto_class = next((a for a, head in plan.family.heads.items() if head.library_class == library_class), "AutoModel")
@@ -374,32 +554,48 @@ def _publish(tmp: Path, output: Path) -> None:
         tmp.rename(output)
 
 
-def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path:
-    """Converts `options.model` and returns the output folder. Raises BadInputError for
-    unusable input (before anything is written) and MeftConvertError if conversion or
-    verification fails (nothing is left behind)."""
+def _checked_settings(options: ConvertOptions, log: Callable[[str], None]) -> dict:
     settings = options.meft_settings()
     if settings["variant"] == "meft2" and settings["lambda_"] < 1:
         log(
             "warning: in MEFT2, lambda scales the stream its PLM layers read (y1 = lambda*x1 + adapter(x2)); "
             "below 1 the pretrained model's output is lost at the start. Keep lambda=1 and make beta small."
         )
+    return settings
+
+
+def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path:
+    """Converts `options.model` and returns the output folder. Raises BadInputError for
+    unusable input and MeftConvertError if conversion or verification fails; either way
+    nothing is left behind, and an existing output is never touched unless it is replaced."""
+    # a hub model downloads only once its settings are known to be valid; a local folder's
+    # shards start copying first, and the settings (which load torch) are checked meanwhile
+    local = Path(options.model).expanduser().is_dir()
+    settings = None if local else _checked_settings(options, log)
     output = Path(options.output).expanduser().absolute()
     if output.exists() and not options.force:
         raise BadInputError(f"{output} already exists; pass --force to replace it")
     if output.exists() and not output.is_dir():
         raise BadInputError(f"{output} exists and is not a folder")
+    clean_stale_partials(output, log)
     source = resolve_model(options.model, options.revision, token=options.token)
-    raw_config = _read_config(source)
+    read_config_json(source)
     weights = find_weights(source)
-    plan = _plan(options, settings, source, raw_config, weights)
 
     created = [p for p in reversed(output.parents) if not p.exists()]
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    copy = None
     try:
+        mark_partial(tmp, output)  # so that a run after this one, if it is killed, can clean up
         _use_umask(tmp)
-        write_weights(weights, plan.adapters, tmp, show_progress=options.show_progress)
+        # the kernel copies the shards while torch and transformers load and the plan is made
+        copy = ShardCopy(weights, tmp, show_progress=options.show_progress).start()
+        if settings is None:
+            settings = _checked_settings(options, log)
+        raw_config = _read_config(source)
+        plan = _plan(options, settings, source, raw_config, weights)
+        write_weights(weights, plan.adapters, tmp, copy=copy)
         templates = resources.files("meft_convert.templates")
         code = {name: templates.joinpath(name).read_bytes() for name in TEMPLATE_FILES}
         for key, value in provenance(code).items():
@@ -416,9 +612,12 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
             if not report.passed:
                 raise VerificationError(f"verification failed: {'; '.join(report.problems)}", report)
         (tmp / "README.md").write_text(model_card(_card_facts(options, plan, source, report)))
+        unmark_partial(tmp)
         _use_umask(tmp)
         _publish(tmp, output)
     except BaseException:
+        if copy is not None:
+            copy.cancel()
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in reversed(created):
             shutil.rmtree(folder, ignore_errors=True)

@@ -16,7 +16,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .errors import BadInputError, MeftConvertError
+from .errors import BadInputError, HubAccessError, MeftConvertError
 
 # everything a conversion reads; other files of a repository (other frameworks' weights,
 # pickle weights, ONNX exports) are never downloaded
@@ -73,17 +73,80 @@ def resolve_model(
                 model, revision=revision, allow_patterns=patterns, token=token, local_files_only=constants.HF_HUB_OFFLINE
             )
         )
-    except (RepositoryNotFoundError, GatedRepoError) as e:
-        raise BadInputError(f"model {model!r} not found or not accessible on the hub ({type(e).__name__})") from None
+    except GatedRepoError as e:  # before RepositoryNotFoundError, its base class
+        raise HubAccessError(
+            f"model {model!r} is gated: accept its conditions at {constants.ENDPOINT}/{model} and use a token of that "
+            f"account (--token, HF_TOKEN or the stored login) ({_status(e)})"
+        ) from None
+    except RepositoryNotFoundError as e:
+        raise BadInputError(
+            f"model {model!r} not found on the hub ({constants.ENDPOINT}, {_status(e)}); if it is private, use a "
+            "token that can read it (--token, HF_TOKEN or the stored login)"
+        ) from None
     except RevisionNotFoundError:
         raise BadInputError(f"model {model!r} has no revision {revision!r}") from None
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
-        where = "in the Hugging Face cache (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else "locally or on the hub"
-        raise BadInputError(f"model {model!r}{'' if revision is None else f' at revision {revision!r}'} not found {where}") from None
     except HFValidationError:
         raise BadInputError(f"{model!r} is neither a local folder nor a valid hub model id") from None
-    except HfHubHTTPError as e:
-        raise MeftConvertError(f"could not download {model!r}: {_scrub(str(e), token)}") from None
+    except Exception as e:  # noqa: BLE001 (sorted below into not found, network and refused access)
+        raise _download_failure(e, model, revision, token) from None
+
+
+def _status(error: Exception) -> str:
+    response = getattr(error, "response", None)
+    return f"HTTP {response.status_code}" if response is not None else type(error).__name__
+
+
+def _causes(error: BaseException):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _is_network_error(error: BaseException) -> bool:
+    # httpx (and the httpx2 fork huggingface_hub uses) name their transport errors so; the
+    # standard library's are OSErrors
+    names = {c.__name__ for c in type(error).__mro__}
+    if isinstance(error, OfflineModeIsEnabled):
+        return False
+    return bool(names & {"TransportError", "NetworkError", "TimeoutException"}) or isinstance(
+        error, (ConnectionError, TimeoutError)
+    )
+
+
+def _download_failure(error: Exception, model: str, revision: str | None, token: str | None) -> MeftConvertError:
+    """Why a hub model could not be had, as the error to raise: not in the cache or not on the
+    hub (bad input, exit 2), or the hub unreachable or refusing the token (exit 1)."""
+    at = "" if revision is None else f" at revision {revision!r}"
+    if constants.HF_HUB_OFFLINE:
+        return BadInputError(f"model {model!r}{at} not found in the Hugging Face cache (HF_HUB_OFFLINE is set)")
+    for cause in _causes(error):
+        if isinstance(cause, HfHubHTTPError) and cause.response is not None:
+            status = cause.response.status_code
+            server = _scrub(cause.server_message or cause.response.reason_phrase or "", token)
+            if status == 401:
+                has_token = bool(token or get_token())
+                what = "the hub refused the token" if has_token else "the hub asks for a token and none was found"
+                return HubAccessError(
+                    f"could not download {model!r}: {what} (401 Unauthorized: {server}); check --token, HF_TOKEN or the stored login"
+                )
+            if status == 403:
+                return HubAccessError(
+                    f"could not download {model!r}: this token may not read it (403 Forbidden: {server}); use a token with access to it"
+                )
+            if status == 404:
+                return BadInputError(f"model {model!r}{at} not found on the hub ({constants.ENDPOINT}, 404)")
+            return HubAccessError(f"could not download {model!r}: the hub answered {status} ({server}); try again later")
+        if _is_network_error(cause):
+            return HubAccessError(
+                f"could not reach {constants.ENDPOINT} to download {model!r}, and it is not in the Hugging Face cache "
+                f"({type(cause).__name__}: {_scrub(str(cause), token)}); check the network connection, or convert a "
+                "local folder"
+            )
+    if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        return BadInputError(f"model {model!r}{at} not found locally or on the hub")
+    return MeftConvertError(f"could not download {model!r}: {type(error).__name__}: {_scrub(str(error), token)}")
 
 
 def retry_command(folder: Path, repo_id: str, *, private: bool = False, revision: str | None = None) -> str:

@@ -11,15 +11,18 @@ import json
 import os
 import shutil
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING
+
 from tqdm.auto import tqdm
 
 from .errors import BadInputError
+
+if TYPE_CHECKING:
+    import torch
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -72,13 +75,50 @@ def find_weights(folder: Path) -> SourceWeights:
         if not file.is_file():
             raise BadInputError(f"weight shard {file.name} listed in {SAFETENSORS_INDEX} is missing from {folder}")
         try:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    meta = f.get_slice(key)
-                    tensors[key] = TensorInfo(meta.get_dtype(), tuple(meta.get_shape()), file)
-        except (SafetensorError, OSError, ValueError) as e:
+            header = read_header(file)
+        except (OSError, ValueError) as e:
             raise BadInputError(f"{file} is not a readable safetensors file ({e})") from None
+        for key, entry in header.items():
+            if key != "__metadata__":
+                tensors[key] = TensorInfo(entry["dtype"], tuple(entry["shape"]), file)
     return SourceWeights(files, tensors)
+
+
+def read_header(file: Path) -> dict:
+    """A safetensors file's JSON header (tensor names to dtype, shape and byte range, plus
+    `__metadata__`), read without loading any tensor or torch; ValueError if the file is not
+    a complete safetensors file."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        start = f.read(8)
+        if len(start) < 8:
+            raise ValueError("shorter than a header")
+        (length,) = struct.unpack("<Q", start)
+        if length > size - 8 or length > 100 << 20:
+            raise ValueError(f"a header of {length} bytes in a file of {size}")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"its header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    data_size = size - 8 - length
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            count = 1
+            for dim in shape:
+                count *= dim
+            valid = isinstance(dtype, str) and 0 <= begin <= end <= data_size
+            if dtype in _DTYPE_BYTES:
+                valid = valid and end - begin == count * _DTYPE_BYTES[dtype]
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise ValueError(f"tensor {key!r} has an invalid entry or lies outside the file's {data_size} data bytes")
+    return header
 
 
 def _copy_with_progress(src: Path, dst: Path, progress: tqdm) -> None:
@@ -114,11 +154,12 @@ def _copy_adding_pt_metadata(src: Path, dst: Path, progress: tqdm) -> None:
 
 
 def _has_pt_metadata(file: Path) -> bool:
-    with safe_open(str(file), framework="pt") as f:
-        return (f.metadata() or {}).get("format") == "pt"
+    return (read_header(file).get("__metadata__") or {}).get("format") == "pt"
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
     # safetensors refuses tensors sharing storage: give
     # each its own copy; bytes and names are unchanged
     seen, owned = set(), {}
@@ -129,27 +170,91 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file(owned, str(path), metadata={"format": "pt"})
 
 
-def write_weights(source: SourceWeights, adapters: dict[str, torch.Tensor], out: Path, show_progress: bool = True) -> None:
-    """Writes the PLM shards (byte-identical copies where possible) and an adapter shard,
+class _Cancelled(Exception):
+    pass
+
+
+class _Counter:
+    """What the copy functions see as their progress bar: it counts the bytes copied, and each
+    update is where a cancelled copy stops (they update after every chunk)."""
+
+    def __init__(self, stop: threading.Event):
+        self.stop, self.n = stop, 0
+
+    def update(self, n: int) -> None:
+        if self.stop.is_set():
+            raise _Cancelled
+        self.n += n
+
+
+class ShardCopy:
+    """Copies the PLM's shards (byte for byte, or with `format: pt` added to a header that lacks
+    it) into `out` in a thread of its own: the kernel moves the bytes (copy_file_range) without
+    holding the interpreter, so a conversion loads torch and plans meanwhile. finish() shows
+    the progress, waits and returns the shards' weight map, or raises what stopped the copy;
+    cancel() stops it."""
+
+    def __init__(self, source: SourceWeights, out: Path, show_progress: bool = True):
+        self.source, self.out, self.show_progress = source, out, show_progress
+        n = len(source.files) + 1
+        self.names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        self._stop = threading.Event()
+        self._copied = _Counter(self._stop)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="meft-convert shard copy", daemon=True)
+
+    def start(self) -> ShardCopy:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            for file, name in zip(self.source.files, self.names):
+                if _has_pt_metadata(file):
+                    _copy_with_progress(file, self.out / name, self._copied)
+                else:
+                    _copy_adding_pt_metadata(file, self.out / name, self._copied)
+        except _Cancelled:
+            pass
+        except BaseException as e:  # noqa: BLE001 (handed to the thread that waits in finish())
+            self._error = e
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def finish(self) -> dict[str, str]:
+        # the bar only from here on: a conversion refused while the copy ran shows none
+        total_bytes = sum(f.stat().st_size for f in self.source.files)
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="Writing weights", disable=not self.show_progress) as bar:
+            while self._thread.is_alive():
+                self._thread.join(0.1)
+                bar.update(self._copied.n - bar.n)
+            bar.update(self._copied.n - bar.n)
+        if self._error is not None:
+            raise self._error
+        if self._stop.is_set():
+            raise RuntimeError("the copy of the shards was cancelled")
+        names = dict(zip(self.source.files, self.names))
+        return {key: names[info.file] for key, info in self.source.tensors.items()}
+
+
+def write_weights(
+    source: SourceWeights,
+    adapters: dict[str, torch.Tensor],
+    out: Path,
+    show_progress: bool = True,
+    copy: ShardCopy | None = None,
+) -> None:
+    """Writes the PLM shards (`copy`, if already started, else copied now) and an adapter shard,
     plus the index transformers reads to load them together."""
-    n = len(source.files) + 1
-    names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-    total_bytes = sum(f.stat().st_size for f in source.files)
-    weight_map: dict[str, str] = {}
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="Writing weights", disable=not show_progress) as progress:
-        for file, name in zip(source.files, names):
-            if _has_pt_metadata(file):
-                _copy_with_progress(file, out / name, progress)
-            else:
-                _copy_adding_pt_metadata(file, out / name, progress)
-            for key, info in source.tensors.items():
-                if info.file == file:
-                    weight_map[key] = name
-        overlap = sorted(set(adapters) & set(weight_map))
-        if overlap:
-            raise BadInputError(f"the checkpoint already has tensors named like MEFT adapters: {overlap[:3]}")
-        _save_tensors(adapters, out / names[-1])
-        weight_map.update({key: names[-1] for key in adapters})
+    copy = copy or ShardCopy(source, out, show_progress).start()
+    weight_map = copy.finish()
+    overlap = sorted(set(adapters) & set(weight_map))
+    if overlap:
+        raise BadInputError(f"the checkpoint already has tensors named like MEFT adapters: {overlap[:3]}")
+    _save_tensors(adapters, out / copy.names[-1])
+    weight_map.update({key: copy.names[-1] for key in adapters})
     total_size = sum(_nbytes(info) for info in source.tensors.values()) + sum(
         t.numel() * t.element_size() for t in adapters.values()
     )
@@ -157,7 +262,10 @@ def write_weights(source: SourceWeights, adapters: dict[str, torch.Tensor], out:
     (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+_DTYPE_BYTES = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
 
 
 def _nbytes(info: TensorInfo) -> int:

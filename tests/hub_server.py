@@ -43,6 +43,7 @@ def git_blob_sha1(content: bytes) -> str:
 class Repo:
     namespace: str
     private: bool
+    gated: bool = False  # readable only by its namespace's members, as if they accepted its conditions
     branches: dict[str, str] = field(default_factory=dict)  # branch -> commit id
     commits: dict[str, dict[str, bytes]] = field(default_factory=dict)  # commit id -> files
 
@@ -63,10 +64,13 @@ class HubState:
     def can_write(self, user: str | None, namespace: str) -> bool:
         return user is not None and (user == namespace or user in self.organisations.get(namespace, set()))
 
-    def add_repo(self, repo_id: str, private: bool = False) -> Repo:
-        """A repository with one empty initial commit on main, as the Hub creates it."""
+    def add_repo(self, repo_id: str, private: bool = False, gated: bool = False, files: dict | None = None) -> Repo:
+        """A repository with one initial commit on main (empty, as the Hub creates it, or `files`)."""
         initial = hashlib.sha1(f"initial {repo_id}".encode()).hexdigest()
-        repo = Repo(namespace=repo_id.split("/")[0], private=private, branches={"main": initial}, commits={initial: {}})
+        repo = Repo(
+            namespace=repo_id.split("/")[0], private=private, gated=gated, branches={"main": initial},
+            commits={initial: dict(files or {})},
+        )
         self.repos[repo_id] = repo
         return repo
 
@@ -164,6 +168,9 @@ class Handler(BaseHTTPRequestHandler):
         member = repo is not None and state.can_write(user, repo.namespace)
         if repo is None or (repo.private and not member):
             raise HubError(404, "Repository not found", "RepoNotFound")
+        if repo.gated and not member:
+            # the Hub: 401 without a token, 403 with one that has not been granted access
+            raise HubError(401 if user is None else 403, f"Access to model {repo_id} is restricted", "GatedRepo")
         if write and not member:
             raise HubError(403, f"You don't have the rights to write to {repo_id}")
         return repo

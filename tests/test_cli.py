@@ -166,3 +166,89 @@ def test_real_missing_head_exits_2(tiny_checkpoints, tmp_path):
         "Error: opt models have no masked-lm head; their tasks: base, sequence-classification, causal-lm"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_interrupt_during_start_up_exits_130(monkeypatch):
+    """Ctrl-C while the command is being built (before convert() runs) exits as any interrupt does."""
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.delitem(cli.main.commands, "convert", raising=False)  # built again, on first use
+    monkeypatch.setattr(conversion, "option_fields", interrupted)
+    result = invoke("m", "-o", "o")
+    assert result.exit_code == 130 and "Interrupted" in result.output and "Aborted!" not in result.output
+
+
+# runs the CLI with the given arguments and reports its exit code and the heavy modules it imported
+PROBE = """
+import json, sys
+from meft_convert.cli import main
+sys.argv = ["meft-convert", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as e:
+    code = e.code
+print(json.dumps({"code": code, "heavy": sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers"})}), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    "args,code",
+    [
+        (["--help"], 0),
+        (["--version"], 0),
+        (["push", "--help"], 0),
+        (["check", "--help"], 0),
+        (["some/model"], 2),  # no --output
+        (["some/model", "-o", "out", "--variant", "meft4"], 2),
+        (["some/model", "-o", "out", "--no-such-flag"], 2),
+    ],
+)
+def test_help_and_usage_errors_do_not_import_torch(tmp_path, args, code):
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    report = json.loads(result.stderr.strip().splitlines()[-1])
+    assert report == {"code": code, "heavy": []}, result.stdout + result.stderr
+
+
+def test_messages_name_flags_not_fields(tiny_checkpoints, tmp_path):
+    """Not mocked: the settings checks speak of Python fields; the CLI shows the flags."""
+    result = invoke("m", "-o", tmp_path / "o", "--lambda", "0.3")
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        "Error: --lambda 0.3 is not 1/m for a positive integer m, which exact mode needs (e.g. 1, 0.1 = 1/10, "
+        "1/1024); use the float mode (--no-exact) for other values"
+    )
+    result = invoke("m", "-o", tmp_path / "o", "--adapter-dim", 0)
+    assert result.exit_code == 2 and result.output.strip() == "Error: --adapter-dim must be a positive integer, got 0"
+    result = invoke(tiny_checkpoints["opt-125m"], "-o", tmp_path / "o", "--reversible-layers", 5)
+    assert result.exit_code == 2 and result.output.strip() == "Error: --reversible-layers 5 exceeds the model's 2 layers"
+    # the Python API keeps its own names
+    with pytest.raises(BadInputError, match=r"use the float mode \(exact=False\)"):
+        conversion.convert(ConvertOptions(model="m", output=tmp_path / "o", lambda_=0.3))
+    with pytest.raises(BadInputError, match="^adapter_dim must be a positive integer"):
+        conversion.convert(ConvertOptions(model="m", output=tmp_path / "o", adapter_dim=0))
+    assert not (tmp_path / "o").exists()
+
+
+def test_num_labels_needs_a_classification_head(tiny_checkpoints, tmp_path):
+    import json
+
+    result = invoke(tiny_checkpoints["opt-125m"], "-o", tmp_path / "o", "--num-labels", 3, "--no-verify")
+    assert result.exit_code == 2 and not (tmp_path / "o").exists()
+    assert result.output.strip() == (
+        "Error: --num-labels sets the labels of a sequence-classification head, but the result's head is causal-lm "
+        "(the original's, OPTForCausalLM); add --task sequence-classification, or leave out --num-labels"
+    )
+    result = invoke(tiny_checkpoints["bert"], "-o", tmp_path / "o", "--task", "question-answering", "--num-labels", 3)
+    assert result.exit_code == 2 and "head is question-answering (from --task question-answering)" in result.output
+    result = invoke(
+        tiny_checkpoints["opt-125m"], "-o", tmp_path / "o", "--num-labels", 3, "--task", "sequence-classification", "--no-verify"
+    )
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["architectures"] == ["MeftOPTForSequenceClassification"] and len(config["id2label"]) == 3

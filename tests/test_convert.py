@@ -358,3 +358,119 @@ def test_task_chooses_the_declared_head(name, task, architecture, tiny_checkpoin
 )
 def test_a_head_the_model_lacks_is_refused(name, task, match, tiny_checkpoints, minilm, tmp_path):
     _fails(ConvertOptions(model=str(source(name, tiny_checkpoints, minilm)), output=tmp_path / "o", task=task), match=match)
+
+
+@pytest.mark.parametrize("name", ["opt-125m", "gpt2"])
+def test_a_tied_head_is_not_noted_as_missing_an_untied_one_is(tiny_checkpoints, tmp_path, name):
+    from tests.conftest import TINY, build_checkpoint, real_config
+
+    logged = []
+    convert(ConvertOptions(model=str(tiny_checkpoints[name]), output=tmp_path / "tied", verify=False, show_progress=False), log=logged.append)
+    assert not any("not in the checkpoint" in line for line in logged), logged
+
+    config_name, _, dtype, _ = TINY[name]
+    untied = build_checkpoint(tmp_path / "untied", real_config(config_name, tie_word_embeddings=False), dtype)
+    head = "lm_head.weight"
+    with safe_open(str(untied / "model.safetensors"), framework="pt") as f:
+        kept = {key: f.get_tensor(key) for key in f.keys() if key != head}
+        assert len(kept) == len(list(f.keys())) - 1
+    save_file(kept, str(untied / "model.safetensors"), metadata={"format": "pt"})
+    logged = []
+    convert(ConvertOptions(model=str(untied), output=tmp_path / "out", verify=False, show_progress=False), log=logged.append)
+    assert f"note: {head} is not in the checkpoint; it is initialised when the model loads" in logged
+
+
+def test_paths_are_accepted_where_strings_are(tiny_checkpoints, tmp_path):
+    """The Python API takes pathlib.Path for the model (MiniLM's get_model_path() returns one)."""
+    out = convert(ConvertOptions(model=Path(tiny_checkpoints["bert"]), output=str(tmp_path / "out"), verify=False, show_progress=False), log=lambda _: None)
+    assert out == tmp_path / "out"
+    config = json.loads((out / "config.json").read_text())
+    assert isinstance(config["meft_base_model"], str) and config["meft_base_model"]
+
+
+def _both_plans(folder: Path, variant: str, **options):
+    """The plan read off the checkpoint's headers (--no-verify) and the one read off models built
+    on the meta device (with verification), with whether the headers sufficed."""
+    from meft_convert.weights import find_weights
+
+    plans, from_headers = [], []
+    original = convert_module._plan_from_headers
+
+    def spy(*args, **kwargs):
+        from_headers.append(original(*args, **kwargs))
+        return from_headers[-1]
+
+    for verify in (False, True):
+        opts = ConvertOptions(model=str(folder), output=Path("unused"), variant=variant, verify=verify, **options)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(convert_module, "_plan_from_headers", spy)
+            plans.append(convert_module._plan(opts, opts.meft_settings(), folder, convert_module._read_config(folder), find_weights(folder)))
+    return plans, from_headers
+
+
+def _adapters_through_the_model(plan, seed: int) -> dict[str, torch.Tensor]:
+    """The adapters as a MEFT model of the plan's config initialises them (the model classes,
+    in their module order), named as in the checkpoint."""
+    from meft_convert.templates.adapters import MeftAdapter
+    from meft_convert.templates.modeling_meft import model_class_for
+
+    library_class = plan.config.architectures[0].removeprefix("Meft")
+    auto_class = next(a for a, head in plan.family.heads.items() if head.library_class == library_class)
+    with torch.device("meta"):
+        model = model_class_for(plan.family, auto_class)(plan.config)
+    generator = torch.Generator().manual_seed(seed)
+    expected = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MeftAdapter):
+            module.to_empty(device="cpu")
+            module.reset_parameters(generator)
+            for key, param in module.named_parameters():
+                expected[f"{name}.{key}"] = param.detach()
+    return expected
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_the_plan_from_headers_is_the_plan_from_models(tiny_checkpoints, minilm, name):
+    """--no-verify builds no model: the same adapters (bit for bit, same seed), counts and config."""
+    folder = source(name, tiny_checkpoints, minilm)
+    for variant, extra in [("meft1", {}), ("meft2", {"seed": 3}), ("meft3", {"adapter_init": "zero", "output_stream": "mean"})]:
+        (headers, models), from_headers = _both_plans(folder, variant, **extra)
+        # the headers suffice, except for MiniLM's (an integer buffer, position_ids, that older
+        # versions saved and the model does not use) and untied LM heads (LLaMA's, Mistral's): only
+        # the model knows those tensors
+        assert from_headers == {"minilm": [None], "llama": [], "mistral": []}.get(name, [headers])
+        assert sorted(headers.adapters) == sorted(models.adapters)
+        expected = _adapters_through_the_model(models, extra.get("seed", 0))
+        assert len(expected) == len(headers.adapters)
+        for (key, tensor), (model_key, reference) in zip(headers.adapters.items(), expected.items()):
+            assert model_key == key  # saved by the class the result declares: the same names
+            assert tensor.dtype == models.adapters[key].dtype and torch.equal(tensor, models.adapters[key]), key
+            assert torch.equal(tensor, reference.to(tensor.dtype)), key
+        assert (headers.missing, headers.unexpected) == (models.missing, models.unexpected)
+        assert (headers.trainable, headers.total) == (models.trainable, models.total)
+        assert headers.config.to_dict() == models.config.to_dict()
+
+
+def test_the_plan_falls_back_to_models_where_headers_do_not_tell(tiny_checkpoints, tmp_path):
+    # a new head (--task): its tensors are not in the checkpoint, so only the model knows them
+    (_, models), from_headers = _both_plans(tiny_checkpoints["opt-125m"], "meft3", task="sequence-classification")
+    assert not from_headers and models.missing == ["score.weight"]
+    # a layer that lacks a tensor: the models name it
+    folder = _copy_checkpoint(tiny_checkpoints["opt-125m"], tmp_path / "holed")
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        kept = {k: f.get_tensor(k) for k in f.keys() if k != "model.decoder.layers.1.fc1.bias"}
+    save_file(kept, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (headers, models), from_headers = _both_plans(folder, "meft3")
+    assert from_headers == [None] and headers.missing == models.missing == ["model.decoder.layers.1.fc1.bias"]
+
+
+def test_a_conversion_without_verification_imports_no_modeling_code(tiny_checkpoints, tmp_path):
+    code = (
+        "import sys; from meft_convert.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    print('exit', e.code, 'transformers.modeling_utils' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_checkpoints["opt-125m"]), "-o", str(tmp_path / "out"), "--no-verify"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.stdout.strip().splitlines()[-1] == "exit 0 False", result.stdout + result.stderr

@@ -170,3 +170,56 @@ def test_push_refuses_a_folder_that_is_not_a_meft_checkpoint(tiny_checkpoints, t
 
     result = CliRunner().invoke(main, ["push", str(tiny_checkpoints["opt-125m"]), "org/x"])
     assert result.exit_code == 2 and "is not a converted MEFT checkpoint" in result.output
+
+
+# resolves a hub id in a fresh process (the hub's address is read when huggingface_hub loads) and
+# prints the error's class, exit code and message
+RESOLVE = """
+import json, sys
+from meft_convert.errors import MeftConvertError
+from meft_convert.hub import resolve_model
+try:
+    resolve_model(sys.argv[1])
+except MeftConvertError as e:
+    print(json.dumps({"error": type(e).__name__, "exit_code": e.exit_code, "message": str(e)}))
+print(json.dumps({"modules": sorted(m for m in ("torch", "transformers") if m in sys.modules)}))
+"""
+
+
+@pytest.mark.parametrize(
+    "case,model,exit_code,expected",
+    [
+        ("server down", "org/model", 1, "could not reach http://127.0.0.1:"),
+        ("wrong token", "org/model", 1, "the hub refused the token (401 Unauthorized"),
+        ("gated", "someone/gated-model", 1, "'someone/gated-model' is gated: accept its conditions"),
+        ("gated, no token", "someone/gated-model", 1, "'someone/gated-model' is gated"),
+        ("not on the hub", "org/no-such-model", 2, "'org/no-such-model' not found on the hub"),
+        ("private repo of another account", "someone/private-model", 2, "if it is private, use a token"),
+        ("offline, not cached", "org/model", 2, "'org/model' not found in the Hugging Face cache (HF_HUB_OFFLINE is set)"),
+    ],
+)
+def test_unreachable_models_say_why(hub, tmp_path, case, model, exit_code, expected):
+    """Network failures and refused access exit 1 (the id may well be right); a model that is
+    not there exits 2. Each message names its cause."""
+    for repo_id, gated, private in (("someone/gated-model", True, False), ("someone/private-model", False, True)):
+        if repo_id not in hub.state.repos:
+            hub.state.add_repo(repo_id, private=private, gated=gated, files={"config.json": b"{}"})
+    endpoint = f"http://127.0.0.1:{_closed_port()}" if case == "server down" else hub.endpoint
+    token = {"wrong token": "hf_wrong_token_ffffffffffff", "gated, no token": None}.get(case, HUB_TOKEN)
+    extra = {"HF_HUB_OFFLINE": "1"} if case.startswith("offline") else {}
+    result = _run(["-c", RESOLVE, model], hub_env(endpoint, tmp_path / "home", token=token, **extra), tmp_path)
+    assert result.returncode == 0, result.stderr
+    error, modules = (json.loads(line) for line in result.stdout.strip().splitlines()[-2:])
+    assert error["exit_code"] == exit_code and expected in error["message"], error
+    assert error["error"] == ("HubAccessError" if exit_code == 1 else "BadInputError")
+    assert modules == {"modules": []}  # resolving a model needs neither torch nor transformers
+    if token is not None:
+        assert token not in result.stdout + result.stderr
+
+
+def test_no_network_exits_1_through_the_cli(tmp_path):
+    env = hub_env(f"http://127.0.0.1:{_closed_port()}", tmp_path / "home")
+    result = _run(["-m", "meft_convert", "org/model", "-o", str(tmp_path / "out"), "--no-verify"], env, tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("Error: could not reach http://127.0.0.1:") and "not found" not in result.stderr
+    assert not (tmp_path / "out").exists()
