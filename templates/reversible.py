@@ -702,8 +702,10 @@ def _scaled(d: torch.Tensor | None, scale: float) -> torch.Tensor | None:
 
 def _part_input(leaf: torch.Tensor, reads_stream: bool, compute_dtype: torch.dtype) -> torch.Tensor:
     # a part that reads a stream gets it as blocks do; one that reads the mixing part's output
-    # gets that tensor as it is, as under plain autograd
-    return _block_input(leaf, compute_dtype) if reads_stream else leaf
+    # gets that tensor's values as they are, through a view: autocast caches its casts of leaves
+    # that require grad, and one cached cast would sum its users' gradients in 16 bits where
+    # plain autograd, whose tensor is no leaf, casts for each user and sums in float32
+    return _block_input(leaf, compute_dtype) if reads_stream else leaf.view_as(leaf)
 
 
 def _detached_output(fn, x: torch.Tensor, run: StackRun, *args, reads_stream: bool = True) -> torch.Tensor:
@@ -934,21 +936,23 @@ class _ReversibleStack(torch.autograd.Function):
                 dy1, dy2 = _swap_if(s, dy1, dy2)
                 params = list(c.params)
                 grads.start_layer()
-                # the layer below's remainders travel back while this layer computes
-                run.remainders.prefetch(2 * idx - 1)
-                run.remainders.prefetch(2 * idx - 2)
                 with c.gathered():
-                    # y2 = β·x2 + G(y1): rebuild x2, then dy1 += (∂G/∂y1)ᵀ·dy2
+                    # y2 = β·x2 + G(y1): rebuild x2, then dy1 += (∂G/∂y1)ᵀ·dy2; offloaded remainders
+                    # travel back one half-step ahead, while the one before computes
+                    packed_g = run.remainders.take(2 * idx + 1)
+                    run.remainders.prefetch(2 * idx)
                     x2, dy1_from_g, dx2 = _backward_half(
-                        run, c.G, y1.value, y2, run.remainders.take(2 * idx + 1), s.beta, dy2, rec.G, routed, params, grads
+                        run, c.G, y1.value, y2, packed_g, s.beta, dy2, rec.G, routed, params, grads
                     )
                     dy1 = _add(dy1, dy1_from_g)
                     del dy1_from_g, dy2
                     if run.arithmetic.exact:
                         y1.value = None  # G's input, needed no more (in float mode it is the stream)
                     # y1 = λ·x1 + F(x2): rebuild x1, then dx2 += (∂F/∂x2)ᵀ·dy1 and dx1 = λ·dy1
+                    packed_f = run.remainders.take(2 * idx)
+                    run.remainders.prefetch(2 * idx - 1)
                     x1, dx2_from_f, dx1 = _backward_half(
-                        run, c.F, x2.value, y1, run.remainders.take(2 * idx), s.lambda_, dy1, rec.F, routed, params, grads
+                        run, c.F, x2.value, y1, packed_f, s.lambda_, dy1, rec.F, routed, params, grads
                     )
                 dx2 = _add(dx2, dx2_from_f)
                 del dx2_from_f, dy1
