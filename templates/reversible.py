@@ -754,15 +754,18 @@ class _Gradients:
 
 
 def _forward_half(run: StackRun, block: Block, inp: torch.Tensor, x: Stream, scale: float, record: _HalfRecord, routed):
-    """y = scale·x + block(inp), chunk by chunk; y's integers overwrite x's. Returns y."""
+    """y = scale·x + block(inp), chunk by chunk; with several chunks y's integers overwrite x's
+    (one chunk: the kernels' own outputs are kept, two fewer passes). Returns y."""
     arith, s = run.arithmetic, run.settings
     factor = arith.factor(scale)
     record.mixing = run.capture_rng() if block.mixing is not None else None
     h = _detached_output(block.mixing, inp, run, routed) if block.mixing is not None else inp
     slices = _row_slices(h, s.chunk_tokens)
-    if len(slices) > 1:
+    single = len(slices) == 1
+    if not single:
         h = h.contiguous()
-    value = torch.empty(x.value.shape, dtype=arith.value_dtype, device=x.value.device)
+    ints = x.ints
+    value = None if single else torch.empty(x.value.shape, dtype=arith.value_dtype, device=x.value.device)
     packed, total = [], None
     for sl in slices:
         if block.positionwise is not None:
@@ -772,15 +775,19 @@ def _forward_half(run: StackRun, block: Block, inp: torch.Tensor, x: Stream, sca
             out = _part(h, sl)
         stream_part = _part(x.ints if arith.exact else x.value, sl)
         y_ints, y_value, r, flag, part_sum = arith.couple(stream_part, out, factor)
+        if single:
+            ints, value = y_ints, y_value
+        else:
+            if arith.exact:
+                stream_part.copy_(y_ints)
+            _part(value, sl).copy_(y_value)
         if arith.exact:
-            stream_part.copy_(y_ints)
             run.flags.append(flag)
             total = part_sum if total is None else total + part_sum
-        _part(value, sl).copy_(y_value)
         packed.append(r)
         del out
     run.remainders.add(packed if arith.exact else [])
-    return Stream(x.ints, value, total)
+    return Stream(ints, value, total)
 
 
 def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, packed: list, scale: float, dy,
@@ -811,7 +818,8 @@ def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, pa
     if chunked:
         h_detached = h_detached.contiguous()
         dy = None if dy is None else dy.contiguous()
-    value = torch.empty(inp.shape, dtype=arith.value_dtype, device=inp.device)
+    ints = y.ints
+    value = None if not chunked else torch.empty(inp.shape, dtype=arith.value_dtype, device=inp.device)
     d_h = None
     if chunked and dy is not None and block.positionwise is not None:
         d_h = torch.empty(h_detached.shape, dtype=h_detached.dtype, device=h_detached.device)
@@ -830,10 +838,14 @@ def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, pa
             out = _part(h_detached, sl)
         stream_part = _part(y.ints if arith.exact else y.value, sl)
         x_ints, x_value, part_sum = arith.uncouple(stream_part, out, packed[i] if packed else None, factor)
+        if not chunked:
+            ints, value = x_ints, x_value
+        else:
+            if arith.exact:
+                stream_part.copy_(x_ints)
+            _part(value, sl).copy_(x_value)
         if arith.exact:
-            stream_part.copy_(x_ints)
             total = part_sum if total is None else total + part_sum
-        _part(value, sl).copy_(x_value)
         if dy is not None and block.positionwise is not None:
             g = grads.of(part_out, part_leaf, _part(dy, sl), params, routed=False)
             if not chunked:
@@ -845,7 +857,7 @@ def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, pa
         del out
     if dy is not None and block.positionwise is not None:
         d_inp = grads.of(h, leaf, d_h, params) if block.mixing is not None else d_h
-    x = Stream(y.ints, value, total) if arith.exact else Stream(None, value)
+    x = Stream(ints, value, total) if arith.exact else Stream(None, value)
     return x, d_inp, _scaled(dy, scale)
 
 
