@@ -36,6 +36,9 @@ publish them and check them.
     meft-convert check OUTPUT_OR_REPO [--revision COMMIT]
         tell whether a checkpoint's code is byte-identical to what this
         version ships, and verify the model again
+    meft-convert estimate MODEL --batch-size B --seq-len S [--json]
+        estimate the training memory of MEFT, LoRA and checkpointing from
+        MODEL's config alone, before converting
 
 The result loads anywhere with transformers and trust_remote_code=True:
 

@@ -205,10 +205,13 @@ def remainder_bits(m: int) -> float:
     return bits / k
 
 
-def denominator_of(scale: float) -> int:
+def denominator_of(scale: float, name: str = "lambda_") -> int:
+    """m such that scale == 1/m (exact mode's scales)."""
     m = round(1.0 / scale) if scale > 0 else 0
     if m < 1 or abs(m * scale - 1.0) > 1e-9:
-        raise BadInputError(f"exact mode needs scales 1/m for a positive integer m (0.1, 1/1024, 2^-10); got {scale}")
+        why = "is not 1/m for a positive integer m, which exact mode needs (e.g. 1, 0.1 = 1/10, 2^-10)"
+        flag = "--lambda" if name == "lambda_" else "--beta"
+        raise BadInputError(f"{name}={scale} {why}", cli_message=f"{flag} {scale} {why}")
     return m
 
 
@@ -331,7 +334,7 @@ def arm_meft(step: Step, variant: str, lambda_: float, beta: float, exact: bool,
     elements = step.tokens * step.s.hidden
     if exact:
         integers = 2 * elements * step.stream_bits / 8
-        bits = sum(remainder_bits(denominator_of(x)) for x in (lambda_, beta))
+        bits = remainder_bits(denominator_of(lambda_, "lambda_")) + remainder_bits(denominator_of(beta, "beta"))
         per_layer = elements * bits / 8
         on_gpu = OFFLOADED_REMAINDER_LAYERS_ON_GPU if offload else step.s.layers
         remainders = min(on_gpu, step.s.layers) * per_layer
@@ -341,7 +344,7 @@ def arm_meft(step: Step, variant: str, lambda_: float, beta: float, exact: bool,
         layer += MEFT_FLOAT_EXTRA_TH * step.th
     peak = max(integers + remainders + layer, step.chunked_loss() + integers + remainders)
     return dict(static=_static(step, meft_trainable(step.s, variant), 4), activation=peak, host=host,
-                remainder_bits=(sum(remainder_bits(denominator_of(x)) for x in (lambda_, beta)) if exact else 0))
+                remainder_bits=bits if exact else 0)
 
 
 def frozen_layer(step: Step) -> float:
