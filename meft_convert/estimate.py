@@ -96,6 +96,7 @@ ARM_LABELS = {
     "lora+gc+chunked-loss": "LoRA + checkpointing + chunked loss",
     "lora+offload-gc+chunked-loss": "LoRA + offloaded checkpointing + chunked loss",
     "head-only": "frozen backbone, head only",
+    "lora+offload-gc": "LoRA + offloaded checkpointing",
 }
 
 
@@ -117,7 +118,7 @@ class Shape:
     gated: bool
     causal_lm: bool
     params: int
-    head_params: int  # the output head's weight (tied or not)
+    head_params: int  # the head head-only trains: the LM head (tied or not), else a classifier
     tied: bool
     lora_params: int
     dtype: str | None
@@ -178,7 +179,10 @@ def read_shape(config: dict, layers: int | None = None) -> Shape:
     targets = LORA_TARGETS.get(model_type, ("q_proj", "v_proj"))
     lora_per_layer = LORA_RANK * (h + 3 * h) if targets == ("c_attn",) else LORA_RANK * (h + q_out) + LORA_RANK * (h + kv_out)
     dtype = _get(config, "torch_dtype", "dtype")
-    return Shape(model_type, h, n, i, v, heads, kv, hd, gated, causal, params, v * h, tied, n * lora_per_layer,
+    # the head that trains in head-only: the LM head of a causal LM, else a classifier
+    labels = _get(config, "num_labels", default=len(config.get("id2label") or {}) or 2)
+    head = v * h if causal else h * labels + labels
+    return Shape(model_type, h, n, i, v, heads, kv, hd, gated, causal, params, head, tied and causal, n * lora_per_layer,
                  {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(str(dtype)))
 
 
@@ -420,6 +424,7 @@ def estimate_memory(
             activation_gib=arm["activation"] / GIB,
             peak_gib=(arm["static"] + arm["activation"]) / GIB,
             host_gib=arm["host"] / GIB,
+            gradients_gib=_gradient_bytes(step, name) / GIB,
         )
     return dict(
         model_type=s.model_type, batch_size=batch_size, seq_len=seq_len, tokens=step.tokens, dtype=dtype,
@@ -429,6 +434,38 @@ def estimate_memory(
                       scales={v: dict(lambda_=lam, beta=bet) for v, (lam, bet) in scales.items()}),
         frozen_layer_gib=frozen_layer(step) / GIB,
         arms=out,
+    )
+
+
+def _gradient_bytes(step: Step, arm: str) -> float:
+    """The trainable parameters' gradients: allocated in backward and freed after the optimizer
+    step (set to None), so part of the activation figure, not of static (DESIGN §5)."""
+    if arm == "full":
+        return step.s.params * step.dtype_bytes
+    if arm == "head-only":
+        return step.s.head_params * step.dtype_bytes
+    if arm.startswith("lora"):
+        return step.s.lora_params * 4
+    return meft_trainable(step.s, arm.split("+")[0].split("-")[0]) * 4
+
+
+def memory_line(config: dict, batch_size: int, seq_len: int, variant: str, *, exact: bool = True, **settings) -> str:
+    """One sentence for a model card: the estimated activation memory of `variant` at a stated
+    shape beside LoRA + checkpointing (offloaded or not) and full fine-tuning."""
+    result = estimate_memory(config, batch_size, seq_len, variants=(variant,), **settings)
+    arms = result["arms"]
+    gc, offloaded = ("lora+gc+chunked-loss", "lora+offload-gc+chunked-loss") if "lora+gc+chunked-loss" in arms else (
+        "lora+gc", "lora+offload-gc")
+    name = variant if exact else variant + "-float"
+    mine = f"{variant.upper()} {'exact' if exact else 'float'} {arms[name]['activation_gib']:.2f} GiB"
+    if exact:
+        mine += f" ({arms[variant + '+offload']['activation_gib']:.2f} GiB with its remainders in host memory)"
+    return (
+        f"Estimated activation memory of one training step at batch {batch_size} × {seq_len} tokens "
+        f"({result['dtype']}): {mine}; LoRA + gradient checkpointing {arms[gc]['activation_gib']:.2f} GiB, "
+        f"with the checkpoints offloaded to host memory {arms[offloaded]['activation_gib']:.2f} GiB; "
+        f"full fine-tuning {arms['full']['activation_gib']:.2f} GiB. Weights and optimizer states: "
+        f"{arms[name]['static_gib']:.2f} GiB. Estimated from the config (`meft-convert estimate`), not measured."
     )
 
 

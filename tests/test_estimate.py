@@ -228,3 +228,27 @@ def test_hub_id_from_the_cache_offline(tmp_path):
     assert json.loads(result.stdout)["hidden_size"] == 4096
     result = subprocess.run([*run[:4], "nobody/absent", *run[5:]], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2 and "not found in the Hugging Face cache" in result.stderr, result.stderr
+
+
+def test_memory_line_for_the_card():
+    from meft_convert.estimate import memory_line
+
+    config = json.loads((CONFIGS / "llama-3-8b.json").read_text())
+    line = memory_line(config, 1, 16384, "meft3", lambda_=2**-10, beta=2**-10)
+    arms = estimate_memory(config, 1, 16384, variants=("meft3",), lambda_=2**-10, beta=2**-10)["arms"]
+    for arm in ("meft3", "meft3+offload", "lora+gc+chunked-loss", "lora+offload-gc+chunked-loss", "full"):
+        assert f"{arms[arm]['activation_gib']:.2f} GiB" in line, arm
+    assert "batch 1 × 16384" in line and "not measured" in line
+    line = memory_line(json.loads((CONFIGS / "bert-base-uncased.json").read_text()), 32, 512, "meft1", exact=False)
+    assert "MEFT1 float" in line and "host memory" in line
+
+
+def test_encoder_arms_and_gradients():
+    """An encoder has no causal-LM loss to chunk; its head-only arm trains a classifier.
+    Gradients are reported apart: DESIGN §5 counts them in the activation figure."""
+    result = estimate_memory(json.loads((CONFIGS / "bert-base-uncased.json").read_text()), 32, 512)
+    arms = result["arms"]
+    assert "lora+gc+chunked-loss" not in arms and arms["lora+offload-gc"]["host_gib"] > 0
+    assert arms["head-only"]["activation_gib"] < 0.1
+    assert arms["full"]["gradients_gib"] == pytest.approx(result["parameters"] * 2 / 2**30)
+    assert arms["meft3"]["gradients_gib"] < 0.01
