@@ -328,10 +328,12 @@ Per arm (GiB): static = what stays allocated between steps (weights in --dtype, 
 parameters and their two AdamW states; full fine-tuning keeps them in --dtype, LoRA and MEFT
 adapters in float32); activation = peak − static during one step (forward, backward,
 optimizer step), the part that grows with batch × seq; host = pinned host memory an arm keeps
-(offloaded layer inputs, offloaded MEFT remainders).
+(offloaded layer inputs, offloaded MEFT remainders; --json also gives what torch's pinned
+allocator reserves for them, each buffer rounded up to a power of two). Gradients are
+allocated in backward and freed after the step, so they count in activation.
 
 The arms: full fine-tuning and LoRA (r=8 on the query and value projections) keep every
-layer's activations; gradient checkpointing keeps one 16-bit tensor per layer plus one
+layer's activations; gradient checkpointing keeps one tensor per layer (in --dtype) plus one
 layer's full working set (offloaded: those tensors on the host). The baselines use the
 library's loss unless named "+chunked-loss" (256-token chunks, what MEFT uses). Each MEFT
 variant: exact (stream integers, stream values and gradients, one layer's backward with its
@@ -340,11 +342,17 @@ log2(m) bits per element per scaled stream for λ or β = 1/m), the same with th
 in pinned host memory (+offload), and the paper's float mode (no remainders, approximate
 inverse).
 
+The engine settings assumed are the converter's: adapters of width 8 in float32, AdamW,
+stream integers of --stream-bits, the causal-LM loss in 256-token chunks, the position-wise
+recompute in --recompute-chunk-tokens chunks; SDPA attention, no dropout-mask storage beyond
+what the library keeps.
+
 These are estimates from the config, not measurements. The counts of tensors a layer's
-backward holds are fitted to H200 measurements (Llama-3-8B at batch 1 × 8k–32k, OPT-1.3b at
-8 × 512, bf16, SDPA attention; see benchmarks/results); expect them within about 15% there,
-less sure for other architectures, shapes and library versions. Allocator fragmentation,
-CUDA context and kernels' workspaces beyond 64 MiB are not included.
+backward holds are fitted to H200 measurements (bf16, torch 2.11, transformers 5.17; see
+benchmarks/results): Llama-3-8B at batch 1 × 8k–32k for every arm, OPT-1.3b at 8 × 512 for
+the baselines. Expect them within about 15% of such runs; other architectures (their MEFT
+arms in particular), shapes and library versions are less sure. Allocator fragmentation,
+the CUDA context and workspaces beyond 64 MiB are not included.
 """
 
 

@@ -7,7 +7,8 @@ For a batch of T = batch × seq tokens, hidden size H, L layers, FFN width I and
   parameters and their AdamW states), as DESIGN §5 measures it (gradients set to None);
 - activation: peak − static during one step (forward, backward, optimizer step), the part that
   grows with the batch and the sequence;
-- host: pinned host memory the arm keeps (offloaded checkpoints or remainders).
+- host: host memory the arm keeps (offloaded checkpoints or remainders); host_pinned: what
+  torch's pinned allocator reserves for them (each buffer rounded up to a power of two).
 
 The formulas follow what the engine (templates/reversible.py) and the benchmarked baselines
 (benchmarks/memory_speed.py) allocate, in units of one T × H or T × I tensor. How many such
@@ -203,6 +204,17 @@ def remainder_layout(m: int) -> tuple[int, int]:
     return best_k, best_bits
 
 
+def packed_remainder_bytes(m: int, count: int) -> int:
+    """Bytes that `count` remainders modulo m take once packed (as templates/reversible.py)."""
+    k, bits = remainder_layout(m)
+    return bits * (-(-(-(-count // k)) // 8))
+
+
+def _pinned(nbytes: float) -> int:
+    """What torch's pinned host allocator reserves for one buffer: the next power of two."""
+    return 1 << max(0, math.ceil(nbytes) - 1).bit_length()
+
+
 def remainder_bits(m: int) -> float:
     """Bits per element that one stream scaled by 1/m keeps per layer (log2 m for m = 2^j)."""
     k, bits = remainder_layout(m)
@@ -295,7 +307,8 @@ def _checkpointed(step: Step, chunked_loss: bool, offloaded: bool) -> dict:
     if offloaded:
         layer = OFFLOADED_CHECKPOINTING_EXTRA_TH * step.th + step.working_set()
         peak = max(layer, loss)
-        return dict(static=_lora_static(step), activation=peak, host=checkpoints)
+        return dict(static=_lora_static(step), activation=peak, host=checkpoints,
+                    pinned=step.s.layers * _pinned(step.th))
     layer = checkpoints + CHECKPOINTING_EXTRA_TH * step.th + step.working_set()
     peak = max(layer, checkpoints + loss)
     return dict(static=_lora_static(step), activation=peak, host=0)
@@ -343,12 +356,14 @@ def arm_meft(step: Step, variant: str, lambda_: float, beta: float, exact: bool,
         on_gpu = OFFLOADED_REMAINDER_LAYERS_ON_GPU if offload else step.s.layers
         remainders = min(on_gpu, step.s.layers) * per_layer
         host = step.s.layers * per_layer if offload else 0
+        # one packed buffer per scaled stream and layer, each rounded up by the pinned allocator
+        pinned = step.s.layers * sum(_pinned(packed_remainder_bytes(denominator_of(x), elements))
+                                     for x in (lambda_, beta) if denominator_of(x) > 1) if offload else 0
     else:
-        integers = remainders = host = 0
+        integers = remainders = host = pinned = 0
         layer += MEFT_FLOAT_EXTRA_TH * step.th
     peak = max(integers + remainders + layer, step.chunked_loss() + integers + remainders)
-    return dict(static=_static(step, meft_trainable(step.s, variant), 4), activation=peak, host=host,
-                remainder_bits=bits if exact else 0)
+    return dict(static=_static(step, meft_trainable(step.s, variant), 4), activation=peak, host=host, pinned=pinned)
 
 
 def frozen_layer(step: Step) -> float:
@@ -379,7 +394,7 @@ def estimate_memory(
 
     `config` is a transformers config as a dict (config.json). Returns a dict with the model's
     sizes, the settings assumed, and `arms`: name → {static_gib, activation_gib, peak_gib,
-    host_gib, label}. lambda_/beta override every variant's scales (default: each variant's,
+    host_gib, host_pinned_gib, gradients_gib, label}. lambda_/beta override every variant's scales (default: each variant's,
     0.1 on its scaled streams), or per variant through
     variant_scales {variant: (λ, β)}; `layers` overrides the config's depth; stream_bits defaults to 32 for 16-bit models, 64 for fp32."""
     if not (isinstance(batch_size, int) and batch_size > 0 and isinstance(seq_len, int) and seq_len > 0):
@@ -424,6 +439,7 @@ def estimate_memory(
             activation_gib=arm["activation"] / GIB,
             peak_gib=(arm["static"] + arm["activation"]) / GIB,
             host_gib=arm["host"] / GIB,
+            host_pinned_gib=arm.get("pinned", 0) / GIB,
             gradients_gib=_gradient_bytes(step, name) / GIB,
         )
     return dict(
