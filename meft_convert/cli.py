@@ -344,8 +344,7 @@ inverse).
 
 The engine settings assumed are the converter's: adapters of width 8 in float32, AdamW,
 stream integers of --stream-bits, the causal-LM loss in 256-token chunks, the position-wise
-recompute in --recompute-chunk-tokens chunks; SDPA attention, no dropout-mask storage beyond
-what the library keeps.
+recompute in --recompute-chunk-tokens chunks; SDPA attention.
 
 These are estimates from the config, not measurements. The counts of tensors a layer's
 backward holds are fitted to H200 measurements (bf16, torch 2.11, transformers 5.17; see
