@@ -524,6 +524,10 @@ def load_config(model: str, revision: str | None = None, token: str | None = Non
     return config
 
 
+def _gib(value: float) -> str:
+    return f"{value:.2f}" if value >= 1 else f"{value:.3f}"
+
+
 def format_table(result: dict) -> str:
     """The estimate as a text table (GiB)."""
     head = (f"{result['model_type']}: {result['parameters'] / 1e9:.2f}B parameters, {result['layers']} layers, "
@@ -533,12 +537,12 @@ def format_table(result: dict) -> str:
             f"tokens at a time, loss in {result['settings']['loss_chunk_size']}-token chunks (MEFT)\n")
     rows = [("arm", "static", "activation", "peak", "host", "")]
     for name, arm in result["arms"].items():
-        rows.append((name, f"{arm['static_gib']:.2f}", f"{arm['activation_gib']:.2f}", f"{arm['peak_gib']:.2f}",
-                     f"{arm['host_gib']:.2f}" if arm["host_gib"] else "-", arm["label"]))
+        rows.append((name, _gib(arm["static_gib"]), _gib(arm["activation_gib"]), _gib(arm["peak_gib"]),
+                     _gib(arm["host_gib"]) if arm["host_gib"] else "-", arm["label"]))
     width = max(len(r[0]) for r in rows)
     lines = [f"{r[0]:<{width}}  {r[1]:>7}  {r[2]:>10}  {r[3]:>7}  {r[4]:>6}  {r[5]}".rstrip() for r in rows]
     lines.insert(1, "-" * max(len(line) for line in lines))
     tail = (f"\nGiB. One frozen layer alone, forward + backward (the floor of any method that recomputes layers): "
-            f"{result['frozen_layer_gib']:.2f}.\nEstimates from the config, not measurements: see --help for what they assume.")
+            f"{_gib(result['frozen_layer_gib'])}.\nEstimates from the config, not measurements: see --help for what they assume.")
     return head + "\n".join(lines) + tail
 
