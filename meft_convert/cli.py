@@ -36,6 +36,9 @@ publish them and check them.
     meft-convert check OUTPUT_OR_REPO [--revision COMMIT]
         tell whether a checkpoint's code is byte-identical to what this
         version ships, and verify the model again
+    meft-convert estimate MODEL --batch-size B --seq-len S [--json]
+        estimate the training memory of MEFT, LoRA and checkpointing from
+        MODEL's config alone, before converting
 
 The result loads anywhere with transformers and trust_remote_code=True:
 
@@ -310,3 +313,83 @@ def check(checkpoint: str, revision, original, verify: bool, seed: int, token, v
         click.echo("Error: check failed", err=True)
         sys.exit(1)
     click.echo("Check passed")
+
+
+ESTIMATE_HELP = """Estimate the GPU memory one training step of MODEL takes at a batch size and sequence length,
+for MEFT and the usual alternatives. Reads only MODEL's config.json (a folder, a config file,
+or a hub id from the Hugging Face cache; set HF_HUB_OFFLINE=1 to stay offline): no weights,
+no torch, no GPU.
+
+\b
+    meft-convert estimate meta-llama/Meta-Llama-3-8B --batch-size 1 --seq-len 16384 \\
+        --variant meft3 --lambda 2^-10 --beta 2^-10
+
+Per arm (GiB): static = what stays allocated between steps (weights in --dtype, the trainable
+parameters and their two AdamW states; full fine-tuning keeps them in --dtype, LoRA and MEFT
+adapters in float32); activation = peak − static during one step (forward, backward,
+optimizer step), the part that grows with batch × seq; host = pinned host memory an arm keeps
+(offloaded layer inputs, offloaded MEFT remainders; --json also gives what torch's pinned
+allocator reserves for them, each buffer rounded up to a power of two). Gradients are
+allocated in backward and freed after the step, so they count in activation.
+
+The arms: full fine-tuning and LoRA (r=8 on the query and value projections) keep every
+layer's activations; gradient checkpointing keeps one tensor per layer (in --dtype) plus one
+layer's full working set (offloaded: those tensors on the host). The baselines use the
+library's loss unless named "+chunked-loss" (256-token chunks, what MEFT uses). Each MEFT
+variant: exact (stream integers, stream values and gradients, one layer's backward with its
+MLP recomputed --recompute-chunk-tokens at a time, and every layer's remainders:
+log2(m) bits per element per scaled stream for λ or β = 1/m), the same with the remainders
+in pinned host memory (+offload), and the paper's float mode (no remainders, approximate
+inverse).
+
+The engine settings assumed are the converter's: adapters of width 8 in float32, AdamW,
+stream integers of --stream-bits, the causal-LM loss in 256-token chunks, the position-wise
+recompute in --recompute-chunk-tokens chunks; SDPA attention.
+
+These are estimates from the config, not measurements. The counts of tensors a layer's
+backward holds are fitted to H200 measurements (bf16, torch 2.11, transformers 5.17; see
+benchmarks/results): Llama-3-8B at batch 1 × 8k–32k for every arm, OPT-1.3b at 8 × 512 for
+the baselines. Expect them within about 15% of such runs; other architectures (their MEFT
+arms in particular), shapes and library versions are less sure. Allocator fragmentation,
+the CUDA context and workspaces beyond 64 MiB are not included.
+"""
+
+
+@main.command("estimate", context_settings=CONTEXT, help=ESTIMATE_HELP,
+              short_help="Estimate training memory from a config, before converting.")
+@click.argument("model", metavar="MODEL")
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), required=True, help="Sequences per step.")
+@click.option("--seq-len", "-s", type=click.IntRange(min=1), required=True, help="Tokens per sequence.")
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+              help="Dtype of the weights and activations (default: the config's torch_dtype, else bf16).")
+@click.option("--variant", "variants", type=click.Choice(["meft1", "meft2", "meft3"]), multiple=True,
+              help="MEFT variants to estimate (repeatable; default: all three).")
+@click.option("--lambda", "lambda_", type=ScaleType(), default=None,
+              help="λ of MEFT1 and MEFT3 (default: the variant's, 0.1). 1/m costs log2(m) bits per element per layer.")
+@click.option("--beta", type=ScaleType(), default=None, help="β of MEFT2 and MEFT3 (default: the variant's, 0.1); like --lambda.")
+@click.option("--stream-bits", type=click.Choice(["32", "64"]), default=None,
+              help="Width of the stream integers (default: 32 for 16-bit models, 64 for fp32, as conversion picks).")
+@click.option("--recompute-chunk-tokens", type=click.IntRange(min=0), default=4096, show_default=True,
+              help="Tokens per chunk of MEFT's position-wise recompute (0: the whole sequence).")
+@click.option("--revision", metavar="REV", default=None, help="Branch, tag or commit of a hub model.")
+@TOKEN
+@VERBOSE
+def estimate(model: str, batch_size: int, seq_len: int, as_json: bool, dtype, variants, lambda_, beta, stream_bits,
+             recompute_chunk_tokens: int, revision, token, verbose: bool) -> None:
+    def run():
+        from .estimate import estimate_memory, load_config
+
+        return estimate_memory(
+            load_config(model, revision, token), batch_size, seq_len, dtype=dtype,
+            variants=tuple(variants) or ("meft1", "meft2", "meft3"), lambda_=lambda_, beta=beta,
+            stream_bits=int(stream_bits) if stream_bits else None, recompute_chunk_tokens=recompute_chunk_tokens,
+        )
+
+    result = _guarded(verbose, run, interrupted="Interrupted.")
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        from .estimate import format_table
+
+        click.echo(format_table(result))
