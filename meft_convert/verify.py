@@ -344,7 +344,14 @@ def verify_conversion(
     losses = []
     missed = calibrate.shortfall(_target_figures(fidelity))
     if missed:
-        losses.append(f"the starting point is lost: {missed}; {FIX}")
+        if calibration.get("meets_target") is False:  # the defaults searched and found no scale that meets it
+            fix = (
+                f"no scale down to 2^-{calibrate.MAX_SCALE_BITS} met the target on the calibration text in "
+                f"{calibration['dtype']}; --allow-low-fidelity keeps it"
+            )
+        else:
+            fix = FIX
+        losses.append(f"the starting point is lost: {missed}; {fix}")
 
     # reconstruction and gradients, in training mode with dropout on
     inputs = _inputs(original, config.vocab_size, sentences)
