@@ -344,11 +344,18 @@ def verify_conversion(
     losses = []
     missed = calibrate.shortfall(_target_figures(fidelity))
     if missed:
-        if calibration.get("meets_target") is False:  # the defaults searched and found no scale that meets it
+        searched = {"lambda_", "beta"} & set(calibration.get("auto", ()))
+        if calibration.get("meets_target") is False and searched:  # `auto` searched and found no scale that meets it
+            init = calibration["adapter_init"]
+            other = "paper" if init == "zero" else "zero"
             fix = (
                 f"no scale down to 2^-{calibrate.MAX_SCALE_BITS} met the target on the calibration text in "
-                f"{calibration['dtype']}; --allow-low-fidelity keeps it"
+                f"{calibration['dtype']} with --adapter-init {init}"
             )
+            other_figures = calibration.get(f"{other}_init_figures")
+            if other_figures and calibrate.shortfall(other_figures) is None:
+                fix += f" (--adapter-init {other} does there: {calibrate.describe(other_figures)})"
+            fix += "; --allow-low-fidelity keeps it"
         else:
             fix = FIX
         losses.append(f"the starting point is lost: {missed}; {fix}")

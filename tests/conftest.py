@@ -182,20 +182,24 @@ def source(name: str, tiny_checkpoints: dict, minilm: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def converted(tiny_checkpoints, minilm, session_dir):
-    """(checkpoint, variant) -> (output folder, report), converted once per session on demand."""
+    """(checkpoint, variant, **settings) -> (output folder, report), converted once per session on
+    demand; settings are ConvertOptions fields (default: all of its defaults)."""
     from meft_convert.convert import ConvertOptions, convert
 
     cache = {}
 
-    def get(name: str, variant: str):
-        if (name, variant) not in cache:
-            out = session_dir / "converted" / f"{name}-{variant}"
+    def get(name: str, variant: str, **settings):
+        key = (name, variant, tuple(sorted(settings.items())))
+        if key not in cache:
+            suffix = "".join(f"-{k}={v}" for k, v in sorted(settings.items()))
+            out = session_dir / "converted" / f"{name}-{variant}{suffix}"
             options = ConvertOptions(
-                model=str(source(name, tiny_checkpoints, minilm)), output=out, variant=variant, show_progress=False
+                model=str(source(name, tiny_checkpoints, minilm)), output=out, variant=variant, show_progress=False,
+                **settings,
             )
             convert(options, log=lambda _: None)
-            cache[name, variant] = (out, json.loads((out / "meft_report.json").read_text()))
-        return cache[name, variant]
+            cache[key] = (out, json.loads((out / "meft_report.json").read_text()))
+        return cache[key]
 
     return get
 
