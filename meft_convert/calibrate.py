@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 from dataclasses import dataclass
 from importlib import resources
@@ -427,6 +428,15 @@ def auto_class_of(family, config) -> str:
     return next((a for a, head in family.heads.items() if head.library_class == library_class), "AutoModel")
 
 
+def _calibrate_and_free(**kwargs) -> dict:
+    """calibrate(), then the model it loaded is gone before anything else is loaded (the modules'
+    hooks and closures form reference cycles that only the collector frees)."""
+    try:
+        return calibrate(**kwargs)
+    finally:
+        gc.collect()
+
+
 def calibrate_plan(options, plan, source: Path, weights, log=print) -> dict | None:
     """What convert() calls: the settings the options leave to measurement, resolved, and the
     calibration record under "calibration"; None when every setting was given and there is
@@ -444,7 +454,7 @@ def calibrate_plan(options, plan, source: Path, weights, log=print) -> dict | No
         calibration = {"measured": False, "allow_low_fidelity": True}
         return {**requested, "stream_bits": requested["stream_bits"], "frac_bits": FRAC_BITS_64, "calibration": calibration}
     log("Calibrating the auto settings on the calibration text ...")
-    record = calibrate(
+    record = _calibrate_and_free(
         family=plan.family,
         config=config,
         source=source,

@@ -180,6 +180,8 @@ def verification_rows(report: VerificationReport) -> list[tuple[str, str]]:
         g = report.gradients
         rows.append(("gradients bitwise equal to plain autograd", f"{g['bitwise_equal']}/{g['tensors']} tensors"))
         rows.append(("gradients, max relative difference", f"{g['max_relative_difference']:.3e}"))
+    if report.scope:
+        rows.append(("checked", report.scope))
     if not report.passed:
         verdict = "FAILED: " + "; ".join(report.problems)
     elif report.accepted_losses:

@@ -81,6 +81,7 @@ class VerificationReport:
     accepted_losses: list[str] = field(default_factory=list)
     target: str = calibrate.TARGET
     dtype: str = "float32"
+    scope: str = ""  # what was checked, in words
 
     @property
     def passed(self) -> bool:
@@ -130,6 +131,8 @@ class VerificationReport:
                     f"    {r['lambda_']:<10g} {r['beta']:<10g} {r['adapter_init']:<5}  {calibrate.describe(r)}"
                     + ("" if r["meets_target"] else "  (misses the target)")
                 )
+        if self.scope:
+            lines.append(f"  checked       {self.scope}")
         lines.append(f"  target        {self.target}")
         for loss in self.accepted_losses:
             lines.append(f"  kept anyway   {loss} (--allow-low-fidelity)")
@@ -379,6 +382,12 @@ def verify_conversion(
     vanilla_grads = _gradients(meft, inputs, lm_auto_class, "vanilla", seed)
     report.gradients = _compare_gradients(reversible_grads, vanilla_grads)
     meft.eval()
+    report.scope = (
+        f"in {report.dtype}: fidelity on {report.tokens} tokens of the calibration text against the original "
+        + ("(the converted model's own PLM tensors under the library's classes)" if share_plm else "(loaded from its folder)")
+        + f"; every reversible layer's rebuilt input ({len(report.reconstruction)}) and all {_tensor_count(report.gradients)} "
+        f"trainable tensors' gradients on {len(sentences)} sentences ({int(inputs['attention_mask'].sum())} tokens), dropout on"
+    )
 
     g = report.gradients
     if settings["exact"]:
@@ -409,6 +418,10 @@ def verify_conversion(
     if reference:
         report.reference = list(calibration.get("trials", []))
     return report
+
+
+def _tensor_count(gradients: dict) -> int:
+    return gradients.get("tensors", 0)
 
 
 def _checkpoint_dtype(folder: Path, family) -> torch.dtype:
