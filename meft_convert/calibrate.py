@@ -42,11 +42,19 @@ from .templates.modeling_meft import model_class_for
 # the starting point a conversion must keep (README "Defaults"); verify.py judges by the same
 PERPLEXITY_TOLERANCE = 0.01  # causal LMs: perplexity at most 1% above (or below) the original's
 TOP1_MIN = 0.95  # causal LMs: next-token top-1 agreement with the original
+# ... in fp16/bf16, where rounding alone moves more than 5% of the predictions: SmolLM2-135M in
+# bf16 agrees with the same weights in float32 on 93.4% of the calibration text's tokens
+TOP1_MIN_16_BIT = 0.90
 COSINE_MIN = 0.999  # other models: cosine similarity to the original, every token
 TARGET = (
     f"causal LMs: perplexity within {100 * PERPLEXITY_TOLERANCE:g}% of the original's and next-token top-1 agreement "
-    f">= {100 * TOP1_MIN:g}%; other models: cosine similarity >= {COSINE_MIN} on every token"
+    f">= {100 * TOP1_MIN:g}% ({100 * TOP1_MIN_16_BIT:g}% for fp16/bf16 checkpoints); other models: cosine similarity "
+    f">= {COSINE_MIN} on every token"
 )
+
+
+def top1_min_for(dtype: torch.dtype) -> float:
+    return TOP1_MIN_16_BIT if dtype in (torch.float16, torch.bfloat16) else TOP1_MIN
 MAX_SCALE_BITS = 16  # the smallest scale tried: 2^-16
 CALIBRATION_TOKENS = 256
 # 32-bit streams: 31 bits for magnitude and fraction, RANGE_MARGIN_BITS of them kept free above
@@ -128,12 +136,14 @@ def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return math.exp(torch.nn.functional.cross_entropy(logits[:-1], ids[1:]).item())
 
 
-def figures(reference: dict, converted: dict, ids: torch.Tensor) -> dict:
-    """Fidelity of `converted` against `reference` (outputs of measure()) on the token ids."""
+def figures(reference: dict, converted: dict, ids: torch.Tensor, top1_min: float = TOP1_MIN) -> dict:
+    """Fidelity of `converted` against `reference` (outputs of measure()) on the token ids;
+    causal LMs' figures carry the top-1 agreement they are judged by (top1_min_for the dtype)."""
     if "logits" in reference:
         ppl0, ppl1 = perplexity(reference["logits"], ids[0]), perplexity(converted["logits"], ids[0])
         top1 = (reference["logits"].argmax(-1) == converted["logits"].argmax(-1)).float().mean().item()
-        return {"perplexity": ppl1, "original_perplexity": ppl0, "perplexity_change": ppl1 / ppl0 - 1, "top1_agreement": top1}
+        return {"perplexity": ppl1, "original_perplexity": ppl0, "perplexity_change": ppl1 / ppl0 - 1, "top1_agreement": top1,
+                "top1_target": top1_min}
     cosine = torch.nn.functional.cosine_similarity(reference["hidden"], converted["hidden"], dim=-1)
     return {"cosine_mean": cosine.mean().item(), "cosine_min": cosine.min().item()}
 
@@ -146,8 +156,9 @@ def shortfall(fig: dict) -> str | None:
                 f"perplexity {fig['perplexity']:.4g} against the original's {fig['original_perplexity']:.4g} "
                 f"({100 * fig['perplexity_change']:+.1f}%, target within {100 * PERPLEXITY_TOLERANCE:g}%)"
             )
-        if not fig["top1_agreement"] >= TOP1_MIN:
-            return f"next-token top-1 agreement {100 * fig['top1_agreement']:.1f}% (target >= {100 * TOP1_MIN:g}%)"
+        top1_min = fig.get("top1_target", TOP1_MIN)
+        if not fig["top1_agreement"] >= top1_min:
+            return f"next-token top-1 agreement {100 * fig['top1_agreement']:.1f}% (target >= {100 * top1_min:g}%)"
         return None
     if not fig["cosine_min"] >= COSINE_MIN:
         return f"cosine similarity to the original {fig['cosine_min']:.4f} on its worst token (target >= {COSINE_MIN})"
@@ -330,7 +341,7 @@ def calibrate(
     def evaluate(lambda_: float, beta: float, init: str) -> dict:
         if (lambda_, beta, init) not in seen:
             _set_scales(model, lambda_, beta)
-            fig = figures(reference, measure(model.meft, inputs, model.causal), ids)
+            fig = figures(reference, measure(model.meft, inputs, model.causal), ids, top1_min_for(dtype))
             trials.append({"lambda_": lambda_, "beta": beta, "adapter_init": init, **fig, "meets_target": shortfall(fig) is None})
             seen[lambda_, beta, init] = fig
         return seen[lambda_, beta, init]

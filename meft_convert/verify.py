@@ -216,7 +216,7 @@ def _fidelity(reference, converted, mask: torch.Tensor, ids: torch.Tensor | None
     return fidelity
 
 
-def _target_figures(fidelity: Fidelity) -> dict:
+def _target_figures(fidelity: Fidelity, dtype: torch.dtype) -> dict:
     """The figures the target is stated in (calibrate.shortfall's)."""
     if fidelity.perplexity is not None:
         return {
@@ -224,6 +224,7 @@ def _target_figures(fidelity: Fidelity) -> dict:
             "original_perplexity": fidelity.original_perplexity,
             "perplexity_change": fidelity.perplexity / fidelity.original_perplexity - 1,
             "top1_agreement": fidelity.top1_agreement,
+            "top1_target": calibrate.top1_min_for(dtype),
         }
     return {"cosine_min": fidelity.cosine_min, "cosine_mean": fidelity.cosine_mean}
 
@@ -345,7 +346,7 @@ def verify_conversion(
         dtype=str(dtype).removeprefix("torch."),
     )
     losses = []
-    missed = calibrate.shortfall(_target_figures(fidelity))
+    missed = calibrate.shortfall(_target_figures(fidelity, dtype))
     if missed:
         searched = {"lambda_", "beta"} & set(calibration.get("auto", ()))
         if calibration.get("meets_target") is False and searched:  # `auto` searched and found no scale that meets it

@@ -128,3 +128,25 @@ def test_the_papers_scales_fail_on_smollm2_unless_allowed(smollm2, tmp_path):
     assert report["passed"] and report["accepted_losses"][0].startswith("the starting point is lost: perplexity")
     card = (out / "README.md").read_text()
     assert "**Starting-point fidelity was lost.**" in card and f"{report['fidelity']['perplexity']:.4g}" in card
+
+
+@pytest.mark.slow
+def test_a_bf16_smollm2_gets_32_bit_streams_from_its_measured_range(smollm2, wikitext_ids, tmp_path):
+    """The real checkpoint on the Hub is bf16: its streams become 32-bit, with the fractional
+    bits its massive activations (above 2·10^4 in a few channels) leave with a 16x margin, and
+    the defaults still keep its perplexity."""
+    bf16 = tmp_path / "smollm2-bf16"
+    transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.bfloat16).save_pretrained(bf16)
+    transformers.AutoTokenizer.from_pretrained(smollm2).save_pretrained(bf16)
+    out = convert(ConvertOptions(model=str(bf16), output=tmp_path / "out", variant="meft3", show_progress=False),
+                  log=lambda _: None)
+    config = json.loads((out / "config.json").read_text())
+    top = config["meft_calibration"]["stream_range"]["max_abs"]
+    assert 2**14 < top < 2**15 and config["stream_bits"] == 32 and config["frac_bits"] == 31 - 15 - 4
+    report = json.loads((out / "meft_report.json").read_text())
+    assert report["passed"] and report["dtype"] == "bfloat16"
+    assert report["gradients"]["bitwise_equal"] == report["gradients"]["tensors"] > 0
+    original = transformers.AutoModelForCausalLM.from_pretrained(bf16).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    (ppl0, predicted0), (ppl, predicted) = (_perplexity_and_predictions(m, wikitext_ids) for m in (original, model))
+    assert abs(ppl / ppl0 - 1) <= 0.01 and (predicted == predicted0).float().mean() >= 0.95, (ppl, ppl0)
