@@ -117,7 +117,7 @@ class ConvertOptions:
         default="auto",
         metadata=_option(
             "paper: both projections N(0, σ²). zero: the up-projection starts at zero, so adapters output exactly 0. "
-            "auto: measured, the one that keeps the starting point (zero, unless only paper does).",
+            "auto: zero, which keeps the starting point exactly; the paper init's cost is measured and reported.",
             choices=("auto", "paper", "zero"),
         ),
     )
