@@ -166,6 +166,19 @@ def test_real_conversion_exits_0(tiny_checkpoints, tmp_path):
     assert "bit-exact" in result.output and "passed" in result.output and (tmp_path / "out" / "config.json").is_file()
 
 
+def test_real_lost_starting_point_exits_1_unless_allowed(minilm, tmp_path):
+    """Not mocked: the paper's λ = β = 0.1 and init on the real MiniLM miss the target."""
+    paper = ("--variant", "meft3", "--lambda", "0.1", "--beta", "1/10", "--adapter-init", "paper")
+    result = invoke(minilm, "-o", tmp_path / "out", *paper)
+    assert result.exit_code == 1 and not (tmp_path / "out").exists()
+    error = result.output.strip().splitlines()[-1]
+    assert error.startswith("Error: verification failed: the starting point is lost: cosine similarity to the original 0.")
+    assert "--lambda auto" in error and "--allow-low-fidelity" in error
+    kept = invoke(minilm, "-o", tmp_path / "kept", *paper, "--allow-low-fidelity")
+    assert kept.exit_code == 0, kept.output
+    assert "kept anyway   the starting point is lost" in kept.output and (tmp_path / "kept" / "config.json").is_file()
+
+
 def test_real_missing_head_exits_2(tiny_checkpoints, tmp_path):
     result = invoke(tiny_checkpoints["opt-125m"], "-o", tmp_path / "out", "--task", "masked-lm")
     assert result.exit_code == 2
