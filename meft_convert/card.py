@@ -8,6 +8,7 @@ how to fine-tune it, what it saves, and where the code came from.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -101,8 +102,8 @@ def _settings_table(facts: CardFacts) -> list[str]:
     layers = facts.num_layers if s["reversible_layers"] is None else s["reversible_layers"]
     rows = [
         ("variant", s["variant"].upper()),
-        ("λ (scale of x1)", f"{s['lambda_']:g}" + _measured(facts, "lambda_")),
-        ("β (scale of x2)", f"{s['beta']:g}" + _measured(facts, "beta")),
+        ("λ (scale of x1)", _scale(s["lambda_"]) + _measured(facts, "lambda_")),
+        ("β (scale of x2)", _scale(s["beta"]) + _measured(facts, "beta")),
         ("adapter size r", s["adapter_dim"]),
         ("adapter init", f"{s['adapter_init']} (σ = {s['adapter_init_std']:g})" + _measured(facts, "adapter_init")),
         ("output stream", s["output_stream"]),
@@ -115,7 +116,15 @@ def _settings_table(facts: CardFacts) -> list[str]:
 
 def _measured(facts: CardFacts, name: str) -> str:
     calibration = facts.calibration or {}
-    return " (auto: measured at conversion)" if name in calibration.get("auto", ()) else ""
+    if name not in calibration.get("auto", ()):
+        return ""
+    return " (auto: measured at conversion)" if name in ("lambda_", "beta") else " (auto)"
+
+
+def _scale(value: float) -> str:
+    """0.000488281 = 2^-11: the power of two, where it is one."""
+    exponent = math.log2(value) if value > 0 else 0.0
+    return f"{value:g}" + (f" = 2^{round(exponent)}" if exponent < 0 and exponent == round(exponent) else "")
 
 
 def _describe(figures: dict) -> str:
@@ -140,12 +149,12 @@ def calibration_lines(calibration: dict | None) -> list[str]:
          "stream gets the largest scale 1/2^k that meets it: its remainders take k bits per element per layer in training, "
          "so a smaller scale than needed only costs memory."),
         "",
-        (f"Chosen: λ = {c['lambda_']:g} ({bits['lambda_']} remainder bits), β = {c['beta']:g} ({bits['beta']} bits), "
+        (f"Chosen: λ = {_scale(c['lambda_'])} ({bits['lambda_']} remainder bits), β = {_scale(c['beta'])} ({bits['beta']} bits), "
          f"adapter init {c['adapter_init']}: {_describe(c['figures'])}"
          + ("." if c["meets_target"] else " — **this misses the target**.")),
     ]
     if other:
-        lines.append(f"The {other.split('_')[0]} adapter init at the same scales: {_describe(c[other])}.")
+        lines.append(f"The {other.split('_')[0]} init of the adapters at the same scales: {_describe(c[other])}.")
     if "stream_range" in c:
         r = c["stream_range"]
         lines.append(
