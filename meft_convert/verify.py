@@ -1,16 +1,26 @@
-"""Checks a converted checkpoint against its original, side by side.
+"""Checks a converted checkpoint against its original and gives a verdict.
 
-Three things are measured on a few sentences:
+Three things are measured:
 
-- starting-point fidelity: cosine similarity, per real token, of the last hidden states of
-  the original and the converted model (mean and min); for language-model heads also the
-  top-1 agreement of the predicted tokens and the KL divergence original → converted;
+- starting-point fidelity, on the calibration text (data/calibration.txt, up to 256 tokens):
+  cosine similarity, per token, of the last hidden states of the original and the converted
+  model (mean and min); for language-model heads also the top-1 agreement of the predicted
+  tokens and the KL divergence original → converted, and for causal LMs the perplexity;
 - reconstruction: every reversible layer's input, rebuilt in backward, against the one seen
-  in forward (bit-exact in exact mode; the relative error in float mode);
+  in forward (bit-exact in exact mode; the relative error in float mode), on a few sentences;
 - gradients: the trainable parameters' gradients of the reversible backward against plain
-  autograd through the same model, with dropout on.
+  autograd through the same model, with dropout on, on the same sentences.
 
-The report also gives the fidelity of every variant at the paper's default settings.
+The verdict fails when the exact inverse is not exact, when the starting point misses the
+target calibration uses (calibrate.TARGET), or, in float mode, when the rebuilt inputs or the
+gradients are further off than FLOAT_RECONSTRUCTION_BOUND and FLOAT_GRADIENT_BOUND; each
+message names the figure and the setting to change. `allow_low_fidelity` keeps a conversion
+whose only problems are such losses, and lists them in `accepted_losses`.
+
+Everything runs in the checkpoint's own dtype (the reversible and the plain gradients agree
+bit for bit there too), and at conversion the original is the converted model's own PLM
+tensors (written byte for byte from it) under the library's classes: one copy of the weights
+in memory, not two in float32.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from .templates.configuration_meft import VARIANT_DEFAULTS
+from . import calibrate
 from .templates.families import family_for
 
 SENTENCES = [
@@ -34,7 +44,15 @@ SENTENCES = [
     "Hello world!",
 ]
 GRADIENT_TOLERANCE = 1e-6  # relative, for exact mode; summation order may differ in some kernels
+# float mode (the paper's inverse) rebuilds inputs approximately; beyond these the gradients it
+# trains with are not the model's
+FLOAT_RECONSTRUCTION_BOUND = 1e-3  # relative error of the worst rebuilt layer input
+FLOAT_GRADIENT_BOUND = 1e-2  # relative difference of the worst gradient from plain autograd
 LM_HEADS = ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM")
+FIX = (
+    "convert with the defaults (--lambda auto --beta auto --adapter-init auto), or smaller scales "
+    "(e.g. --lambda 2^-10 --beta 2^-10) and --adapter-init zero; --allow-low-fidelity keeps it anyway"
+)
 
 
 @dataclass
@@ -43,6 +61,8 @@ class Fidelity:
     cosine_min: float
     top1_agreement: float | None = None
     kl_mean: float | None = None
+    perplexity: float | None = None  # causal LMs: the converted model's, on the calibration text
+    original_perplexity: float | None = None
 
 
 @dataclass
@@ -54,8 +74,14 @@ class VerificationReport:
     fidelity: Fidelity
     reconstruction: list[dict] = field(default_factory=list)
     gradients: dict = field(default_factory=dict)
+    # the calibration's candidates (config.json's meft_calibration["trials"]), when it ran
     reference: list[dict] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # losses of fidelity kept on purpose (allow_low_fidelity): what would otherwise be problems
+    accepted_losses: list[str] = field(default_factory=list)
+    target: str = calibrate.TARGET
+    dtype: str = "float32"
+    scope: str = ""  # what was checked, in words
 
     @property
     def passed(self) -> bool:
@@ -71,12 +97,15 @@ class VerificationReport:
         s = self.settings
         f = self.fidelity
         lines = [
-            f"MEFT verification: {self.model} -> {self.architecture}",
+            f"MEFT verification: {self.model} -> {self.architecture} ({self.dtype})",
             f"  settings      {s['variant']}, lambda={s['lambda_']:g}, beta={s['beta']:g}, adapter_dim={s['adapter_dim']}, "
-            f"init={s['adapter_init']}, output_stream={s['output_stream']}, exact={s['exact']}, "
-            f"reversible_layers={'all' if s['reversible_layers'] is None else s['reversible_layers']}",
+            f"init={s['adapter_init']}, output_stream={s['output_stream']}, exact={s['exact']}"
+            + (f" ({s['stream_bits']}-bit streams, {s['frac_bits']} fractional bits)" if s["exact"] else "")
+            + f", reversible_layers={'all' if s['reversible_layers'] is None else s['reversible_layers']}",
             f"  fidelity      cosine mean {f.cosine_mean:.6f}, min {f.cosine_min:.6f} over {self.tokens} tokens",
         ]
+        if f.perplexity is not None:
+            lines.append(f"                perplexity {f.perplexity:.4g} (original {f.original_perplexity:.4g})")
         if f.top1_agreement is not None:
             lines.append(f"                top-1 agreement {100 * f.top1_agreement:.2f}%, KL {f.kl_mean:.3e}")
         if self.reconstruction:
@@ -96,12 +125,17 @@ class VerificationReport:
                 f"max relative difference {g['max_relative_difference']:.3e}"
             )
         if self.reference:
-            lines.append("  each variant at the paper's defaults (cosine mean / min):")
+            lines.append("  calibration   (lambda, beta, init: starting point)")
             for r in self.reference:
                 lines.append(
-                    f"    {r['variant']}  lambda={r['lambda_']:g} beta={r['beta']:g}  "
-                    f"plm stream {r['plm'][0]:.4f} / {r['plm'][1]:.4f}   mean of streams {r['mean'][0]:.4f} / {r['mean'][1]:.4f}"
+                    f"    {r['lambda_']:<10g} {r['beta']:<10g} {r['adapter_init']:<5}  {calibrate.describe(r)}"
+                    + ("" if r["meets_target"] else "  (misses the target)")
                 )
+        if self.scope:
+            lines.append(f"  checked       {self.scope}")
+        lines.append(f"  target        {self.target}")
+        for loss in self.accepted_losses:
+            lines.append(f"  kept anyway   {loss} (--allow-low-fidelity)")
         lines.append("  result        " + ("passed" if self.passed else "FAILED: " + "; ".join(self.problems)))
         return "\n".join(lines)
 
@@ -164,7 +198,9 @@ def _forward(model, inputs, lm: bool):
     return base.last_hidden_state.float(), logits
 
 
-def _fidelity(reference, converted, mask: torch.Tensor) -> Fidelity:
+def _fidelity(reference, converted, mask: torch.Tensor, ids: torch.Tensor | None = None) -> Fidelity:
+    """Cosine per real token; for LM heads top-1 agreement and KL; with `ids` (a causal LM on
+    one sequence) the perplexity of both."""
     (h0, logits0), (h1, logits1) = reference, converted
     real = mask.bool()
     cosine = torch.nn.functional.cosine_similarity(h0, h1, dim=-1)[real]
@@ -174,7 +210,23 @@ def _fidelity(reference, converted, mask: torch.Tensor) -> Fidelity:
         fidelity.top1_agreement = (l0.argmax(-1) == l1.argmax(-1)).float().mean().item()
         log_p, log_q = l0.log_softmax(-1), l1.log_softmax(-1)
         fidelity.kl_mean = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+        if ids is not None:
+            fidelity.original_perplexity = calibrate.perplexity(l0, ids[0])
+            fidelity.perplexity = calibrate.perplexity(l1, ids[0])
     return fidelity
+
+
+def _target_figures(fidelity: Fidelity, dtype: torch.dtype) -> dict:
+    """The figures the target is stated in (calibrate.shortfall's)."""
+    if fidelity.perplexity is not None:
+        return {
+            "perplexity": fidelity.perplexity,
+            "original_perplexity": fidelity.original_perplexity,
+            "perplexity_change": fidelity.perplexity / fidelity.original_perplexity - 1,
+            "top1_agreement": fidelity.top1_agreement,
+            "top1_target": calibrate.top1_min_for(dtype),
+        }
+    return {"cosine_min": fidelity.cosine_min, "cosine_mean": fidelity.cosine_mean}
 
 
 def _training_loss(model, inputs, lm_auto_class: str | None, seed: int) -> torch.Tensor:
@@ -225,6 +277,21 @@ def _reconstruction(trace: list, exact: bool) -> list[dict]:
     return sorted(rows, key=lambda r: (r["layer"].rsplit(" ", 1)[0], int(r["layer"].rsplit(" ", 1)[1])))
 
 
+def _original_sharing(meft, original: Path, auto_class_name: str, family, config):
+    """The original model under the library's class, on the converted model's own PLM tensors."""
+    with quiet_transformers():
+        plm_config = transformers.AutoConfig.from_pretrained(original)
+    plm_config.num_labels = config.num_labels
+    plm_config.id2label, plm_config.label2id = config.id2label, config.label2id
+    library_class = getattr(transformers, family.heads[auto_class_name].library_class)
+    with torch.device("meta"), quiet_transformers():
+        plm = library_class(plm_config)
+    missing = calibrate.share_tensors(plm, meft)
+    if missing:
+        raise RuntimeError(f"the converted model lacks tensors of the original: {missing[:3]}")
+    return plm.eval()
+
+
 def verify_conversion(
     original: Path,
     converted: Path,
@@ -233,9 +300,17 @@ def verify_conversion(
     sentences: list[str] | None = None,
     seed: int = 0,
     reference: bool = True,
+    share_plm: bool = False,
+    allow_low_fidelity: bool | None = None,
 ) -> VerificationReport:
-    """Loads both checkpoints (the converted one through the Auto classes and its own code)
-    and measures fidelity, reconstruction and gradients; see the module docstring."""
+    """Loads the converted checkpoint (through the Auto classes and its own code) in its own
+    dtype and measures fidelity, reconstruction and gradients; see the module docstring.
+
+    share_plm: run the original on the converted model's PLM tensors instead of loading it
+    (for a folder convert() has just written, whose PLM shards are byte copies of the
+    original's): half the memory. reference: include the calibration's candidates.
+    allow_low_fidelity: keep a conversion that only misses the fidelity target or the float
+    bounds (default: what config.json's meft_calibration records)."""
     original, converted = Path(original), Path(converted)
     sentences = sentences or SENTENCES
     with quiet_transformers():
@@ -245,22 +320,52 @@ def verify_conversion(
         auto_class_name = _auto_class_for(family, architecture)
         auto_class = getattr(transformers, auto_class_name)
         lm = auto_class_name in LM_HEADS
-        plm = auto_class.from_pretrained(original, dtype=torch.float32).eval()
-        meft = auto_class.from_pretrained(converted, dtype=torch.float32, trust_remote_code=True).eval()
-    inputs = _inputs(original, config.vocab_size, sentences)
+        dtype = _checkpoint_dtype(converted, family)
+        meft = auto_class.from_pretrained(converted, dtype=dtype, trust_remote_code=True).eval()
+        if share_plm:
+            plm = _original_sharing(meft, original, auto_class_name, family, config)
+        else:
+            plm = auto_class.from_pretrained(original, dtype=dtype).eval()
+    calibration = getattr(config, "meft_calibration", None) or {}
+    if allow_low_fidelity is None:
+        allow_low_fidelity = bool(calibration.get("allow_low_fidelity", False))
+    text = calibrate.text_inputs(original, config)
+    causal = auto_class_name == calibrate.CAUSAL_LM
     with torch.no_grad():
-        reference_out = _forward(plm, inputs, lm)
-        fidelity = _fidelity(reference_out, _forward(meft, inputs, lm), inputs["attention_mask"])
+        fidelity = _fidelity(
+            _forward(plm, text, lm), _forward(meft, text, lm), text["attention_mask"], text["input_ids"] if causal else None
+        )
+    del plm
     settings = config.meft_settings()
     report = VerificationReport(
         model=model_name or str(original),
         architecture=architecture,
         settings=settings,
-        tokens=int(inputs["attention_mask"].sum()),
+        tokens=int(text["attention_mask"].sum()),
         fidelity=fidelity,
+        dtype=str(dtype).removeprefix("torch."),
     )
+    losses = []
+    missed = calibrate.shortfall(_target_figures(fidelity, dtype))
+    if missed:
+        searched = {"lambda_", "beta"} & set(calibration.get("auto", ()))
+        if calibration.get("meets_target") is False and searched:  # `auto` searched and found no scale that meets it
+            init = calibration["adapter_init"]
+            other = "paper" if init == "zero" else "zero"
+            fix = (
+                f"no scale down to 2^-{calibrate.MAX_SCALE_BITS} met the target on the calibration text in "
+                f"{calibration['dtype']} with --adapter-init {init}"
+            )
+            other_figures = calibration.get(f"{other}_init_figures")
+            if other_figures and calibrate.shortfall(other_figures) is None:
+                fix += f" (--adapter-init {other} does there: {calibrate.describe(other_figures)})"
+            fix += "; --allow-low-fidelity keeps it"
+        else:
+            fix = FIX
+        losses.append(f"the starting point is lost: {missed}; {fix}")
 
     # reconstruction and gradients, in training mode with dropout on
+    inputs = _inputs(original, config.vocab_size, sentences)
     meft.train()
     stacks = meft.meft_stacks
     for stack in stacks:
@@ -278,42 +383,49 @@ def verify_conversion(
     vanilla_grads = _gradients(meft, inputs, lm_auto_class, "vanilla", seed)
     report.gradients = _compare_gradients(reversible_grads, vanilla_grads)
     meft.eval()
+    report.scope = (
+        f"in {report.dtype}: fidelity on {report.tokens} tokens of the calibration text against the original "
+        + ("(the converted model's own PLM tensors under the library's classes)" if share_plm else "(loaded from its folder)")
+        + f"; every reversible layer's rebuilt input ({len(report.reconstruction)}) and all {_tensor_count(report.gradients)} "
+        f"trainable tensors' gradients on {len(sentences)} sentences ({int(inputs['attention_mask'].sum())} tokens), dropout on"
+    )
 
+    g = report.gradients
     if settings["exact"]:
         differing = sum(r["differing_elements"] for r in report.reconstruction)
         if differing:
             report.problems.append(f"reconstruction differs in {differing} elements")
-        g = report.gradients
         if g["missing"] or not g["max_relative_difference"] <= GRADIENT_TOLERANCE:
             report.problems.append(
                 f"reversible gradients differ from plain autograd (max relative {g['max_relative_difference']:.3e})"
             )
+    else:
+        worst = max((r["relative_error"] for r in report.reconstruction), default=0.0)
+        if not worst <= FLOAT_RECONSTRUCTION_BOUND:
+            layer = max(report.reconstruction, key=lambda r: r["relative_error"])["layer"]
+            losses.append(
+                f"float mode rebuilt the input of {layer} with a relative error of {worst:.3e} "
+                f"(bound {FLOAT_RECONSTRUCTION_BOUND:g}); drop --no-exact (the exact inverse), or use larger scales"
+            )
+        if g["missing"] or not g["max_relative_difference"] <= FLOAT_GRADIENT_BOUND:
+            losses.append(
+                f"float mode's gradients are {g['max_relative_difference']:.3e} off plain autograd (relative, bound "
+                f"{FLOAT_GRADIENT_BOUND:g}); drop --no-exact (the exact inverse), or use larger scales"
+            )
+    if allow_low_fidelity:
+        report.accepted_losses = losses
+    else:
+        report.problems.extend(losses)
     if reference:
-        report.reference = _reference_fidelity(converted, auto_class, inputs, reference_out, lm, seed)
+        report.reference = list(calibration.get("trials", []))
     return report
 
 
-def _reference_fidelity(converted: Path, auto_class, inputs, reference_out, lm: bool, seed: int) -> list[dict]:
-    """Fidelity of every variant at the paper's defaults (fresh adapters, both output streams)."""
-    rows = []
-    for variant, scales in VARIANT_DEFAULTS.items():
-        with quiet_transformers():
-            config = transformers.AutoConfig.from_pretrained(converted, trust_remote_code=True)
-            config.variant, config.lambda_, config.beta = variant, scales["lambda_"], scales["beta"]
-            config.adapter_dim, config.adapter_init, config.adapter_init_std = 8, "paper", 0.02
-            config.reversible_layers = None
-            with _seeded(seed):
-                model = auto_class.from_pretrained(
-                    converted, config=config, dtype=torch.float32, trust_remote_code=True, ignore_mismatched_sizes=True
-                )
-        model.eval()
-        row = {"variant": variant, **scales}
-        for stream in ("plm", "mean"):
-            for stack in model.meft_stacks:
-                stack.output_stream = stream
-            with torch.no_grad():
-                f = _fidelity(reference_out, _forward(model, inputs, lm), inputs["attention_mask"])
-            row[stream] = (f.cosine_mean, f.cosine_min)
-        rows.append(row)
-        del model
-    return rows
+def _tensor_count(gradients: dict) -> int:
+    return gradients.get("tensors", 0)
+
+
+def _checkpoint_dtype(folder: Path, family) -> torch.dtype:
+    from .weights import find_weights
+
+    return calibrate.checkpoint_dtype(find_weights(folder).tensors, family.stacks[0].layers + ".0.")

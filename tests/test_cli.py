@@ -34,6 +34,8 @@ def test_defaults(calls):
     result = invoke("some/model", "-o", "out")
     assert result.exit_code == 0, result.output
     assert calls == [ConvertOptions(model="some/model", output=Path("out"))]
+    # measured at conversion unless given
+    assert (calls[0].lambda_, calls[0].beta, calls[0].adapter_init, calls[0].stream_bits) == ("auto",) * 4
     assert "Wrote out" in result.output
 
 
@@ -42,7 +44,8 @@ def test_every_option_reaches_convert(calls):
         "facebook/opt-1.3b", "--output", "o", "--variant", "meft1", "--task", "sequence-classification",
         "--num-labels", 3, "--adapter-dim", 16, "--lambda", "1/1024",
         "--beta", "2^-6", "--init-std", 0.01, "--adapter-init", "zero", "--reversible-layers", 3,
-        "--output-stream", "mean", "--no-exact", "--revision", "v1", "--seed", 7, "--force", "--no-verify",
+        "--output-stream", "mean", "--no-exact", "--stream-bits", "32", "--allow-low-fidelity",
+        "--revision", "v1", "--seed", 7, "--force", "--no-verify",
         "--push-to-hub", "me/opt-meft", "--private", "--push-revision", "v2", "--commit-message", "MEFT3 of OPT",
         "--token", "hf_secret",
     )
@@ -51,7 +54,8 @@ def test_every_option_reaches_convert(calls):
         ConvertOptions(
             model="facebook/opt-1.3b", output=Path("o"), variant="meft1", task="sequence-classification", num_labels=3,
             adapter_dim=16, lambda_=1 / 1024, beta=2.0**-6,
-            init_std=0.01, adapter_init="zero", reversible_layers=3, output_stream="mean", exact=False, revision="v1",
+            init_std=0.01, adapter_init="zero", reversible_layers=3, output_stream="mean", exact=False,
+            stream_bits="32", allow_low_fidelity=True, revision="v1",
             seed=7, force=True, verify=False, push_to_hub="me/opt-meft", private=True, push_revision="v2",
             commit_message="MEFT3 of OPT", token="hf_secret",
         )
@@ -65,7 +69,10 @@ def test_the_explicit_convert_command_is_the_default_one(calls):
     assert calls[0] == calls[1] == ConvertOptions(model="m", output=Path("o"), variant="meft1")
 
 
-@pytest.mark.parametrize("text,value", [("0.1", 0.1), ("1/10", 0.1), ("1 / 1024", 1 / 1024), ("2^-10", 2**-10), ("1", 1.0)])
+@pytest.mark.parametrize(
+    "text,value",
+    [("0.1", 0.1), ("1/10", 0.1), ("1 / 1024", 1 / 1024), ("2^-10", 2**-10), ("1", 1.0), ("auto", "auto"), ("AUTO", "auto")],
+)
 def test_scales_accept_fractions_and_powers(calls, text, value):
     assert invoke("m", "-o", "o", "--lambda", text).exit_code == 0
     assert calls[-1].lambda_ == value
@@ -157,6 +164,19 @@ def test_real_conversion_exits_0(tiny_checkpoints, tmp_path):
     result = invoke(tiny_checkpoints["opt-125m"], "-o", tmp_path / "out", "--variant", "meft2")
     assert result.exit_code == 0, result.output
     assert "bit-exact" in result.output and "passed" in result.output and (tmp_path / "out" / "config.json").is_file()
+
+
+def test_real_lost_starting_point_exits_1_unless_allowed(minilm, tmp_path):
+    """Not mocked: the paper's λ = β = 0.1 and init on the real MiniLM miss the target."""
+    paper = ("--variant", "meft3", "--lambda", "0.1", "--beta", "1/10", "--adapter-init", "paper")
+    result = invoke(minilm, "-o", tmp_path / "out", *paper)
+    assert result.exit_code == 1 and not (tmp_path / "out").exists()
+    error = result.output.strip().splitlines()[-1]
+    assert error.startswith("Error: verification failed: the starting point is lost: cosine similarity to the original 0.")
+    assert "--lambda auto" in error and "--allow-low-fidelity" in error
+    kept = invoke(minilm, "-o", tmp_path / "kept", *paper, "--allow-low-fidelity")
+    assert kept.exit_code == 0, kept.output
+    assert "kept anyway   the starting point is lost" in kept.output and (tmp_path / "kept" / "config.json").is_file()
 
 
 def test_real_missing_head_exits_2(tiny_checkpoints, tmp_path):

@@ -27,6 +27,10 @@ WORLD_SIZE = 2
 ROWS_PER_RANK, SEQ = 2, 12
 STEPS = 3
 DROPOUT_OFF = {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0}
+# the paper's adapter init, not the default zero one: every trainable tensor then gets a nonzero
+# gradient in the first step (a zero up-projection passes none to its down-projection), which the
+# gradient comparisons below divide by; random tiny models have no starting point to keep
+PAPER_INIT = {"adapter_init": "paper", "allow_low_fidelity": True}
 ROOT = Path(__file__).resolve().parent.parent
 # FSDP2 on the CPU (gloo) is right from torch 2.9: 2.6's all-gather needs CUDA stream events, and
 # 2.7 and 2.8 sum the ranks' gradients instead of averaging them (a plain nn.Linear shows it too)
@@ -337,7 +341,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def opt_folders(converted) -> dict[str, str]:
     """Converted tiny OPTs by variant."""
-    folders = {variant: str(converted("opt-125m", variant)[0]) for variant in ("meft1", "meft2", "meft3")}
+    folders = {variant: str(converted("opt-125m", variant, **PAPER_INIT)[0]) for variant in ("meft1", "meft2", "meft3")}
     for folder in folders.values():
         _load(folder)  # writes the remote code into the modules cache once, before the workers read it
     return folders
@@ -358,7 +362,7 @@ def ranks(opt_folders, converted, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ranks")
     families = {}
     for name, auto_class in FSDP_FAMILIES.items():
-        folder = str(converted(name, "meft3")[0])
+        folder = str(converted(name, "meft3", **PAPER_INIT)[0])
         getattr(transformers, auto_class).from_pretrained(folder, trust_remote_code=True)  # the modules cache, once
         families[name] = (folder, auto_class)
     mp.start_processes(
@@ -379,7 +383,7 @@ TOLERANCE = 1e-6
 def test_every_trainable_parameter_gets_a_gradient(converted, variant, output_stream):
     """What DDP with find_unused_parameters=False and FSDP need: each step gives every trainable
     parameter a gradient. Adapters whose output is dropped (MEFT1/2, PLM stream) are frozen."""
-    folder, _ = converted("opt-125m", variant)
+    folder, _ = converted("opt-125m", variant, **PAPER_INIT)
     model = _load(str(folder), output_stream=output_stream)
     ids = _global_batch(model.config.vocab_size, 0)
     model(input_ids=ids, labels=ids).loss.backward()

@@ -85,7 +85,7 @@ def test_every_auto_class_loads_without_meft_convert(standalone_results):
 
 def test_loaded_models_keep_the_starting_point_and_train_exactly(standalone_results):
     for r in standalone_results:
-        assert r["cosine_min"] > 0.5, r  # paper defaults: near, not equal (see the verification reports)
+        assert r["cosine_min"] > 0.5, r  # random tiny models; the verification reports hold the measured figures
         assert r["grads_equal"] and r["n_grads"] > 0, r
         # after from_pretrained only the adapters and a new task head train
         head = {
