@@ -76,23 +76,34 @@ LOSS_CHUNK_TOKENS = 256
 OPTIMIZER_STEP_COPIES = 2
 # MEFT (exact), beside the stream integers and the remainders: a layer's backward has two
 # phases and the peak is the larger, as (T×H-sized, c×I-sized) tensors with c =
-# recompute_chunk_tokens. The mixing phase (attention over the whole sequence) holds stream
-# values, stream gradients and block outputs of the full sequence; the position-wise phase
-# the full-sequence tensors that outlive the attention plus the MLP's working set over one
-# chunk. MEFT1: F is a whole layer (attention, MLP, adapter) and G an adapter; MEFT2 the other
-# way round, two T×H-sized tensors fewer than MEFT1 as measured; MEFT3: F = attention, G = MLP.
-# Fitted to Llama-3-8B at 1 × 8k–32k (chunks of 4096: MEFT1/MEFT2 peak in the position-wise
-# phase at 8k and in the mixing phase above, MEFT3 in the mixing phase throughout). Not yet
-# measured on a plain-MLP family with this engine (benchmarks/results/h200.json's MEFT arms
-# ran an older one).
-MEFT_MIXING_PHASE = {"meft1": (23.0, 1.5), "meft2": (21.0, 1.5), "meft3": (21.4, 1.0)}
-MEFT_POSITIONWISE_PHASE = {"meft1": (18.0, 6.6), "meft2": (16.0, 6.6), "meft3": (11.0, 6.6)}
-# Remainders on the GPU when offloaded: the layer in use and the one fetched ahead (measured:
-# offloading saves (L − 2)/L of them).
+# recompute_chunk_tokens, per MLP kind. The mixing phase (attention over the whole sequence)
+# holds stream values, stream gradients and block outputs of the full sequence; the
+# position-wise phase the full-sequence tensors that outlive the attention plus the MLP's
+# working set over one chunk. MEFT1: F is a whole layer (attention, MLP, adapter) and G an
+# adapter; MEFT2 the other way round; MEFT3: F = attention, G = MLP.
+# Gated: fitted to Llama-3-8B at 1 × 8k–32k with the final engine (chunks of 4096: MEFT1/MEFT2
+# peak in the position-wise phase at 8k and in the mixing phase above, MEFT3 likewise; MEFT1
+# and MEFT2 measured alike to 0.01%; the c×I count, 6.6, is SwiGLU's gate, up, their product
+# and the gradients of each). The T×H counts sit between the exact and the offloaded rows
+# (offloading measured 0.5 T×H below what OFFLOADED_REMAINDER_LAYERS_ON_GPU gives).
+# Plain: fitted to OPT-1.3b at 8 × 512 (the current engine). There c = T, so the position-wise
+# c×I count (3: the first projection's output, its activation and a gradient, I = 4H) is
+# taken, not fitted, and the T×H counts are fitted; MEFT2 measured 2 T×H below MEFT1. Its
+# mixing phase is not measured apart (it never peaks while T ≤ c): the gated counts, assumed.
+MEFT_MIXING_PHASE = {
+    "gated": {"meft1": (19.8, 1.6), "meft2": (19.8, 1.6), "meft3": (18.8, 0.2)},
+    "plain": {"meft1": (19.8, 1.6), "meft2": (19.8, 1.6), "meft3": (18.8, 0.2)},
+}
+MEFT_POSITIONWISE_PHASE = {
+    "gated": {"meft1": (15.5, 6.6), "meft2": (15.5, 6.6), "meft3": (10.0, 6.6)},
+    "plain": {"meft1": (18.1, 3.0), "meft2": (16.1, 3.0), "meft3": (10.2, 3.0)},
+}
+# Remainders on the GPU when offloaded: the layer in use and the one fetched ahead.
 OFFLOADED_REMAINDER_LAYERS_ON_GPU = 2
 # Float mode (the paper's): no integers and no remainders, but T×H-sized float tensors beyond
-# the exact mixing phase (fitted to Llama-3-8B's float MEFT3; MEFT1/MEFT2 float assumed alike).
-MEFT_FLOAT_EXTRA_TH = 10.7
+# the exact layer's backward (fitted to OPT-1.3b's float MEFT3 at 8 × 512, the current engine;
+# MEFT1/MEFT2 float and the gated kind assumed alike).
+MEFT_FLOAT_EXTRA_TH = 8.3
 
 ARMS = (
     "full", "lora", "lora+gc", "lora+gc+chunked-loss", "lora+offload-gc+chunked-loss", "head-only",
@@ -351,28 +362,55 @@ def meft_trainable(s: Shape, variant: str) -> int:
     return count * (2 * ADAPTER_DIM * s.hidden + ADAPTER_DIM + s.hidden)
 
 
-def arm_meft(step: Step, variant: str, lambda_: float, beta: float, exact: bool, offload: bool) -> dict:
-    """A MEFT variant: stream integers, stream values and gradients, one layer's backward with its
-    MLP a chunk at a time, and (exact mode) every layer's remainders, on the host when offloaded."""
-    mix_th, mix_ci = MEFT_MIXING_PHASE[variant]
-    pos_th, pos_ci = MEFT_POSITIONWISE_PHASE[variant]
-    layer = max(mix_th * step.th + mix_ci * step.chunk_ti, pos_th * step.th + pos_ci * step.chunk_ti)
-    elements = step.tokens * step.s.hidden
-    if exact:
-        integers = 2 * elements * step.stream_bits / 8
-        bits = remainder_bits(denominator_of(lambda_, "lambda_")) + remainder_bits(denominator_of(beta, "beta"))
-        per_layer = elements * bits / 8
-        on_gpu = OFFLOADED_REMAINDER_LAYERS_ON_GPU if offload else step.s.layers
-        remainders = min(on_gpu, step.s.layers) * per_layer
-        host = step.s.layers * per_layer if offload else 0
-        # one packed buffer per scaled stream and layer, each rounded up by the pinned allocator
-        pinned = step.s.layers * sum(_pinned(packed_remainder_bytes(denominator_of(x), elements))
-                                     for x in (lambda_, beta) if denominator_of(x) > 1) if offload else 0
-    else:
-        integers = remainders = host = pinned = 0
-        layer += MEFT_FLOAT_EXTRA_TH * step.th
-    peak = max(integers + remainders + layer, step.chunked_loss() + integers + remainders)
+def meft_layer_backward(step: Step, variant: str) -> float:
+    """One MEFT layer's backward: the larger of its mixing and position-wise phases."""
+    kind = "gated" if step.s.gated else "plain"
+    mix_th, mix_ci = MEFT_MIXING_PHASE[kind][variant]
+    pos_th, pos_ci = MEFT_POSITIONWISE_PHASE[kind][variant]
+    return max(mix_th * step.th + mix_ci * step.chunk_ti, pos_th * step.th + pos_ci * step.chunk_ti)
+
+
+def meft_remainder_bits(lambda_: float, beta: float) -> float:
+    """Remainder bits per element per layer, both streams: log2(m) for each scale 1/m (2^-j)."""
+    return remainder_bits(denominator_of(lambda_, "lambda_")) + remainder_bits(denominator_of(beta, "beta"))
+
+
+def _meft(step: Step, variant: str, layer: float, kept: float, host: float = 0, pinned: float = 0) -> dict:
+    """A MEFT arm's peak: what it keeps across the step beside the larger of one layer's
+    backward and the chunked loss."""
+    peak = max(kept + layer, kept + step.chunked_loss())
     return dict(static=_static(step, meft_trainable(step.s, variant), 4), activation=peak, host=host, pinned=pinned)
+
+
+def _stream_integers(step: Step) -> float:
+    return 2 * step.tokens * step.s.hidden * step.stream_bits / 8
+
+
+def _remainders_per_layer(step: Step, lambda_: float, beta: float) -> float:
+    return step.tokens * step.s.hidden * meft_remainder_bits(lambda_, beta) / 8
+
+
+def arm_meft_exact(step: Step, variant: str, lambda_: float, beta: float) -> dict:
+    """Exact MEFT: the stream integers and every layer's remainders on the GPU."""
+    kept = _stream_integers(step) + step.s.layers * _remainders_per_layer(step, lambda_, beta)
+    return _meft(step, variant, meft_layer_backward(step, variant), kept)
+
+
+def arm_meft_offload(step: Step, variant: str, lambda_: float, beta: float) -> dict:
+    """Exact MEFT with the remainders in pinned host memory: two layers' of them on the GPU."""
+    per_layer = _remainders_per_layer(step, lambda_, beta)
+    kept = _stream_integers(step) + min(OFFLOADED_REMAINDER_LAYERS_ON_GPU, step.s.layers) * per_layer
+    # one packed buffer per scaled stream and layer, each rounded up by the pinned allocator
+    elements = step.tokens * step.s.hidden
+    pinned = step.s.layers * sum(_pinned(packed_remainder_bytes(denominator_of(x), elements))
+                                 for x in (lambda_, beta) if denominator_of(x) > 1)
+    return _meft(step, variant, meft_layer_backward(step, variant), kept, host=step.s.layers * per_layer,
+                 pinned=pinned)
+
+
+def arm_meft_float(step: Step, variant: str) -> dict:
+    """The paper's float MEFT: no integers, no remainders, float stream tensors instead."""
+    return _meft(step, variant, meft_layer_backward(step, variant) + MEFT_FLOAT_EXTRA_TH * step.th, 0)
 
 
 def frozen_layer(step: Step) -> float:
@@ -437,9 +475,9 @@ def estimate_memory(
         if beta is not None and variant != "meft1":  # MEFT1 keeps β = 1
             bet = beta
         scales[variant] = (lam, bet)
-        arms[variant] = arm_meft(step, variant, lam, bet, exact=True, offload=False)
-        arms[variant + "+offload"] = arm_meft(step, variant, lam, bet, exact=True, offload=True)
-        arms[variant + "-float"] = arm_meft(step, variant, lam, bet, exact=False, offload=False)
+        arms[variant] = arm_meft_exact(step, variant, lam, bet)
+        arms[variant + "+offload"] = arm_meft_offload(step, variant, lam, bet)
+        arms[variant + "-float"] = arm_meft_float(step, variant)
     out = {}
     for name, arm in arms.items():
         out[name] = dict(
