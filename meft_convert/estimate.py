@@ -31,7 +31,10 @@ from .errors import BadInputError
 
 GIB = 2**30
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-VARIANT_SCALES = {"meft1": (0.1, 1.0), "meft2": (1.0, 0.1), "meft3": (0.1, 0.1)}  # the converter's defaults
+# (λ, β) assumed when none is given: the benchmark's starting points (2^-8 on MEFT1/MEFT2's
+# scaled stream, 2^-10 on both of MEFT3's). The converter calibrates λ and β per model
+# (--lambda auto, typically 2^-8 to 2^-12); a converted model's config.json holds them.
+VARIANT_SCALES = {"meft1": (2**-8, 1.0), "meft2": (1.0, 2**-8), "meft3": (2**-10, 2**-10)}
 LORA_RANK = 8  # the LoRA baselines: r = 8 on the query and value projections (peft, float32 adapters)
 LORA_TARGETS = {"gpt2": ("c_attn",), "bert": ("query", "value"), "roberta": ("query", "value")}
 ADAPTER_DIM = 8  # MEFT's bottleneck width r (the converter's default)
@@ -441,8 +444,10 @@ def estimate_memory(
 
     `config` is a transformers config as a dict (config.json). Returns a dict with the model's
     sizes, the settings assumed, and `arms`: name → {static_gib, activation_gib, peak_gib,
-    host_gib, host_pinned_gib, gradients_gib, label}. lambda_/beta override every variant's scales (default: each variant's,
-    0.1 on its scaled streams), or per variant through
+    host_gib, host_pinned_gib, gradients_gib, label}, MEFT arms also
+    remainder_bits_per_element_per_layer (0 in float mode). lambda_/beta override every
+    variant's scales (default VARIANT_SCALES: 2^-8 on MEFT1/MEFT2's scaled stream, 2^-10 on
+    MEFT3's; a converted model's config.json holds its calibrated ones), or per variant through
     variant_scales {variant: (λ, β)}; `layers` overrides the config's depth; stream_bits defaults to 32 for 16-bit models, 64 for fp32."""
     if not (isinstance(batch_size, int) and batch_size > 0 and isinstance(seq_len, int) and seq_len > 0):
         raise BadInputError(f"batch size and sequence length must be positive integers, got {batch_size} and {seq_len}")
@@ -480,8 +485,9 @@ def estimate_memory(
         arms[variant + "-float"] = arm_meft_float(step, variant)
     out = {}
     for name, arm in arms.items():
+        variant = name.split("+")[0].split("-")[0]
         out[name] = dict(
-            label=ARM_LABELS.get(name) or _meft_label(name, *scales.get(name.split("+")[0].split("-")[0], (1, 1))),
+            label=ARM_LABELS.get(name) or _meft_label(name, *scales.get(variant, (1, 1))),
             static_gib=arm["static"] / GIB,
             activation_gib=arm["activation"] / GIB,
             peak_gib=(arm["static"] + arm["activation"]) / GIB,
@@ -489,12 +495,16 @@ def estimate_memory(
             host_pinned_gib=arm.get("pinned", 0) / GIB,
             gradients_gib=_gradient_bytes(step, name) / GIB,
         )
+        if variant in scales:
+            out[name]["remainder_bits_per_element_per_layer"] = (
+                0.0 if name.endswith("-float") else meft_remainder_bits(*scales[variant]))
     return dict(
         model_type=s.model_type, batch_size=batch_size, seq_len=seq_len, tokens=step.tokens, dtype=dtype,
         hidden_size=s.hidden, layers=s.layers, intermediate_size=s.ffn, vocab_size=s.vocab, parameters=s.params,
         settings=dict(stream_bits=bits, recompute_chunk_tokens=recompute_chunk_tokens, loss_chunk_size=loss_chunk_size,
                       lora_rank=LORA_RANK, adapter_dim=ADAPTER_DIM,
-                      scales={v: dict(lambda_=lam, beta=bet) for v, (lam, bet) in scales.items()}),
+                      scales={v: dict(lambda_=lam, beta=bet, remainder_bits_per_element_per_layer=meft_remainder_bits(lam, bet))
+                              for v, (lam, bet) in scales.items()}),
         frozen_layer_gib=frozen_layer(step) / GIB,
         arms=out,
     )
@@ -536,7 +546,7 @@ def _meft_label(name: str, lambda_: float, beta: float) -> str:
     variant = name.split("+")[0].split("-")[0].upper()
     if name.endswith("-float"):
         return f"{variant} float (paper's inverse, approximate)"
-    bits = sum(remainder_bits(denominator_of(x)) for x in (lambda_, beta))
+    bits = meft_remainder_bits(lambda_, beta)
     where = ", remainders on host" if name.endswith("+offload") else ""
     return f"{variant} exact ({bits:.3g} bits per element per layer{where})"
 
@@ -566,6 +576,12 @@ def _gib(value: float) -> str:
     return f"{value:.2f}" if value >= 1 else f"{value:.3f}"
 
 
+def _power(scale: float) -> str:
+    """A scale as 2^-j where it is one, else as given."""
+    j = -math.log2(scale) if scale > 0 else 0
+    return "1" if scale == 1 else f"2^-{round(j)}" if j == round(j) else f"{scale:g}"
+
+
 def format_table(result: dict) -> str:
     """The estimate as a text table (GiB)."""
     head = (f"{result['model_type']}: {result['parameters'] / 1e9:.2f}B parameters, {result['layers']} layers, "
@@ -580,6 +596,12 @@ def format_table(result: dict) -> str:
     width = max(len(r[0]) for r in rows)
     lines = [f"{r[0]:<{width}}  {r[1]:>7}  {r[2]:>10}  {r[3]:>7}  {r[4]:>6}  {r[5]}".rstrip() for r in rows]
     lines.insert(1, "-" * max(len(line) for line in lines))
+    scales = result["settings"]["scales"]
+    if scales:
+        head += "MEFT scales (--lambda/--beta; a converted model's config.json holds its calibrated ones):\n" + "".join(
+            f"  {v.upper()} λ={_power(x['lambda_'])} β={_power(x['beta'])}: "
+            f"{x['remainder_bits_per_element_per_layer']:.3g} remainder bits per element per layer\n"
+            for v, x in scales.items())
     tail = (f"\nGiB. One frozen layer alone, forward + backward (the floor of any method that recomputes layers): "
             f"{_gib(result['frozen_layer_gib'])}.\nEstimates from the config, not measurements: see --help for what they assume.")
     return head + "\n".join(lines) + tail

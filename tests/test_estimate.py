@@ -184,6 +184,27 @@ def test_cli_table_and_options(tmp_path):
     assert "Estimates from the config" in result.output
 
 
+def test_default_scales_and_remainder_bits():
+    """Without --lambda/--beta the benchmark's starting points: 2^-8 on MEFT1/MEFT2's scaled
+    stream (8 bits per element per layer), 2^-10 on both of MEFT3's (20 bits); the table and
+    the JSON give the bits, and the help says where a converted model's calibrated scales are."""
+    config = json.loads((CONFIGS / "llama-3-8b.json").read_text())
+    result = estimate_memory(config, 1, 8192)
+    assert result["settings"]["scales"] == {
+        "meft1": dict(lambda_=2**-8, beta=1.0, remainder_bits_per_element_per_layer=8),
+        "meft2": dict(lambda_=1.0, beta=2**-8, remainder_bits_per_element_per_layer=8),
+        "meft3": dict(lambda_=2**-10, beta=2**-10, remainder_bits_per_element_per_layer=20)}
+    arms = result["arms"]
+    assert arms["meft3+offload"]["remainder_bits_per_element_per_layer"] == 20
+    assert arms["meft1-float"]["remainder_bits_per_element_per_layer"] == 0
+    assert "remainder_bits_per_element_per_layer" not in arms["lora+gc+chunked-loss"]
+    text = invoke("estimate", CONFIGS / "llama-3-8b.json", "-b", 1, "-s", 8192).output
+    assert "MEFT1 λ=2^-8 β=1: 8 remainder bits per element per layer" in text
+    assert "MEFT3 λ=2^-10 β=2^-10: 20 remainder bits per element per layer" in text
+    help_text = " ".join(invoke("estimate", "--help").output.split())
+    assert "config.json holds the calibrated values to pass with --lambda and --beta" in help_text
+
+
 def test_cli_same_as_function():
     config = json.loads((CONFIGS / "qwen2-0.5b.json").read_text())
     result = invoke("estimate", CONFIGS / "qwen2-0.5b.json", "-b", 2, "-s", 1024, "--json")
