@@ -350,9 +350,13 @@ recompute in --recompute-chunk-tokens chunks; SDPA attention.
 
 These are estimates from the config, not measurements. The counts of tensors a layer's
 backward holds are fitted to H200 measurements (bf16, torch 2.11, transformers 5.17; see
-benchmarks/results): Llama-3-8B at batch 1 × 8k–32k for every arm, OPT-1.3b at 8 × 512 for
-the baselines. Expect them within about 15% of such runs; other architectures (their MEFT
-arms in particular), shapes and library versions are less sure. Allocator fragmentation,
+benchmarks/results): Llama-3-8B at batch 1 × 8k–32k (gated MLP) and OPT-1.3b at 8 × 512
+(plain MLP), every arm. Expect them within about 15% of such runs; other architectures, shapes
+and library versions are less sure. The MEFT scales assumed are the benchmark's starting
+points (λ = 2^-8 for MEFT1, β = 2^-8 for MEFT2, λ = β = 2^-10 for MEFT3); the converter
+calibrates them per model (--lambda auto, typically 2^-8 to 2^-12), and a converted model's
+config.json holds the calibrated values to pass with --lambda and --beta. The table gives
+each variant's remainder bits per element per layer. Allocator fragmentation,
 the CUDA context and workspaces beyond 64 MiB are not included.
 """
 
@@ -368,8 +372,11 @@ the CUDA context and workspaces beyond 64 MiB are not included.
 @click.option("--variant", "variants", type=click.Choice(["meft1", "meft2", "meft3"]), multiple=True,
               help="MEFT variants to estimate (repeatable; default: all three).")
 @click.option("--lambda", "lambda_", type=ScaleType(), default=None,
-              help="λ of MEFT1 and MEFT3 (default: the variant's, 0.1). 1/m costs log2(m) bits per element per layer.")
-@click.option("--beta", type=ScaleType(), default=None, help="β of MEFT2 and MEFT3 (default: the variant's, 0.1); like --lambda.")
+              help="λ of MEFT1 and MEFT3 (default: the benchmark's starting point, 2^-8 for MEFT1, 2^-10 for MEFT3). "
+                   "1/m costs log2(m) bits per element per layer. The converter calibrates λ and β per model "
+                   "(--lambda auto): a converted model's config.json holds the values to pass here.")
+@click.option("--beta", type=ScaleType(), default=None,
+              help="β of MEFT2 and MEFT3 (default: 2^-8 for MEFT2, 2^-10 for MEFT3); like --lambda.")
 @click.option("--stream-bits", type=click.Choice(["32", "64"]), default=None,
               help="Width of the stream integers (default: 32 for 16-bit models, 64 for fp32, as conversion picks).")
 @click.option("--recompute-chunk-tokens", type=click.IntRange(min=0), default=4096, show_default=True,

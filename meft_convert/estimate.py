@@ -31,7 +31,10 @@ from .errors import BadInputError
 
 GIB = 2**30
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-VARIANT_SCALES = {"meft1": (0.1, 1.0), "meft2": (1.0, 0.1), "meft3": (0.1, 0.1)}  # the converter's defaults
+# (λ, β) assumed when none is given: the benchmark's starting points (2^-8 on MEFT1/MEFT2's
+# scaled stream, 2^-10 on both of MEFT3's). The converter calibrates λ and β per model
+# (--lambda auto, typically 2^-8 to 2^-12); a converted model's config.json holds them.
+VARIANT_SCALES = {"meft1": (2**-8, 1.0), "meft2": (1.0, 2**-8), "meft3": (2**-10, 2**-10)}
 LORA_RANK = 8  # the LoRA baselines: r = 8 on the query and value projections (peft, float32 adapters)
 LORA_TARGETS = {"gpt2": ("c_attn",), "bert": ("query", "value"), "roberta": ("query", "value")}
 ADAPTER_DIM = 8  # MEFT's bottleneck width r (the converter's default)
@@ -76,23 +79,34 @@ LOSS_CHUNK_TOKENS = 256
 OPTIMIZER_STEP_COPIES = 2
 # MEFT (exact), beside the stream integers and the remainders: a layer's backward has two
 # phases and the peak is the larger, as (T×H-sized, c×I-sized) tensors with c =
-# recompute_chunk_tokens. The mixing phase (attention over the whole sequence) holds stream
-# values, stream gradients and block outputs of the full sequence; the position-wise phase
-# the full-sequence tensors that outlive the attention plus the MLP's working set over one
-# chunk. MEFT1: F is a whole layer (attention, MLP, adapter) and G an adapter; MEFT2 the other
-# way round, two T×H-sized tensors fewer than MEFT1 as measured; MEFT3: F = attention, G = MLP.
-# Fitted to Llama-3-8B at 1 × 8k–32k (chunks of 4096: MEFT1/MEFT2 peak in the position-wise
-# phase at 8k and in the mixing phase above, MEFT3 in the mixing phase throughout). Not yet
-# measured on a plain-MLP family with this engine (benchmarks/results/h200.json's MEFT arms
-# ran an older one).
-MEFT_MIXING_PHASE = {"meft1": (23.0, 1.5), "meft2": (21.0, 1.5), "meft3": (21.4, 1.0)}
-MEFT_POSITIONWISE_PHASE = {"meft1": (18.0, 6.6), "meft2": (16.0, 6.6), "meft3": (11.0, 6.6)}
-# Remainders on the GPU when offloaded: the layer in use and the one fetched ahead (measured:
-# offloading saves (L − 2)/L of them).
+# recompute_chunk_tokens, per MLP kind. The mixing phase (attention over the whole sequence)
+# holds stream values, stream gradients and block outputs of the full sequence; the
+# position-wise phase the full-sequence tensors that outlive the attention plus the MLP's
+# working set over one chunk. MEFT1: F is a whole layer (attention, MLP, adapter) and G an
+# adapter; MEFT2 the other way round; MEFT3: F = attention, G = MLP.
+# Gated: fitted to Llama-3-8B at 1 × 8k–32k with the final engine (chunks of 4096: MEFT1/MEFT2
+# peak in the position-wise phase at 8k and in the mixing phase above, MEFT3 likewise; MEFT1
+# and MEFT2 measured alike to 0.01%; the c×I count, 6.6, is SwiGLU's gate, up, their product
+# and the gradients of each). The T×H counts sit between the exact and the offloaded rows
+# (offloading measured 0.5 T×H below what OFFLOADED_REMAINDER_LAYERS_ON_GPU gives).
+# Plain: fitted to OPT-1.3b at 8 × 512 (the current engine). There c = T, so the position-wise
+# c×I count (3: the first projection's output, its activation and a gradient, I = 4H) is
+# taken, not fitted, and the T×H counts are fitted; MEFT2 measured 2 T×H below MEFT1. Its
+# mixing phase is not measured apart (it never peaks while T ≤ c): the gated counts, assumed.
+MEFT_MIXING_PHASE = {
+    "gated": {"meft1": (19.8, 1.6), "meft2": (19.8, 1.6), "meft3": (18.8, 0.2)},
+    "plain": {"meft1": (19.8, 1.6), "meft2": (19.8, 1.6), "meft3": (18.8, 0.2)},
+}
+MEFT_POSITIONWISE_PHASE = {
+    "gated": {"meft1": (15.5, 6.6), "meft2": (15.5, 6.6), "meft3": (10.0, 6.6)},
+    "plain": {"meft1": (18.1, 3.0), "meft2": (16.1, 3.0), "meft3": (10.2, 3.0)},
+}
+# Remainders on the GPU when offloaded: the layer in use and the one fetched ahead.
 OFFLOADED_REMAINDER_LAYERS_ON_GPU = 2
 # Float mode (the paper's): no integers and no remainders, but T×H-sized float tensors beyond
-# the exact mixing phase (fitted to Llama-3-8B's float MEFT3; MEFT1/MEFT2 float assumed alike).
-MEFT_FLOAT_EXTRA_TH = 10.7
+# the exact layer's backward (fitted to OPT-1.3b's float MEFT3 at 8 × 512, the current engine;
+# MEFT1/MEFT2 float and the gated kind assumed alike).
+MEFT_FLOAT_EXTRA_TH = 8.3
 
 ARMS = (
     "full", "lora", "lora+gc", "lora+gc+chunked-loss", "lora+offload-gc+chunked-loss", "head-only",
@@ -351,28 +365,55 @@ def meft_trainable(s: Shape, variant: str) -> int:
     return count * (2 * ADAPTER_DIM * s.hidden + ADAPTER_DIM + s.hidden)
 
 
-def arm_meft(step: Step, variant: str, lambda_: float, beta: float, exact: bool, offload: bool) -> dict:
-    """A MEFT variant: stream integers, stream values and gradients, one layer's backward with its
-    MLP a chunk at a time, and (exact mode) every layer's remainders, on the host when offloaded."""
-    mix_th, mix_ci = MEFT_MIXING_PHASE[variant]
-    pos_th, pos_ci = MEFT_POSITIONWISE_PHASE[variant]
-    layer = max(mix_th * step.th + mix_ci * step.chunk_ti, pos_th * step.th + pos_ci * step.chunk_ti)
-    elements = step.tokens * step.s.hidden
-    if exact:
-        integers = 2 * elements * step.stream_bits / 8
-        bits = remainder_bits(denominator_of(lambda_, "lambda_")) + remainder_bits(denominator_of(beta, "beta"))
-        per_layer = elements * bits / 8
-        on_gpu = OFFLOADED_REMAINDER_LAYERS_ON_GPU if offload else step.s.layers
-        remainders = min(on_gpu, step.s.layers) * per_layer
-        host = step.s.layers * per_layer if offload else 0
-        # one packed buffer per scaled stream and layer, each rounded up by the pinned allocator
-        pinned = step.s.layers * sum(_pinned(packed_remainder_bytes(denominator_of(x), elements))
-                                     for x in (lambda_, beta) if denominator_of(x) > 1) if offload else 0
-    else:
-        integers = remainders = host = pinned = 0
-        layer += MEFT_FLOAT_EXTRA_TH * step.th
-    peak = max(integers + remainders + layer, step.chunked_loss() + integers + remainders)
+def meft_layer_backward(step: Step, variant: str) -> float:
+    """One MEFT layer's backward: the larger of its mixing and position-wise phases."""
+    kind = "gated" if step.s.gated else "plain"
+    mix_th, mix_ci = MEFT_MIXING_PHASE[kind][variant]
+    pos_th, pos_ci = MEFT_POSITIONWISE_PHASE[kind][variant]
+    return max(mix_th * step.th + mix_ci * step.chunk_ti, pos_th * step.th + pos_ci * step.chunk_ti)
+
+
+def meft_remainder_bits(lambda_: float, beta: float) -> float:
+    """Remainder bits per element per layer, both streams: log2(m) for each scale 1/m (2^-j)."""
+    return remainder_bits(denominator_of(lambda_, "lambda_")) + remainder_bits(denominator_of(beta, "beta"))
+
+
+def _meft(step: Step, variant: str, layer: float, kept: float, host: float = 0, pinned: float = 0) -> dict:
+    """A MEFT arm's peak: what it keeps across the step beside the larger of one layer's
+    backward and the chunked loss."""
+    peak = max(kept + layer, kept + step.chunked_loss())
     return dict(static=_static(step, meft_trainable(step.s, variant), 4), activation=peak, host=host, pinned=pinned)
+
+
+def _stream_integers(step: Step) -> float:
+    return 2 * step.tokens * step.s.hidden * step.stream_bits / 8
+
+
+def _remainders_per_layer(step: Step, lambda_: float, beta: float) -> float:
+    return step.tokens * step.s.hidden * meft_remainder_bits(lambda_, beta) / 8
+
+
+def arm_meft_exact(step: Step, variant: str, lambda_: float, beta: float) -> dict:
+    """Exact MEFT: the stream integers and every layer's remainders on the GPU."""
+    kept = _stream_integers(step) + step.s.layers * _remainders_per_layer(step, lambda_, beta)
+    return _meft(step, variant, meft_layer_backward(step, variant), kept)
+
+
+def arm_meft_offload(step: Step, variant: str, lambda_: float, beta: float) -> dict:
+    """Exact MEFT with the remainders in pinned host memory: two layers' of them on the GPU."""
+    per_layer = _remainders_per_layer(step, lambda_, beta)
+    kept = _stream_integers(step) + min(OFFLOADED_REMAINDER_LAYERS_ON_GPU, step.s.layers) * per_layer
+    # one packed buffer per scaled stream and layer, each rounded up by the pinned allocator
+    elements = step.tokens * step.s.hidden
+    pinned = step.s.layers * sum(_pinned(packed_remainder_bytes(denominator_of(x), elements))
+                                 for x in (lambda_, beta) if denominator_of(x) > 1)
+    return _meft(step, variant, meft_layer_backward(step, variant), kept, host=step.s.layers * per_layer,
+                 pinned=pinned)
+
+
+def arm_meft_float(step: Step, variant: str) -> dict:
+    """The paper's float MEFT: no integers, no remainders, float stream tensors instead."""
+    return _meft(step, variant, meft_layer_backward(step, variant) + MEFT_FLOAT_EXTRA_TH * step.th, 0)
 
 
 def frozen_layer(step: Step) -> float:
@@ -403,8 +444,10 @@ def estimate_memory(
 
     `config` is a transformers config as a dict (config.json). Returns a dict with the model's
     sizes, the settings assumed, and `arms`: name → {static_gib, activation_gib, peak_gib,
-    host_gib, host_pinned_gib, gradients_gib, label}. lambda_/beta override every variant's scales (default: each variant's,
-    0.1 on its scaled streams), or per variant through
+    host_gib, host_pinned_gib, gradients_gib, label}, MEFT arms also
+    remainder_bits_per_element_per_layer (0 in float mode). lambda_/beta override every
+    variant's scales (default VARIANT_SCALES: 2^-8 on MEFT1/MEFT2's scaled stream, 2^-10 on
+    MEFT3's; a converted model's config.json holds its calibrated ones), or per variant through
     variant_scales {variant: (λ, β)}; `layers` overrides the config's depth; stream_bits defaults to 32 for 16-bit models, 64 for fp32."""
     if not (isinstance(batch_size, int) and batch_size > 0 and isinstance(seq_len, int) and seq_len > 0):
         raise BadInputError(f"batch size and sequence length must be positive integers, got {batch_size} and {seq_len}")
@@ -437,13 +480,14 @@ def estimate_memory(
         if beta is not None and variant != "meft1":  # MEFT1 keeps β = 1
             bet = beta
         scales[variant] = (lam, bet)
-        arms[variant] = arm_meft(step, variant, lam, bet, exact=True, offload=False)
-        arms[variant + "+offload"] = arm_meft(step, variant, lam, bet, exact=True, offload=True)
-        arms[variant + "-float"] = arm_meft(step, variant, lam, bet, exact=False, offload=False)
+        arms[variant] = arm_meft_exact(step, variant, lam, bet)
+        arms[variant + "+offload"] = arm_meft_offload(step, variant, lam, bet)
+        arms[variant + "-float"] = arm_meft_float(step, variant)
     out = {}
     for name, arm in arms.items():
+        variant = name.split("+")[0].split("-")[0]
         out[name] = dict(
-            label=ARM_LABELS.get(name) or _meft_label(name, *scales.get(name.split("+")[0].split("-")[0], (1, 1))),
+            label=ARM_LABELS.get(name) or _meft_label(name, *scales.get(variant, (1, 1))),
             static_gib=arm["static"] / GIB,
             activation_gib=arm["activation"] / GIB,
             peak_gib=(arm["static"] + arm["activation"]) / GIB,
@@ -451,12 +495,16 @@ def estimate_memory(
             host_pinned_gib=arm.get("pinned", 0) / GIB,
             gradients_gib=_gradient_bytes(step, name) / GIB,
         )
+        if variant in scales:
+            out[name]["remainder_bits_per_element_per_layer"] = (
+                0.0 if name.endswith("-float") else meft_remainder_bits(*scales[variant]))
     return dict(
         model_type=s.model_type, batch_size=batch_size, seq_len=seq_len, tokens=step.tokens, dtype=dtype,
         hidden_size=s.hidden, layers=s.layers, intermediate_size=s.ffn, vocab_size=s.vocab, parameters=s.params,
         settings=dict(stream_bits=bits, recompute_chunk_tokens=recompute_chunk_tokens, loss_chunk_size=loss_chunk_size,
                       lora_rank=LORA_RANK, adapter_dim=ADAPTER_DIM,
-                      scales={v: dict(lambda_=lam, beta=bet) for v, (lam, bet) in scales.items()}),
+                      scales={v: dict(lambda_=lam, beta=bet, remainder_bits_per_element_per_layer=meft_remainder_bits(lam, bet))
+                              for v, (lam, bet) in scales.items()}),
         frozen_layer_gib=frozen_layer(step) / GIB,
         arms=out,
     )
@@ -498,7 +546,7 @@ def _meft_label(name: str, lambda_: float, beta: float) -> str:
     variant = name.split("+")[0].split("-")[0].upper()
     if name.endswith("-float"):
         return f"{variant} float (paper's inverse, approximate)"
-    bits = sum(remainder_bits(denominator_of(x)) for x in (lambda_, beta))
+    bits = meft_remainder_bits(lambda_, beta)
     where = ", remainders on host" if name.endswith("+offload") else ""
     return f"{variant} exact ({bits:.3g} bits per element per layer{where})"
 
@@ -528,6 +576,12 @@ def _gib(value: float) -> str:
     return f"{value:.2f}" if value >= 1 else f"{value:.3f}"
 
 
+def _power(scale: float) -> str:
+    """A scale as 2^-j where it is one, else as given."""
+    j = -math.log2(scale) if scale > 0 else 0
+    return "1" if scale == 1 else f"2^-{round(j)}" if j == round(j) else f"{scale:g}"
+
+
 def format_table(result: dict) -> str:
     """The estimate as a text table (GiB)."""
     head = (f"{result['model_type']}: {result['parameters'] / 1e9:.2f}B parameters, {result['layers']} layers, "
@@ -542,6 +596,12 @@ def format_table(result: dict) -> str:
     width = max(len(r[0]) for r in rows)
     lines = [f"{r[0]:<{width}}  {r[1]:>7}  {r[2]:>10}  {r[3]:>7}  {r[4]:>6}  {r[5]}".rstrip() for r in rows]
     lines.insert(1, "-" * max(len(line) for line in lines))
+    scales = result["settings"]["scales"]
+    if scales:
+        head += "MEFT scales (--lambda/--beta; a converted model's config.json holds its calibrated ones):\n" + "".join(
+            f"  {v.upper()} λ={_power(x['lambda_'])} β={_power(x['beta'])}: "
+            f"{x['remainder_bits_per_element_per_layer']:.3g} remainder bits per element per layer\n"
+            for v, x in scales.items())
     tail = (f"\nGiB. One frozen layer alone, forward + backward (the floor of any method that recomputes layers): "
             f"{_gib(result['frozen_layer_gib'])}.\nEstimates from the config, not measurements: see --help for what they assume.")
     return head + "\n".join(lines) + tail

@@ -18,8 +18,12 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "tests" / "data" / "configs"
 RESULTS = ROOT / "benchmarks" / "results"
 # the measured files, and whether their MEFT rows come from the current engine (h200.json's MEFT
-# arms ran an older engine: int64 streams, three of them alive, the MLP unchunked)
-MEASURED = {"h200-llama-3-8b.json": True, "h200.json": False, "h200-opt-1.3b-llm.json": True}
+# arms ran an older engine: int64 streams, three of them alive, the MLP unchunked). The
+# max-context searches count too: their memory rows are single steps, not warmed, but at 8k and
+# 32k they agree with h200-llama-3-8b.json's warmed rows to within 1 KiB; their probes are
+# checked apart (test_max_context_probes).
+MEASURED = {"h200-llama-3-8b.json": True, "h200.json": False, "h200-opt-1.3b-llm.json": True,
+            "h200-llama-3-8b-max-context.json": True, "h200-llama-3-8b-max-context-meft3.json": True}
 SHAPE_CONFIGS = {"llama-3-8b": "llama-3-8b", "opt-1.3b": "opt-1.3b", "opt-1.3b-long": "opt-1.3b", "bert-base": "bert-base-uncased"}
 NON_MEFT = {"full", "lora", "lora+gc", "lora+gc+chunked-loss", "lora+offload-gc+chunked-loss", "head-only", "frozen-layer"}
 ACTIVATION_TOLERANCE, STATIC_TOLERANCE = 0.15, 0.05
@@ -62,10 +66,13 @@ def _estimate(row: dict) -> dict:
 
 def test_every_measured_file_is_covered():
     names = {name for name, _ in ROWS}
-    assert {"h200-llama-3-8b.json", "h200.json"} <= names
+    assert set(MEASURED) <= names
     methods = {row["method"] for name, row in ROWS if name == "h200-llama-3-8b.json"}
-    assert {"meft1", "meft2", "meft3", "meft3-float", "meft1+offload", "meft3+offload",
+    assert {"meft1", "meft2", "meft3", "meft1+offload", "meft3+offload", "frozen-layer",
             "lora+gc+chunked-loss", "lora+offload-gc+chunked-loss"} <= methods
+    methods = {row["method"] for name, row in ROWS if name == "h200-opt-1.3b-llm.json"}
+    assert {"meft1", "meft2", "meft3", "meft1+offload", "meft2+offload", "meft3+offload", "meft3-float",
+            "lora+gc+chunked-loss", "lora+offload-gc+chunked-loss", "frozen-layer"} <= methods
     methods = {row["method"] for name, row in ROWS if name == "h200.json"}
     assert {"full", "lora", "lora+gc", "lora+gc+chunked-loss", "head-only"} <= methods
 
@@ -85,6 +92,31 @@ def test_estimate_matches_measured(name, row):
     assert error <= ACTIVATION_TOLERANCE, f"activation: estimated {estimate:.3f} GiB, measured {row['activation_gib']:.3f}"
     if static is not None:
         assert abs(static - row["static_gib"]) / row["static_gib"] <= STATIC_TOLERANCE, (static, row["static_gib"])
+
+
+def test_max_context_probes():
+    """The max-context searches' probes that fit (Llama-3-8B, 45k–115k tokens, one step each):
+    their peak less the arm's measured static within 15% of the estimated activation."""
+    config = json.loads((CONFIGS / "llama-3-8b.json").read_text())
+    checked = 0
+    for name in ("h200-llama-3-8b-max-context.json", "h200-llama-3-8b-max-context-meft3.json"):
+        data = json.loads((RESULTS / name).read_text())
+        static = {row["method"]: row["static_gib"] for row in data["memory_speed"]}
+        arms = data.get("arms") or {}
+        for search in data["max_context"]:
+            method = search["method"]
+            meft = arms.get(method) or {}
+            for probe in search["probes"]:
+                if not probe["fits"]:
+                    continue
+                result = estimate_memory(
+                    config, 1, probe["seq"], dtype="bf16",
+                    variant_scales={meft["variant"]: (meft["lambda_"], meft["beta"])} if meft else None)
+                measured = probe["peak_gib"] - static[method]
+                estimate = result["arms"][method]["activation_gib"]
+                assert abs(estimate - measured) / measured <= ACTIVATION_TOLERANCE, (method, probe["seq"], estimate, measured)
+                checked += 1
+    assert checked >= 6
 
 
 def test_offloaded_host_memory():
@@ -150,6 +182,27 @@ def test_cli_table_and_options(tmp_path):
     assert "meft3+offload" in result.output and "meft1" not in result.output
     assert "20 bits per element per layer" in result.output
     assert "Estimates from the config" in result.output
+
+
+def test_default_scales_and_remainder_bits():
+    """Without --lambda/--beta the benchmark's starting points: 2^-8 on MEFT1/MEFT2's scaled
+    stream (8 bits per element per layer), 2^-10 on both of MEFT3's (20 bits); the table and
+    the JSON give the bits, and the help says where a converted model's calibrated scales are."""
+    config = json.loads((CONFIGS / "llama-3-8b.json").read_text())
+    result = estimate_memory(config, 1, 8192)
+    assert result["settings"]["scales"] == {
+        "meft1": dict(lambda_=2**-8, beta=1.0, remainder_bits_per_element_per_layer=8),
+        "meft2": dict(lambda_=1.0, beta=2**-8, remainder_bits_per_element_per_layer=8),
+        "meft3": dict(lambda_=2**-10, beta=2**-10, remainder_bits_per_element_per_layer=20)}
+    arms = result["arms"]
+    assert arms["meft3+offload"]["remainder_bits_per_element_per_layer"] == 20
+    assert arms["meft1-float"]["remainder_bits_per_element_per_layer"] == 0
+    assert "remainder_bits_per_element_per_layer" not in arms["lora+gc+chunked-loss"]
+    text = invoke("estimate", CONFIGS / "llama-3-8b.json", "-b", 1, "-s", 8192).output
+    assert "MEFT1 λ=2^-8 β=1: 8 remainder bits per element per layer" in text
+    assert "MEFT3 λ=2^-10 β=2^-10: 20 remainder bits per element per layer" in text
+    help_text = " ".join(invoke("estimate", "--help").output.split())
+    assert "config.json holds the calibrated values to pass with --lambda and --beta" in help_text
 
 
 def test_cli_same_as_function():
