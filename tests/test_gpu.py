@@ -115,3 +115,22 @@ def test_offloaded_remainders_live_in_pinned_host_memory_and_change_nothing():
     # 4 layers, 2 streams, 8 bits for each of the 1200 x 16 elements
     assert results[False][0] == 0 and results[True][0] == 4 * 2 * 1200 * D
     assert all(torch.equal(a, b) for a, b in zip(results[False][1], results[True][1]))
+
+
+def test_remainders_go_to_the_host_from_the_step_size_the_default_names(monkeypatch):
+    from meft_convert.templates.modeling_meft import OFFLOAD_MIN_TOKENS
+
+    seen = []
+    original = reversible._Remainders.__init__
+
+    def spy(self, offload, device):
+        original(self, offload, device)
+        seen.append(self.offload)
+
+    monkeypatch.setattr(reversible._Remainders, "__init__", spy)
+    model = build("tinyllama-1.1b", "AutoModelForCausalLM", dtype=torch.bfloat16, variant="meft3",
+                  stream_bits=32, frac_bits=20).cuda().train()
+    for tokens in (OFFLOAD_MIN_TOKENS // 2, OFFLOAD_MIN_TOKENS):
+        ids = torch.randint(3, 1000, (1, tokens), device="cuda")
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert seen == [False, True]

@@ -348,3 +348,14 @@ def test_device_map_that_splits_the_reversible_layers_is_refused(tmp_path):
         cls.from_pretrained(tmp_path / "model", device_map=split, offload_folder=str(tmp_path / "offload"))
     loaded = cls.from_pretrained(tmp_path / "model", device_map={"": "cpu"})
     assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+
+
+def test_offloading_remainders_is_decided_by_the_step_size():
+    from meft_convert.templates.modeling_meft import OFFLOAD_MIN_TOKENS, offload_wanted
+
+    assert offload_wanted("auto", OFFLOAD_MIN_TOKENS, on_cuda=True)
+    assert not offload_wanted("auto", OFFLOAD_MIN_TOKENS - 1, on_cuda=True)
+    assert not offload_wanted("auto", 10**6, on_cuda=False) and not offload_wanted(True, 10**6, on_cuda=False)
+    assert offload_wanted(True, 1, on_cuda=True) and not offload_wanted(False, 10**6, on_cuda=True)
+    model = build("tinyllama-1.1b", "AutoModelForCausalLM", variant="meft3")
+    assert model.config.offload_remainders == "auto" and model.meft_layers.offload_remainders == "auto"
