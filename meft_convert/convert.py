@@ -277,6 +277,16 @@ class _Plan:
     total: int  # ... of all the model's parameters
 
 
+def base_model_name(model: str, revision: str | None = None) -> tuple[str, bool]:
+    """How written files name the original, and whether it is a hub id: the hub id (with
+    "@revision" when one was given), or only the folder's name for a local folder, so that no
+    path of this machine is written into files that get pushed and shared."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.absolute().name, False
+    return (model if revision is None else f"{model}@{revision}"), True
+
+
 def read_config_json(folder: Path) -> dict:
     """A checkpoint's config.json as a dict; BadInputError if it is missing or not JSON."""
     path = folder / "config.json"
@@ -378,7 +388,9 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
         raise _setting_error(e) from None
     config.architectures = ["Meft" + library_class]
     config.auto_map = auto_map_for(family, heads)
-    config.meft_base_model = options.model if options.revision is None else f"{options.model}@{options.revision}"
+    config.meft_base_model, from_hub = base_model_name(options.model, options.revision)
+    if not from_hub:  # `check` then asks for the original's folder (--original)
+        config.meft_base_model_local = True
     dtype = _adapter_dtype(family, weights)
     generator = torch.Generator().manual_seed(options.seed)
 
@@ -541,16 +553,16 @@ def _plan_from_headers(
     return _Plan(family, config, adapters, [], [], adapter_size - frozen + head_size, total)
 
 
-def _card_facts(options: ConvertOptions, plan: _Plan, source: Path, report):
+def _card_facts(options: ConvertOptions, plan: _Plan, source: Path, report, dtype: torch.dtype | None = None):
     from .card import CardFacts, base_model_license
 
     config = plan.config
     library_class = config.architectures[0].removeprefix("Meft")
     auto_class = next((a for a, head in plan.family.heads.items() if head.library_class == library_class), "AutoModel")
-    from_hub = not Path(options.model).expanduser().exists()
+    name, from_hub = base_model_name(options.model, options.revision)
     return CardFacts(
         name=options.push_to_hub or Path(options.output).name,
-        source=options.model,
+        source=name,
         base_model=options.model if from_hub else None,
         license=base_model_license(source),
         auto_class=auto_class,
@@ -561,6 +573,8 @@ def _card_facts(options: ConvertOptions, plan: _Plan, source: Path, report):
         total=plan.total,
         report=report,
         calibration=getattr(config, "meft_calibration", None),
+        plm_config=read_config_json(source),
+        dtype={"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(str(dtype).removeprefix("torch.")),
     )
 
 
@@ -649,13 +663,13 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
         if options.verify:
             log("Verifying the converted model against the original ...")
             report = verify_conversion(
-                source, tmp, model_name=options.model, seed=options.seed, share_plm=True,
+                source, tmp, model_name=base_model_name(options.model, options.revision)[0], seed=options.seed, share_plm=True,
                 allow_low_fidelity=options.allow_low_fidelity,
             )
             report.save(tmp)
             if not report.passed:
                 raise VerificationError(f"verification failed: {'; '.join(report.problems)}", report)
-        (tmp / "README.md").write_text(model_card(_card_facts(options, plan, source, report)))
+        (tmp / "README.md").write_text(model_card(_card_facts(options, plan, source, report, _adapter_dtype(plan.family, weights))))
         unmark_partial(tmp)
         _use_umask(tmp)
         _publish(tmp, output)
