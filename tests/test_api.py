@@ -160,3 +160,16 @@ def test_unknown_settings_and_models_are_refused(in_memory):
         get_meft_model(meft)
     with pytest.raises(BadInputError, match="adapter_dim"):
         get_meft_model(plm, adapter_dim=0)
+
+
+def test_auto_settings_are_calibrated_as_the_cli_calibrates_them(converted, tiny_checkpoints):
+    """All defaults (λ, β, the init and the stream format left to `auto`) on an fp16 checkpoint:
+    the in-memory calibration chooses and records what the CLI's does, and the adapters follow."""
+    plm = _load(tiny_checkpoints["opt-125m"])
+    meft = get_meft_model(plm)  # MeftSettings() defaults, as `meft-convert` without options
+    folder, _ = converted("opt-125m", "meft3")
+    reference = _load(folder, trust_remote_code=True)
+    assert meft.config.meft_calibration == reference.config.meft_calibration
+    assert _config_without_origin(meft) == _config_without_origin(reference)
+    ours, theirs = meft.state_dict(), reference.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
