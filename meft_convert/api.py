@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import TYPE_CHECKING, Callable
 
 from .errors import BadInputError
@@ -115,10 +116,21 @@ def get_meft_model(
     config = config_for(None)
     dtype = _layer_dtype(family, state)
     causal = auto_class == calibrate.CAUSAL_LM
+    folder = _tokenizer_folder(name)
+    requested = settings.requested()
+    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
+    measures = "auto" in (requested["lambda_"], requested["beta"], requested["adapter_init"]) or settings.exact and (
+        requested["stream_bits"] == "32" or requested["stream_bits"] == "auto" and sixteen_bit)
+    if tokenizer is None and folder is None and measures:
+        warnings.warn(
+            "get_meft_model: no tokenizer given and none where the model was loaded from; the auto settings are "
+            "calibrated on a fixed random token sequence instead of text (pass tokenizer=...)",
+            stacklevel=2,
+        )
     was_training = model.training
     try:
         resolved = calibrate.calibrate_settings(
-            settings, family, config, dtype, source=_tokenizer_folder(name), original=model if causal else model.base_model,
+            settings, family, config, dtype, source=folder, original=model if causal else model.base_model,
             tokenizer=tokenizer, log=log,
         )
     finally:

@@ -173,3 +173,16 @@ def test_auto_settings_are_calibrated_as_the_cli_calibrates_them(converted, tiny
     assert _config_without_origin(meft) == _config_without_origin(reference)
     ours, theirs = meft.state_dict(), reference.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_calibrating_without_a_tokenizer_warns():
+    """A model built from a config (no folder, no tokenizer) calibrates on random tokens: said so."""
+    from tests.conftest import real_config
+
+    config = real_config("gpt2")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        plm = transformers.GPT2LMHeadModel(config)
+    with pytest.warns(UserWarning, match="pass tokenizer="):
+        meft = get_meft_model(plm, variant="meft3")
+    assert meft.config.meft_calibration["auto"] and not hasattr(meft.config, "meft_base_model")
