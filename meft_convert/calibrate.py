@@ -88,19 +88,25 @@ def max_positions(config) -> int | None:
     return None
 
 
-def text_inputs(source: Path, config, text: str | None = None, tokens: int = CALIBRATION_TOKENS) -> dict[str, torch.Tensor]:
+def text_inputs(
+    source: Path | None, config, text: str | None = None, tokens: int = CALIBRATION_TOKENS, tokenizer=None
+) -> dict[str, torch.Tensor]:
     """`text` (default: the calibration text) as one sequence of at most `tokens` tokens, cut to
-    what the model's position embeddings hold, tokenised by the original's tokenizer; a fixed
-    random sequence for checkpoints without a tokenizer (tiny test models)."""
+    what the model's position embeddings hold, tokenised by `tokenizer` or else the original's
+    (in `source`); a fixed random sequence for checkpoints without a tokenizer (tiny test models)."""
     limit = tokens
     positions = max_positions(config)
     if positions is not None:
         limit = min(limit, positions - 2)  # RoBERTa's positions start after the padding index
     vocab_size = config.vocab_size
-    if any((source / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")):
+    has_files = source is not None and any(
+        (source / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
+    )
+    if tokenizer is not None or has_files:
         try:
-            with _quiet():
-                tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+            if tokenizer is None:
+                with _quiet():
+                    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
             ids = tokenizer(text or calibration_text(), return_tensors="pt", truncation=True, max_length=limit)["input_ids"]
             if ids.numel() and int(ids.max()) < vocab_size:
                 return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -207,12 +213,15 @@ class _Model:
     causal: bool
 
 
-def _build(family, config, source: Path, auto_class: str, dtype: torch.dtype, seed: int) -> _Model:
-    """The original in its own dtype, and the MEFT model on the same tensors plus fresh adapters."""
+def _build(family, config, source: Path | None, auto_class: str, dtype: torch.dtype, seed: int, original=None) -> _Model:
+    """The original in its own dtype (loaded from `source`, or `original`, a model in memory:
+    the causal LM, else its base model), and the MEFT model on the same tensors plus fresh adapters."""
     causal = auto_class == CAUSAL_LM
     head = family.heads[CAUSAL_LM if causal else "AutoModel"]
     with _quiet():
-        original = getattr(transformers, head.library_class).from_pretrained(source, dtype=dtype).eval()
+        if original is None:
+            original = getattr(transformers, head.library_class).from_pretrained(source, dtype=dtype)
+        original = original.eval()
         with torch.device("meta"):
             meft = model_class_for(family, CAUSAL_LM if causal else "AutoModel")(config)
     missing = share_tensors(meft, original, skip=MeftAdapter)
@@ -319,20 +328,23 @@ def calibrate(
     *,
     family,
     config,
-    source: Path,
+    source: Path | None,
     auto_class: str,
     dtype: torch.dtype,
     seed: int,
     requested: dict,
     log=print,
+    original=None,
+    tokenizer=None,
 ) -> dict:
     """Resolves the `auto` settings in `requested` (keys lambda_, beta, adapter_init,
     stream_bits; each "auto" or the value given) by measurement; returns the calibration record
     written to config.json as `meft_calibration`: the settings chosen, the figures of every
-    candidate tried and the measured stream range."""
+    candidate tried and the measured stream range. `original` and `tokenizer`: a model (see
+    _build) and its tokenizer in memory, used instead of loading them from `source`."""
     variant, exact = config.variant, config.exact
-    model = _build(family, config, source, auto_class, dtype, seed)
-    inputs = text_inputs(source, config)
+    model = _build(family, config, source, auto_class, dtype, seed, original)
+    inputs = text_inputs(source, config, tokenizer=tokenizer)
     ids = inputs["input_ids"]
     reference = measure(model.original, inputs, model.causal)
     trials: list[dict] = []
@@ -449,33 +461,41 @@ def _calibrate_and_free(**kwargs) -> dict:
 
 
 def calibrate_plan(options, plan, source: Path, weights, log=print) -> dict | None:
-    """What convert() calls: the settings the options leave to measurement, resolved, and the
-    calibration record under "calibration"; None when every setting was given and there is
-    nothing to record."""
-    requested = options.requested()
-    config = plan.config
+    """What convert() calls: calibrate_settings() for the checkpoint in `source`."""
     dtype = checkpoint_dtype(weights.tensors, plan.family.stacks[0].layers + ".0.")
+    return calibrate_settings(options, plan.family, plan.config, dtype, source=source, log=log)
+
+
+def calibrate_settings(settings, family, config, dtype: torch.dtype, *, source: Path | None = None, original=None,
+                       tokenizer=None, log=print) -> dict | None:
+    """The settings `settings` (a MeftSettings) leaves to measurement, resolved on the model of
+    `config` in `dtype`, and the calibration record under "calibration"; None when every setting
+    was given and there is nothing to record. The original is loaded from `source`, or is
+    `original` in memory (then nothing is read from disk but `source`'s tokenizer, if given)."""
+    requested = settings.requested()
     sixteen_bit = dtype in (torch.float16, torch.bfloat16)
     needs_range = config.exact and (requested["stream_bits"] == "32" or (requested["stream_bits"] == "auto" and sixteen_bit))
     if "auto" not in (requested["lambda_"], requested["beta"], requested["adapter_init"]) and not needs_range:
         if requested["stream_bits"] == "auto":
             requested["stream_bits"] = "64"
-        if not options.allow_low_fidelity:
+        if not settings.allow_low_fidelity:
             return None
         calibration = {"measured": False, "allow_low_fidelity": True}
         return {**requested, "stream_bits": requested["stream_bits"], "frac_bits": FRAC_BITS_64, "calibration": calibration}
     log("Calibrating the auto settings on the calibration text ...")
     record = _calibrate_and_free(
-        family=plan.family,
+        family=family,
         config=config,
         source=source,
-        auto_class=auto_class_of(plan.family, config),
+        auto_class=auto_class_of(family, config),
         dtype=dtype,
-        seed=options.seed,
+        seed=settings.seed,
         requested=requested,
         log=log,
+        original=original,
+        tokenizer=tokenizer,
     )
-    record["allow_low_fidelity"] = bool(options.allow_low_fidelity)
+    record["allow_low_fidelity"] = bool(settings.allow_low_fidelity)
     return {
         "lambda_": record["lambda_"],
         "beta": record["beta"],

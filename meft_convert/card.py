@@ -3,7 +3,9 @@
 YAML front matter the Hub reads (base model, license, pipeline, tags), then what a user needs
 before trusting the checkpoint: the settings, what trains, the verification figures measured
 at conversion (the same numbers as meft_report.json), how to load it with a pinned revision,
-how to fine-tune it, what it saves, and where the code came from.
+how to fine-tune it (snippets that run as written, for the head it declares), its activation memory
+as `meft_convert.estimate` puts it for a stated shape beside LoRA + checkpointing, and where the
+code came from. A local original is named by its folder's name only.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ PIPELINE_TAGS = {
     "AutoModelForCausalLM": "text-generation",
     "AutoModelForSeq2SeqLM": "text2text-generation",
 }
-# activation memory of a training step against full fine-tuning and LoRA, measured on one H200
-# (bf16, OPT-1.3b at 8 × 512 tokens and BERT-base at 32 × 512): benchmarks/README.md
-MEASURED_SAVING = "63–71%"
+# the shape the card's memory estimate is stated for (cut to the model's positions): one long
+# sequence for causal LMs, a batch of 512-token sequences for other models
+CAUSAL_LM_SHAPE = (1, 4096)
+OTHER_SHAPE = (32, 512)
 CITATION = """@inproceedings{liao2023make,
   title     = {Make Pre-trained Model Reversible: From Parameter to Memory Efficient Fine-Tuning},
   author    = {Liao, Baohao and Tan, Shaomu and Monz, Christof},
@@ -53,6 +56,8 @@ class CardFacts:
     total: int
     report: VerificationReport | None
     calibration: dict | None = None  # config.json's meft_calibration, when conversion measured settings
+    plm_config: dict | None = None  # the original's config.json, for the memory estimate ...
+    dtype: str | None = None  # ... in the dtype of its layers ("fp32", "fp16", "bf16")
 
 
 def base_model_license(folder: Path) -> str | None:
@@ -201,12 +206,93 @@ def verification_rows(report: VerificationReport) -> list[tuple[str, str]]:
     return rows
 
 
+def memory_shape(facts: CardFacts) -> tuple[int, int]:
+    """(batch, sequence length) the memory estimate is stated for."""
+    batch, seq_len = CAUSAL_LM_SHAPE if facts.auto_class == "AutoModelForCausalLM" else OTHER_SHAPE
+    positions = next(
+        (facts.plm_config[k] for k in ("max_position_embeddings", "n_positions")
+         if isinstance((facts.plm_config or {}).get(k), int) and facts.plm_config[k] > 0),
+        None,
+    )
+    if positions is not None and positions < seq_len:
+        seq_len = positions - 2 if facts.model_type == "roberta" else positions  # RoBERTa's start after the padding index
+    return batch, seq_len
+
+
+def memory_lines(facts: CardFacts) -> list[str]:
+    """The estimated activation memory at a stated shape, from `meft_convert.estimate` (the
+    settings of this checkpoint), beside LoRA + checkpointing's for the same shape; which of
+    the two keeps less is said as the estimate has it."""
+    if not facts.plm_config:
+        return []
+    from .errors import BadInputError
+    from .estimate import estimate_memory, memory_line
+
+    s = facts.settings
+    batch, seq_len = memory_shape(facts)
+    scales = {"lambda_": s["lambda_"], "beta": s["beta"]}
+    given = {"stream_bits": s["stream_bits"] if s["exact"] else None, "dtype": facts.dtype, **scales}
+    try:
+        line = memory_line(facts.plm_config, batch, seq_len, s["variant"], exact=s["exact"], **given)
+        arms = estimate_memory(facts.plm_config, batch, seq_len, variants=(s["variant"],), **given)["arms"]
+    except BadInputError:  # a config the estimate cannot read: no figure rather than a wrong one
+        return []
+    mine = arms[s["variant"] if s["exact"] else s["variant"] + "-float"]["activation_gib"]
+    gc = arms.get("lora+gc+chunked-loss", arms["lora+gc"])["activation_gib"]
+    if mine < gc:
+        verdict = f"At this shape the estimate has MEFT keeping {100 * (1 - mine / gc):.0f}% less than LoRA + gradient checkpointing."
+    else:
+        verdict = "At this shape the estimate has LoRA + gradient checkpointing keeping less activation memory than MEFT."
+    benchmark = _project_url("benchmarks")
+    where = f"[the benchmarks]({benchmark})" if benchmark else "`benchmarks/README.md` of meft-convert"
+    return [
+        "## Memory",
+        "",
+        f"{line} {verdict} Measured figures for other models and shapes: {where}.",
+        "",
+    ]
+
+
+def _example_inputs(auto_class: str) -> list[str]:
+    """The lines of the fine-tuning snippet that make a batch and its loss, for the checkpoint's head."""
+    batch = 'batch = tokenizer(["MEFT keeps the pretrained model frozen.", "Only small adapters learn."], return_tensors="pt", padding=True)'
+    if auto_class in ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM"):
+        # the LM heads compute their own loss from labels (padding excluded with -100)
+        return [
+            batch,
+            'labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)',
+            "loss = model(**batch, labels=labels).loss",
+        ]
+    if auto_class == "AutoModelForSequenceClassification":
+        return [batch, "loss = model(**batch, labels=torch.tensor([0, 1])).loss"]
+    if auto_class == "AutoModelForQuestionAnswering":
+        return [batch, "loss = model(**batch, start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([3, 4])).loss"]
+    # a base model has no loss: e.g. train its mean-pooled sentence embeddings to be similar
+    return [
+        batch,
+        "hidden = model(**batch).last_hidden_state                  # (batch, tokens, hidden)",
+        'mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)',
+        "embeddings = (hidden * mask).sum(1) / mask.sum(1)           # mean over each sentence's tokens",
+        "loss = 1 - torch.nn.functional.cosine_similarity(embeddings[0], embeddings[1], dim=0)",
+    ]
+
+
+def _what_trains(facts: CardFacts) -> str:
+    from .templates.families import family_for
+
+    try:
+        head = family_for(facts.model_type).heads[facts.auto_class].trainable
+    except (ValueError, KeyError):
+        head = ()
+    if head:
+        return f"the adapters and the task head ({', '.join(f'`{m}`' for m in head)}) train"
+    return "only the adapters train"
+
+
 def model_card(facts: CardFacts) -> str:
     """The README.md of a converted checkpoint."""
     s = facts.settings
     percent = 100 * facts.trainable / facts.total if facts.total else 0.0
-    benchmark = _project_url("benchmarks")
-    benchmark_link = f"[benchmarks]({benchmark})" if benchmark else "benchmarks/README.md of meft-convert"
     lines = [
         *_front_matter(facts),
         "",
@@ -221,8 +307,8 @@ def model_card(facts: CardFacts) -> str:
         "",
         *_settings_table(facts),
         "",
-        (f"Trainable parameters: {facts.trainable:,} of {facts.total:,} ({percent:.4f}%): the adapters"
-         " (and a new task head, if any); the pretrained weights are frozen and kept byte for byte."),
+        (f"Trainable parameters: {facts.trainable:,} of {facts.total:,} ({percent:.4f}%): {_what_trains(facts)};"
+         " the pretrained weights are frozen and kept byte for byte."),
         "",
         *calibration_lines(facts.calibration),
         "## Verification at conversion",
@@ -258,7 +344,7 @@ def model_card(facts: CardFacts) -> str:
         f"from transformers import {facts.auto_class}, AutoTokenizer",
         "",
         f'model = {facts.auto_class}.from_pretrained("{facts.name}", trust_remote_code=True, revision="COMMIT")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{facts.name}", revision="COMMIT")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{facts.name}", trust_remote_code=True, revision="COMMIT")',
         "```",
         "",
         ("The code files (`*.py`) only define the model: they read no files (except the adapter-only save and load"
@@ -268,19 +354,27 @@ def model_card(facts: CardFacts) -> str:
         "",
         "## Fine-tune",
         "",
-        "Train as usual (Trainer, accelerate or your own loop); only the adapters receive gradients:",
+        (f"Train as usual (Trainer, accelerate or your own loop); {_what_trains(facts)}. One step on the model"
+         " and tokenizer loaded above:"),
         "",
         "```python",
+        "import torch",
+        "",
+        "if tokenizer.pad_token is None:",
+        "    tokenizer.pad_token = tokenizer.eos_token",
         "model.print_trainable_parameters()",
-        "model.train()                      # the reversible path: activations are recomputed in backward",
-        "loss = model(**batch).loss",
+        "optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)",
+        "model.train()  # the reversible path: activations are recomputed in backward",
+        *_example_inputs(facts.auto_class),
         "loss.backward()",
+        "optimizer.step()",
+        "optimizer.zero_grad()",
         "```",
         "",
-        (f"Against full fine-tuning and LoRA, MEFT measured {MEASURED_SAVING} less activation memory per training step"
-         f" (one H200, bf16, OPT-1.3b and BERT-base; {benchmark_link}); the exact inverse gives the same"
-         " gradients as plain autograd, bit for bit."),
+        ("The exact inverse gives the same gradients as plain autograd, bit for bit."
+         if s["exact"] else "The float inverse (the paper's) reconstructs each layer's input approximately."),
         "",
+        *memory_lines(facts),
         "## Citation",
         "",
         "```bibtex",

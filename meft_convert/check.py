@@ -55,6 +55,10 @@ def _original_of(config: dict) -> tuple[str, str | None]:
         raise BadInputError("the checkpoint does not record its original model; give it with --original")
     if Path(base).expanduser().exists():  # a local folder (whose name may hold an "@")
         return base, None
+    if config.get("meft_base_model_local"):  # only the folder's name is recorded, never its path
+        raise BadInputError(
+            f"the checkpoint was converted from a local folder named {base!r}; give its path with --original PATH"
+        )
     model, _, revision = base.rpartition("@") if "@" in base else (base, "", "")
     return model, revision or None
 

