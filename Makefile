@@ -19,7 +19,7 @@ OLDEST_TORCH := torch==2.6.0
 OLDEST_BOTH := .venv-oldest-torch
 DEMO_OUT := demo-output/all-MiniLM-L6-v2-meft3
 
-.PHONY: demo test test-oldest test-oldest-torch clean
+.PHONY: demo test test-slow test-oldest test-oldest-torch clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,12 +49,21 @@ demo: $(VENV)/.installed
 		--output $(DEMO_OUT) --force
 	$(VENV)/bin/python scripts/demo.py $(DEMO_OUT)
 
+# the everyday suite: every behaviour but the slowest proofs (the real SmolLM2's conversions,
+# compiling, subprocess and multi-process runs), which `make test-slow` runs and CI runs too
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -m "not slow"
 
-# the same suite against the oldest supported transformers
+test-slow: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q -m slow
+
+# the tests that touch version-specific transformers code (layer loops, attention, caches,
+# loading, remote code, the Trainer), against the oldest supported transformers
+OLDEST_TESTS := tests/test_modeling.py tests/test_generation.py tests/test_families.py tests/test_losses.py \
+	tests/test_training.py tests/test_templates_standalone.py tests/test_mixed_precision.py tests/test_convert.py \
+	tests/test_api.py
 test-oldest: $(OLDEST)/.installed
-	$(OLDEST)/bin/python -m pytest -q
+	$(OLDEST)/bin/python -m pytest -q $(OLDEST_TESTS)
 
 # the same suite against the oldest supported torch and transformers together (not part of CI:
 # it downloads torch's CUDA build); FSDP2's CPU tests skip there, they need torch 2.9

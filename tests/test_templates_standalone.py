@@ -70,6 +70,7 @@ def standalone_results(converted, tiny_checkpoints, minilm, session_dir):
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_every_auto_class_loads_without_meft_convert(standalone_results):
     loaded = {(r["folder"].rsplit("/", 1)[-1], r["auto"]) for r in standalone_results}
     for name in CHECKPOINTS:
@@ -83,6 +84,7 @@ def test_every_auto_class_loads_without_meft_convert(standalone_results):
         assert r["cls"].startswith("Meft") and r["module"].startswith("transformers_modules."), r
 
 
+@pytest.mark.slow
 def test_loaded_models_keep_the_starting_point_and_train_exactly(standalone_results):
     for r in standalone_results:
         assert r["cosine_min"] > 0.5, r  # random tiny models; the verification reports hold the measured figures
