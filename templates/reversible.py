@@ -753,6 +753,35 @@ class _Gradients:
         return grads[0]
 
 
+class _HalfStepOutput:
+    """Where a half-step's chunks land. One chunk: the kernels' own output tensors are kept (two
+    passes fewer). Several: the integers overwrite the input stream's in place (two stream-integer
+    tensors alive, not three) and the values fill one new tensor."""
+
+    def __init__(self, arith, stream: Stream, shape, device, chunks: int):
+        self.arith, self.single = arith, chunks == 1
+        self.ints = stream.ints
+        self.value = None if self.single else torch.empty(shape, dtype=arith.value_dtype, device=device)
+        self.checksum = None
+
+    def part(self, stream: Stream, sl: slice) -> torch.Tensor:
+        """The chunk of the input stream the arithmetic reads: its integers, or in float mode its value."""
+        return _part(stream.ints if self.arith.exact else stream.value, sl)
+
+    def put(self, sl: slice, stream_part: torch.Tensor, ints, value, part_sum) -> None:
+        if self.single:
+            self.ints, self.value = ints, value
+        else:
+            if self.arith.exact:
+                stream_part.copy_(ints)
+            _part(self.value, sl).copy_(value)
+        if self.arith.exact:
+            self.checksum = part_sum if self.checksum is None else self.checksum + part_sum
+
+    def stream(self) -> Stream:
+        return Stream(self.ints if self.arith.exact else None, self.value, self.checksum)
+
+
 def _forward_half(run: StackRun, block: Block, inp: torch.Tensor, x: Stream, scale: float, record: _HalfRecord, routed):
     """y = scale·x + block(inp), chunk by chunk; with several chunks y's integers overwrite x's
     (one chunk: the kernels' own outputs are kept, two fewer passes). Returns y."""
@@ -761,33 +790,25 @@ def _forward_half(run: StackRun, block: Block, inp: torch.Tensor, x: Stream, sca
     record.mixing = run.capture_rng() if block.mixing is not None else None
     h = _detached_output(block.mixing, inp, run, routed) if block.mixing is not None else inp
     slices = _row_slices(h, s.chunk_tokens)
-    single = len(slices) == 1
-    if not single:
+    if len(slices) > 1:
         h = h.contiguous()
-    ints = x.ints
-    value = None if single else torch.empty(x.value.shape, dtype=arith.value_dtype, device=x.value.device)
-    packed, total = [], None
+    y = _HalfStepOutput(arith, x, x.value.shape, x.value.device, len(slices))
+    packed = []
     for sl in slices:
         if block.positionwise is not None:
             record.chunks.append(run.capture_rng())
             out = _detached_output(block.positionwise, _part(h, sl), run, reads_stream=block.mixing is None)
         else:
             out = _part(h, sl)
-        stream_part = _part(x.ints if arith.exact else x.value, sl)
+        stream_part = y.part(x, sl)
         y_ints, y_value, r, flag, part_sum = arith.couple(stream_part, out, factor)
-        if single:
-            ints, value = y_ints, y_value
-        else:
-            if arith.exact:
-                stream_part.copy_(y_ints)
-            _part(value, sl).copy_(y_value)
+        y.put(sl, stream_part, y_ints, y_value, part_sum)
         if arith.exact:
             run.flags.append(flag)
-            total = part_sum if total is None else total + part_sum
         packed.append(r)
         del out
     run.remainders.add(packed if arith.exact else [])
-    return Stream(ints, value, total)
+    return y.stream()
 
 
 def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, packed: list, scale: float, dy,
@@ -818,12 +839,10 @@ def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, pa
     if chunked:
         h_detached = h_detached.contiguous()
         dy = None if dy is None else dy.contiguous()
-    ints = y.ints
-    value = None if not chunked else torch.empty(inp.shape, dtype=arith.value_dtype, device=inp.device)
+    x = _HalfStepOutput(arith, y, inp.shape, inp.device, len(slices))
     d_h = None
     if chunked and dy is not None and block.positionwise is not None:
         d_h = torch.empty(h_detached.shape, dtype=h_detached.dtype, device=h_detached.device)
-    total = None
     # chunks from the last: plain autograd sums a parameter's per-chunk gradients in that order
     for i in reversed(range(len(slices))):
         sl = slices[i]
@@ -836,16 +855,9 @@ def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, pa
             out = part_out.detach()
         else:
             out = _part(h_detached, sl)
-        stream_part = _part(y.ints if arith.exact else y.value, sl)
+        stream_part = x.part(y, sl)
         x_ints, x_value, part_sum = arith.uncouple(stream_part, out, packed[i] if packed else None, factor)
-        if not chunked:
-            ints, value = x_ints, x_value
-        else:
-            if arith.exact:
-                stream_part.copy_(x_ints)
-            _part(value, sl).copy_(x_value)
-        if arith.exact:
-            total = part_sum if total is None else total + part_sum
+        x.put(sl, stream_part, x_ints, x_value, part_sum)
         if dy is not None and block.positionwise is not None:
             g = grads.of(part_out, part_leaf, _part(dy, sl), params, routed=False)
             if not chunked:
@@ -857,8 +869,7 @@ def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, pa
         del out
     if dy is not None and block.positionwise is not None:
         d_inp = grads.of(h, leaf, d_h, params) if block.mixing is not None else d_h
-    x = Stream(ints, value, total) if arith.exact else Stream(None, value)
-    return x, d_inp, _scaled(dy, scale)
+    return x.stream(), d_inp, _scaled(dy, scale)
 
 
 def _swap_if(settings: CouplingSettings, a, b):
