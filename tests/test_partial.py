@@ -23,6 +23,18 @@ def _dead_pid() -> int:
     return process.pid
 
 
+# the CLI, with the calibration held up for a minute: a tiny model converts within a second on an
+# idle machine, so without it the signal could arrive after the conversion has finished
+SLOW_CONVERSION = """
+import time
+import meft_convert.calibrate as calibrate
+slow = calibrate.calibrate_plan
+calibrate.calibrate_plan = lambda *args, **kwargs: (time.sleep(60), slow(*args, **kwargs))[1]
+from meft_convert.cli import main
+main()
+"""
+
+
 def _wait_for_shards(parent: Path, out: Path, process: subprocess.Popen) -> None:
     """Until the conversion to `out` has its partial folder, marked, with shards being written."""
     deadline = time.monotonic() + 240
@@ -32,10 +44,10 @@ def _wait_for_shards(parent: Path, out: Path, process: subprocess.Popen) -> None
 
 
 def test_ctrl_c_during_start_up_exits_130_and_leaves_nothing(tiny_checkpoints, tmp_path):
-    """SIGINT while torch loads (the shards are already copying): exit 130, no partial folder."""
+    """SIGINT mid-conversion (the shards copying, the calibration under way): exit 130, no partial folder."""
     out = tmp_path / "opt-meft3"
     process = subprocess.Popen(
-        [sys.executable, "-m", "meft_convert", str(tiny_checkpoints["opt-125m"]), "-o", str(out)],
+        [sys.executable, "-c", SLOW_CONVERSION, str(tiny_checkpoints["opt-125m"]), "-o", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )
     _wait_for_shards(tmp_path, out, process)
@@ -49,7 +61,7 @@ def test_ctrl_c_during_start_up_exits_130_and_leaves_nothing(tiny_checkpoints, t
 def test_a_killed_conversion_is_cleaned_up_by_the_next(tiny_checkpoints, tmp_path):
     out = tmp_path / "opt-meft3"
     killed = subprocess.Popen(
-        [sys.executable, "-m", "meft_convert", str(tiny_checkpoints["opt-125m"]), "-o", str(out)],
+        [sys.executable, "-c", SLOW_CONVERSION, str(tiny_checkpoints["opt-125m"]), "-o", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
     )
     _wait_for_shards(tmp_path, out, killed)
