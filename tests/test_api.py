@@ -12,7 +12,8 @@ import transformers
 from meft_convert import MeftSettings, get_meft_model
 from meft_convert.convert import TEMPLATE_FILES, ConvertOptions
 from meft_convert.provenance import check_code, shipped_code
-from tests.conftest import quiet_loading, run_without_meft_convert
+from meft_convert.quiet import quiet_transformers
+from tests.conftest import run_without_meft_convert
 
 # the paper's init moves a tiny random model's start beyond verification's target: kept anyway
 SETTINGS = dict(variant="meft3", lambda_=2**-10, beta=2**-10, adapter_init="paper", seed=0, allow_low_fidelity=True)
@@ -25,7 +26,7 @@ def _ids(vocab_size: int = 1000) -> torch.Tensor:
 
 
 def _load(folder, auto_class=transformers.AutoModelForCausalLM, **kwargs):
-    with quiet_loading():
+    with quiet_transformers():
         return auto_class.from_pretrained(folder, **kwargs)
 
 

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from meft_convert import cli
 from meft_convert.estimate import ARMS, estimate_memory, remainder_layout
+from tests.test_cli import PROBE  # runs the CLI, reports its exit code and the heavy modules it imported
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "tests" / "data" / "configs"
@@ -233,16 +234,6 @@ def test_cli_usage_errors_exit_2():
     assert invoke("estimate", CONFIGS / "gpt2.json", "-b", 0, "-s", 8).exit_code == 2
 
 
-PROBE = """
-import json, sys
-from meft_convert.cli import main
-sys.argv = ["meft-convert", *sys.argv[1:]]
-try:
-    main()
-except SystemExit as e:
-    code = e.code
-print(json.dumps({"code": code, "heavy": sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers"})}), file=sys.stderr)
-"""
 
 
 @pytest.mark.parametrize("args,code", [

@@ -87,6 +87,18 @@ def gradients(model, auto_class, mode, seed=5):
 CASES = [(name, auto) for name, (_, autos) in HEADS.items() for auto in autos]
 
 
+def assert_reversible_equals_plain_autograd(model, auto_class) -> dict:
+    """Same loss and the same gradients, bit for bit, from the reversible backward and plain
+    autograd through the same couplings; returns the reversible gradients."""
+    loss_v, vanilla = gradients(model, auto_class, "vanilla")
+    loss_r, reversible = gradients(model, auto_class, "reversible")
+    assert torch.equal(loss_v, loss_r)
+    assert set(vanilla) == set(reversible) and len(reversible) >= 4
+    for key in vanilla:
+        assert torch.equal(vanilla[key], reversible[key]), key
+    return reversible
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("variant", ["meft1", "meft2", "meft3"])
 @pytest.mark.parametrize("name,auto_class", CASES)
@@ -95,12 +107,7 @@ def test_reversible_gradients_equal_plain_autograd(name, auto_class, variant, dt
     # configs ship without dropout, which is switched on here so that its replay is tested
     plm = {"pad_token_id": 0, **({"attention_dropout": 0.1} if name in ("llama", "mistral", "qwen2") else {})}
     model = build(HEADS[name][0], auto_class, dtype=dtype, variant=variant, plm=plm)
-    loss_v, vanilla = gradients(model, auto_class, "vanilla")
-    loss_r, reversible = gradients(model, auto_class, "reversible")
-    assert torch.equal(loss_v, loss_r)
-    assert set(vanilla) == set(reversible) and len(reversible) >= 4
-    for key in vanilla:
-        assert torch.equal(vanilla[key], reversible[key]), key
+    reversible = assert_reversible_equals_plain_autograd(model, auto_class)
     # dropout was on: another seed gives other gradients
     other = gradients(model, auto_class, "reversible", seed=6)[1]
     assert any(not torch.equal(other[key], reversible[key]) for key in reversible)
@@ -129,12 +136,7 @@ CHUNKED_CASES = [(name, autos[1] if len(autos) > 1 else autos[0], torch.bfloat16
 def test_chunked_int32_gradients_equal_plain_autograd(name, auto_class, variant, dtype):
     plm = {"pad_token_id": 0, **({"attention_dropout": 0.1} if name in ("llama", "mistral", "qwen2") else {})}
     model = build(HEADS[name][0], auto_class, dtype=dtype, variant=variant, plm=plm, **CHUNKED_INT32)
-    loss_v, vanilla = gradients(model, auto_class, "vanilla")
-    loss_r, reversible = gradients(model, auto_class, "reversible")
-    assert torch.equal(loss_v, loss_r)
-    assert set(vanilla) == set(reversible) and len(reversible) >= 4
-    for key in vanilla:
-        assert torch.equal(vanilla[key], reversible[key]), key
+    assert_reversible_equals_plain_autograd(model, auto_class)
     # without dropout (whose masks depend on how the tokens are split), chunking changes only
     # the order of sums: the same gradients as all tokens at once, in fp32
     if dtype == torch.float32:
