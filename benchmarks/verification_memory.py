@@ -9,6 +9,8 @@ verification checked.
     python benchmarks/verification_memory.py --out benchmarks/results/verification-memory.json
     python benchmarks/verification_memory.py --config tinyllama-1.1b --dtype bf16 \
         --out benchmarks/results/verification-memory-tinyllama.json
+    python benchmarks/verification_memory.py --config llama-3-8b --dtype bf16 \
+        --out benchmarks/results/verification-memory-llama-3-8b.json   # 16 GB on disk, twice
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ def build_checkpoint(folder: Path, config_name: str, dtype: torch.dtype) -> int:
     torch.manual_seed(0)
     with torch.device("meta"):
         model = getattr(transformers, config.architectures[0])(config)
-    model.to_empty(device="cpu")
+    # Materialised in `dtype` directly: an 8B model in float32 would not fit beside its copy.
+    model.to(dtype).to_empty(device="cpu")
     model.init_weights()
-    model.to(dtype).save_pretrained(folder, max_shard_size="1GB")
+    model.save_pretrained(folder, max_shard_size="1GB")
     del model
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
