@@ -545,11 +545,69 @@ def _timed(arm: Arm, batch: dict) -> tuple[float, object]:
     return (time.perf_counter() - start) * 1000, loss
 
 
+_CENSUS_FILES = ("reversible.py", "families.py", "modeling_meft.py", "adapters.py", "losses.py", "memory_speed.py")
+
+
+def _where(frames: list[dict]) -> str:
+    """An allocation's place: the innermost frame in MEFT's code or this benchmark, then the
+    innermost in transformers or peft ("ours > library")."""
+    if frames and frames[0]["name"] == "<module>":  # outermost first: turn it round
+        frames = frames[::-1]
+    ours = next((f for f in frames if f["filename"].endswith(_CENSUS_FILES)), None)
+    library = next((f for f in frames if "/transformers/" in f["filename"] or "/peft/" in f["filename"]), None)
+    names = [f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in (ours, library) if f is not None]
+    return " > ".join(names) or "(no Python frame)"
+
+
+def memory_census(step, top: int = 14) -> dict:
+    """Where the bytes are at the peak of one step, measured: the CUDA allocator's history of
+    that step replayed up to its highest point, the tensors alive there grouped by the code that
+    allocated them. Only what the step allocated counts (the model and optimizer are static)."""
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    try:
+        step()
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    events = snapshot["device_traces"][torch.cuda.current_device()]
+    freed = "free_completed"
+    total, highest, at = 0, 0, -1
+    sizes: dict = {}
+    for i, e in enumerate(events):  # first pass: when the step's own allocations peak
+        if e["action"] == "alloc":
+            sizes[e["addr"]] = e["size"]
+            total += e["size"]
+        elif e["action"] == freed:
+            total -= sizes.pop(e["addr"], 0)
+        if total > highest:
+            highest, at = total, i
+    alive: dict = {}
+    for e in events[: at + 1]:
+        if e["action"] == "alloc":
+            alive[e["addr"]] = e
+        elif e["action"] == freed:
+            alive.pop(e["addr"], None)
+    groups: dict = {}
+    for e in alive.values():
+        g = groups.setdefault(_where(e.get("frames", [])), [0, 0])
+        g[0] += e["size"]
+        g[1] += 1
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
+    return {
+        "peak_gib": highest / 2**30,
+        "groups": [dict(where=k, gib=v[0] / 2**30, tensors=v[1]) for k, v in ranked[:top]],
+        "rest_gib": sum(v[0] for _, v in ranked[top:]) / 2**30,
+    }
+
+
 def measure_arm(arm: Arm, shape_name: str, seqs: list[int], steps: int, warmup_seq: int | None = None,
-                peak_step: bool = False, on_row=None, budget=None) -> list[dict]:
+                peak_step: bool = False, on_row=None, budget=None, census_seqs: tuple = ()) -> list[dict]:
     """DESIGN §5 for one built arm at each of `seqs`: one warm-up step (at `warmup_seq`, default the
     shortest), static = allocated afterwards; per length `steps` timed steps (CUDA events), peak =
-    max allocated over them (or over one untimed step before them with `peak_step`)."""
+    max allocated over them (or over one untimed step before them with `peak_step`). At the
+    lengths in `census_seqs` one more step is recorded for a census of its peak (memory_census)."""
     cuda = torch.cuda.is_available()
     if arm.static is None:  # once per arm
         batch = arm.batch(warmup_seq or min(seqs))
@@ -594,6 +652,13 @@ def measure_arm(arm: Arm, shape_name: str, seqs: list[int], steps: int, warmup_s
                         row[name] = host[key] / 2**30
             if budget is not None:
                 budget.record(arm.method, seq, step_ms)
+            if seq in census_seqs and cuda:
+                batch = arm.batch(seq)
+                try:
+                    row["census"] = memory_census(lambda: arm.step(batch))
+                except Exception as e:  # a census is extra: the measured row stands without it
+                    row["census"] = {"error": _error_text(e)}
+                del batch
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -874,13 +939,15 @@ def _error_text(e: BaseException) -> str:
 
 
 def run_shared(results: dict, out: Path, plain, shape_name: str, methods: list[str], seqs: list[int], steps: int,
-               device, dtype, budget: Budget) -> None:
+               device, dtype, budget: Budget, census_seqs: tuple = ()) -> None:
     """Every arm on `plain`'s weights at every length: one build and warm-up per arm."""
     shape = SHAPES[shape_name]
 
     def on_row(row):
         results["memory_speed"].append(row)
-        print(json.dumps({k: v for k, v in row.items() if k not in ("step_ms_all", "pinned_host", "meft")}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("step_ms_all", "pinned_host", "meft", "census")}), flush=True)
+        for group in row.get("census", {}).get("groups", []):
+            print(f"#   census {group['gib']:7.3f} GiB  {group['tensors']:5d}  {group['where']}", flush=True)
         out.write_text(json.dumps(results, indent=1))
 
     for method in methods:
@@ -899,7 +966,8 @@ def run_shared(results: dict, out: Path, plain, shape_name: str, methods: list[s
             for seq in seqs:
                 # each length on its own, so that an OOM at the longest keeps the shorter ones
                 try:
-                    measure_arm(arm, shape_name, [seq], steps, warmup_seq=min(seqs), on_row=on_row, budget=budget)
+                    measure_arm(arm, shape_name, [seq], steps, warmup_seq=min(seqs), on_row=on_row, budget=budget,
+                                census_seqs=census_seqs)
                 except torch.cuda.OutOfMemoryError as e:
                     on_row(dict(shape=shape_name, method=method, batch=shape["batch"], seq=seq, error=f"out of memory: {_error_text(e)}"))
                     free()
@@ -1071,6 +1139,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--meft-profile", choices=("paper", "llm"), default=None,
                         help="MEFT settings: paper (λ, β 0.1, int64 streams) or llm (starting-point scales 2^-8 / 2^-10, "
                              "int32 streams, 18 fractional bits); default llm when a shared shape runs, else paper")
+    parser.add_argument("--census-seqs", nargs="*", type=int, default=[],
+                        help="lengths of the batch-1 shapes at which one more step is recorded for a census of its peak")
     parser.add_argument("--recompute-chunk-tokens", type=int, default=4096,
                         help="MEFT's recompute_chunk_tokens with --meft-profile llm")
     parser.add_argument("--profile", action="store_true", help="profile one step of LoRA, LoRA + checkpointing and MEFT3")
@@ -1121,7 +1191,7 @@ def main(argv: list[str] | None = None) -> None:
             env[f"{shape}_weights_gib"] = torch.cuda.memory_allocated() / 2**30 if cuda else None
             print(f"# built in {env[f'{shape}_build_s']:.1f} s, {env[f'{shape}_weights_gib']} GiB", flush=True)
             run_shared(results, args.out, plain, shape, [m for m in methods if m in SHARED_METHODS], args.long_seqs,
-                       args.steps, device, torch.bfloat16, budget)
+                       args.steps, device, torch.bfloat16, budget, census_seqs=tuple(args.census_seqs))
             search = [m for m in args.max_context_methods if peft is not None or not m.startswith("lora")]
             if search:
                 max_context(results, args.out, plain, shape, search, device, torch.bfloat16, args.memory_cap_gib,

@@ -137,10 +137,13 @@ class MeftConfig:
             compiled function shared by all layers; the first steps compile). On an H200, OPT-1.3b
             shape: 8% less activation memory for MEFT1/2 and 10% fewer kernel launches; the step
             time did not improve (benchmarks/README.md).
-        recompute_chunk_tokens: in training, the position-wise part of every block (MLP blocks,
-            adapters) and the stream arithmetic run this many tokens at a time, in forward and in
-            the backward recompute, so one layer's working set stops growing with sequence x FFN
-            width (0: all tokens at once). Gradients equal plain autograd's through the same chunks.
+        recompute_chunk_tokens: in training, the position-wise parts of every block (MLP blocks,
+            adapters; in LLaMA, Mistral and Qwen2 also the attention's norm, q/k/v and output
+            projections and rotary embedding, so that only its core sees the whole sequence) and
+            the stream arithmetic run this many tokens at a time, in forward and in the backward
+            recompute, so one layer's working set stops growing with sequence x FFN width (0: all
+            tokens at once). Gradients equal plain autograd's through the same chunks. With
+            compile_blocks the attention block stays whole.
         offload_remainders: in training on CUDA, keep the packed remainders in pinned host memory,
             copied on a side stream and fetched one half-step ahead in backward, so the GPU memory of
             exact MEFT stops growing with depth. "auto" (default): on for steps of at least

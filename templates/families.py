@@ -10,6 +10,8 @@ table; adding a family means adding one description here.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,6 +30,21 @@ class Head:
 
 
 @dataclass(frozen=True)
+class AttentionParts:
+    """The attention block in three parts, for training on long sequences: all but the core act
+    on each position alone, so the engine runs them a chunk of tokens at a time and only the
+    core sees the whole sequence. With adapters off, finish(core(inputs(x))) is `attention(x)`."""
+
+    # inputs(layer, x, layer_args, rows): the core's inputs for x's positions (norm, q/k/v
+    # projections, rotary embedding); `rows.take(t)` cuts x's rows out of a per-position argument
+    inputs: Callable[[nn.Module, torch.Tensor, dict, object], tuple]
+    # core(layer, inputs over the whole sequence, layer_args): attention proper, heads merged
+    core: Callable[[nn.Module, tuple, dict], torch.Tensor]
+    # finish(layer, core output, x, adapter): output projection, `adapter`, residual
+    finish: Callable[[nn.Module, torch.Tensor, torch.Tensor, nn.Module | None], torch.Tensor]
+
+
+@dataclass(frozen=True)
 class Stack:
     """One list of layers and how each of its layers splits into two blocks."""
 
@@ -41,6 +58,9 @@ class Stack:
     # submodules of a layer (dotted paths) that the blocks call as modules and that hold its
     # weight matrices: FSDP2 can shard each as a unit of its own (MeftModelMixin.fsdp_units)
     fsdp_units: tuple[str, ...] = ()
+    # `attention` in parts, where the family describes them (training uses them; evaluation and
+    # generation, with their caches, call the library's attention through `attention`)
+    attention_parts: AttentionParts | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +78,17 @@ class Family:
 
 def _without(args: dict, *names: str) -> dict:
     return {k: v for k, v in args.items() if k not in names}
+
+
+def _library_function(attn: nn.Module, name: str):
+    """A function of the modeling module the attention comes from (its own rotary embedding)."""
+    return getattr(inspect.getmodule(type(attn)), name)
+
+
+def _attention_interface(attn: nn.Module):
+    """The attention kernel the library's attention module calls (SDPA, eager, flash, ...)."""
+    functions = _library_function(attn, "ALL_ATTENTION_FUNCTIONS")
+    return functions.get_interface(attn.config._attn_implementation, _library_function(attn, "eager_attention_forward"))
 
 
 # ------------------------------------------------------------------------------------ BERT
@@ -127,16 +158,43 @@ ROBERTA = _bert_like("roberta", "Roberta", "lm_head.")
 
 
 def _opt_attention(layer, x, args, adapter):
-    residual = x
     h = layer.self_attn_layer_norm(x) if layer.do_layer_norm_before else x
     h, _ = layer.self_attn(hidden_states=h, **_without(args, "use_cache"))
+    return _opt_attention_residual(layer, h, x, adapter)
+
+
+def _opt_attention_residual(layer, h, x, adapter):
+    """From the attention sublayer's output h on: dropout, adapter, residual, post-LN norm."""
     h = nn.functional.dropout(h, p=layer.dropout, training=layer.training)
     if adapter is not None:
         h = h + adapter(h)
-    h = residual + h
+    h = x + h
     if not layer.do_layer_norm_before:
         h = layer.self_attn_layer_norm(h)
     return h
+
+
+def _opt_attention_inputs(layer, x, args, rows):
+    attn = layer.self_attn
+    h = layer.self_attn_layer_norm(x) if layer.do_layer_norm_before else x
+    # scaled before the attention, as the library's OPT does (and then asks for no scaling)
+    return attn.q_proj(h) * attn.scaling, attn.k_proj(h), attn.v_proj(h)
+
+
+def _opt_attention_core(layer, inputs, args):
+    attn = layer.self_attn
+    q, k, v = (t.view(*t.shape[:-1], attn.num_heads, attn.head_dim).transpose(1, 2) for t in inputs)
+    interface = _attention_interface(attn)
+    kwargs = _without(args, "use_cache", "cache", "past_key_values", "attention_mask", "output_attentions")
+    h, _ = interface(
+        attn, q, k, v, args.get("attention_mask"), dropout=0.0 if not attn.training else attn.dropout, scaling=1.0,
+        **kwargs,
+    )
+    return h.reshape(*h.shape[:2], -1).contiguous()
+
+
+def _opt_attention_finish(layer, h, x, adapter):
+    return _opt_attention_residual(layer, layer.self_attn.out_proj(h), x, adapter)
 
 
 def _opt_mlp(layer, x, adapter):
@@ -158,7 +216,12 @@ def _opt_mlp(layer, x, adapter):
 OPT = Family(
     model_type="opt",
     config_class="OPTConfig",
-    stacks=(Stack("decoder.layers", _opt_attention, _opt_mlp, fsdp_units=("self_attn", "fc1", "fc2")),),
+    stacks=(
+        Stack(
+            "decoder.layers", _opt_attention, _opt_mlp, fsdp_units=("self_attn", "fc1", "fc2"),
+            attention_parts=AttentionParts(_opt_attention_inputs, _opt_attention_core, _opt_attention_finish),
+        ),
+    ),
     norm="pre",
     activation=lambda config: config.activation_function,
     dropout=lambda config: config.dropout,
@@ -263,9 +326,42 @@ BART = Family(
 
 def _llama_attention(layer, x, args, adapter):
     h, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), **args)
+    return _llama_attention_residual(h, x, adapter)
+
+
+def _llama_attention_residual(h, x, adapter):
     if adapter is not None:
         h = h + adapter(h)
     return x + h
+
+
+def _llama_attention_inputs(layer, x, args, rows):
+    attn = layer.self_attn
+    normed = layer.input_layernorm(x)
+    heads = (*x.shape[:-1], -1, attn.head_dim)
+    q, k, v = attn.q_proj(normed).view(heads), attn.k_proj(normed).view(heads), attn.v_proj(normed)
+    rotary = _library_function(attn, "apply_rotary_pos_emb")
+    cos, sin = (rows.take(t) for t in args["position_embeddings"])
+    # heads stay beside the positions here, so cos and sin go in front of the head dimension
+    q, k = rotary(q, k, cos, sin, unsqueeze_dim=-2)
+    return q.flatten(-2), k.flatten(-2), v
+
+
+def _llama_attention_core(layer, inputs, args, sliding_window=None):
+    attn = layer.self_attn
+    q, k, v = (t.view(*t.shape[:-1], -1, attn.head_dim).transpose(1, 2) for t in inputs)
+    interface = _attention_interface(attn)
+    extra = {} if sliding_window is None else {"sliding_window": sliding_window(attn)}
+    kwargs = _without(args, "position_embeddings", "attention_mask", "cache", "past_key_values")
+    h, _ = interface(
+        attn, q, k, v, args.get("attention_mask"), dropout=0.0 if not attn.training else attn.attention_dropout,
+        scaling=attn.scaling, **extra, **kwargs,
+    )
+    return h.reshape(*h.shape[:2], -1).contiguous()
+
+
+def _llama_attention_finish(layer, h, x, adapter):
+    return _llama_attention_residual(layer.self_attn.o_proj(h), x, adapter)
 
 
 def _llama_mlp(layer, x, adapter):
@@ -284,11 +380,14 @@ def _mixed_layer_types(config):
     return None
 
 
-def _llama_like(model_type: str, prefix: str) -> Family:
+def _llama_like(model_type: str, prefix: str, sliding_window: Callable | None = None) -> Family:
+    # sliding_window(attention module): the window its attention passes on, as the library's does
+    core = functools.partial(_llama_attention_core, sliding_window=sliding_window)
+    parts = AttentionParts(_llama_attention_inputs, core, _llama_attention_finish)
     return Family(
         model_type=model_type,
         config_class=f"{prefix}Config",
-        stacks=(Stack("layers", _llama_attention, _llama_mlp, fsdp_units=("self_attn", "mlp")),),
+        stacks=(Stack("layers", _llama_attention, _llama_mlp, fsdp_units=("self_attn", "mlp"), attention_parts=parts),),
         norm="pre",
         activation=lambda config: config.hidden_act,
         dropout=lambda config: 0.0,  # these models train without hidden dropout
@@ -302,8 +401,8 @@ def _llama_like(model_type: str, prefix: str) -> Family:
 
 
 LLAMA = _llama_like("llama", "Llama")
-MISTRAL = _llama_like("mistral", "Mistral")
-QWEN2 = _llama_like("qwen2", "Qwen2")
+MISTRAL = _llama_like("mistral", "Mistral", sliding_window=lambda attn: getattr(attn.config, "sliding_window", None))
+QWEN2 = _llama_like("qwen2", "Qwen2", sliding_window=lambda attn: attn.sliding_window)
 
 
 # ----------------------------------------------------------------------------------- GPT-2

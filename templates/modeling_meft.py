@@ -82,12 +82,26 @@ def _compiled(fn):
     return _COMPILED_BLOCKS[fn]
 
 
-def _make_block(kind: str, stack: Stack, layer: nn.Module, compiled: bool = False) -> Block:
+def _make_block(kind: str, stack: Stack, layer: nn.Module, compiled: bool = False, split: bool = False) -> Block:
     """F or G of one layer: the attention part mixes positions, the MLP block and adapters act on
-    each position alone (so the engine may run them a chunk of tokens at a time)."""
+    each position alone (so the engine may run them a chunk of tokens at a time). `split`: the
+    attention block in the family's parts where it has them, so that only its core sees the
+    whole sequence (training; evaluation and generation call the library's attention)."""
     adapters = layer.meft
     run = _compiled if compiled else (lambda fn: fn)
     attention, mlp = run(_attention_block), run(_mlp_block)
+    parts = stack.attention_parts if split else None
+    if parts is not None and kind in ("layer", "attention"):
+        def finish(h, x):
+            if kind == "attention":
+                return parts.finish(layer, h, x, adapters["attn"])
+            return mlp(stack.mlp, layer, adapters["ffn"], parts.finish(layer, h, x, None))
+
+        return Block(
+            before=lambda x, args, rows: parts.inputs(layer, x, args, rows),
+            mixing=lambda inputs, args: parts.core(layer, inputs, args),
+            positionwise=finish,
+        )
     if kind == "layer":  # the whole PLM layer: mlp(attention(x)), the adapter parallel to its FFN
         return Block(
             mixing=lambda x, args: attention(stack.attention, layer, None, x, args),
@@ -184,13 +198,13 @@ class MeftLayers(nn.ModuleList):
         return [top.meft["coupling"]] if dropped_block == "adapter" else []
 
     # --- the stack ------------------------------------------------------------------------
-    def couplings(self, compiled: bool = False) -> list[Coupling]:
+    def couplings(self, compiled: bool = False, split: bool = False) -> list[Coupling]:
         stack, result = self.stack, []
         prefix = f"{stack.name} " if stack.name else ""
         for index, layer in enumerate(self._modules.values()):
             name = f"{prefix}layer {index}"
-            F = _make_block(self.variant.F, stack, layer, compiled)
-            G = _make_block(self.variant.G, stack, layer, compiled)
+            F = _make_block(self.variant.F, stack, layer, compiled, split)
+            G = _make_block(self.variant.G, stack, layer, compiled, split)
             if _is_fsdp_unit(layer):
                 # a whole layer as an FSDP2 unit: the stack never calls the layer's forward, where
                 # FSDP would gather its shards, so the engine gathers them around the layer's work
@@ -231,10 +245,11 @@ class MeftLayers(nn.ModuleList):
             )
         if not trains and any(layer._forward_hooks for layer in self._modules.values()):
             return self._run_calling_layer_hooks(hidden_states, couplings, layer_args)
-        if trains and self.compile_blocks:
+        if trains:
             # training only: forward and recompute run the same compiled code, and evaluation
-            # and generation (caches, changing shapes) stay eager
-            couplings = self.couplings(compiled=True)
+            # and generation (caches, changing shapes) stay eager; attention split into its
+            # parts where the family has them (compiled blocks keep it whole)
+            couplings = self.couplings(compiled=self.compile_blocks, split=not self.compile_blocks)
         if trains:
             mode = self.backward_mode
             layer_args = _without_cache(layer_args)

@@ -32,6 +32,8 @@ Memory. A block is the part that mixes positions (attention) followed by a part 
 on each position alone (an MLP block, an adapter). The position-wise part runs, in forward
 and in the recompute, a chunk of tokens at a time (`chunk_tokens`), so the MLP's wide
 intermediates cost a chunk, not the sequence; the coupling arithmetic is chunked alike.
+A block may also start with a position-wise part (`before`: a norm and the attention's
+input projections), so that only the attention core sees the whole sequence at once.
 Streams are rebuilt in place: two stream-integer tensors are alive at a time. The packed
 remainders can live in pinned host memory (`offload_remainders`), copied out on a side
 stream in forward and fetched one layer ahead in backward.
@@ -50,10 +52,14 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.checkpoint import get_device_states, set_device_states
 
-# The part of a block that mixes positions: (stream value, routed layer arguments) -> tensor.
-Mixing = Callable[[torch.Tensor, dict], torch.Tensor]
-# The part that acts on each position alone: tensor (any leading shape) -> tensor.
-Positionwise = Callable[[torch.Tensor], torch.Tensor]
+# The part of a block that mixes positions: (stream value, routed layer arguments) -> tensor;
+# after a `before` part it gets that part's outputs instead of the stream value.
+Mixing = Callable[[Any, dict], torch.Tensor]
+# The part that acts on each position alone: tensor (any leading shape) -> tensor; after a
+# `before` part, (mixing output, block input) -> tensor, so that it can add the residual.
+Positionwise = Callable[..., torch.Tensor]
+# A position-wise part ahead of the mixing one: (block input, routed arguments, Rows) -> tensors.
+Before = Callable[[torch.Tensor, dict, "Rows"], tuple]
 
 
 class ReconstructionError(RuntimeError):
@@ -98,23 +104,64 @@ def denominator_of(scale: float) -> int:
 
 
 @dataclass(frozen=True)
+class Rows:
+    """The positions one chunk covers: a range of the block input's (batch × sequence) rows.
+    A `before` part cuts the same rows out of routed tensors that go with positions (rotary
+    embeddings) with `take`."""
+
+    rows: slice
+    lead: tuple[int, ...]  # the block input's leading shape, e.g. (batch, sequence)
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """The chunk's rows of t, whose leading dimensions broadcast to the block input's."""
+        if self.rows == slice(None):
+            return t
+        return t.expand(*self.lead, t.shape[-1]).reshape(-1, t.shape[-1])[self.rows]
+
+
+@dataclass(frozen=True)
 class Block:
-    """F or G: `mixing` (attention; None if the block has none) and then `positionwise` (an
-    MLP block, an adapter; None if none), which may run a chunk of tokens at a time."""
+    """F or G: optionally `before` (position-wise: a norm and attention's input projections),
+    `mixing` (attention; None if the block has none) and then `positionwise` (an output
+    projection and residual, an MLP block, an adapter; None if none). The position-wise parts
+    may run a chunk of tokens at a time; a block with `before` has all three parts."""
 
     mixing: Mixing | None = None
     positionwise: Positionwise | None = None
+    before: Before | None = None
+
+    def __post_init__(self):
+        if self.before is not None and (self.mixing is None or self.positionwise is None):
+            raise ValueError("a block with a `before` part needs a mixing and a position-wise part")
 
     def __call__(self, x: torch.Tensor, routed: dict, chunk_tokens: int = 0) -> torch.Tensor:
         """The block under ordinary autograd, chunked as the reversible path chunks it."""
-        h = self.mixing(x, routed) if self.mixing is not None else x
+        slices = _row_slices(x, chunk_tokens)
+        if self.before is not None:
+            # each position-wise part reads the input through a view of its own, so that a row's
+            # gradient is one sum per part and then the sum of the two, as the reversible
+            # backward forms it
+            x_rows = [x] if len(slices) == 1 else torch.split(_rows(x), chunk_tokens)
+            lead = tuple(x.shape[:-1])
+            parts = [self.before(r.view_as(r), routed, Rows(sl, lead)) for r, sl in zip(x_rows, slices)]
+            h = self.mixing(_joined(parts, lead), routed)
+        else:
+            h = self.mixing(x, routed) if self.mixing is not None else x
         if self.positionwise is None:
             return h
-        slices = _row_slices(h, chunk_tokens)
-        if len(slices) == 1:
-            return self.positionwise(h)
-        rows = torch.split(_rows(h), chunk_tokens)
-        return torch.cat([self.positionwise(r) for r in rows]).view(h.shape)
+        h_rows = [h] if len(slices) == 1 else torch.split(_rows(h), chunk_tokens)
+        if self.before is not None:
+            outs = [self.positionwise(a, b.view_as(b)) for a, b in zip(h_rows, x_rows)]
+        else:
+            outs = [self.positionwise(a) for a in h_rows]
+        return outs[0] if len(slices) == 1 else torch.cat(outs).view(*h.shape[:-1], -1)
+
+
+def _joined(parts: list, lead: tuple[int, ...]) -> tuple:
+    """The `before` part's outputs of every chunk, joined into tensors shaped (*lead, width)."""
+    if len(parts) == 1:
+        return tuple(parts[0])
+    return tuple(torch.cat(column).view(*lead, -1) for column in zip(*parts))
 
 
 def as_block(block: Block | Mixing) -> Block:
@@ -597,10 +644,12 @@ class _Remainders:
 
 @dataclass
 class _HalfRecord:
-    """RNG states of one half-step: before the mixing part, and before each position-wise chunk."""
+    """RNG states of one half-step: before each chunk of the `before` part, before the mixing
+    part, and before each chunk of the position-wise part."""
 
     mixing: _RngState | None = None
     chunks: list = field(default_factory=list)
+    before: list = field(default_factory=list)
 
 
 @dataclass
@@ -651,7 +700,7 @@ class StackRun:
                 total += 0 if t is None else t.numel() * t.element_size()
         for rec in self.records:
             for half in (rec.F, rec.G):
-                for rng in (half.mixing, *half.chunks):
+                for rng in (half.mixing, *half.chunks, *half.before):
                     total += 0 if rng is None else rng.nbytes()
             total += 0 if rec.checksum is None else rec.checksum.numel() * 8
         return total + (self.remainders.host_bytes() if self.remainders else 0)
@@ -708,15 +757,33 @@ def _part_input(leaf: torch.Tensor, reads_stream: bool, compute_dtype: torch.dty
     return _block_input(leaf, compute_dtype) if reads_stream else leaf.view_as(leaf)
 
 
-def _detached_output(fn, x: torch.Tensor, run: StackRun, *args, reads_stream: bool = True) -> torch.Tensor:
-    """Runs a block part in forward exactly as backward recomputes it: grad enabled, input a
-    leaf that requires grad. Kernels can pick different paths when inputs require grad (SDPA
+def _leaves(x):
+    """Detached copies that require grad, of a tensor or a tuple of tensors."""
+    if isinstance(x, tuple):
+        return tuple(t.detach().requires_grad_() for t in x)
+    return x.detach().requires_grad_()
+
+
+def _inputs_of(leaves, reads_stream: bool, compute_dtype: torch.dtype):
+    if isinstance(leaves, tuple):
+        return tuple(_part_input(t, reads_stream, compute_dtype) for t in leaves)
+    return _part_input(leaves, reads_stream, compute_dtype)
+
+
+def _detached_output(fn, x, run: StackRun, *args, reads_stream: bool = True, stream_part=None):
+    """Runs a block part in forward exactly as backward recomputes it: grad enabled, inputs
+    leaves that require grad. Kernels can pick different paths when inputs require grad (SDPA
     backends do); running both passes the same way rules that out. The graph built here is
-    dropped as soon as the output is detached, so it costs one part's activations at most."""
-    leaf = x.detach().requires_grad_()
+    dropped as soon as the output is detached, so it costs one part's activations at most.
+    `stream_part` is the block input's chunk a position-wise part after `before` also reads."""
+    leaf = _leaves(x)
     with torch.enable_grad():
-        out = fn(_part_input(leaf, reads_stream, run.compute_dtype), *args)
-    return out.detach()
+        inputs = _inputs_of(leaf, reads_stream, run.compute_dtype)
+        if stream_part is None:
+            out = fn(inputs, *args)
+        else:
+            out = fn(inputs, _block_input(stream_part.detach().requires_grad_(), run.compute_dtype))
+    return tuple(t.detach() for t in out) if isinstance(out, tuple) else out.detach()
 
 
 # ------------------------------------------------------------------ one coupling, both ways
@@ -742,15 +809,21 @@ class _Gradients:
 
     def of(self, out, leaf, grad_out, params, routed: bool = True):
         """Pushes grad_out through a recomputed part: parameter gradients are accumulated,
-        routed ones collected for the layer, and the gradient of the part's input returned."""
+        routed ones collected for the layer, and the gradient of the part's input returned.
+        `out`, `leaf` and `grad_out` may be tuples (a part with several inputs or outputs)."""
+        outs, grad_outs = (out, grad_out) if isinstance(out, tuple) else ((out,), (grad_out,))
+        inputs = leaf if isinstance(leaf, tuple) else (leaf,)
         leaves = self.routed_leaves if routed else []
-        grads = torch.autograd.grad(out, [leaf, *leaves, *params], grad_out.to(out.dtype), allow_unused=True)
-        for i, g in enumerate(grads[1 : 1 + len(leaves)]):
+        grads = torch.autograd.grad(
+            outs, [*inputs, *leaves, *params], [g.to(o.dtype) for o, g in zip(outs, grad_outs)], allow_unused=True
+        )
+        n = len(inputs)
+        for i, g in enumerate(grads[n : n + len(leaves)]):
             self.layer_routed[i] = _add(self.layer_routed[i], g)
-        for p, g in zip(params, grads[1 + len(leaves) :]):
+        for p, g in zip(params, grads[n + len(leaves) :]):
             j = self.index[id(p)]
             self.params[j] = _add(self.params[j], g)
-        return grads[0]
+        return tuple(grads[:n]) if isinstance(leaf, tuple) else grads[0]
 
 
 class _HalfStepOutput:
@@ -782,13 +855,74 @@ class _HalfStepOutput:
         return Stream(self.ints if self.arith.exact else None, self.value, self.checksum)
 
 
+def _mixing_input(run: StackRun, block: Block, inp: torch.Tensor, routed, states: list, replay: bool):
+    """What the mixing part reads: the block input, or the `before` part's outputs over the
+    whole sequence, computed a chunk at a time (the RNG state before each chunk recorded in
+    forward, replayed in backward's recompute)."""
+    if block.before is None:
+        return inp
+    slices = _row_slices(inp, run.settings.chunk_tokens)
+    lead = tuple(inp.shape[:-1])
+    columns = None
+    for i, sl in enumerate(slices):
+        if not replay:
+            states.append(run.capture_rng())
+        elif states and states[i] is not None:
+            states[i].restore()
+        with run.autocast.active() if replay else contextlib.nullcontext():
+            outs = _detached_output(block.before, _part(inp, sl), run, routed, Rows(sl, lead))
+        if len(slices) == 1:
+            return tuple(outs)
+        if columns is None:
+            rows = inp.numel() // inp.shape[-1]
+            columns = [torch.empty((rows, o.shape[-1]), dtype=o.dtype, device=o.device) for o in outs]
+        for column, o in zip(columns, outs):
+            column[sl].copy_(o)
+        del outs
+    return tuple(column.view(*lead, -1) for column in columns)
+
+
+def _backward_before(run: StackRun, block: Block, inp: torch.Tensor, d_parts: tuple, d_inp: torch.Tensor, chunked: bool,
+                     record: _HalfRecord, routed, params, grads: _Gradients) -> torch.Tensor:
+    """d_inp (the position-wise part's share) plus (∂before/∂inp)ᵀ·d_parts, the `before` part
+    recomputed and differentiated a chunk at a time, from the last."""
+    slices = _row_slices(inp, run.settings.chunk_tokens)
+    lead = tuple(inp.shape[:-1])
+    wanted = [j for j, d in enumerate(d_parts) if d is not None]  # outputs the core used
+    if not wanted:
+        return d_inp
+    d_parts = tuple(d_parts[j].contiguous() for j in wanted)
+    for i in reversed(range(len(slices))):
+        sl = slices[i]
+        if record.before and record.before[i] is not None:
+            record.before[i].restore()
+        leaf = _part(inp, sl).detach().requires_grad_()
+        with torch.enable_grad(), run.autocast.active():
+            outs = tuple(block.before(_block_input(leaf, run.compute_dtype), routed, Rows(sl, lead)))
+        outs = tuple(outs[j] for j in wanted)
+        g = grads.of(outs, leaf, tuple(_part(d, sl) for d in d_parts), params)
+        del outs
+        if g is None:
+            continue
+        if chunked:  # d_inp is this function's own buffer
+            _part(d_inp, sl).add_(g)
+        else:  # d_inp may be the very tensor the coupling's gradient still needs
+            d_inp = d_inp + g
+    return d_inp
+
+
 def _forward_half(run: StackRun, block: Block, inp: torch.Tensor, x: Stream, scale: float, record: _HalfRecord, routed):
     """y = scale·x + block(inp), chunk by chunk; with several chunks y's integers overwrite x's
     (one chunk: the kernels' own outputs are kept, two fewer passes). Returns y."""
     arith, s = run.arithmetic, run.settings
     factor = arith.factor(scale)
-    record.mixing = run.capture_rng() if block.mixing is not None else None
-    h = _detached_output(block.mixing, inp, run, routed) if block.mixing is not None else inp
+    if block.mixing is not None:
+        mixing_input = _mixing_input(run, block, inp, routed, record.before, replay=False)
+        record.mixing = run.capture_rng()
+        h = _detached_output(block.mixing, mixing_input, run, routed, reads_stream=block.before is None)
+        del mixing_input
+    else:
+        h = inp
     slices = _row_slices(h, s.chunk_tokens)
     if len(slices) > 1:
         h = h.contiguous()
@@ -797,7 +931,10 @@ def _forward_half(run: StackRun, block: Block, inp: torch.Tensor, x: Stream, sca
     for sl in slices:
         if block.positionwise is not None:
             record.chunks.append(run.capture_rng())
-            out = _detached_output(block.positionwise, _part(h, sl), run, reads_stream=block.mixing is None)
+            out = _detached_output(
+                block.positionwise, _part(h, sl), run, reads_stream=block.mixing is None,
+                stream_part=_part(inp, sl) if block.before is not None else None,
+            )
         else:
             out = _part(h, sl)
         stream_part = y.part(x, sl)
@@ -821,11 +958,11 @@ def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, pa
     # it, as loss.backward() computes plain autograd's (autocast would also apply to the
     # backward's own kernels and change their rounding)
     if block.mixing is not None:
+        leaf = _leaves(_mixing_input(run, block, inp, routed, record.before, replay=True))
         if record.mixing is not None:
             record.mixing.restore()
-        leaf = inp.detach().requires_grad_()
         with torch.enable_grad(), run.autocast.active():
-            h = block.mixing(_block_input(leaf, run.compute_dtype), routed)
+            h = block.mixing(_inputs_of(leaf, block.before is None, run.compute_dtype), routed)
         h_detached = h.detach()
     else:
         leaf, h, h_detached = None, None, inp
@@ -840,9 +977,11 @@ def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, pa
         h_detached = h_detached.contiguous()
         dy = None if dy is None else dy.contiguous()
     x = _HalfStepOutput(arith, y, inp.shape, inp.device, len(slices))
-    d_h = None
+    d_h = d_direct = None  # gradients of the mixing output and, after `before`, of the residual
     if chunked and dy is not None and block.positionwise is not None:
         d_h = torch.empty(h_detached.shape, dtype=h_detached.dtype, device=h_detached.device)
+        if block.before is not None:
+            d_direct = torch.empty(inp.shape, dtype=inp.dtype, device=inp.device)
     # chunks from the last: plain autograd sums a parameter's per-chunk gradients in that order
     for i in reversed(range(len(slices))):
         sl = slices[i]
@@ -851,7 +990,13 @@ def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, pa
                 record.chunks[i].restore()
             part_leaf = _part(h_detached, sl).detach().requires_grad_()
             with torch.enable_grad(), run.autocast.active():
-                part_out = block.positionwise(_part_input(part_leaf, block.mixing is None, run.compute_dtype))
+                h_part = _part_input(part_leaf, block.mixing is None, run.compute_dtype)
+                if block.before is None:
+                    part_out = block.positionwise(h_part)
+                else:
+                    stream_leaf = _part(inp, sl).detach().requires_grad_()
+                    part_out = block.positionwise(h_part, _block_input(stream_leaf, run.compute_dtype))
+                    part_leaf = (part_leaf, stream_leaf)
             out = part_out.detach()
         else:
             out = _part(h_detached, sl)
@@ -860,16 +1005,31 @@ def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, pa
         x.put(sl, stream_part, x_ints, x_value, part_sum)
         if dy is not None and block.positionwise is not None:
             g = grads.of(part_out, part_leaf, _part(dy, sl), params, routed=False)
+            g, g_direct = g if block.before is not None else (g, None)
             if not chunked:
-                d_h = g
-            elif g is None:
-                _part(d_h, sl).zero_()
+                d_h, d_direct = g, g_direct
             else:
-                _part(d_h, sl).copy_(g)
+                _put_rows(d_h, sl, g)
+                if block.before is not None:
+                    _put_rows(d_direct, sl, g_direct)
         del out
     if dy is not None and block.positionwise is not None:
-        d_inp = grads.of(h, leaf, d_h, params) if block.mixing is not None else d_h
+        if block.before is not None:
+            d_parts = grads.of(h, leaf, d_h, params)
+            h = leaf = d_h = None  # the attention core's graph goes before `before` is recomputed
+            if d_direct is None:
+                d_direct = torch.zeros_like(inp)
+            d_inp = _backward_before(run, block, inp, d_parts, d_direct, chunked, record, routed, params, grads)
+        else:
+            d_inp = grads.of(h, leaf, d_h, params) if block.mixing is not None else d_h
     return x.stream(), d_inp, _scaled(dy, scale)
+
+
+def _put_rows(buffer: torch.Tensor, sl: slice, g: torch.Tensor | None) -> None:
+    if g is None:
+        _part(buffer, sl).zero_()
+    else:
+        _part(buffer, sl).copy_(g)
 
 
 def _swap_if(settings: CouplingSettings, a, b):

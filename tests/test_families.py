@@ -9,6 +9,7 @@ import torch
 import transformers
 
 from meft_convert.templates.families import FAMILIES, family_for
+from meft_convert.templates.reversible import Rows
 from tests.conftest import real_config
 
 CASES = {
@@ -66,7 +67,37 @@ def test_blocks_recompose_the_library_layer_bitwise(case, training):
                 torch.manual_seed(7)
                 got = stack.mlp(layer, stack.attention(layer, hidden, args, None), None)
             assert torch.equal(expected, got)
+            if stack.attention_parts is not None:
+                parts, whole = stack.attention_parts, Rows(slice(None), tuple(hidden.shape[:-1]))
+                with torch.random.fork_rng():
+                    torch.manual_seed(7)
+                    core = parts.core(layer, parts.inputs(layer, hidden, args, whole), args)
+                    got = stack.mlp(layer, parts.finish(layer, core, hidden, None), None)
+                assert torch.equal(expected, got)
             hidden = expected
+
+
+@pytest.mark.parametrize("case", ["llama", "mistral (sliding window)", "qwen2", "opt-125m (pre-LN)", "opt-350m (post-LN)"])
+def test_attention_inputs_computed_a_few_rows_at_a_time_are_the_whole_sequence(case):
+    config_name, base_class = CASES[case]
+    config = real_config(config_name, architectures=[base_class], sliding_window=5) if "mistral" in case else real_config(
+        config_name, architectures=[base_class]
+    )
+    torch.manual_seed(0)
+    base = getattr(transformers, base_class)(config).double().eval()
+    stack = family_for(config.model_type).stacks[0]
+    layer = base.get_submodule(stack.layers)[0]
+    hidden, args = _layer_call(base, family_for(config.model_type), base.get_submodule(stack.layers))
+    hidden = hidden.double()
+    if "position_embeddings" in args:
+        args["position_embeddings"] = tuple(t.double() for t in args["position_embeddings"])
+    lead = tuple(hidden.shape[:-1])
+    whole = stack.attention_parts.inputs(layer, hidden, args, Rows(slice(None), lead))
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    for chunk in (slice(0, 3), slice(3, 11), slice(11, 16)):  # 2 x 8 positions; the second crosses sequences
+        part = stack.attention_parts.inputs(layer, rows[chunk], args, Rows(chunk, lead))
+        for got, expected in zip(part, whole):
+            assert torch.allclose(got, expected.reshape(-1, expected.shape[-1])[chunk], rtol=1e-12, atol=1e-12)
 
 
 def test_unknown_model_type_lists_the_supported_ones():

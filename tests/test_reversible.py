@@ -436,3 +436,80 @@ def test_chunked_positionwise_parts_rebuild_exactly_and_match_plain_autograd(blo
     rebuilt = [(n, a, b) for kind, n, a, b in trace if kind == "backward"]
     assert len(rebuilt) == 4 and all(torch.equal(forward[n][0], a) and torch.equal(forward[n][1], b) for n, a, b in rebuilt)
     assert {a.dtype for _, a, _ in rebuilt} == {torch.int32 if stream_bits == 32 else torch.int64}
+
+
+class ToyAttention(nn.Module):
+    """An attention block in three parts: per-position projections (with dropout and a routed
+    per-position tensor taken by rows), attention over the whole sequence, then an output
+    projection and the residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(D, 3 * 8)
+        self.out = nn.Linear(8, D)
+        self.drop = nn.Dropout(0.1)
+
+    def before(self, x, routed, rows):
+        q, k, v = self.qkv(self.drop(x) + torch.tanh(x)).split(8, dim=-1)  # x read twice, as a norm reads it
+        return q * rows.take(routed["position"]).to(q.dtype), k, v
+
+    def core(self, parts, routed):
+        q, k, v = parts
+        return torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1) @ v
+
+    def finish(self, h, x):
+        return x + self.out(h)
+
+
+def split_couplings(blocks: nn.ModuleList) -> list[R.Coupling]:
+    """F is a three-part attention block, G a position-wise MLP: both chunkable."""
+    result = []
+    for i in range(len(blocks) // 2):
+        F, G = blocks[2 * i], blocks[2 * i + 1]
+        params = tuple(p for p in [*F.parameters(), *G.parameters()] if p.requires_grad)
+        block_f = R.Block(before=F.before, mixing=F.core, positionwise=F.finish)
+        result.append(R.Coupling(block_f, R.Block(positionwise=lambda h, G=G: G(h, {})), params, f"layer {i}"))
+    return result
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_tokens", [3, 7, 0])
+def test_blocks_with_a_before_part_rebuild_exactly_and_match_plain_autograd(dtype, chunk_tokens):
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([ToyAttention() if i % 2 == 0 else ToyBlock() for i in range(8)]).to(dtype)
+    settings = R.CouplingSettings(2.0**-8, 2.0**-8, swap=False, stream_bits=32, frac_bits=20, chunk_tokens=chunk_tokens)
+    x = torch.randn(2, 7, D, dtype=dtype)  # 14 rows: chunks of 3 cross the batch boundary, of 7 do not
+    routed = {"position": 1 + torch.rand(1, 7, 1).expand(1, 7, 8 * 3)[..., :8].contiguous()}
+    results = {}
+    for mode in ("vanilla", "reversible"):
+        blocks.zero_grad(set_to_none=True)
+        leaf = x.clone().requires_grad_()
+        trace = []
+        torch.manual_seed(4)
+        y1, y2 = R.run_stack(leaf, split_couplings(blocks), settings, routed, mode=mode, trace=trace)
+        (y1.float().sum() * 1.3 + (y2.float() ** 2).sum()).backward()
+        results[mode] = (y1.detach(), leaf.grad, [p.grad for p in blocks.parameters()], trace)
+    vanilla, reversible = results["vanilla"], results["reversible"]
+    assert torch.equal(vanilla[0], reversible[0])
+    assert torch.equal(vanilla[1], reversible[1])
+    assert len(vanilla[2]) == 8 * 4 and all(g is not None for g in reversible[2])
+    assert all(torch.equal(a, b) for a, b in zip(vanilla[2], reversible[2]))
+    forward = {n: (a, b) for kind, n, a, b in reversible[3] if kind == "forward"}
+    rebuilt = [(n, a, b) for kind, n, a, b in reversible[3] if kind == "backward"]
+    assert len(rebuilt) == 4 and all(torch.equal(forward[n][0], a) and torch.equal(forward[n][1], b) for n, a, b in rebuilt)
+
+
+def test_a_chunked_before_part_computes_the_unchunked_block():
+    torch.manual_seed(0)
+    attention = ToyAttention().eval()
+    block = R.Block(before=attention.before, mixing=attention.core, positionwise=attention.finish)
+    x = torch.randn(3, 5, D, dtype=torch.float64)
+    routed = {"position": torch.rand(1, 5, 8, dtype=torch.float64)}
+    attention.double()
+    whole = block(x, routed)
+    q, k, v = attention.before(x, routed, R.Rows(slice(None), (3, 5)))
+    assert torch.allclose(whole, attention.finish(attention.core((q, k, v), routed), x), rtol=0, atol=0)
+    for chunk in (1, 4, 6, 15):
+        assert torch.allclose(block(x, routed, chunk), whole, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="needs a mixing and a position-wise part"):
+        R.Block(before=attention.before, mixing=attention.core)
