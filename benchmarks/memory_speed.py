@@ -78,7 +78,13 @@ LEGACY_METHODS = [
     "meft1-float", "meft2-float", "meft3-float", "meft3-vanilla",
 ]
 OFFLOAD_GC = "lora+offload-gc+chunked-loss"
-METHODS = LEGACY_METHODS + [OFFLOAD_GC, "frozen-layer", "meft1+offload", "meft2+offload", "meft3+offload"]
+METHODS = LEGACY_METHODS + [OFFLOAD_GC, "frozen-layer", "meft1+offload", "meft2+offload", "meft3+offload"] + [
+    # the attention block whole in training, as before the families described its parts
+    f"{variant}-whole{offload}" for variant in ("meft1", "meft2", "meft3") for offload in ("", "+offload")
+] + [  # other recompute chunks than the run's --recompute-chunk-tokens
+    f"{variant}{offload}@{chunk}" for variant in ("meft1", "meft2", "meft3") for offload in ("", "+offload")
+    for chunk in (1024, 2048, 8192)
+]
 # the arms of a shape with shared weights (the others train or copy the PLM's weights)
 SHARED_METHODS = ["frozen-layer", "lora+gc+chunked-loss", OFFLOAD_GC] + [
     m for m in METHODS if m.startswith("meft") and not m.endswith("vanilla")
@@ -105,11 +111,14 @@ LLM_SCALES = {"meft1": (2.0**-8, 1.0), "meft2": (1.0, 2.0**-8), "meft3": (2.0**-
 
 
 def parse_meft(method: str) -> dict:
-    """'meft3-float+offload' -> variant meft3, exact False, offload True, compiled False."""
+    """'meft3-float+offload' -> variant meft3, exact False, offload True, compiled False;
+    'meft1+offload@2048': recompute_chunk_tokens 2048 instead of the run's."""
+    method, _, chunk = method.partition("@")
     base, _, extra = method.partition("+")
     variant, _, mode = base.partition("-")
     return dict(variant=variant, exact=mode not in ("float",), compiled=mode == "compiled",
-                vanilla=mode == "vanilla", offload=extra == "offload")
+                vanilla=mode == "vanilla", offload=extra == "offload", whole_attention=mode == "whole",
+                chunk_tokens=int(chunk) if chunk else None)
 
 
 def meft_settings(method: str, profile: str | None = None) -> dict:
@@ -119,7 +128,7 @@ def meft_settings(method: str, profile: str | None = None) -> dict:
     settings = dict(variant=arm["variant"], exact=arm["exact"], loss_chunk_size=LOSS_CHUNK, compile_blocks=arm["compiled"])
     if profile == "llm":
         settings["lambda_"], settings["beta"] = LLM_SCALES[arm["variant"]]
-        settings.update(stream_bits=32, frac_bits=18, recompute_chunk_tokens=RUN["recompute_chunk_tokens"])
+        settings.update(stream_bits=32, frac_bits=18, recompute_chunk_tokens=arm["chunk_tokens"] or RUN["recompute_chunk_tokens"])
     if arm["offload"] or profile == "llm":
         settings["offload_remainders"] = arm["offload"]
     return settings
@@ -409,6 +418,10 @@ def build_shared(plain, shape: dict, method: str, device, dtype, attention: str 
         raise RuntimeError(f"not materialised: {left[:3]}")
     model.to(dtype)
     freeze_plm(model, model._meft_trainable_modules)  # also keeps the adapters float32
+    if parse_meft(method)["whole_attention"]:
+        for layers in model.meft_stacks:
+            whole = layers.couplings
+            layers.couplings = lambda compiled=False, split=False, whole=whole: whole(compiled=compiled, split=False)
     model.train()
     return model, lambda: None
 
@@ -545,26 +558,16 @@ def _timed(arm: Arm, batch: dict) -> tuple[float, object]:
     return (time.perf_counter() - start) * 1000, loss
 
 
-_CENSUS_FILES = ("reversible.py", "families.py", "modeling_meft.py", "adapters.py", "losses.py", "memory_speed.py")
-
-
-def _where(frames: list[dict]) -> str:
-    """An allocation's place: the innermost frame in MEFT's code or this benchmark, then the
-    innermost in transformers or peft ("ours > library")."""
-    if frames and frames[0]["name"] == "<module>":  # outermost first: turn it round
-        frames = frames[::-1]
-    ours = next((f for f in frames if f["filename"].endswith(_CENSUS_FILES)), None)
-    library = next((f for f in frames if "/transformers/" in f["filename"] or "/peft/" in f["filename"]), None)
-    names = [f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in (ours, library) if f is not None]
-    return " > ".join(names) or "(no Python frame)"
-
-
 def memory_census(step, top: int = 14) -> dict:
-    """Where the bytes are at the peak of one step, measured: the CUDA allocator's history of
-    that step replayed up to its highest point, the tensors alive there grouped by the code that
-    allocated them. Only what the step allocated counts (the model and optimizer are static)."""
+    """What is alive at the peak of one step, measured: the CUDA allocator's history of that step
+    replayed up to its highest point, the tensors alive there grouped by size (at 1 x 16384 on
+    Llama-3-8B, 128 MiB is one bf16 hidden state, 256 MiB an int32 stream, 112 MiB a 4096-token
+    chunk of the MLP's intermediate). Only what the step allocated counts (the model and the
+    optimizer are static)."""
+    # sizes only: recording Python stacks made cross_entropy fail on the H200 (torch 2.11), and
+    # a failed step's graph, kept by its traceback, inflated the steps measured after it
     torch.cuda.synchronize()
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, context=None)
     try:
         step()
         torch.cuda.synchronize()
@@ -591,7 +594,7 @@ def memory_census(step, top: int = 14) -> dict:
             alive.pop(e["addr"], None)
     groups: dict = {}
     for e in alive.values():
-        g = groups.setdefault(_where(e.get("frames", [])), [0, 0])
+        g = groups.setdefault(f"tensors of {e['size'] / 2**20:.0f} MiB", [0, 0])
         g[0] += e["size"]
         g[1] += 1
     ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])

@@ -143,7 +143,8 @@ class MeftConfig:
             the stream arithmetic run this many tokens at a time, in forward and in the backward
             recompute, so one layer's working set stops growing with sequence x FFN width (0: all
             tokens at once). Gradients equal plain autograd's through the same chunks. With
-            compile_blocks the attention block stays whole.
+            compile_blocks, or FSDP2 sharding the attention's modules (fsdp_units), the attention
+            block stays whole.
         offload_remainders: in training on CUDA, keep the packed remainders in pinned host memory,
             copied on a side stream and fetched one half-step ahead in backward, so the GPU memory of
             exact MEFT stops growing with depth. "auto" (default): on for steps of at least

@@ -90,7 +90,10 @@ def _make_block(kind: str, stack: Stack, layer: nn.Module, compiled: bool = Fals
     adapters = layer.meft
     run = _compiled if compiled else (lambda fn: fn)
     attention, mlp = run(_attention_block), run(_mlp_block)
-    parts = stack.attention_parts if split else None
+    # the parts call the attention's projections directly, so a projection's module that FSDP2
+    # shards on its own (fsdp_units) would not gather its weights: such layers keep it whole
+    sharded_inside = any(_is_fsdp_unit(m) for m in layer.modules() if m is not layer)
+    parts = stack.attention_parts if split and not sharded_inside else None
     if parts is not None and kind in ("layer", "attention"):
         def finish(h, x):
             if kind == "attention":

@@ -428,6 +428,10 @@ class ExactArithmetic:
         """-> (x integers, x value, checksum) of one chunk."""
         return _run_kernel(_uncouple, y_part, out, packed, m, self.frac_bits, self.value_dtype)
 
+    def value_of(self, ints: torch.Tensor) -> torch.Tensor:
+        """A stream's value from its integers, bit for bit as couple and uncouple compute it."""
+        return _run_kernel(_value_of, ints, self.frac_bits, self.value_dtype)
+
 
 class FloatArithmetic:
     """The paper's float coupling: y = scale·x + out, inverted approximately by dividing."""
@@ -829,12 +833,14 @@ class _Gradients:
 class _HalfStepOutput:
     """Where a half-step's chunks land. One chunk: the kernels' own output tensors are kept (two
     passes fewer). Several: the integers overwrite the input stream's in place (two stream-integer
-    tensors alive, not three) and the values fill one new tensor."""
+    tensors alive, not three) and the values fill one new tensor. Without `keep_values` (exact
+    backward) values are dropped: the caller computes them from the integers once its block's
+    recompute has freed its memory."""
 
-    def __init__(self, arith, stream: Stream, shape, device, chunks: int):
-        self.arith, self.single = arith, chunks == 1
+    def __init__(self, arith, stream: Stream, shape, device, chunks: int, keep_values: bool = True):
+        self.arith, self.single, self.keep_values = arith, chunks == 1, keep_values
         self.ints = stream.ints
-        self.value = None if self.single else torch.empty(shape, dtype=arith.value_dtype, device=device)
+        self.value = None if self.single or not keep_values else torch.empty(shape, dtype=arith.value_dtype, device=device)
         self.checksum = None
 
     def part(self, stream: Stream, sl: slice) -> torch.Tensor:
@@ -843,11 +849,12 @@ class _HalfStepOutput:
 
     def put(self, sl: slice, stream_part: torch.Tensor, ints, value, part_sum) -> None:
         if self.single:
-            self.ints, self.value = ints, value
+            self.ints, self.value = ints, value if self.keep_values else None
         else:
             if self.arith.exact:
                 stream_part.copy_(ints)
-            _part(self.value, sl).copy_(value)
+            if self.keep_values:
+                _part(self.value, sl).copy_(value)
         if self.arith.exact:
             self.checksum = part_sum if self.checksum is None else self.checksum + part_sum
 
@@ -949,9 +956,10 @@ def _forward_half(run: StackRun, block: Block, inp: torch.Tensor, x: Stream, sca
 
 
 def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, packed: list, scale: float, dy,
-                   record: _HalfRecord, routed, params, grads: _Gradients):
+                   record: _HalfRecord, routed, params, grads: _Gradients, value_needed: bool = True):
     """For y = scale·x + block(inp): recompute the block as in forward, rebuild x (in place of
-    y's integers) and return x, (∂block/∂inp)ᵀ·dy and ∂y/∂x·dy = scale·dy."""
+    y's integers) and return x, (∂block/∂inp)ᵀ·dy and ∂y/∂x·dy = scale·dy. In exact mode x's
+    value is computed only if `value_needed` (it is a block's input further down)."""
     arith, s = run.arithmetic, run.settings
     factor = arith.factor(scale)
     # only the recompute runs under the forward's autocast; the gradients are computed outside
@@ -976,7 +984,8 @@ def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, pa
     if chunked:
         h_detached = h_detached.contiguous()
         dy = None if dy is None else dy.contiguous()
-    x = _HalfStepOutput(arith, y, inp.shape, inp.device, len(slices))
+    # in exact mode the rebuilt stream's value waits until the recompute's memory is freed
+    x = _HalfStepOutput(arith, y, inp.shape, inp.device, len(slices), keep_values=not arith.exact)
     d_h = d_direct = None  # gradients of the mixing output and, after `before`, of the residual
     if chunked and dy is not None and block.positionwise is not None:
         d_h = torch.empty(h_detached.shape, dtype=h_detached.dtype, device=h_detached.device)
@@ -1022,7 +1031,11 @@ def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, pa
             d_inp = _backward_before(run, block, inp, d_parts, d_direct, chunked, record, routed, params, grads)
         else:
             d_inp = grads.of(h, leaf, d_h, params) if block.mixing is not None else d_h
-    return x.stream(), d_inp, _scaled(dy, scale)
+    h = leaf = d_h = d_direct = h_detached = None
+    rebuilt = x.stream()
+    if arith.exact and value_needed:
+        rebuilt.value = arith.value_of(rebuilt.ints)
+    return rebuilt, d_inp, _scaled(dy, scale)
 
 
 def _put_rows(buffer: torch.Tensor, sl: slice, g: torch.Tensor | None) -> None:
@@ -1134,8 +1147,10 @@ class _ReversibleStack(torch.autograd.Function):
                     # y1 = λ·x1 + F(x2): rebuild x1, then dx2 += (∂F/∂x2)ᵀ·dy1 and dx1 = λ·dy1
                     packed_f = run.remainders.take(2 * idx)
                     run.remainders.prefetch(2 * idx - 1)
+                    # x1's value is G's input in the layer below only without the swap
                     x1, dx2_from_f, dx1 = _backward_half(
-                        run, c.F, x2.value, y1, packed_f, s.lambda_, dy1, rec.F, routed, params, grads
+                        run, c.F, x2.value, y1, packed_f, s.lambda_, dy1, rec.F, routed, params, grads,
+                        value_needed=not s.swap,
                     )
                 dx2 = _add(dx2, dx2_from_f)
                 del dx2_from_f, dy1
