@@ -428,10 +428,6 @@ class ExactArithmetic:
         """-> (x integers, x value, checksum) of one chunk."""
         return _run_kernel(_uncouple, y_part, out, packed, m, self.frac_bits, self.value_dtype)
 
-    def value_of(self, ints: torch.Tensor) -> torch.Tensor:
-        """A stream's value from its integers, bit for bit as couple and uncouple compute it."""
-        return _run_kernel(_value_of, ints, self.frac_bits, self.value_dtype)
-
 
 class FloatArithmetic:
     """The paper's float coupling: y = scale·x + out, inverted approximately by dividing."""
@@ -833,9 +829,8 @@ class _Gradients:
 class _HalfStepOutput:
     """Where a half-step's chunks land. One chunk: the kernels' own output tensors are kept (two
     passes fewer). Several: the integers overwrite the input stream's in place (two stream-integer
-    tensors alive, not three) and the values fill one new tensor. Without `keep_values` (exact
-    backward) values are dropped: the caller computes them from the integers once its block's
-    recompute has freed its memory."""
+    tensors alive, not three) and the values fill one new tensor. Without `keep_values` the
+    values are dropped (exact mode: a rebuilt stream no block reads again)."""
 
     def __init__(self, arith, stream: Stream, shape, device, chunks: int, keep_values: bool = True):
         self.arith, self.single, self.keep_values = arith, chunks == 1, keep_values
@@ -959,7 +954,7 @@ def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, pa
                    record: _HalfRecord, routed, params, grads: _Gradients, value_needed: bool = True):
     """For y = scale·x + block(inp): recompute the block as in forward, rebuild x (in place of
     y's integers) and return x, (∂block/∂inp)ᵀ·dy and ∂y/∂x·dy = scale·dy. In exact mode x's
-    value is computed only if `value_needed` (it is a block's input further down)."""
+    value is kept only if `value_needed` (it is a block's input further down)."""
     arith, s = run.arithmetic, run.settings
     factor = arith.factor(scale)
     # only the recompute runs under the forward's autocast; the gradients are computed outside
@@ -984,8 +979,9 @@ def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, pa
     if chunked:
         h_detached = h_detached.contiguous()
         dy = None if dy is None else dy.contiguous()
-    # in exact mode the rebuilt stream's value waits until the recompute's memory is freed
-    x = _HalfStepOutput(arith, y, inp.shape, inp.device, len(slices), keep_values=not arith.exact)
+    # values as the kernel computes them (a value computed apart can differ in rounding from the
+    # forward's), kept only where a block reads them
+    x = _HalfStepOutput(arith, y, inp.shape, inp.device, len(slices), keep_values=value_needed or not arith.exact)
     d_h = d_direct = None  # gradients of the mixing output and, after `before`, of the residual
     if chunked and dy is not None and block.positionwise is not None:
         d_h = torch.empty(h_detached.shape, dtype=h_detached.dtype, device=h_detached.device)
@@ -1031,11 +1027,7 @@ def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, pa
             d_inp = _backward_before(run, block, inp, d_parts, d_direct, chunked, record, routed, params, grads)
         else:
             d_inp = grads.of(h, leaf, d_h, params) if block.mixing is not None else d_h
-    h = leaf = d_h = d_direct = h_detached = None
-    rebuilt = x.stream()
-    if arith.exact and value_needed:
-        rebuilt.value = arith.value_of(rebuilt.ints)
-    return rebuilt, d_inp, _scaled(dy, scale)
+    return x.stream(), d_inp, _scaled(dy, scale)
 
 
 def _put_rows(buffer: torch.Tensor, sl: slice, g: torch.Tensor | None) -> None:
