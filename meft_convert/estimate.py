@@ -79,26 +79,29 @@ LOSS_CHUNK_TOKENS = 256
 OPTIMIZER_STEP_COPIES = 2
 # MEFT (exact), beside the stream integers and the remainders: a layer's backward has two
 # phases and the peak is the larger, as (T×H-sized, c×I-sized) tensors with c =
-# recompute_chunk_tokens, per MLP kind. The mixing phase (attention over the whole sequence)
-# holds stream values, stream gradients and block outputs of the full sequence; the
-# position-wise phase the full-sequence tensors that outlive the attention plus the MLP's
-# working set over one chunk. MEFT1: F is a whole layer (attention, MLP, adapter) and G an
-# adapter; MEFT2 the other way round; MEFT3: F = attention, G = MLP.
-# Gated: fitted to Llama-3-8B at 1 × 8k–32k with the final engine (chunks of 4096: MEFT1/MEFT2
-# peak in the position-wise phase at 8k and in the mixing phase above, MEFT3 likewise; MEFT1
-# and MEFT2 measured alike to 0.01%; the c×I count, 6.6, is SwiGLU's gate, up, their product
-# and the gradients of each). The T×H counts sit between the exact and the offloaded rows
-# (offloading measured 0.5 T×H below what OFFLOADED_REMAINDER_LAYERS_ON_GPU gives).
-# Plain: fitted to OPT-1.3b at 8 × 512 (the current engine). There c = T, so the position-wise
-# c×I count (3: the first projection's output, its activation and a gradient, I = 4H) is
-# taken, not fitted, and the T×H counts are fitted; MEFT2 measured 2 T×H below MEFT1. Its
-# mixing phase is not measured apart (it never peaks while T ≤ c): the gated counts, assumed.
+# recompute_chunk_tokens, per MLP kind. The mixing phase (the attention core over the whole
+# sequence) holds stream values, stream gradients, the core's inputs, output and gradients; the
+# position-wise phase the full-sequence tensors that outlive the core plus the MLP's working
+# set over one chunk. MEFT1: F is a whole layer (attention, MLP, adapter) and G an adapter;
+# MEFT2 the other way round; MEFT3: F = attention, G = MLP.
+# Gated: fitted to Llama-3-8B at 1 × 8k–32k with the attention in parts (families.py's
+# AttentionParts; benchmarks/results/h200-llama-3-8b-attention-parts*.json): MEFT1/MEFT2 peak in
+# the position-wise phase at 16k and in the mixing phase at 32k (the census of the 16k step
+# holds six 112 MiB chunk intermediates: SwiGLU's gate, up, their product and the gradients,
+# 6.6 with rounding); MEFT1 and MEFT2 measured alike; MEFT3 from its 8k and 16k rows. The T×H
+# counts sit between the exact and the offloaded rows (2 to 4% apart).
+# Plain: fitted to OPT-1.3b at 8 × 512 with the attention whole (the engine before the parts,
+# h200-opt-1.3b-llm.json; the parts keep less, so these are upper bounds there). There c = T,
+# so the position-wise c×I count (3: the first projection's output, its activation and a
+# gradient, I = 4H) is taken, not fitted, and the T×H counts are fitted; MEFT2 measured 2 T×H
+# below MEFT1. Its mixing phase is not measured apart (it never peaks while T ≤ c): the gated
+# counts of that engine, assumed.
 MEFT_MIXING_PHASE = {
-    "gated": {"meft1": (19.8, 1.6), "meft2": (19.8, 1.6), "meft3": (18.8, 0.2)},
+    "gated": {"meft1": (15.65, 0.0), "meft2": (15.65, 0.0), "meft3": (18.1, 0.2)},
     "plain": {"meft1": (19.8, 1.6), "meft2": (19.8, 1.6), "meft3": (18.8, 0.2)},
 }
 MEFT_POSITIONWISE_PHASE = {
-    "gated": {"meft1": (15.5, 6.6), "meft2": (15.5, 6.6), "meft3": (10.0, 6.6)},
+    "gated": {"meft1": (11.2, 6.6), "meft2": (11.2, 6.6), "meft3": (9.9, 6.6)},
     "plain": {"meft1": (18.1, 3.0), "meft2": (16.1, 3.0), "meft3": (10.2, 3.0)},
 }
 # Remainders on the GPU when offloaded: the layer in use and the one fetched ahead.

@@ -18,13 +18,16 @@ from tests.test_cli import PROBE  # runs the CLI, reports its exit code and the 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "tests" / "data" / "configs"
 RESULTS = ROOT / "benchmarks" / "results"
-# the measured files, and whether their MEFT rows come from the current engine (h200.json's MEFT
-# arms ran an older engine: int64 streams, three of them alive, the MLP unchunked). The
-# max-context searches count too: their memory rows are single steps, not warmed, but at 8k and
-# 32k they agree with h200-llama-3-8b.json's warmed rows to within 1 KiB; their probes are
-# checked apart (test_max_context_probes).
-MEASURED = {"h200-llama-3-8b.json": True, "h200.json": False, "h200-opt-1.3b-llm.json": True,
-            "h200-llama-3-8b-max-context.json": True, "h200-llama-3-8b-max-context-meft3.json": True}
+# the measured files, and whether their MEFT rows come from the current engine. h200.json's MEFT
+# arms ran an older engine (int64 streams, three of them alive, the MLP unchunked);
+# h200-llama-3-8b.json, h200-opt-1.3b-llm.json and the max-context search kept the attention whole
+# (before families.py's AttentionParts), so only their other arms count.
+MEASURED = {"h200-llama-3-8b-attention-parts.json": True, "h200-llama-3-8b-attention-parts-run1.json": True,
+            "h200-llama-3-8b.json": False, "h200.json": False, "h200-opt-1.3b-llm.json": False,
+            "h200-llama-3-8b-max-context.json": False}
+# the first run with the parts counts at 8k and 16k only: a census of its 16k step failed and left
+# that step's graph alive, inflating every row after it (offloaded checkpoints 12 GiB at 32k, not 8)
+LENGTHS = {"h200-llama-3-8b-attention-parts-run1.json": (8192, 16384)}
 SHAPE_CONFIGS = {"llama-3-8b": "llama-3-8b", "opt-1.3b": "opt-1.3b", "opt-1.3b-long": "opt-1.3b", "bert-base": "bert-base-uncased"}
 NON_MEFT = {"full", "lora", "lora+gc", "lora+gc+chunked-loss", "lora+offload-gc+chunked-loss", "head-only", "frozen-layer"}
 ACTIVATION_TOLERANCE, STATIC_TOLERANCE = 0.15, 0.05
@@ -44,7 +47,9 @@ def _rows():
             method = row["method"]
             if "error" in row or row.get("activation_gib") is None or row["shape"] not in SHAPE_CONFIGS:
                 continue
-            if method.startswith("meft") and (not current or "compiled" in method or "vanilla" in method):
+            if name in LENGTHS and row["seq"] not in LENGTHS[name]:
+                continue
+            if method.startswith("meft") and (not current or "compiled" in method or "vanilla" in method or "whole" in method):
                 continue
             if not method.startswith("meft") and method not in NON_MEFT:
                 continue
@@ -68,12 +73,13 @@ def _estimate(row: dict) -> dict:
 def test_every_measured_file_is_covered():
     names = {name for name, _ in ROWS}
     assert set(MEASURED) <= names
-    methods = {row["method"] for name, row in ROWS if name == "h200-llama-3-8b.json"}
-    assert {"meft1", "meft2", "meft3", "meft1+offload", "meft3+offload", "frozen-layer",
+    methods = {row["method"] for name, row in ROWS if name.startswith("h200-llama-3-8b-attention-parts")}
+    assert {"meft1", "meft2", "meft3", "meft1+offload", "meft3+offload", "meft1+offload@2048",
             "lora+gc+chunked-loss", "lora+offload-gc+chunked-loss"} <= methods
+    methods = {row["method"] for name, row in ROWS if name == "h200-llama-3-8b.json"}
+    assert {"frozen-layer", "lora+gc+chunked-loss", "lora+offload-gc+chunked-loss"} <= methods
     methods = {row["method"] for name, row in ROWS if name == "h200-opt-1.3b-llm.json"}
-    assert {"meft1", "meft2", "meft3", "meft1+offload", "meft2+offload", "meft3+offload", "meft3-float",
-            "lora+gc+chunked-loss", "lora+offload-gc+chunked-loss", "frozen-layer"} <= methods
+    assert {"lora+gc+chunked-loss", "lora+offload-gc+chunked-loss", "frozen-layer"} <= methods
     methods = {row["method"] for name, row in ROWS if name == "h200.json"}
     assert {"full", "lora", "lora+gc", "lora+gc+chunked-loss", "head-only"} <= methods
 
@@ -87,7 +93,7 @@ def test_estimate_matches_measured(name, row):
     if row["method"] == "frozen-layer":
         estimate, static = result["frozen_layer_gib"], None
     else:
-        arm = result["arms"][row["method"]]
+        arm = result["arms"][row["method"].partition("@")[0]]  # "@2048": the chunk, in row["meft"]
         estimate, static = arm["activation_gib"], arm["static_gib"]
     error = abs(estimate - row["activation_gib"]) / row["activation_gib"]
     assert error <= ACTIVATION_TOLERANCE, f"activation: estimated {estimate:.3f} GiB, measured {row['activation_gib']:.3f}"
@@ -96,16 +102,19 @@ def test_estimate_matches_measured(name, row):
 
 
 def test_max_context_probes():
-    """The max-context searches' probes that fit (Llama-3-8B, 45k–115k tokens, one step each):
-    their peak less the arm's measured static within 15% of the estimated activation."""
+    """The max-context searches' probes that fit (Llama-3-8B, 45k–160k tokens, one step each):
+    their peak less the arm's measured static within 15% of the estimated activation (MEFT's
+    probes where they ran the current engine)."""
     config = json.loads((CONFIGS / "llama-3-8b.json").read_text())
     checked = 0
-    for name in ("h200-llama-3-8b-max-context.json", "h200-llama-3-8b-max-context-meft3.json"):
+    for name in ("h200-llama-3-8b-max-context.json", "h200-llama-3-8b-attention-parts.json"):
         data = json.loads((RESULTS / name).read_text())
         static = {row["method"]: row["static_gib"] for row in data["memory_speed"]}
         arms = data.get("arms") or {}
         for search in data["max_context"]:
             method = search["method"]
+            if method.startswith("meft") and MEASURED[name] is not True:
+                continue
             meft = arms.get(method) or {}
             for probe in search["probes"]:
                 if not probe["fits"]:
@@ -117,7 +126,7 @@ def test_max_context_probes():
                 estimate = result["arms"][method]["activation_gib"]
                 assert abs(estimate - measured) / measured <= ACTIVATION_TOLERANCE, (method, probe["seq"], estimate, measured)
                 checked += 1
-    assert checked >= 6
+    assert checked >= 4
 
 
 def test_offloaded_host_memory():
