@@ -117,11 +117,7 @@ def get_meft_model(
     dtype = _layer_dtype(family, state)
     causal = auto_class == calibrate.CAUSAL_LM
     folder = _tokenizer_folder(name)
-    requested = settings.requested()
-    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
-    measures = "auto" in (requested["lambda_"], requested["beta"], requested["adapter_init"]) or settings.exact and (
-        requested["stream_bits"] == "32" or requested["stream_bits"] == "auto" and sixteen_bit)
-    if tokenizer is None and folder is None and measures:
+    if tokenizer is None and folder is None and settings.measured(sixteen_bit=dtype in (torch.float16, torch.bfloat16)):
         warnings.warn(
             "get_meft_model: no tokenizer given and none where the model was loaded from; the auto settings are "
             "calibrated on a fixed random token sequence instead of text (pass tokenizer=...)",

@@ -37,6 +37,7 @@ import transformers
 
 from .errors import BadInputError
 from .quiet import quiet_transformers
+from .settings import FRAC_BITS_64
 from .templates.adapters import MeftAdapter
 from .templates.modeling_meft import model_class_for
 
@@ -62,7 +63,6 @@ CALIBRATION_TOKENS = 256
 # the largest value measured (a 16× margin for what training and other text may reach)
 RANGE_MARGIN_BITS = 4
 MIN_FRAC_BITS, MAX_FRAC_BITS_32 = 8, 27
-FRAC_BITS_64 = 32
 # the engine's int64 streams hold block outputs below 2^(RANGE_BITS − K) (templates/reversible.py)
 RANGE_BITS_64 = 56
 CAUSAL_LM = "AutoModelForCausalLM"
@@ -463,16 +463,9 @@ def calibrate_settings(settings, family, config, dtype: torch.dtype, *, source: 
     `config` in `dtype`, and the calibration record under "calibration"; None when every setting
     was given and there is nothing to record. The original is loaded from `source`, or is
     `original` in memory (then nothing is read from disk but `source`'s tokenizer, if given)."""
+    if not settings.measured(sixteen_bit=dtype in (torch.float16, torch.bfloat16)):
+        return settings.unmeasured()
     requested = settings.requested()
-    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
-    needs_range = config.exact and (requested["stream_bits"] == "32" or (requested["stream_bits"] == "auto" and sixteen_bit))
-    if "auto" not in (requested["lambda_"], requested["beta"], requested["adapter_init"]) and not needs_range:
-        if requested["stream_bits"] == "auto":
-            requested["stream_bits"] = "64"
-        if not settings.allow_low_fidelity:
-            return None
-        calibration = {"measured": False, "allow_low_fidelity": True}
-        return {**requested, "stream_bits": requested["stream_bits"], "frac_bits": FRAC_BITS_64, "calibration": calibration}
     log("Calibrating the auto settings on the calibration text ...")
     record = _calibrate_and_free(
         family=family,
