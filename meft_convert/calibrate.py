@@ -38,7 +38,7 @@ import transformers
 from .errors import BadInputError
 from .quiet import quiet_transformers
 from .settings import FRAC_BITS_64
-from .templates.adapters import MeftAdapter
+from .templates.adapters import MeftAdapter, adapter_generator
 from .templates.modeling_meft import model_class_for
 
 # the starting point a conversion must keep (README "Defaults"); verify.py judges by the same
@@ -219,7 +219,8 @@ def _build(family, config, source: Path | None, auto_class: str, dtype: torch.dt
     if missing:
         raise RuntimeError(f"the MEFT model has tensors the original lacks: {missing[:3]}")
     adapters = [m for m in meft.modules() if isinstance(m, MeftAdapter)]
-    generator = torch.Generator().manual_seed(seed)
+    # drawn as convert() draws them: those measured are those written
+    generator = adapter_generator(seed)
     for adapter in adapters:
         adapter.to_empty(device="cpu")
         adapter.reset_parameters(generator)
@@ -234,11 +235,11 @@ def _set_scales(model: _Model, lambda_: float, beta: float) -> None:
 
 @torch.no_grad()
 def _set_init(model: _Model, init: str, std: float, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
+    generator = adapter_generator(seed)
     for adapter in model.adapters:
         adapter.up_proj._meft_init = (std, init == "zero")
         adapter.down_proj._meft_init = (std, False)
-        adapter.init = init
+        adapter.init, adapter.init_std = init, std
         adapter.reset_parameters(generator)
 
 

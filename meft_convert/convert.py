@@ -25,12 +25,13 @@ from .hub import push_to_hub, resolve_model
 from .partial import clean_stale_partials, mark_partial, unmark_partial
 from .provenance import provenance
 from .settings import MeftSettings, _option, setting_error
-from .weights import ShardCopy, SourceWeights, copy_if_present, find_weights, write_weights
+from .template_tables import template_tables
+from .weights import FLOAT_DTYPES, ShardCopy, SourceWeights, copy_if_present, find_weights, write_weights
 
 # torch, transformers and the templates (which import both) load inside the functions that use
 # them, so that the CLI parses its arguments and answers --help or a usage error without them
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
     import transformers
 
     from .templates.families import Family
@@ -146,7 +147,8 @@ class _Plan:
 
     family: Family
     config: transformers.PretrainedConfig
-    adapters: dict[str, torch.Tensor]
+    adapters: dict[str, np.ndarray]  # float32, as drawn ...
+    adapter_dtype: str  # ... and stored in this dtype (safetensors' name: the PLM layers' dtype)
     missing: list[str]  # tensors the model has but the checkpoint lacks (initialised on load)
     unexpected: list[str]  # tensors the checkpoint has but the model does not use (kept)
     trainable: int  # parameters that train (adapters, a new head) ...
@@ -275,17 +277,21 @@ def meft_config(
     return config, auto_class, library_class
 
 
-def draw_adapters(meft_model, generator: torch.Generator, dtype: torch.dtype, name_of: Callable[[str], str] = str) -> dict:
-    """Fresh tensors of every adapter of `meft_model` (built on the meta device), drawn from
-    `generator` in the model's module order and cast to `dtype`, named `name_of(module name)`
-    + "." + parameter name. The one place adapters are initialised: the same seed gives the
-    same adapters in a converted folder and from get_meft_model()."""
+def draw_adapters(meft_model, generator: np.random.Generator, name_of: Callable[[str], str] = str) -> dict[str, np.ndarray]:
+    """Fresh float32 tensors of every adapter of `meft_model` (built on the meta device), drawn
+    from `generator` (templates/adapters.py: adapter_generator(seed)) in the model's module
+    order, named `name_of(module name)` + "." + parameter name. Adapters are drawn by
+    templates/adapters.py's draw_adapter() alone, in the same order with or without a model
+    (_plan_from_headers): the same seed gives the same adapters in a converted folder and from
+    get_meft_model()."""
     from .templates.adapters import MeftAdapter
 
     adapters = {}
     for name, module in meft_model.named_modules():
         if isinstance(module, MeftAdapter):
-            adapters.update(_initialised(module, name_of(name), generator, dtype))
+            module.to_empty(device="cpu")
+            module.reset_parameters(generator)
+            adapters.update({f"{name_of(name)}.{key}": p.detach().numpy().copy() for key, p in module.named_parameters()})
     return adapters
 
 
@@ -304,8 +310,8 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
         family, plm_config, settings, task=options.task, num_labels=options.num_labels, keys=weights.tensors,
         base_model=base_model_name(options.model, options.revision),
     )
-    dtype = _adapter_dtype(family, weights)
-    generator = torch.Generator().manual_seed(options.seed)
+    dtype = layer_dtype(family, weights)
+    generator = template_tables().adapter_generator(options.seed)
 
     # without verification (which builds the models anyway), the checkpoint's own headers tell the
     # layers and their shapes where it was saved by the class the result declares: building the
@@ -356,37 +362,24 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     missing = sorted(k for k in mapped - set(weights.tensors) if not tied.get(k, set()) & set(weights.tensors))
     unexpected = sorted(set(weights.tensors) - mapped)
 
-    adapters = draw_adapters(meft_model, generator, dtype, name_of=file_name)
+    adapters = draw_adapters(meft_model, generator, name_of=file_name)
     added = {file_name(k) for k in meft_keys} - mapped
     if set(adapters) != added:
         raise RuntimeError(f"adapter tensors {sorted(set(adapters) ^ added)[:3]} do not match the MEFT model")
     trainable, total = meft_model.get_nb_trainable_parameters()
-    return _Plan(family, config, adapters, missing, unexpected, trainable, total)
+    return _Plan(family, config, adapters, dtype, missing, unexpected, trainable, total)
 
 
-def _adapter_dtype(family: Family, weights: SourceWeights) -> torch.dtype:
-    """The adapters are stored in the dtype of the PLM's layers."""
-    import torch
-
+def layer_dtype(family: Family, weights: SourceWeights) -> str:
+    """The dtype of the PLM's layers (safetensors' name, e.g. "BF16"), which the adapters are stored in."""
     layer0 = (_layer_prefix(weights.tensors, family) or "") + family.stacks[0].layers + ".0."
-    float_dtypes = [
-        info.dtype for key, info in weights.tensors.items() if key.startswith(layer0) and info.dtype in ("F32", "F16", "BF16", "F64")
-    ]
-    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[
-        float_dtypes[0] if float_dtypes else "F32"
-    ]
-
-
-def _initialised(adapter, name: str, generator: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors of `adapter` (built on the meta device), named under `name`, drawn from
-    `generator`: adapters drawn in the model's module order are the model's."""
-    adapter.to_empty(device="cpu")
-    adapter.reset_parameters(generator)
-    return {f"{name}.{key}": param.detach().to(dtype).contiguous() for key, param in adapter.named_parameters()}
+    float_dtypes = [info.dtype for key, info in weights.tensors.items() if key.startswith(layer0) and info.dtype in FLOAT_DTYPES]
+    return float_dtypes[0] if float_dtypes else "F32"
 
 
 def _plan_from_headers(
-    family: Family, auto_class: str, config, settings: dict, weights: SourceWeights, generator, dtype
+    family: Family, auto_class: str, config, settings: dict, weights: SourceWeights, generator: np.random.Generator,
+    dtype: str,
 ) -> _Plan | None:
     """The plan of a checkpoint saved by the class the result declares, from its tensor headers
     and the family table, without building a model. Each stack's layers must be numbered 0..n-1
@@ -395,23 +388,21 @@ def _plan_from_headers(
     outside the layers are taken as the class saved them (its head tied to the embeddings, which
     the caller checks). The adapters are drawn in the order the model's modules have them. None
     where the headers do not settle this: the caller then builds the models, which name what is
-    missing or mismatched."""
+    missing or mismatched. Needs neither torch nor transformers."""
     import re
 
-    import torch
-
-    from .templates.adapters import MeftAdapter
-    from .templates.modeling_meft import VARIANTS
-
+    tables = template_tables()
     prefix = _layer_prefix(weights.tensors, family)
     if prefix is None:
         return None
-    if any(info.dtype not in ("F16", "BF16", "F32", "F64") for info in weights.tensors.values()):
+    if any(info.dtype not in FLOAT_DTYPES for info in weights.tensors.values()):
         return None  # integer tensors are buffers older versions saved (BERT's position_ids): not parameters
-    variant, hidden = VARIANTS[settings["variant"]], config.hidden_size
+    variant, hidden = tables.VARIANTS[settings["variant"]], getattr(config, "hidden_size", None)
+    if not isinstance(hidden, int):
+        return None
     layer_counts = []
     for stack in family.stacks:
-        expected = getattr(config, f"{stack.name}_layers", None) if stack.name else config.num_hidden_layers
+        expected = getattr(config, f"{stack.name}_layers" if stack.name else "num_hidden_layers", None)
         pattern = re.compile(re.escape(prefix + stack.layers) + r"\.(\d+)\.(.+)")
         layers: dict[int, dict[str, tuple]] = {}
         for key, info in weights.tensors.items():
@@ -433,15 +424,10 @@ def _plan_from_headers(
     for stack, count in zip(family.stacks, layer_counts):
         for index in range(count):
             for name in variant.adapters:
-                with torch.device("meta"):
-                    adapter = MeftAdapter(
-                        hidden, config.adapter_dim, family.activation(config), family.dropout(config),
-                        init=config.adapter_init, init_std=config.adapter_init_std,
-                    )
-                tensors = _initialised(adapter, f"{prefix}{stack.layers}.{index}.meft.{name}", generator, dtype)
-                adapters.update(tensors)
+                drawn = tables.draw_adapter(generator, hidden, config.adapter_dim, config.adapter_init, config.adapter_init_std)
+                adapters.update({f"{prefix}{stack.layers}.{index}.meft.{name}.{key}": t for key, t in drawn.items()})
                 if frozen_block and index == count - 1 and name == "coupling":
-                    frozen += sum(t.numel() for t in tensors.values())
+                    frozen += sum(t.size for t in drawn.values())
     overlap = sorted(set(adapters) & set(weights.tensors))
     if overlap:
         return None
@@ -458,9 +444,9 @@ def _plan_from_headers(
         for key, info in weights.tensors.items()
         if any(key.startswith(module + ".") for module in head.trainable)
     )
-    adapter_size = sum(t.numel() for t in adapters.values())
+    adapter_size = sum(t.size for t in adapters.values())
     total = sum(numel(info.shape) for info in weights.tensors.values()) + adapter_size
-    return _Plan(family, config, adapters, [], [], adapter_size - frozen + head_size, total)
+    return _Plan(family, config, adapters, dtype, [], [], adapter_size - frozen + head_size, total)
 
 
 def record_provenance(config) -> dict[str, bytes]:
@@ -473,7 +459,7 @@ def record_provenance(config) -> dict[str, bytes]:
     return code
 
 
-def _card_facts(options: ConvertOptions, plan: _Plan, source: Path, report, dtype: torch.dtype | None = None):
+def _card_facts(options: ConvertOptions, plan: _Plan, source: Path, report):
     from .card import CardFacts, base_model_license
 
     config = plan.config
@@ -494,7 +480,7 @@ def _card_facts(options: ConvertOptions, plan: _Plan, source: Path, report, dtyp
         report=report,
         calibration=getattr(config, "meft_calibration", None),
         plm_config=read_config_json(source),
-        dtype={"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(str(dtype).removeprefix("torch.")),
+        dtype={"F32": "fp32", "F16": "fp16", "BF16": "bf16"}.get(plan.adapter_dtype),
     )
 
 
@@ -570,7 +556,7 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
         if resolved is not None:  # the settings `auto` stood for, measured on the model
             plan = _plan(options, options.meft_settings(resolved), source, raw_config, weights)
             plan.config.meft_calibration = resolved["calibration"]
-        write_weights(weights, plan.adapters, tmp, copy=copy)
+        write_weights(weights, plan.adapters, plan.adapter_dtype, tmp, copy=copy)
         code = record_provenance(plan.config)
         plan.config.save_pretrained(tmp)
         for name, data in code.items():
@@ -586,7 +572,7 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
             report.save(tmp)
             if not report.passed:
                 raise VerificationError(f"verification failed: {'; '.join(report.problems)}", report)
-        (tmp / "README.md").write_text(model_card(_card_facts(options, plan, source, report, _adapter_dtype(plan.family, weights))))
+        (tmp / "README.md").write_text(model_card(_card_facts(options, plan, source, report)))
         unmark_partial(tmp)
         _use_umask(tmp)
         _publish(tmp, output)

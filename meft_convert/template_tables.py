@@ -2,7 +2,7 @@
 
 The templates (the code a converted checkpoint carries) import torch and transformers at the
 top, yet some of what they define is plain Python or numpy: the settings checks, the variants
-table, the `auto_map` a checkpoint names. A conversion that needs
+table, the adapter initialisation, the `auto_map` a checkpoint names. A conversion that needs
 no model reads those here, from the template files themselves: each definition named below is
 executed on its own, with the names it uses, so that there is one definition and the CLI loads
 no torch for it. A definition that comes to need anything else fails here by name (NameError),
@@ -22,7 +22,7 @@ from types import SimpleNamespace
 # template file -> the top-level definitions read from it, in dependency order
 DEFINITIONS = {
     "reversible.py": ("denominator_of",),
-    "adapters.py": ("ADAPTER_INITS",),
+    "adapters.py": ("ADAPTER_INITS", "adapter_generator", "draw_adapter"),
     "configuration_meft.py": (
         "VARIANT_DEFAULTS", "OUTPUT_STREAMS", "validate_meft_settings", "MEFT_SETTINGS", "config_class_name", "auto_map_for",
     ),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from meft_convert.template_tables import DEFINITIONS, template_tables
@@ -51,10 +52,13 @@ def test_the_settings_checks_answer_as_the_module_s(settings):
                                                    {"lambda_": 0.3, "exact": False}))
 
 
-def test_auto_maps_are_the_module_s():
+def test_auto_maps_and_adapter_draws_are_the_module_s():
     tables = template_tables()
     for family in FAMILIES.values():
         assert tables.auto_map_for(family, list(family.heads)) == configuration_meft.auto_map_for(family, list(family.heads))
+    ours = tables.draw_adapter(tables.adapter_generator(5), 12, 3, "paper", 0.1)
+    theirs = adapters.draw_adapter(adapters.adapter_generator(5), 12, 3, "paper", 0.1)
+    assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
     assert tables.denominator_of(1 / 12) == 12
     with pytest.raises(ValueError):
         tables.denominator_of(0.3)
