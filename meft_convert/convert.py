@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass, field, fields
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -29,7 +29,8 @@ from .template_tables import template_tables
 from .weights import FLOAT_DTYPES, ShardCopy, SourceWeights, copy_if_present, find_weights, write_weights
 
 # torch, transformers and the templates (which import both) load inside the functions that use
-# them, so that the CLI parses its arguments and answers --help or a usage error without them
+# them, so that the CLI parses its arguments and answers --help or a usage error without them,
+# and a conversion that needs no model (_plan_without_torch) runs without them
 if TYPE_CHECKING:
     import numpy as np
     import transformers
@@ -141,12 +142,34 @@ class ConvertOptions(MeftSettings):
         if self.output is not None and not isinstance(self.output, Path):
             self.output = Path(self.output)
 
+
+class ConfigJSON(dict):
+    """config.json's entries, read and set as attributes as a transformers config's are: the
+    MEFT config of a plan made without transformers (_plan_without_torch)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value) -> None:
+        self[name] = value
+
+    def meft_settings(self) -> dict:
+        return {key: self[key] for key in template_tables().MEFT_SETTINGS}
+
+    def save_pretrained(self, folder: Path) -> None:
+        # as transformers writes a config
+        (Path(folder) / "config.json").write_text(json.dumps(self, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 @dataclass
 class _Plan:
     """What will be written, decided before anything is."""
 
     family: Family
-    config: transformers.PretrainedConfig
+    config: transformers.PretrainedConfig | ConfigJSON
     adapters: dict[str, np.ndarray]  # float32, as drawn ...
     adapter_dtype: str  # ... and stored in this dtype (safetensors' name: the PLM layers' dtype)
     missing: list[str]  # tensors the model has but the checkpoint lacks (initialised on load)
@@ -233,7 +256,7 @@ def meft_config(
     original's name (base_model_name()). Returns it with the auto class and the library class
     of the head it declares. The one place a MEFT config is built: convert() and
     get_meft_model() call it."""
-    from .templates.configuration_meft import auto_map_for, config_class_for
+    from .templates.configuration_meft import config_class_for
 
     reason = family.unsupported(plm_config)
     if reason:
@@ -250,31 +273,45 @@ def meft_config(
             f"--num-labels sets the labels of a sequence-classification head, but the result's head is {head_task} "
             f"({given}); add --task sequence-classification, or leave out --num-labels"
         )
-    heads = [a for a, h in family.heads.items() if h.requires_keys is None or any(h.requires_keys in k for k in keys)]
-    if auto_class not in heads:
-        heads.append(auto_class)
+    values = _plm_values(plm_config.to_dict(), settings)
+    config_class = config_class_for(family)
+    try:
+        config = config_class(**values, **settings)
+    except ValueError as e:
+        raise setting_error(e) from None
+    for key, value in _meft_entries(family, auto_class, library_class, keys, base_model).items():
+        setattr(config, key, value)
+    return config, auto_class, library_class
 
-    values = plm_config.to_dict()
-    for key in ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path"):
-        values.pop(key, None)
+
+def _plm_values(values: dict, settings: dict) -> dict:
+    """The PLM config's entries a MEFT config keeps (`values`: the PLM config as a dict)."""
+    values = {key: value for key, value in values.items() if key not in _NOT_KEPT}
     clash = sorted(set(values) & set(settings))
     if clash:
         raise BadInputError(f"the model's config already has keys MEFT uses: {clash}")
     for key in values:
         if key.endswith("layerdrop"):
             values[key] = 0.0  # dropping a layer would skip the whole reversible stack
-    config_class = config_class_for(family)
-    try:
-        config = config_class(**values, **settings)
-    except ValueError as e:
-        raise setting_error(e) from None
-    config.architectures = ["Meft" + library_class]
-    config.auto_map = auto_map_for(family, heads)
+    return values
+
+
+# entries of the PLM's config that a MEFT config replaces, or that transformers writes itself
+_NOT_KEPT = ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path")
+
+
+def _meft_entries(family: Family, auto_class: str, library_class: str, keys, base_model: tuple[str, bool] | None) -> dict:
+    """The entries a MEFT config adds besides the settings: `architectures`, `auto_map` (every
+    head whose tensors `keys` name) and the original's name (base_model_name())."""
+    heads = [a for a, h in family.heads.items() if h.requires_keys is None or any(h.requires_keys in k for k in keys)]
+    if auto_class not in heads:
+        heads.append(auto_class)
+    entries = {"architectures": ["Meft" + library_class], "auto_map": template_tables().auto_map_for(family, heads)}
     if base_model is not None:
-        config.meft_base_model, from_hub = base_model
+        entries["meft_base_model"], from_hub = base_model
         if not from_hub:  # `check` then asks for the original's folder (--original)
-            config.meft_base_model_local = True
-    return config, auto_class, library_class
+            entries["meft_base_model_local"] = True
+    return entries
 
 
 def draw_adapters(meft_model, generator: np.random.Generator, name_of: Callable[[str], str] = str) -> dict[str, np.ndarray]:
@@ -316,12 +353,10 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     # without verification (which builds the models anyway), the checkpoint's own headers tell the
     # layers and their shapes where it was saved by the class the result declares: building the
     # models would only import transformers' modeling code (seconds) to learn the same
-    # A head with untied output embeddings has a tensor of its own whose name only the model knows.
-    untied = getattr(plm_config, "tie_word_embeddings", True) is False and auto_class != "AutoModel"
     if (
         not options.verify
         and options.num_labels is None
-        and not untied
+        and _headers_know_the_head(plm_config, auto_class, weights)
         and library_class in (plm_config.architectures or [])
     ):
         plan = _plan_from_headers(family, auto_class, config, settings, weights, generator, dtype)
@@ -377,6 +412,16 @@ def layer_dtype(family: Family, weights: SourceWeights) -> str:
     return float_dtypes[0] if float_dtypes else "F32"
 
 
+def _headers_know_the_head(config, auto_class: str, weights: SourceWeights) -> bool:
+    """Whether the tensors outside the layers are the checkpoint's own: a base model's, a head
+    tied to the embeddings, or an untied causal-LM head whose matrix the checkpoint holds
+    (`lm_head.weight` in every family). Other untied heads have a tensor of their own whose name
+    only the model knows."""
+    if getattr(config, "tie_word_embeddings", True) is not False or auto_class == "AutoModel":
+        return True
+    return auto_class == "AutoModelForCausalLM" and "lm_head.weight" in weights.tensors
+
+
 def _plan_from_headers(
     family: Family, auto_class: str, config, settings: dict, weights: SourceWeights, generator: np.random.Generator,
     dtype: str,
@@ -385,10 +430,10 @@ def _plan_from_headers(
     and the family table, without building a model. Each stack's layers must be numbered 0..n-1
     with n the config's count and hold the same tensors as layer 0 (names, shapes, dtypes), every
     matrix must have the config's hidden size, and every tensor must be a float one; the tensors
-    outside the layers are taken as the class saved them (its head tied to the embeddings, which
-    the caller checks). The adapters are drawn in the order the model's modules have them. None
+    outside the layers are taken as the class saved them (its head tied to the embeddings or held
+    by the checkpoint, which the caller checks: _headers_know_the_head). The adapters are drawn in the order the model's modules have them. None
     where the headers do not settle this: the caller then builds the models, which name what is
-    missing or mismatched. Needs neither torch nor transformers."""
+    missing or mismatched. Needs neither torch nor transformers (`config` may be a ConfigJSON)."""
     import re
 
     tables = template_tables()
@@ -447,6 +492,50 @@ def _plan_from_headers(
     adapter_size = sum(t.size for t in adapters.values())
     total = sum(numel(info.shape) for info in weights.tensors.values()) + adapter_size
     return _Plan(family, config, adapters, dtype, [], [], adapter_size - frozen + head_size, total)
+
+
+def _plan_without_torch(options: ConvertOptions, settings: dict, raw_config: dict, weights: SourceWeights) -> _Plan | None:
+    """The plan of a conversion that needs no model, made without importing torch or
+    transformers: no verification, nothing for calibration to measure (MeftSettings.measured),
+    headers that suffice (_plan_from_headers), and an original config.json that this
+    transformers version wrote, which its round trip (from_pretrained, then save_pretrained)
+    gives back unchanged: the MEFT config.json is then its entries plus the MEFT ones, as
+    meft_config() adds them. None otherwise, and wherever something is wrong: the plan made with
+    torch and transformers (_plan) then decides, and names what is wrong."""
+    from .templates.families import family_for
+
+    if options.verify or options.num_labels is not None:
+        return None
+    family = family_for(raw_config["model_type"])
+    dtype = layer_dtype(family, weights)
+    if options.measured(sixteen_bit=dtype in ("F16", "BF16")):
+        return None
+    resolved = options.unmeasured()
+    try:
+        if resolved is not None:
+            settings = options.meft_settings(resolved)
+        auto_class, library_class = _architecture(family, raw_config.get("architectures"), options.task, weights.tensors)
+        config = ConfigJSON(_plm_values(raw_config, settings))
+        transformers_version = metadata.version("transformers")
+    except (BadInputError, metadata.PackageNotFoundError):
+        return None
+    # the layer count as config.json names it (GPT-2's n_layer, for one, is known to its config class)
+    layers = raw_config.get("num_hidden_layers")
+    if (
+        raw_config.get("transformers_version") != transformers_version
+        or not isinstance(layers, int)
+        or (settings["reversible_layers"] or 0) > layers
+        or library_class not in (raw_config.get("architectures") or [])
+        or family.unsupported(config)
+        or not _headers_know_the_head(config, auto_class, weights)
+    ):
+        return None
+    config.update(settings)
+    config.update(_meft_entries(family, auto_class, library_class, weights.tensors, base_model_name(options.model, options.revision)))
+    config.update(model_type="meft_" + family.model_type, transformers_version=transformers_version)
+    if resolved is not None:
+        config.meft_calibration = resolved["calibration"]
+    return _plan_from_headers(family, auto_class, config, settings, weights, template_tables().adapter_generator(options.seed), dtype)
 
 
 def record_provenance(config) -> dict[str, bytes]:
@@ -549,13 +638,15 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
         if settings is None:
             settings = _checked_settings(options, log)
         raw_config = _read_config(source)
-        plan = _plan(options, settings, source, raw_config, weights)
-        from .calibrate import calibrate_plan  # loads torch and transformers
+        plan = _plan_without_torch(options, settings, raw_config, weights)
+        if plan is None:
+            plan = _plan(options, settings, source, raw_config, weights)
+            from .calibrate import calibrate_plan  # loads torch and transformers
 
-        resolved = calibrate_plan(options, plan, source, weights, log)
-        if resolved is not None:  # the settings `auto` stood for, measured on the model
-            plan = _plan(options, options.meft_settings(resolved), source, raw_config, weights)
-            plan.config.meft_calibration = resolved["calibration"]
+            resolved = calibrate_plan(options, plan, source, weights, log)
+            if resolved is not None:  # the settings `auto` stood for, measured on the model
+                plan = _plan(options, options.meft_settings(resolved), source, raw_config, weights)
+                plan.config.meft_calibration = resolved["calibration"]
         write_weights(weights, plan.adapters, plan.adapter_dtype, tmp, copy=copy)
         code = record_provenance(plan.config)
         plan.config.save_pretrained(tmp)
