@@ -548,7 +548,8 @@ def record_provenance(config) -> dict[str, bytes]:
     return code
 
 
-def _card_facts(options: ConvertOptions, plan: _Plan, source: Path, report):
+def _card_facts(options: ConvertOptions, plan: _Plan, source: Path):
+    """What the model card states but the verification report, which convert() adds once it has one."""
     from .card import CardFacts, base_model_license
 
     config = plan.config
@@ -566,7 +567,7 @@ def _card_facts(options: ConvertOptions, plan: _Plan, source: Path, report):
         num_layers=config.num_hidden_layers,
         trainable=plan.trainable,
         total=plan.total,
-        report=report,
+        report=None,
         calibration=getattr(config, "meft_calibration", None),
         plm_config=read_config_json(source),
         dtype={"F32": "fp32", "F16": "fp16", "BF16": "bf16"}.get(plan.adapter_dtype),
@@ -647,6 +648,9 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
             if resolved is not None:  # the settings `auto` stood for, measured on the model
                 plan = _plan(options, options.meft_settings(resolved), source, raw_config, weights)
                 plan.config.meft_calibration = resolved["calibration"]
+        # the card's facts (its modules, the original's license) are gathered while the shards
+        # are still being copied
+        card_facts = _card_facts(options, plan, source)
         write_weights(weights, plan.adapters, plan.adapter_dtype, tmp, copy=copy)
         code = record_provenance(plan.config)
         plan.config.save_pretrained(tmp)
@@ -663,7 +667,8 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
             report.save(tmp)
             if not report.passed:
                 raise VerificationError(f"verification failed: {'; '.join(report.problems)}", report)
-        (tmp / "README.md").write_text(model_card(_card_facts(options, plan, source, report)))
+        card_facts.report = report
+        (tmp / "README.md").write_text(model_card(card_facts))
         unmark_partial(tmp)
         _use_umask(tmp)
         _publish(tmp, output)
