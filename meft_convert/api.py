@@ -82,6 +82,7 @@ def get_meft_model(
 
     from . import calibrate
     from .convert import TASKS, base_model_name, draw_adapters, meft_config, record_provenance
+    from .templates.adapters import adapter_generator
     from .templates.families import family_for
     from .templates.modeling_meft import freeze_plm, model_class_for
     from .verify import quiet_transformers
@@ -117,11 +118,7 @@ def get_meft_model(
     dtype = _layer_dtype(family, state)
     causal = auto_class == calibrate.CAUSAL_LM
     folder = _tokenizer_folder(name)
-    requested = settings.requested()
-    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
-    measures = "auto" in (requested["lambda_"], requested["beta"], requested["adapter_init"]) or settings.exact and (
-        requested["stream_bits"] == "32" or requested["stream_bits"] == "auto" and sixteen_bit)
-    if tokenizer is None and folder is None and measures:
+    if tokenizer is None and folder is None and settings.measured(sixteen_bit=dtype in (torch.float16, torch.bfloat16)):
         warnings.warn(
             "get_meft_model: no tokenizer given and none where the model was loaded from; the auto settings are "
             "calibrated on a fixed random token sequence instead of text (pass tokenizer=...)",
@@ -143,9 +140,9 @@ def get_meft_model(
     with torch.device("meta"), quiet_transformers():
         meft = model_class_for(family, auto_class)(config)
     # the same generator, in the same order, as convert(): the same adapters for the same seed
-    adapters = draw_adapters(meft, torch.Generator().manual_seed(settings.seed), dtype)
+    drawn = draw_adapters(meft, adapter_generator(settings.seed))
     device = next((t.device for t in state.values()), torch.device("cpu"))
-    adapters = {key: tensor.to(device) for key, tensor in adapters.items()}
+    adapters = {key: torch.from_numpy(values).to(device=device, dtype=dtype) for key, values in drawn.items()}
     expected = set(meft.state_dict())
     if set(state) | set(adapters) != expected or set(state) & set(adapters):
         raise RuntimeError(

@@ -37,7 +37,8 @@ import transformers
 
 from .errors import BadInputError
 from .quiet import quiet_transformers
-from .templates.adapters import MeftAdapter
+from .settings import FRAC_BITS_64
+from .templates.adapters import MeftAdapter, adapter_generator
 from .templates.modeling_meft import model_class_for
 
 # the starting point a conversion must keep (README "Defaults"); verify.py judges by the same
@@ -62,7 +63,6 @@ CALIBRATION_TOKENS = 256
 # the largest value measured (a 16× margin for what training and other text may reach)
 RANGE_MARGIN_BITS = 4
 MIN_FRAC_BITS, MAX_FRAC_BITS_32 = 8, 27
-FRAC_BITS_64 = 32
 # the engine's int64 streams hold block outputs below 2^(RANGE_BITS − K) (templates/reversible.py)
 RANGE_BITS_64 = 56
 CAUSAL_LM = "AutoModelForCausalLM"
@@ -219,7 +219,8 @@ def _build(family, config, source: Path | None, auto_class: str, dtype: torch.dt
     if missing:
         raise RuntimeError(f"the MEFT model has tensors the original lacks: {missing[:3]}")
     adapters = [m for m in meft.modules() if isinstance(m, MeftAdapter)]
-    generator = torch.Generator().manual_seed(seed)
+    # drawn as convert() draws them: those measured are those written
+    generator = adapter_generator(seed)
     for adapter in adapters:
         adapter.to_empty(device="cpu")
         adapter.reset_parameters(generator)
@@ -234,11 +235,11 @@ def _set_scales(model: _Model, lambda_: float, beta: float) -> None:
 
 @torch.no_grad()
 def _set_init(model: _Model, init: str, std: float, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
+    generator = adapter_generator(seed)
     for adapter in model.adapters:
         adapter.up_proj._meft_init = (std, init == "zero")
         adapter.down_proj._meft_init = (std, False)
-        adapter.init = init
+        adapter.init, adapter.init_std = init, std
         adapter.reset_parameters(generator)
 
 
@@ -463,16 +464,9 @@ def calibrate_settings(settings, family, config, dtype: torch.dtype, *, source: 
     `config` in `dtype`, and the calibration record under "calibration"; None when every setting
     was given and there is nothing to record. The original is loaded from `source`, or is
     `original` in memory (then nothing is read from disk but `source`'s tokenizer, if given)."""
+    if not settings.measured(sixteen_bit=dtype in (torch.float16, torch.bfloat16)):
+        return settings.unmeasured()
     requested = settings.requested()
-    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
-    needs_range = config.exact and (requested["stream_bits"] == "32" or (requested["stream_bits"] == "auto" and sixteen_bit))
-    if "auto" not in (requested["lambda_"], requested["beta"], requested["adapter_init"]) and not needs_range:
-        if requested["stream_bits"] == "auto":
-            requested["stream_bits"] = "64"
-        if not settings.allow_low_fidelity:
-            return None
-        calibration = {"measured": False, "allow_low_fidelity": True}
-        return {**requested, "stream_bits": requested["stream_bits"], "frac_bits": FRAC_BITS_64, "calibration": calibration}
     log("Calibrating the auto settings on the calibration text ...")
     record = _calibrate_and_free(
         family=family,

@@ -14,11 +14,12 @@ import math
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-
-from huggingface_hub import ModelCard
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .verify import VerificationReport
+
+if TYPE_CHECKING:  # verify.py imports torch, which a card written without verification does not need
+    from .verify import VerificationReport
 
 PIPELINE_TAGS = {
     "AutoModel": "feature-extraction",
@@ -65,6 +66,8 @@ def base_model_license(folder: Path) -> str | None:
     readme = Path(folder) / "README.md"
     if not readme.is_file():
         return None
+    from huggingface_hub import ModelCard  # a few tenths of a second to import: only for a card to read
+
     try:
         return ModelCard.load(readme).data.license
     except Exception:  # noqa: BLE001 (a malformed card upstream: no license to copy, not a failed conversion)

@@ -229,7 +229,7 @@ class DefaultGroup(click.Group):
 
 class ConvertCommand(click.Command):
     """The convert command; its help lists the supported model types, read from the family
-    table (which imports torch) only when the help is shown."""
+    table only when the help is shown."""
 
     def format_help_text(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         from .templates.families import FAMILIES

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass, field, fields
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -25,12 +25,14 @@ from .hub import push_to_hub, resolve_model
 from .partial import clean_stale_partials, mark_partial, unmark_partial
 from .provenance import provenance
 from .settings import MeftSettings, _option, setting_error
-from .weights import ShardCopy, SourceWeights, copy_if_present, find_weights, write_weights
+from .template_tables import template_tables
+from .weights import FLOAT_DTYPES, ShardCopy, SourceWeights, copy_if_present, find_weights, write_weights
 
 # torch, transformers and the templates (which import both) load inside the functions that use
-# them, so that the CLI parses its arguments and answers --help or a usage error without them
+# them, so that the CLI parses its arguments and answers --help or a usage error without them,
+# and a conversion that needs no model (_plan_without_torch) runs without them
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
     import transformers
 
     from .templates.families import Family
@@ -140,13 +142,36 @@ class ConvertOptions(MeftSettings):
         if self.output is not None and not isinstance(self.output, Path):
             self.output = Path(self.output)
 
+
+class ConfigJSON(dict):
+    """config.json's entries, read and set as attributes as a transformers config's are: the
+    MEFT config of a plan made without transformers (_plan_without_torch)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value) -> None:
+        self[name] = value
+
+    def meft_settings(self) -> dict:
+        return {key: self[key] for key in template_tables().MEFT_SETTINGS}
+
+    def save_pretrained(self, folder: Path) -> None:
+        # as transformers writes a config
+        (Path(folder) / "config.json").write_text(json.dumps(self, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 @dataclass
 class _Plan:
     """What will be written, decided before anything is."""
 
     family: Family
-    config: transformers.PretrainedConfig
-    adapters: dict[str, torch.Tensor]
+    config: transformers.PretrainedConfig | ConfigJSON
+    adapters: dict[str, np.ndarray]  # float32, as drawn ...
+    adapter_dtype: str  # ... and stored in this dtype (safetensors' name: the PLM layers' dtype)
     missing: list[str]  # tensors the model has but the checkpoint lacks (initialised on load)
     unexpected: list[str]  # tensors the checkpoint has but the model does not use (kept)
     trainable: int  # parameters that train (adapters, a new head) ...
@@ -231,7 +256,7 @@ def meft_config(
     original's name (base_model_name()). Returns it with the auto class and the library class
     of the head it declares. The one place a MEFT config is built: convert() and
     get_meft_model() call it."""
-    from .templates.configuration_meft import auto_map_for, config_class_for
+    from .templates.configuration_meft import config_class_for
 
     reason = family.unsupported(plm_config)
     if reason:
@@ -248,44 +273,62 @@ def meft_config(
             f"--num-labels sets the labels of a sequence-classification head, but the result's head is {head_task} "
             f"({given}); add --task sequence-classification, or leave out --num-labels"
         )
-    heads = [a for a, h in family.heads.items() if h.requires_keys is None or any(h.requires_keys in k for k in keys)]
-    if auto_class not in heads:
-        heads.append(auto_class)
+    values = _plm_values(plm_config.to_dict(), settings)
+    config_class = config_class_for(family)
+    try:
+        config = config_class(**values, **settings)
+    except ValueError as e:
+        raise setting_error(e) from None
+    for key, value in _meft_entries(family, auto_class, library_class, keys, base_model).items():
+        setattr(config, key, value)
+    return config, auto_class, library_class
 
-    values = plm_config.to_dict()
-    for key in ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path"):
-        values.pop(key, None)
+
+def _plm_values(values: dict, settings: dict) -> dict:
+    """The PLM config's entries a MEFT config keeps (`values`: the PLM config as a dict)."""
+    values = {key: value for key, value in values.items() if key not in _NOT_KEPT}
     clash = sorted(set(values) & set(settings))
     if clash:
         raise BadInputError(f"the model's config already has keys MEFT uses: {clash}")
     for key in values:
         if key.endswith("layerdrop"):
             values[key] = 0.0  # dropping a layer would skip the whole reversible stack
-    config_class = config_class_for(family)
-    try:
-        config = config_class(**values, **settings)
-    except ValueError as e:
-        raise setting_error(e) from None
-    config.architectures = ["Meft" + library_class]
-    config.auto_map = auto_map_for(family, heads)
+    return values
+
+
+# entries of the PLM's config that a MEFT config replaces, or that transformers writes itself
+_NOT_KEPT = ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path")
+
+
+def _meft_entries(family: Family, auto_class: str, library_class: str, keys, base_model: tuple[str, bool] | None) -> dict:
+    """The entries a MEFT config adds besides the settings: `architectures`, `auto_map` (every
+    head whose tensors `keys` name) and the original's name (base_model_name())."""
+    heads = [a for a, h in family.heads.items() if h.requires_keys is None or any(h.requires_keys in k for k in keys)]
+    if auto_class not in heads:
+        heads.append(auto_class)
+    entries = {"architectures": ["Meft" + library_class], "auto_map": template_tables().auto_map_for(family, heads)}
     if base_model is not None:
-        config.meft_base_model, from_hub = base_model
+        entries["meft_base_model"], from_hub = base_model
         if not from_hub:  # `check` then asks for the original's folder (--original)
-            config.meft_base_model_local = True
-    return config, auto_class, library_class
+            entries["meft_base_model_local"] = True
+    return entries
 
 
-def draw_adapters(meft_model, generator: torch.Generator, dtype: torch.dtype, name_of: Callable[[str], str] = str) -> dict:
-    """Fresh tensors of every adapter of `meft_model` (built on the meta device), drawn from
-    `generator` in the model's module order and cast to `dtype`, named `name_of(module name)`
-    + "." + parameter name. The one place adapters are initialised: the same seed gives the
-    same adapters in a converted folder and from get_meft_model()."""
+def draw_adapters(meft_model, generator: np.random.Generator, name_of: Callable[[str], str] = str) -> dict[str, np.ndarray]:
+    """Fresh float32 tensors of every adapter of `meft_model` (built on the meta device), drawn
+    from `generator` (templates/adapters.py: adapter_generator(seed)) in the model's module
+    order, named `name_of(module name)` + "." + parameter name. Adapters are drawn by
+    templates/adapters.py's draw_adapter() alone, in the same order with or without a model
+    (_plan_from_headers): the same seed gives the same adapters in a converted folder and from
+    get_meft_model()."""
     from .templates.adapters import MeftAdapter
 
     adapters = {}
     for name, module in meft_model.named_modules():
         if isinstance(module, MeftAdapter):
-            adapters.update(_initialised(module, name_of(name), generator, dtype))
+            module.to_empty(device="cpu")
+            module.reset_parameters(generator)
+            adapters.update({f"{name_of(name)}.{key}": p.detach().numpy().copy() for key, p in module.named_parameters()})
     return adapters
 
 
@@ -304,18 +347,16 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
         family, plm_config, settings, task=options.task, num_labels=options.num_labels, keys=weights.tensors,
         base_model=base_model_name(options.model, options.revision),
     )
-    dtype = _adapter_dtype(family, weights)
-    generator = torch.Generator().manual_seed(options.seed)
+    dtype = layer_dtype(family, weights)
+    generator = template_tables().adapter_generator(options.seed)
 
     # without verification (which builds the models anyway), the checkpoint's own headers tell the
     # layers and their shapes where it was saved by the class the result declares: building the
     # models would only import transformers' modeling code (seconds) to learn the same
-    # A head with untied output embeddings has a tensor of its own whose name only the model knows.
-    untied = getattr(plm_config, "tie_word_embeddings", True) is False and auto_class != "AutoModel"
     if (
         not options.verify
         and options.num_labels is None
-        and not untied
+        and _headers_know_the_head(plm_config, auto_class, weights)
         and library_class in (plm_config.architectures or [])
     ):
         plan = _plan_from_headers(family, auto_class, config, settings, weights, generator, dtype)
@@ -356,62 +397,57 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     missing = sorted(k for k in mapped - set(weights.tensors) if not tied.get(k, set()) & set(weights.tensors))
     unexpected = sorted(set(weights.tensors) - mapped)
 
-    adapters = draw_adapters(meft_model, generator, dtype, name_of=file_name)
+    adapters = draw_adapters(meft_model, generator, name_of=file_name)
     added = {file_name(k) for k in meft_keys} - mapped
     if set(adapters) != added:
         raise RuntimeError(f"adapter tensors {sorted(set(adapters) ^ added)[:3]} do not match the MEFT model")
     trainable, total = meft_model.get_nb_trainable_parameters()
-    return _Plan(family, config, adapters, missing, unexpected, trainable, total)
+    return _Plan(family, config, adapters, dtype, missing, unexpected, trainable, total)
 
 
-def _adapter_dtype(family: Family, weights: SourceWeights) -> torch.dtype:
-    """The adapters are stored in the dtype of the PLM's layers."""
-    import torch
-
+def layer_dtype(family: Family, weights: SourceWeights) -> str:
+    """The dtype of the PLM's layers (safetensors' name, e.g. "BF16"), which the adapters are stored in."""
     layer0 = (_layer_prefix(weights.tensors, family) or "") + family.stacks[0].layers + ".0."
-    float_dtypes = [
-        info.dtype for key, info in weights.tensors.items() if key.startswith(layer0) and info.dtype in ("F32", "F16", "BF16", "F64")
-    ]
-    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[
-        float_dtypes[0] if float_dtypes else "F32"
-    ]
+    float_dtypes = [info.dtype for key, info in weights.tensors.items() if key.startswith(layer0) and info.dtype in FLOAT_DTYPES]
+    return float_dtypes[0] if float_dtypes else "F32"
 
 
-def _initialised(adapter, name: str, generator: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors of `adapter` (built on the meta device), named under `name`, drawn from
-    `generator`: adapters drawn in the model's module order are the model's."""
-    adapter.to_empty(device="cpu")
-    adapter.reset_parameters(generator)
-    return {f"{name}.{key}": param.detach().to(dtype).contiguous() for key, param in adapter.named_parameters()}
+def _headers_know_the_head(config, auto_class: str, weights: SourceWeights) -> bool:
+    """Whether the tensors outside the layers are the checkpoint's own: a base model's, a head
+    tied to the embeddings, or an untied causal-LM head whose matrix the checkpoint holds
+    (`lm_head.weight` in every family). Other untied heads have a tensor of their own whose name
+    only the model knows."""
+    if getattr(config, "tie_word_embeddings", True) is not False or auto_class == "AutoModel":
+        return True
+    return auto_class == "AutoModelForCausalLM" and "lm_head.weight" in weights.tensors
 
 
 def _plan_from_headers(
-    family: Family, auto_class: str, config, settings: dict, weights: SourceWeights, generator, dtype
+    family: Family, auto_class: str, config, settings: dict, weights: SourceWeights, generator: np.random.Generator,
+    dtype: str,
 ) -> _Plan | None:
     """The plan of a checkpoint saved by the class the result declares, from its tensor headers
     and the family table, without building a model. Each stack's layers must be numbered 0..n-1
     with n the config's count and hold the same tensors as layer 0 (names, shapes, dtypes), every
     matrix must have the config's hidden size, and every tensor must be a float one; the tensors
-    outside the layers are taken as the class saved them (its head tied to the embeddings, which
-    the caller checks). The adapters are drawn in the order the model's modules have them. None
+    outside the layers are taken as the class saved them (its head tied to the embeddings or held
+    by the checkpoint, which the caller checks: _headers_know_the_head). The adapters are drawn in the order the model's modules have them. None
     where the headers do not settle this: the caller then builds the models, which name what is
-    missing or mismatched."""
+    missing or mismatched. Needs neither torch nor transformers (`config` may be a ConfigJSON)."""
     import re
 
-    import torch
-
-    from .templates.adapters import MeftAdapter
-    from .templates.modeling_meft import VARIANTS
-
+    tables = template_tables()
     prefix = _layer_prefix(weights.tensors, family)
     if prefix is None:
         return None
-    if any(info.dtype not in ("F16", "BF16", "F32", "F64") for info in weights.tensors.values()):
+    if any(info.dtype not in FLOAT_DTYPES for info in weights.tensors.values()):
         return None  # integer tensors are buffers older versions saved (BERT's position_ids): not parameters
-    variant, hidden = VARIANTS[settings["variant"]], config.hidden_size
+    variant, hidden = tables.VARIANTS[settings["variant"]], getattr(config, "hidden_size", None)
+    if not isinstance(hidden, int):
+        return None
     layer_counts = []
     for stack in family.stacks:
-        expected = getattr(config, f"{stack.name}_layers", None) if stack.name else config.num_hidden_layers
+        expected = getattr(config, f"{stack.name}_layers" if stack.name else "num_hidden_layers", None)
         pattern = re.compile(re.escape(prefix + stack.layers) + r"\.(\d+)\.(.+)")
         layers: dict[int, dict[str, tuple]] = {}
         for key, info in weights.tensors.items():
@@ -433,15 +469,10 @@ def _plan_from_headers(
     for stack, count in zip(family.stacks, layer_counts):
         for index in range(count):
             for name in variant.adapters:
-                with torch.device("meta"):
-                    adapter = MeftAdapter(
-                        hidden, config.adapter_dim, family.activation(config), family.dropout(config),
-                        init=config.adapter_init, init_std=config.adapter_init_std,
-                    )
-                tensors = _initialised(adapter, f"{prefix}{stack.layers}.{index}.meft.{name}", generator, dtype)
-                adapters.update(tensors)
+                drawn = tables.draw_adapter(generator, hidden, config.adapter_dim, config.adapter_init, config.adapter_init_std)
+                adapters.update({f"{prefix}{stack.layers}.{index}.meft.{name}.{key}": t for key, t in drawn.items()})
                 if frozen_block and index == count - 1 and name == "coupling":
-                    frozen += sum(t.numel() for t in tensors.values())
+                    frozen += sum(t.size for t in drawn.values())
     overlap = sorted(set(adapters) & set(weights.tensors))
     if overlap:
         return None
@@ -458,9 +489,53 @@ def _plan_from_headers(
         for key, info in weights.tensors.items()
         if any(key.startswith(module + ".") for module in head.trainable)
     )
-    adapter_size = sum(t.numel() for t in adapters.values())
+    adapter_size = sum(t.size for t in adapters.values())
     total = sum(numel(info.shape) for info in weights.tensors.values()) + adapter_size
-    return _Plan(family, config, adapters, [], [], adapter_size - frozen + head_size, total)
+    return _Plan(family, config, adapters, dtype, [], [], adapter_size - frozen + head_size, total)
+
+
+def _plan_without_torch(options: ConvertOptions, settings: dict, raw_config: dict, weights: SourceWeights) -> _Plan | None:
+    """The plan of a conversion that needs no model, made without importing torch or
+    transformers: no verification, nothing for calibration to measure (MeftSettings.measured),
+    headers that suffice (_plan_from_headers), and an original config.json that this
+    transformers version wrote, which its round trip (from_pretrained, then save_pretrained)
+    gives back unchanged: the MEFT config.json is then its entries plus the MEFT ones, as
+    meft_config() adds them. None otherwise, and wherever something is wrong: the plan made with
+    torch and transformers (_plan) then decides, and names what is wrong."""
+    from .templates.families import family_for
+
+    if options.verify or options.num_labels is not None:
+        return None
+    family = family_for(raw_config["model_type"])
+    dtype = layer_dtype(family, weights)
+    if options.measured(sixteen_bit=dtype in ("F16", "BF16")):
+        return None
+    resolved = options.unmeasured()
+    try:
+        if resolved is not None:
+            settings = options.meft_settings(resolved)
+        auto_class, library_class = _architecture(family, raw_config.get("architectures"), options.task, weights.tensors)
+        config = ConfigJSON(_plm_values(raw_config, settings))
+        transformers_version = metadata.version("transformers")
+    except (BadInputError, metadata.PackageNotFoundError):
+        return None
+    # the layer count as config.json names it (GPT-2's n_layer, for one, is known to its config class)
+    layers = raw_config.get("num_hidden_layers")
+    if (
+        raw_config.get("transformers_version") != transformers_version
+        or not isinstance(layers, int)
+        or (settings["reversible_layers"] or 0) > layers
+        or library_class not in (raw_config.get("architectures") or [])
+        or family.unsupported(config)
+        or not _headers_know_the_head(config, auto_class, weights)
+    ):
+        return None
+    config.update(settings)
+    config.update(_meft_entries(family, auto_class, library_class, weights.tensors, base_model_name(options.model, options.revision)))
+    config.update(model_type="meft_" + family.model_type, transformers_version=transformers_version)
+    if resolved is not None:
+        config.meft_calibration = resolved["calibration"]
+    return _plan_from_headers(family, auto_class, config, settings, weights, template_tables().adapter_generator(options.seed), dtype)
 
 
 def record_provenance(config) -> dict[str, bytes]:
@@ -473,7 +548,8 @@ def record_provenance(config) -> dict[str, bytes]:
     return code
 
 
-def _card_facts(options: ConvertOptions, plan: _Plan, source: Path, report, dtype: torch.dtype | None = None):
+def _card_facts(options: ConvertOptions, plan: _Plan, source: Path):
+    """What the model card states but the verification report, which convert() adds once it has one."""
     from .card import CardFacts, base_model_license
 
     config = plan.config
@@ -491,10 +567,10 @@ def _card_facts(options: ConvertOptions, plan: _Plan, source: Path, report, dtyp
         num_layers=config.num_hidden_layers,
         trainable=plan.trainable,
         total=plan.total,
-        report=report,
+        report=None,
         calibration=getattr(config, "meft_calibration", None),
         plm_config=read_config_json(source),
-        dtype={"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(str(dtype).removeprefix("torch.")),
+        dtype={"F32": "fp32", "F16": "fp16", "BF16": "bf16"}.get(plan.adapter_dtype),
     )
 
 
@@ -563,14 +639,19 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
         if settings is None:
             settings = _checked_settings(options, log)
         raw_config = _read_config(source)
-        plan = _plan(options, settings, source, raw_config, weights)
-        from .calibrate import calibrate_plan  # loads torch and transformers
+        plan = _plan_without_torch(options, settings, raw_config, weights)
+        if plan is None:
+            plan = _plan(options, settings, source, raw_config, weights)
+            from .calibrate import calibrate_plan  # loads torch and transformers
 
-        resolved = calibrate_plan(options, plan, source, weights, log)
-        if resolved is not None:  # the settings `auto` stood for, measured on the model
-            plan = _plan(options, options.meft_settings(resolved), source, raw_config, weights)
-            plan.config.meft_calibration = resolved["calibration"]
-        write_weights(weights, plan.adapters, tmp, copy=copy)
+            resolved = calibrate_plan(options, plan, source, weights, log)
+            if resolved is not None:  # the settings `auto` stood for, measured on the model
+                plan = _plan(options, options.meft_settings(resolved), source, raw_config, weights)
+                plan.config.meft_calibration = resolved["calibration"]
+        # the card's facts (its modules, the original's license) are gathered while the shards
+        # are still being copied
+        card_facts = _card_facts(options, plan, source)
+        write_weights(weights, plan.adapters, plan.adapter_dtype, tmp, copy=copy)
         code = record_provenance(plan.config)
         plan.config.save_pretrained(tmp)
         for name, data in code.items():
@@ -586,7 +667,8 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
             report.save(tmp)
             if not report.passed:
                 raise VerificationError(f"verification failed: {'; '.join(report.problems)}", report)
-        (tmp / "README.md").write_text(model_card(_card_facts(options, plan, source, report, _adapter_dtype(plan.family, weights))))
+        card_facts.report = report
+        (tmp / "README.md").write_text(model_card(card_facts))
         unmark_partial(tmp)
         _use_umask(tmp)
         _publish(tmp, output)

@@ -5,18 +5,10 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, get_token, snapshot_download
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-
 from .errors import BadInputError, HubAccessError, MeftConvertError
+
+# huggingface_hub (a few tenths of a second to import) loads inside the functions that reach the
+# hub: converting a local folder never does
 
 # everything a conversion reads; other files of a repository (other frameworks' weights,
 # pickle weights, ONNX exports) are never downloaded
@@ -65,6 +57,9 @@ def resolve_model(
         raise BadInputError(f"{model} is a file; give the folder that holds config.json and the weights")
     if _looks_like_path(model):
         raise BadInputError(f"no such folder: {model}")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+
     try:
         # offline, read the cache only (older huggingface_hub releases still ask the server
         # to list a pinned revision's files otherwise)
@@ -107,6 +102,8 @@ def _causes(error: BaseException):
 def _is_network_error(error: BaseException) -> bool:
     # httpx (and the httpx2 fork huggingface_hub uses) name their transport errors so; the
     # standard library's are OSErrors
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
     names = {c.__name__ for c in type(error).__mro__}
     if isinstance(error, OfflineModeIsEnabled):
         return False
@@ -118,6 +115,9 @@ def _is_network_error(error: BaseException) -> bool:
 def _download_failure(error: Exception, model: str, revision: str | None, token: str | None) -> MeftConvertError:
     """Why a hub model could not be had, as the error to raise: not in the cache or not on the
     hub (bad input, exit 2), or the hub unreachable or refusing the token (exit 1)."""
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
     at = "" if revision is None else f" at revision {revision!r}"
     if constants.HF_HUB_OFFLINE:
         return BadInputError(f"model {model!r}{at} not found in the Hugging Face cache (HF_HUB_OFFLINE is set)")
@@ -161,6 +161,8 @@ def retry_command(folder: Path, repo_id: str, *, private: bool = False, revision
 
 def _scrub(text: str, token: str | None) -> str:
     """Error texts are shown to the user: never with the token in them."""
+    from huggingface_hub import get_token
+
     for secret in {token, get_token()} - {None, ""}:
         text = text.replace(secret, "***")
     return text
@@ -168,6 +170,9 @@ def _scrub(text: str, token: str | None) -> str:
 
 def _why(error: Exception, repo_id: str, has_token: bool) -> str:
     """The cause of a failed upload, in the user's terms."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
     if isinstance(error, HfHubHTTPError) and error.response is not None:
         status = error.response.status_code
         server = error.server_message or error.response.reason_phrase
@@ -204,6 +209,9 @@ def push_to_hub(
     commit's URL. `revision` is a branch, created from main if it does not exist. The token is
     `token`, else HF_TOKEN, else the stored login. Raises PushError, which names the cause and
     the command that retries the upload; `folder` is only read."""
+    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub.errors import HFValidationError
+
     folder = Path(folder)
     api = HfApi(token=token)
     retry = retry_command(folder, repo_id, private=private, revision=revision)

@@ -1,5 +1,6 @@
 """MeftSettings: the MEFT options of a conversion, one definition for `meft-convert` (whose
-ConvertOptions extends it) and for `get_meft_model` (meft_convert/api.py).
+ConvertOptions extends it) and for `get_meft_model` (meft_convert/api.py), and what calibration
+of them measures.
 
 Each field carries its help text (the CLI's option help) in its metadata. Nothing here imports
 torch: the CLI answers --help without it.
@@ -11,6 +12,10 @@ import re
 from dataclasses import dataclass, field, fields
 
 from .errors import BadInputError
+
+# fractional bits of 64-bit exact streams (and of float32 checkpoints' streams, which calibration
+# does not size)
+FRAC_BITS_64 = 32
 
 
 def _option(help: str, **extra) -> dict:
@@ -112,10 +117,10 @@ class MeftSettings:
             key: (2.0**-10 if key in scaled else 1.0) if requested[key] == "auto" else requested[key] for key in ("lambda_", "beta")
         }
         stream_bits = 64 if requested["stream_bits"] == "auto" else int(requested["stream_bits"])
-        from .templates.configuration_meft import validate_meft_settings
+        from .template_tables import template_tables
 
         try:
-            return validate_meft_settings(
+            return template_tables().validate_meft_settings(
                 variant=self.variant,
                 lambda_=scales["lambda_"],
                 beta=scales["beta"],
@@ -126,10 +131,28 @@ class MeftSettings:
                 output_stream=self.output_stream,
                 exact=self.exact,
                 stream_bits=stream_bits,
-                frac_bits=resolved.get("frac_bits", 32) if resolved else (32 if stream_bits == 64 else 16),
+                frac_bits=resolved.get("frac_bits", FRAC_BITS_64) if resolved else (FRAC_BITS_64 if stream_bits == 64 else 16),
             )
         except ValueError as e:
             raise setting_error(e) from None
+
+    def measured(self, sixteen_bit: bool) -> bool:
+        """Whether calibration measures anything on the model (in fp16/bf16 if `sixteen_bit`):
+        a setting left to auto, or the range that 32-bit exact streams are sized from."""
+        requested = self.requested()
+        stream_bits = requested["stream_bits"]
+        needs_range = self.exact and (stream_bits == "32" or (stream_bits == "auto" and sixteen_bit))
+        return "auto" in (requested["lambda_"], requested["beta"], requested["adapter_init"]) or needs_range
+
+    def unmeasured(self) -> dict | None:
+        """What calibration resolves where it measures nothing (measured() is false): nothing
+        (None), unless allow_low_fidelity is set, which the record then states."""
+        if not self.allow_low_fidelity:
+            return None
+        requested = self.requested()
+        stream_bits = "64" if requested["stream_bits"] == "auto" else requested["stream_bits"]
+        calibration = {"measured": False, "allow_low_fidelity": True}
+        return {**requested, "stream_bits": stream_bits, "frac_bits": FRAC_BITS_64, "calibration": calibration}
 
 
 # the names validate_meft_settings and the config classes use in their messages, and the flags

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .errors import BadInputError
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -157,17 +157,41 @@ def _has_pt_metadata(file: Path) -> bool:
     return (read_header(file).get("__metadata__") or {}).get("format") == "pt"
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
+# the floating-point dtypes (safetensors' names) tensors are stored in, and numpy's for each
+# (bfloat16, which numpy lacks, is rounded from float32 by stored_bytes)
+FLOAT_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": None}
 
-    # safetensors refuses tensors sharing storage: give
-    # each its own copy; bytes and names are unchanged
-    seen, owned = set(), {}
-    for key, t in tensors.items():
-        ptr = (t.untyped_storage().data_ptr(), t.storage_offset())
-        owned[key] = t.clone() if ptr in seen or not t.is_contiguous() else t
-        seen.add(ptr)
-    save_file(owned, str(path), metadata={"format": "pt"})
+
+def stored_bytes(values: np.ndarray, dtype: str) -> bytes:
+    """`values` (float32) in `dtype` (one of FLOAT_DTYPES) as safetensors stores them, little
+    endian, rounded to nearest-even as torch's casts round (to bfloat16: the top 16 bits of the
+    float32 after adding 0x7FFF plus the lowest kept bit; NaN as torch's 0x7FC0)."""
+    import numpy as np
+
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if dtype != "BF16":
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond the dtype's range: inf, as torch's cast
+            return values.astype(FLOAT_DTYPES[dtype]).tobytes()
+    bits = values.view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return np.where(np.isnan(values), np.uint32(0x7FC0), rounded).astype("<u2").tobytes()
+
+
+def save_tensors(tensors: dict[str, np.ndarray], dtype: str, path: Path) -> None:
+    """A safetensors file (with transformers' `format: pt` metadata) of float32 `tensors`, stored
+    in `dtype`: a JSON header of names, dtypes, shapes and byte ranges, padded with spaces to a
+    multiple of 8 bytes, then the tensors' bytes in the order of their names."""
+    header, data, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name in sorted(tensors):
+        data.append(stored_bytes(tensors[name], dtype))
+        header[name] = {"dtype": dtype, "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(data[-1])]}
+        offset += len(data[-1])
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for chunk in data:
+            f.write(chunk)
 
 
 class _Cancelled(Exception):
@@ -241,22 +265,23 @@ class ShardCopy:
 
 def write_weights(
     source: SourceWeights,
-    adapters: dict[str, torch.Tensor],
+    adapters: dict[str, np.ndarray],
+    dtype: str,
     out: Path,
     show_progress: bool = True,
     copy: ShardCopy | None = None,
 ) -> None:
-    """Writes the PLM shards (`copy`, if already started, else copied now) and an adapter shard,
-    plus the index transformers reads to load them together."""
+    """Writes the PLM shards (`copy`, if already started, else copied now) and a shard of the
+    (float32) `adapters` stored in `dtype`, plus the index transformers reads to load them together."""
     copy = copy or ShardCopy(source, out, show_progress).start()
     weight_map = copy.finish()
     overlap = sorted(set(adapters) & set(weight_map))
     if overlap:
         raise BadInputError(f"the checkpoint already has tensors named like MEFT adapters: {overlap[:3]}")
-    _save_tensors(adapters, out / copy.names[-1])
+    save_tensors(adapters, dtype, out / copy.names[-1])
     weight_map.update({key: copy.names[-1] for key in adapters})
     total_size = sum(_nbytes(info) for info in source.tensors.values()) + sum(
-        t.numel() * t.element_size() for t in adapters.values()
+        t.size * _DTYPE_BYTES[dtype] for t in adapters.values()
     )
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")

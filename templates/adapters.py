@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 
 ADAPTER_INITS = ("paper", "zero")
+
+
+def adapter_generator(seed: int) -> np.random.Generator:
+    """The random generator fresh adapters are drawn from: one per conversion, seeded by its `seed`."""
+    return np.random.Generator(np.random.PCG64(seed))
+
+
+def draw_adapter(
+    generator: np.random.Generator, hidden_size: int, adapter_dim: int, init: str, init_std: float
+) -> dict[str, np.ndarray]:
+    """The float32 tensors of one fresh adapter, by parameter name in the adapter's order:
+    N(0, σ²) projection weights (a zero up-projection for init "zero") and zero biases, drawn
+    in float64 and rounded to float32. Plain numpy, so that a conversion that builds no model
+    draws the same adapters as one that does."""
+
+    def normal(shape: tuple[int, int]) -> np.ndarray:
+        return generator.normal(0.0, init_std, size=shape).astype(np.float32)
+
+    down = normal((adapter_dim, hidden_size))
+    up = np.zeros((hidden_size, adapter_dim), np.float32) if init == "zero" else normal((hidden_size, adapter_dim))
+    return {
+        "down_proj.weight": down,
+        "down_proj.bias": np.zeros(adapter_dim, np.float32),
+        "up_proj.weight": up,
+        "up_proj.bias": np.zeros(hidden_size, np.float32),
+    }
 
 
 class MeftAdapter(nn.Module):
@@ -41,9 +68,19 @@ class MeftAdapter(nn.Module):
         self.up_proj._meft_init = (init_std, init == "zero")
         self.reset_parameters()
 
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        init_adapter_projection(self.down_proj, generator)
-        init_adapter_projection(self.up_proj, generator)
+    @torch.no_grad()
+    def reset_parameters(self, generator: np.random.Generator | None = None) -> None:
+        """Fresh values: drawn from `generator` (draw_adapter()), or without one from torch's
+        global generator, as transformers initialises the weights a checkpoint lacks."""
+        if generator is None:
+            init_adapter_projection(self.down_proj)
+            init_adapter_projection(self.up_proj)
+            return
+        if self.down_proj.weight.is_meta:
+            return
+        drawn = draw_adapter(generator, self.down_proj.in_features, self.down_proj.out_features, self.init, self.init_std)
+        for name, param in self.named_parameters():
+            param.copy_(torch.from_numpy(drawn[name]))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # the weights stay float32 (an optimizer step on 16-bit weights under- and overflows);
@@ -65,15 +102,16 @@ def is_adapter_projection(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def init_adapter_projection(linear: nn.Linear, generator: torch.Generator | None = None) -> None:
-    """N(0, σ²) weights (zeros for a zero-initialised up-projection) and zero bias. Uses
-    transformers' init functions: they skip tensors already loaded from a checkpoint and,
-    unlike torch.nn.init, are not switched off while from_pretrained fills in missing ones."""
+def init_adapter_projection(linear: nn.Linear) -> None:
+    """N(0, σ²) weights (zeros for a zero-initialised up-projection) and zero bias, from torch's
+    global generator. Uses transformers' init functions: they skip tensors already loaded from
+    a checkpoint and, unlike torch.nn.init, are not switched off while from_pretrained fills in
+    missing ones."""
     if linear.weight.is_meta:
         return
     std, zero = linear._meft_init
     if zero:
         init.zeros_(linear.weight)
     else:
-        init.normal_(linear.weight, 0.0, std, generator=generator)
+        init.normal_(linear.weight, 0.0, std)
     init.zeros_(linear.bias)

@@ -15,8 +15,21 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
-from torch import nn
+
+class _TorchOnFirstUse:
+    """torch (or its submodule `name`), imported when one of its attributes is first read: the
+    converter reads this table without torch; only the blocks, which run in a model, use it."""
+
+    def __init__(self, name: str | None = None):
+        self._name = name
+
+    def __getattr__(self, attribute: str):
+        import torch
+
+        return getattr(getattr(torch, self._name) if self._name else torch, attribute)
+
+
+torch, nn = _TorchOnFirstUse(), _TorchOnFirstUse("nn")
 
 
 @dataclass(frozen=True)

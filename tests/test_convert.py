@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -20,6 +21,7 @@ from meft_convert import convert as convert_module
 from meft_convert import weights as weights_module
 from meft_convert.convert import TEMPLATE_FILES, ConvertOptions, convert
 from meft_convert.errors import BadInputError, VerificationError
+from meft_convert.weights import find_weights
 from tests.conftest import source
 
 VARIANTS = ["meft1", "meft2", "meft3"]
@@ -401,8 +403,6 @@ def test_paths_are_accepted_where_strings_are(tiny_checkpoints, tmp_path):
 def _both_plans(folder: Path, variant: str, **options):
     """The plan read off the checkpoint's headers (--no-verify) and the one read off models built
     on the meta device (with verification), with whether the headers sufficed."""
-    from meft_convert.weights import find_weights
-
     plans, from_headers = [], []
     original = convert_module._plan_from_headers
 
@@ -421,14 +421,14 @@ def _both_plans(folder: Path, variant: str, **options):
 def _adapters_through_the_model(plan, seed: int) -> dict[str, torch.Tensor]:
     """The adapters as a MEFT model of the plan's config initialises them (the model classes,
     in their module order), named as in the checkpoint."""
-    from meft_convert.templates.adapters import MeftAdapter
+    from meft_convert.templates.adapters import MeftAdapter, adapter_generator
     from meft_convert.templates.modeling_meft import model_class_for
 
     library_class = plan.config.architectures[0].removeprefix("Meft")
     auto_class = next(a for a, head in plan.family.heads.items() if head.library_class == library_class)
     with torch.device("meta"):
         model = model_class_for(plan.family, auto_class)(plan.config)
-    generator = torch.Generator().manual_seed(seed)
+    generator = adapter_generator(seed)
     expected = {}
     for name, module in model.named_modules():
         if isinstance(module, MeftAdapter):
@@ -446,16 +446,17 @@ def test_the_plan_from_headers_is_the_plan_from_models(tiny_checkpoints, minilm,
     for variant, extra in [("meft1", {}), ("meft2", {"seed": 3}), ("meft3", {"adapter_init": "zero", "output_stream": "mean"})]:
         (headers, models), from_headers = _both_plans(folder, variant, **extra)
         # the headers suffice, except for MiniLM's (an integer buffer, position_ids, that older
-        # versions saved and the model does not use) and untied LM heads (LLaMA's, Mistral's): only
-        # the model knows those tensors
-        assert from_headers == {"minilm": [None], "llama": [], "mistral": []}.get(name, [headers])
+        # versions saved and the model does not use): only the model knows that tensor. Untied LM
+        # heads (LLaMA's, Mistral's) hold their lm_head.weight
+        assert from_headers == {"minilm": [None]}.get(name, [headers])
         assert sorted(headers.adapters) == sorted(models.adapters)
+        assert headers.adapter_dtype == models.adapter_dtype
         expected = _adapters_through_the_model(models, extra.get("seed", 0))
         assert len(expected) == len(headers.adapters)
-        for (key, tensor), (model_key, reference) in zip(headers.adapters.items(), expected.items()):
+        for (key, values), (model_key, reference) in zip(headers.adapters.items(), expected.items()):
             assert model_key == key  # saved by the class the result declares: the same names
-            assert tensor.dtype == models.adapters[key].dtype and torch.equal(tensor, models.adapters[key]), key
-            assert torch.equal(tensor, reference.to(tensor.dtype)), key
+            assert values.dtype == models.adapters[key].dtype == np.float32 and np.array_equal(values, models.adapters[key]), key
+            assert np.array_equal(values, reference.numpy()), key
         assert (headers.missing, headers.unexpected) == (models.missing, models.unexpected)
         assert (headers.trainable, headers.total) == (models.trainable, models.total)
         assert headers.config.to_dict() == models.config.to_dict()
@@ -474,15 +475,141 @@ def test_the_plan_falls_back_to_models_where_headers_do_not_tell(tiny_checkpoint
     assert from_headers == [None] and headers.missing == models.missing == ["model.decoder.layers.1.fc1.bias"]
 
 
-def test_a_conversion_without_verification_imports_no_modeling_code(tiny_checkpoints, tmp_path):
-    code = (
-        "import sys; from meft_convert.cli import main\n"
-        "try:\n    main()\nexcept SystemExit as e:\n    print('exit', e.code, 'transformers.modeling_utils' in sys.modules)"
-    )
+# settings that need no model: given, not `auto` (measured on the model), and 64-bit streams
+# (32-bit ones are sized from hidden states measured on it)
+UNMEASURED = ["--lambda", "2^-10", "--beta", "2^-10", "--adapter-init", "zero", "--stream-bits", "64", "--no-verify"]
+UNMEASURED_SETTINGS = dict(lambda_=2**-10, beta=2**-10, adapter_init="paper", stream_bits="64")
+
+
+@pytest.mark.parametrize(
+    "name,flags,heavy",
+    [
+        ("opt-125m", UNMEASURED, []),
+        ("llama", UNMEASURED, []),  # bf16, its LM head untied
+        ("llama", ["--variant", "meft1", "--no-exact", "--adapter-init", "paper", "--lambda", "1/8", "--beta", "1", "--no-verify"], []),
+        # the control: 16-bit streams' range is measured on the model
+        ("opt-125m", [*UNMEASURED, "--stream-bits", "auto"], ["torch", "transformers"]),
+    ],
+)
+def test_a_conversion_that_needs_no_model_imports_neither_torch_nor_transformers(tiny_checkpoints, tmp_path, name, flags, heavy):
+    from tests.test_cli import PROBE
+
     result = subprocess.run(
-        # explicit settings: `auto` ones are measured on the model, which needs its modeling code
-        [sys.executable, "-c", code, str(tiny_checkpoints["opt-125m"]), "-o", str(tmp_path / "out"), "--no-verify",
-         "--lambda", "2^-10", "--beta", "2^-10", "--adapter-init", "zero", "--stream-bits", "64"],
+        [sys.executable, "-c", PROBE, str(tiny_checkpoints[name]), "-o", str(tmp_path / "out"), *flags],
         capture_output=True, text=True, timeout=300,
     )
-    assert result.stdout.strip().splitlines()[-1] == "exit 0 False", result.stdout + result.stderr
+    assert json.loads(result.stderr.strip().splitlines()[-1]) == {"code": 0, "heavy": heavy}, result.stdout + result.stderr
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "meft_" + MODEL_TYPES[name]
+
+
+def _convert_both_ways(folder: Path, out: Path, **settings) -> tuple[Path, Path, bool]:
+    """`folder` converted as convert() chooses (without torch where nothing needs the model) and
+    with torch and transformers, into out/without/NAME and out/with/NAME; whether the first
+    was made without them."""
+    without_torch = []
+    original = convert_module._plan_without_torch
+
+    def spy(*args, **kwargs):
+        without_torch.append(original(*args, **kwargs))
+        return without_torch[-1]
+
+    outputs = []
+    for way, plan_without_torch in (("without", spy), ("with", lambda *args, **kwargs: None)):
+        options = ConvertOptions(model=str(folder), output=out / way / "converted", show_progress=False, **settings)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(convert_module, "_plan_without_torch", plan_without_torch)
+            outputs.append(convert(options, log=lambda _: None))
+    assert len(without_torch) == 1
+    return outputs[0], outputs[1], without_torch[0] is not None
+
+
+def _assert_same_folders(a: Path, b: Path) -> None:
+    """File by file: config.json as a dict, every tensor bit for bit, every other file byte for byte."""
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        if name == "config.json":
+            assert json.loads((a / name).read_text()) == json.loads((b / name).read_text())
+        elif name.endswith(".safetensors"):
+            ta, tb = tensors_of_file(a / name), tensors_of_file(b / name)
+            assert ta.keys() == tb.keys()
+            for key in ta:
+                assert ta[key].dtype == tb[key].dtype and torch.equal(ta[key].view(torch.uint8), tb[key].view(torch.uint8)), key
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def tensors_of_file(file: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(file), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+# the checkpoints whose config.json names the hidden size and the layer count itself (GPT-2's
+# and BART's use other names that their config classes map) and whose tensors are all
+# parameters (MiniLM's old position_ids are not): those convert without torch
+WITHOUT_TORCH = {"bert", "roberta", "opt-125m", "opt-350m", "llama", "mistral", "qwen2"}
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(variant="meft3", lambda_=2**-10, beta=2**-10, adapter_init="zero", stream_bits="64"),
+        # the paper's init (every adapter tensor drawn), another seed, the hybrid, the mean stream
+        dict(variant="meft1", lambda_=2**-6, beta=1.0, adapter_init="paper", stream_bits="64", seed=5,
+             reversible_layers=1, output_stream="mean", init_std=0.05),
+        # float mode; allow_low_fidelity is recorded as a calibration that measured nothing
+        dict(variant="meft2", lambda_=1.0, beta=0.1, adapter_init="paper", exact=False, allow_low_fidelity=True),
+    ],
+    ids=["meft3-zero", "meft1-paper-hybrid", "meft2-float"],
+)
+def test_the_conversion_without_torch_writes_what_the_one_with_torch_writes(tiny_checkpoints, minilm, tmp_path, name, settings):
+    fast, full, without_torch = _convert_both_ways(source(name, tiny_checkpoints, minilm), tmp_path, verify=False, **settings)
+    assert without_torch == (name in WITHOUT_TORCH)
+    _assert_same_folders(fast, full)
+    config = json.loads((fast / "config.json").read_text())
+    assert {key: config[key] for key in ("variant", "lambda_", "adapter_init_std")} == {
+        "variant": settings["variant"], "lambda_": settings["lambda_"], "adapter_init_std": settings.get("init_std", 0.02)}
+    assert ("meft_calibration" in config) == settings.get("allow_low_fidelity", False)
+
+
+def test_configs_another_transformers_wrote_take_the_way_with_torch(tiny_checkpoints, tmp_path):
+    """Only this transformers version's own config.json is known to come back unchanged from
+    its round trip; another's (older ones' keys, defaults that changed) is read by transformers."""
+    folder = _copy_checkpoint(tiny_checkpoints["opt-125m"], tmp_path / "older")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "transformers_version": "4.21.0.dev0"}))
+    fast, full, without_torch = _convert_both_ways(folder, tmp_path, verify=False, **UNMEASURED_SETTINGS)
+    assert not without_torch
+    _assert_same_folders(fast, full)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(reversible_layers=5), "exceeds the model's 2 layers"),
+        (dict(task="question-answering"), "no question-answering head"),
+        (dict(lambda_=0.3), "not 1/m"),
+    ],
+)
+def test_what_the_way_without_torch_cannot_convert_is_refused_as_ever(tiny_checkpoints, tmp_path, change, match):
+    options = ConvertOptions(
+        model=str(tiny_checkpoints["opt-125m"]), output=tmp_path / "o", show_progress=False, verify=False,
+        **{**UNMEASURED_SETTINGS, **change},
+    )
+    _fails(options, match=match)
+
+
+@pytest.mark.parametrize("name", ["opt-125m", "llama"])
+def test_a_folder_converted_without_torch_loads_and_computes_as_the_one_converted_with_it(tiny_checkpoints, tmp_path, name):
+    fast, full, without_torch = _convert_both_ways(tiny_checkpoints[name], tmp_path, verify=False, **UNMEASURED_SETTINGS)
+    assert without_torch
+    ids = torch.randint(3, 1000, (2, 11), generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for folder in (fast, full):
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+        assert type(model).__name__ == f"Meft{'OPT' if name == 'opt-125m' else 'Llama'}ForCausalLM"
+        adapters = {k: v for k, v in model.state_dict().items() if ".meft." in k}
+        assert adapters and all(torch.count_nonzero(v) for k, v in adapters.items() if k.endswith("proj.weight"))
+        with torch.no_grad():
+            outputs.append(model(input_ids=ids).logits)
+    assert torch.isfinite(outputs[0]).all() and torch.equal(outputs[0], outputs[1])
