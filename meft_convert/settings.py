@@ -31,8 +31,8 @@ class MeftSettings:
     variant: str = field(
         default="meft3",
         metadata=_option(
-            "meft1: F = PLM layer, G = adapter (λ=0.1, β=1). meft2: F = adapter, G = PLM layer (λ=1, β=0.1). "
-            "meft3: F = attention block, G = MLP block (λ=β=0.1).",
+            "meft1: F = PLM layer, G = adapter (β = 1). meft2: F = adapter, G = PLM layer (λ = 1). "
+            "meft3: F = attention block, G = MLP block. The scaled streams' λ, β: --lambda, --beta.",
             choices=("meft1", "meft2", "meft3"),
         ),
     )
