@@ -93,7 +93,7 @@ def test_the_plm_tensors_are_shared_not_copied(in_memory):
     assert set(ours) - set(plm.state_dict()) == {k for k in ours if ".meft." in k}
 
 
-@pytest.mark.parametrize("name", ["opt-125m", "llama"])
+@pytest.mark.parametrize("name", [pytest.param("opt-125m", marks=pytest.mark.slow), "llama"])
 def test_save_pretrained_writes_the_cli_layout_and_loads_without_meft_convert(converted, in_memory, tmp_path, name):
     _, meft = in_memory(name)
     folder, _ = converted(name, SETTINGS["variant"], **{k: v for k, v in SETTINGS.items() if k != "variant"})

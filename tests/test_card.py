@@ -104,8 +104,8 @@ def _with_tokenizer(folder, tmp_path):
 
 @pytest.mark.parametrize("name,auto_class", [
     ("minilm", "AutoModel"),  # a base model: the loss is computed from last_hidden_state
-    ("bert", "AutoModelForMaskedLM"),
-    ("opt-125m", "AutoModelForCausalLM"),
+    pytest.param("bert", "AutoModelForMaskedLM", marks=pytest.mark.slow),  # 8-10 s each
+    pytest.param("opt-125m", "AutoModelForCausalLM", marks=pytest.mark.slow),
 ])
 def test_every_python_snippet_runs_as_written(converted, tmp_path, name, auto_class):
     """The card's snippets, in order, in one fresh process without meft_convert, with only the

@@ -286,6 +286,7 @@ def test_pickle_is_never_unpickled(tmp_path, tiny_checkpoints):
     assert not marker.exists()
 
 
+@pytest.mark.slow  # a subprocess with a hub cache: 15 s
 def test_hub_id_through_an_offline_cache(tiny_checkpoints, tmp_path):
     """A model id resolves through a prepared Hugging Face cache with HF_HUB_OFFLINE=1."""
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -488,7 +489,7 @@ UNMEASURED_SETTINGS = dict(lambda_=2**-10, beta=2**-10, adapter_init="paper", st
         ("llama", UNMEASURED, []),  # bf16, its LM head untied
         ("llama", ["--variant", "meft1", "--no-exact", "--adapter-init", "paper", "--lambda", "1/8", "--beta", "1", "--no-verify"], []),
         # the control: 16-bit streams' range is measured on the model
-        ("opt-125m", [*UNMEASURED, "--stream-bits", "auto"], ["torch", "transformers"]),
+        pytest.param("opt-125m", [*UNMEASURED, "--stream-bits", "auto"], ["torch", "transformers"], marks=pytest.mark.slow),
     ],
 )
 def test_a_conversion_that_needs_no_model_imports_neither_torch_nor_transformers(tiny_checkpoints, tmp_path, name, flags, heavy):

@@ -115,6 +115,7 @@ def test_max_context_search_runs(plain, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["max_context"][0]["max_context"] == 192
 
 
+@pytest.mark.slow  # 7 s
 def test_the_long_sequence_run_end_to_end(monkeypatch, tmp_path):
     monkeypatch.setitem(ms.SHAPES, "llama-3-8b", TINY)
     out = tmp_path / "run.json"

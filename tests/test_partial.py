@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from meft_convert.convert import ConvertOptions, convert
 from meft_convert.partial import MARKER, clean_stale_partials, mark_partial
 
@@ -43,6 +45,7 @@ def _wait_for_shards(parent: Path, out: Path, process: subprocess.Popen) -> None
         time.sleep(0.01)
 
 
+@pytest.mark.slow  # subprocesses: 4-5 s each
 def test_ctrl_c_during_start_up_exits_130_and_leaves_nothing(tiny_checkpoints, tmp_path):
     """SIGINT mid-conversion (the shards copying, the calibration under way): exit 130, no partial folder."""
     out = tmp_path / "opt-meft3"
@@ -58,6 +61,7 @@ def test_ctrl_c_during_start_up_exits_130_and_leaves_nothing(tiny_checkpoints, t
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_killed_conversion_is_cleaned_up_by_the_next(tiny_checkpoints, tmp_path):
     out = tmp_path / "opt-meft3"
     killed = subprocess.Popen(
