@@ -14,6 +14,11 @@ _SESSION_DIR = Path(tempfile.mkdtemp(prefix="meft-tests-"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_MODULES_CACHE"] = str(_SESSION_DIR / "modules")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# one CPU thread per process, the CLI subprocesses included: the models are tiny, so threads gain
+# nothing alone, and beside another job on a 2-core machine OpenMP's waiting threads made the
+# suite four times slower (tests/test_modeling.py and two more: 38 s alone, 146 s beside a
+# second run; with one thread 36 s beside it)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
