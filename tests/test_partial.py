@@ -27,11 +27,17 @@ def _dead_pid() -> int:
 
 # the CLI, with the calibration held up for a minute: a tiny model converts within a second on an
 # idle machine, so without it the signal could arrive after the conversion has finished
+# the calibration is held up (60 s), after touching the file that $CALIBRATION_STARTED names, if any
 SLOW_CONVERSION = """
-import time
+import os, pathlib, time
 import meft_convert.calibrate as calibrate
 slow = calibrate.calibrate_plan
-calibrate.calibrate_plan = lambda *args, **kwargs: (time.sleep(60), slow(*args, **kwargs))[1]
+def held_up(*args, **kwargs):
+    if os.environ.get("CALIBRATION_STARTED"):
+        pathlib.Path(os.environ["CALIBRATION_STARTED"]).touch()
+    time.sleep(60)
+    return slow(*args, **kwargs)
+calibrate.calibrate_plan = held_up
 from meft_convert.cli import main
 main()
 """
@@ -49,11 +55,18 @@ def _wait_for_shards(parent: Path, out: Path, process: subprocess.Popen) -> None
 def test_ctrl_c_during_start_up_exits_130_and_leaves_nothing(tiny_checkpoints, tmp_path):
     """SIGINT mid-conversion (the shards copying, the calibration under way): exit 130, no partial folder."""
     out = tmp_path / "opt-meft3"
+    started = tmp_path.parent / f"{tmp_path.name}-calibrating"
     process = subprocess.Popen(
         [sys.executable, "-c", SLOW_CONVERSION, str(tiny_checkpoints["opt-125m"]), "-o", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "CALIBRATION_STARTED": str(started)},
     )
     _wait_for_shards(tmp_path, out, process)
+    # the signal lands once the calibration is under way, however the start-up is ordered
+    deadline = time.monotonic() + 240
+    while not started.exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the conversion ended before it could be stopped"
+        time.sleep(0.01)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stdout + stderr
