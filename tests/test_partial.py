@@ -60,6 +60,9 @@ def test_ctrl_c_during_start_up_exits_130_and_leaves_nothing(tiny_checkpoints, t
         [sys.executable, "-c", SLOW_CONVERSION, str(tiny_checkpoints["opt-125m"]), "-o", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
         env={**os.environ, "CALIBRATION_STARTED": str(started)},
+        # as from a shell: a test run that started with SIGINT ignored (some launchers and earlier
+        # tests leave it so) would pass that on, and Python then never raises KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     _wait_for_shards(tmp_path, out, process)
     # the signal lands once the calibration is under way, however the start-up is ordered
