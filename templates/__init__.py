@@ -1,6 +1,7 @@
 """The code written into every converted checkpoint (shipped as meft_convert.templates).
 
-Each module here must run with only torch, transformers, numpy and the standard library, and must
+Each module here must run with only torch, transformers and the standard library (numpy only when a
+conversion draws adapters), and must
 reach its siblings through relative imports: transformers copies exactly these files into a
 checkpoint's folder and loads them with trust_remote_code.
 """

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import initialization as init
@@ -13,6 +12,8 @@ ADAPTER_INITS = ("paper", "zero")
 
 def adapter_generator(seed: int) -> np.random.Generator:
     """The random generator fresh adapters are drawn from: one per conversion, seeded by its `seed`."""
+    import numpy as np  # here, not at the top: loading a checkpoint never draws adapters
+
     return np.random.Generator(np.random.PCG64(seed))
 
 
@@ -23,6 +24,7 @@ def draw_adapter(
     N(0, σ²) projection weights (a zero up-projection for init "zero") and zero biases, drawn
     in float64 and rounded to float32. Plain numpy, so that a conversion that builds no model
     draws the same adapters as one that does."""
+    import numpy as np
 
     def normal(shape: tuple[int, int]) -> np.ndarray:
         return generator.normal(0.0, init_std, size=shape).astype(np.float32)
