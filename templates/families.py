@@ -55,6 +55,18 @@ class AttentionParts:
     core: Callable[[nn.Module, tuple, dict], torch.Tensor]
     # finish(layer, core output, x, adapter): output projection, `adapter`, residual
     finish: Callable[[nn.Module, torch.Tensor, torch.Tensor, nn.Module | None], torch.Tensor]
+    # causal(layer, queries, context, layer_args, rows): the core for one chunk of query rows
+    # (the chunk's `inputs` outside `context`), reading the keys and values (`context`, on the
+    # rows rows.context) of their sequences' earlier positions; (chunk rows, hidden)
+    causal: Callable[[nn.Module, tuple, tuple, dict, object], torch.Tensor] | None = None
+    context: tuple[int, ...] = (1, 2)  # which outputs of `inputs` are keys and values
+
+    def causal_core(self, layer: nn.Module) -> Callable | None:
+        """`causal` where the layer's attention runs through SDPA, whose kernels it calls."""
+        config = getattr(getattr(layer, "self_attn", None), "config", None)
+        if self.causal is None or getattr(config, "_attn_implementation", None) != "sdpa":
+            return None
+        return self.causal
 
 
 @dataclass(frozen=True)
@@ -206,6 +218,42 @@ def _opt_attention_core(layer, inputs, args):
     return h.reshape(*h.shape[:2], -1).contiguous()
 
 
+def _opt_attention_chunk(layer, queries, context, args, rows):
+    attn = layer.self_attn
+    dropout = attn.dropout if attn.training else 0.0
+    # q is scaled in `inputs`, as the library's OPT scales it
+    return _causal_attention(*queries, *context, args.get("attention_mask"), rows, attn.head_dim, 1.0, dropout)
+
+
+def _causal_attention(q, k, v, mask, rows, head_dim: int, scaling: float, dropout: float):
+    """SDPA for a chunk of query rows q (rows, heads·head_dim) over the keys and values k, v of
+    rows.context, each query reading its sequence's positions up to its own: one call per
+    group of rows.sequences(), causal from the group's first position on (aligned to the lower
+    right), or through the model's mask cut to the same rows and keys."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    outs = []
+    for g in rows.sequences():
+        count = g.batch.stop - g.batch.start
+        qg = q[g.queries].view(count, g.stop - g.start, -1, head_dim).transpose(1, 2)
+        kg, vg = (t[g.keys].view(count, g.stop, -1, head_dim).transpose(1, 2) for t in (k, v))
+        grouped = qg.shape[1] != kg.shape[1]
+        if mask is None:
+            causal = g.start == 0
+            bias = None if causal else causal_lower_right(g.stop - g.start, g.stop)
+        else:
+            causal = False
+            bias = mask[g.batch if mask.shape[0] > 1 else slice(None), :, g.start : g.stop, : g.stop]
+            if grouped:  # as the library does with a mask: memory-efficient kernels take no groups
+                kg, vg = (t.repeat_interleave(qg.shape[1] // t.shape[1], dim=1) for t in (kg, vg))
+                grouped = False
+        h = nn.functional.scaled_dot_product_attention(
+            qg, kg, vg, attn_mask=bias, dropout_p=dropout, is_causal=causal, scale=scaling, enable_gqa=grouped,
+        )
+        outs.append(h.transpose(1, 2).reshape(-1, qg.shape[1] * head_dim))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 def _opt_attention_finish(layer, h, x, adapter):
     return _opt_attention_residual(layer, layer.self_attn.out_proj(h), x, adapter)
 
@@ -232,7 +280,9 @@ OPT = Family(
     stacks=(
         Stack(
             "decoder.layers", _opt_attention, _opt_mlp, fsdp_units=("self_attn", "fc1", "fc2"),
-            attention_parts=AttentionParts(_opt_attention_inputs, _opt_attention_core, _opt_attention_finish),
+            attention_parts=AttentionParts(
+                _opt_attention_inputs, _opt_attention_core, _opt_attention_finish, causal=_opt_attention_chunk
+            ),
         ),
     ),
     norm="pre",
@@ -373,6 +423,12 @@ def _llama_attention_core(layer, inputs, args, sliding_window=None):
     return h.reshape(*h.shape[:2], -1).contiguous()
 
 
+def _llama_attention_chunk(layer, queries, context, args, rows):
+    attn = layer.self_attn
+    dropout = attn.attention_dropout if attn.training else 0.0
+    return _causal_attention(*queries, *context, args.get("attention_mask"), rows, attn.head_dim, attn.scaling, dropout)
+
+
 def _llama_attention_finish(layer, h, x, adapter):
     return _llama_attention_residual(layer.self_attn.o_proj(h), x, adapter)
 
@@ -396,7 +452,7 @@ def _mixed_layer_types(config):
 def _llama_like(model_type: str, prefix: str, sliding_window: Callable | None = None) -> Family:
     # sliding_window(attention module): the window its attention passes on, as the library's does
     core = functools.partial(_llama_attention_core, sliding_window=sliding_window)
-    parts = AttentionParts(_llama_attention_inputs, core, _llama_attention_finish)
+    parts = AttentionParts(_llama_attention_inputs, core, _llama_attention_finish, causal=_llama_attention_chunk)
     return Family(
         model_type=model_type,
         config_class=f"{prefix}Config",

@@ -40,7 +40,7 @@ from .adapters import MeftAdapter, init_adapter_projection, is_adapter_projectio
 from .configuration_meft import RUNTIME_SETTINGS, config_class_for
 from .families import FAMILIES, Family, Stack, family_for
 from .losses import ChunkedLossMixin
-from .reversible import Block, Coupling, CouplingSettings, run_float_layer, run_stack, stream_dtype_for
+from .reversible import Block, CausalCore, Coupling, CouplingSettings, run_float_layer, run_stack, stream_dtype_for
 
 
 @dataclass(frozen=True)
@@ -100,10 +100,16 @@ def _make_block(kind: str, stack: Stack, layer: nn.Module, compiled: bool = Fals
                 return parts.finish(layer, h, x, adapters["attn"])
             return mlp(stack.mlp, layer, adapters["ffn"], parts.finish(layer, h, x, None))
 
+        chunked_core = parts.causal_core(layer)
+        causal = None
+        if chunked_core is not None:
+            causal = CausalCore(lambda queries, context, args, rows: chunked_core(layer, queries, context, args, rows),
+                                parts.context)
         return Block(
             before=lambda x, args, rows: parts.inputs(layer, x, args, rows),
             mixing=lambda inputs, args: parts.core(layer, inputs, args),
             positionwise=finish,
+            causal=causal,
         )
     if kind == "layer":  # the whole PLM layer: mlp(attention(x)), the adapter parallel to its FFN
         return Block(

@@ -60,6 +60,9 @@ Mixing = Callable[[Any, dict], torch.Tensor]
 Positionwise = Callable[..., torch.Tensor]
 # A position-wise part ahead of the mixing one: (block input, routed arguments, Rows) -> tensors.
 Before = Callable[[torch.Tensor, dict, "Rows"], tuple]
+# Causal attention of one chunk of query rows: (the chunk's `before` outputs other than the
+# context, the context outputs on the rows Rows.context, routed arguments, Rows) -> (rows, width).
+CausalRun = Callable[[tuple, tuple, dict, "Rows"], torch.Tensor]
 
 
 class ReconstructionError(RuntimeError):
@@ -118,21 +121,85 @@ class Rows:
             return t
         return t.expand(*self.lead, t.shape[-1]).reshape(-1, t.shape[-1])[self.rows]
 
+    def _bounds(self) -> tuple[int, int, int]:
+        length = self.lead[-1]  # positions per sequence: the lead is (batch, sequence)
+        total = 1
+        for n in self.lead:
+            total *= n
+        start, stop, _ = self.rows.indices(total)
+        return start, stop, length
+
+    @property
+    def context(self) -> slice:
+        """The rows whose keys and values the chunk's queries may read: from the start of its
+        first sequence to the chunk's end (causal attention reads no later position)."""
+        start, stop, length = self._bounds()
+        return slice(start // length * length, stop)
+
+    def sequences(self) -> list["QueryGroup"]:
+        """The chunk's queries as groups that one attention call serves each: a run of whole
+        sequences, or the part of one sequence the chunk holds (at most three groups)."""
+        start, stop, length = self._bounds()
+        first = start // length * length
+        groups, row = [], start
+        while row < stop:
+            batch, position = divmod(row, length)
+            if position == 0 and stop - row >= length:
+                count = (stop - row) // length
+                end, keys = length, slice(row - first, row - first + count * length)
+            else:
+                count, end = 1, min(length, position + stop - row)
+                keys = slice(batch * length - first, batch * length - first + end)
+            size = count * (end - position)
+            groups.append(QueryGroup(slice(row - start, row - start + size), keys, slice(batch, batch + count), position, end))
+            row += size
+        return groups
+
+
+@dataclass(frozen=True)
+class QueryGroup:
+    """Queries of `batch` (sequences of the batch) at positions [start, stop), which read the
+    keys at positions [0, stop) of the same sequences: `queries` are their rows in the chunk,
+    `keys` the rows of those keys in the chunk's context (Rows.context)."""
+
+    queries: slice
+    keys: slice
+    batch: slice
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class CausalCore:
+    """The mixing part as causal attention, a chunk of queries at a time: a chunk's queries read
+    the keys and values (the `context`) of their own and earlier positions only. With it the
+    whole block runs chunk by chunk; only the context and its gradient cover the whole
+    sequence (with grouped-query attention a fraction of the hidden size), not the queries, the
+    attention output or their gradients."""
+
+    run: CausalRun
+    context: tuple[int, ...]  # which of the `before` part's outputs are the context
+
 
 @dataclass(frozen=True)
 class Block:
     """F or G: optionally `before` (position-wise: a norm and attention's input projections),
     `mixing` (attention; None if the block has none) and then `positionwise` (an output
     projection and residual, an MLP block, an adapter; None if none). The position-wise parts
-    may run a chunk of tokens at a time; a block with `before` has all three parts."""
+    may run a chunk of tokens at a time; a block with `before` has all three parts. With
+    `causal` as well, the mixing part runs a chunk of queries at a time whenever the block runs
+    in several chunks (`mixing` serves a single chunk)."""
 
     mixing: Mixing | None = None
     positionwise: Positionwise | None = None
     before: Before | None = None
+    causal: CausalCore | None = None
 
     def __post_init__(self):
         if self.before is not None and (self.mixing is None or self.positionwise is None):
             raise ValueError("a block with a `before` part needs a mixing and a position-wise part")
+        if self.causal is not None and self.before is None:
+            raise ValueError("a block with a causal core needs a `before` part (its queries and context)")
 
     def __call__(self, x: torch.Tensor, routed: dict, chunk_tokens: int = 0) -> torch.Tensor:
         """The block under ordinary autograd, chunked as the reversible path chunks it."""
@@ -144,6 +211,8 @@ class Block:
             x_rows = [x] if len(slices) == 1 else torch.split(_rows(x), chunk_tokens)
             lead = tuple(x.shape[:-1])
             parts = [self.before(r.view_as(r), routed, Rows(sl, lead)) for r, sl in zip(x_rows, slices)]
+            if _runs_causally(self, slices):
+                return torch.cat(self._causal_chunks(parts, x_rows, slices, lead, routed)).view(*x.shape[:-1], -1)
             h = self.mixing(_joined(parts, lead), routed)
         else:
             h = self.mixing(x, routed) if self.mixing is not None else x
@@ -155,6 +224,20 @@ class Block:
         else:
             outs = [self.positionwise(a) for a in h_rows]
         return outs[0] if len(slices) == 1 else torch.cat(outs).view(*h.shape[:-1], -1)
+
+    def _causal_chunks(self, parts: list, x_rows: list, slices: list, lead: tuple, routed: dict) -> list:
+        context = [torch.cat([p[j] for p in parts]) for j in self.causal.context]
+        outs = []
+        for p, r, sl in zip(parts, x_rows, slices):
+            rows = Rows(sl, lead)
+            queries = tuple(t for j, t in enumerate(p) if j not in self.causal.context)
+            h = self.causal.run(queries, tuple(c[rows.context] for c in context), routed, rows)
+            outs.append(self.positionwise(h, r.view_as(r)))
+        return outs
+
+
+def _runs_causally(block: Block, slices: list) -> bool:
+    return block.causal is not None and len(slices) > 1
 
 
 def _joined(parts: list, lead: tuple[int, ...]) -> tuple:
@@ -645,11 +728,12 @@ class _Remainders:
 @dataclass
 class _HalfRecord:
     """RNG states of one half-step: before each chunk of the `before` part, before the mixing
-    part, and before each chunk of the position-wise part."""
+    part (or each chunk of a causal core), and before each chunk of the position-wise part."""
 
     mixing: _RngState | None = None
     chunks: list = field(default_factory=list)
     before: list = field(default_factory=list)
+    cores: list = field(default_factory=list)  # before each chunk of a causal core
 
 
 @dataclass
@@ -700,7 +784,7 @@ class StackRun:
                 total += 0 if t is None else t.numel() * t.element_size()
         for rec in self.records:
             for half in (rec.F, rec.G):
-                for rng in (half.mixing, *half.chunks, *half.before):
+                for rng in (half.mixing, *half.chunks, *half.before, *half.cores):
                     total += 0 if rng is None else rng.nbytes()
             total += 0 if rec.checksum is None else rec.checksum.numel() * 8
         return total + (self.remainders.host_bytes() if self.remainders else 0)
@@ -857,6 +941,23 @@ class _HalfStepOutput:
         return Stream(self.ints if self.arith.exact else None, self.value, self.checksum)
 
 
+def _couple_rows(run: StackRun, y: _HalfStepOutput, x: Stream, sl: slice, out: torch.Tensor, factor, packed: list) -> None:
+    """Rows sl of y = scale·x + out (the block output of those rows); their remainders go to `packed`."""
+    stream_part = y.part(x, sl)
+    y_ints, y_value, r, flag, part_sum = run.arithmetic.couple(stream_part, out, factor)
+    y.put(sl, stream_part, y_ints, y_value, part_sum)
+    if run.arithmetic.exact:
+        run.flags.append(flag)
+    packed.append(r)
+
+
+def _uncouple_rows(run: StackRun, x: _HalfStepOutput, y: Stream, sl: slice, out: torch.Tensor, packed, factor) -> None:
+    """Rows sl of x = (y − out) / scale, exactly from the rows' remainders `packed` in exact mode."""
+    stream_part = x.part(y, sl)
+    x_ints, x_value, part_sum = run.arithmetic.uncouple(stream_part, out, packed, factor)
+    x.put(sl, stream_part, x_ints, x_value, part_sum)
+
+
 def _mixing_input(run: StackRun, block: Block, inp: torch.Tensor, routed, states: list, replay: bool):
     """What the mixing part reads: the block input, or the `before` part's outputs over the
     whole sequence, computed a chunk at a time (the RNG state before each chunk recorded in
@@ -917,6 +1018,8 @@ def _forward_half(run: StackRun, block: Block, inp: torch.Tensor, x: Stream, sca
     """y = scale·x + block(inp), chunk by chunk; with several chunks y's integers overwrite x's
     (one chunk: the kernels' own outputs are kept, two fewer passes). Returns y."""
     arith, s = run.arithmetic, run.settings
+    if _runs_causally(block, _row_slices(inp, s.chunk_tokens)):
+        return _forward_causal_half(run, block, inp, x, scale, record, routed)
     factor = arith.factor(scale)
     if block.mixing is not None:
         mixing_input = _mixing_input(run, block, inp, routed, record.before, replay=False)
@@ -939,22 +1042,31 @@ def _forward_half(run: StackRun, block: Block, inp: torch.Tensor, x: Stream, sca
             )
         else:
             out = _part(h, sl)
-        stream_part = y.part(x, sl)
-        y_ints, y_value, r, flag, part_sum = arith.couple(stream_part, out, factor)
-        y.put(sl, stream_part, y_ints, y_value, part_sum)
-        if arith.exact:
-            run.flags.append(flag)
-        packed.append(r)
+        _couple_rows(run, y, x, sl, out, factor, packed)
         del out
     run.remainders.add(packed if arith.exact else [])
     return y.stream()
 
 
 def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, packed: list, scale: float, dy,
-                   record: _HalfRecord, routed, params, grads: _Gradients, value_needed: bool = True):
+                   record: _HalfRecord, routed, params, grads: _Gradients, value_needed: bool = True,
+                   d_other: torch.Tensor | None = None, writable: bool = False):
     """For y = scale·x + block(inp): recompute the block as in forward, rebuild x (in place of
-    y's integers) and return x, (∂block/∂inp)ᵀ·dy and ∂y/∂x·dy = scale·dy. In exact mode x's
-    value is kept only if `value_needed` (it is a block's input further down)."""
+    y's integers) and return x, d_other + (∂block/∂inp)ᵀ·dy and ∂y/∂x·dy = scale·dy. d_other
+    is the gradient inp already has (None: none); `writable`: it may be summed into in place.
+    In exact mode x's value is kept only if `value_needed` (it is a block's input further down)."""
+    s = run.settings
+    if _runs_causally(block, _row_slices(inp, s.chunk_tokens)):
+        return _backward_causal_half(run, block, inp, y, packed, scale, dy, record, routed, params, grads, value_needed,
+                                     d_other, writable)
+    x, d_inp, dx = _backward_whole_core_half(run, block, inp, y, packed, scale, dy, record, routed, params, grads,
+                                             value_needed)
+    return x, _add(d_other, d_inp), dx
+
+
+def _backward_whole_core_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, packed: list, scale: float, dy,
+                              record: _HalfRecord, routed, params, grads: _Gradients, value_needed: bool):
+    """_backward_half for a block whose mixing part sees the whole sequence at once."""
     arith, s = run.arithmetic, run.settings
     factor = arith.factor(scale)
     # only the recompute runs under the forward's autocast; the gradients are computed outside
@@ -1005,9 +1117,7 @@ def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, pa
             out = part_out.detach()
         else:
             out = _part(h_detached, sl)
-        stream_part = x.part(y, sl)
-        x_ints, x_value, part_sum = arith.uncouple(stream_part, out, packed[i] if packed else None, factor)
-        x.put(sl, stream_part, x_ints, x_value, part_sum)
+        _uncouple_rows(run, x, y, sl, out, packed[i] if packed else None, factor)
         if dy is not None and block.positionwise is not None:
             g = grads.of(part_out, part_leaf, _part(dy, sl), params, routed=False)
             g, g_direct = g if block.before is not None else (g, None)
@@ -1028,6 +1138,146 @@ def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, pa
         else:
             d_inp = grads.of(h, leaf, d_h, params) if block.mixing is not None else d_h
     return x.stream(), d_inp, _scaled(dy, scale)
+
+
+class _Context:
+    """A causal core's context (keys and values) over the whole sequence, (rows, width) each,
+    filled a chunk at a time, and in backward its gradient, summed over the chunks that read it."""
+
+    def __init__(self, core: CausalCore, inp: torch.Tensor):
+        self.index = core.context
+        self.rows = inp.numel() // inp.shape[-1]
+        self.columns: list | None = None
+        self.grads: list | None = None
+
+    def fill(self, sl: slice, outs: tuple) -> tuple:
+        """Stores the chunk's context outputs; returns the others (the queries)."""
+        if self.columns is None:
+            self.columns = [torch.empty((self.rows, outs[j].shape[-1]), dtype=outs[j].dtype, device=outs[j].device)
+                            for j in self.index]
+        for column, j in zip(self.columns, self.index):
+            column[sl].copy_(outs[j])
+        return tuple(t for j, t in enumerate(outs) if j not in self.index)
+
+    def at(self, rows: Rows) -> tuple:
+        return tuple(column[rows.context] for column in self.columns)
+
+    def add_grads(self, rows: Rows, grads: Sequence[torch.Tensor | None]) -> None:
+        if self.grads is None:
+            self.grads = [torch.zeros_like(column) for column in self.columns]
+        for total, g in zip(self.grads, grads):
+            if g is not None:
+                total[rows.context].add_(g)
+
+    def grads_of(self, outs: tuple, d_queries: tuple, sl: slice) -> tuple:
+        """The gradients of a chunk's `before` outputs: the queries' own, the context's summed."""
+        d_queries, d_context = iter(d_queries), iter(self.grads)
+        return tuple(next(d_context)[sl] if j in self.index else next(d_queries) for j in range(len(outs)))
+
+
+def _restore(states: list, i: int) -> None:
+    if states and states[i] is not None:
+        states[i].restore()
+
+
+def _forward_causal_half(run: StackRun, block: Block, inp: torch.Tensor, x: Stream, scale: float, record: _HalfRecord,
+                         routed) -> Stream:
+    """_forward_half for a block with a causal core: before, core and position-wise part run a
+    chunk at a time, the chunks in order, each reading the context of the chunks up to itself."""
+    arith, s = run.arithmetic, run.settings
+    factor = arith.factor(scale)
+    slices = _row_slices(inp, s.chunk_tokens)
+    lead = tuple(inp.shape[:-1])
+    context = _Context(block.causal, inp)
+    y = _HalfStepOutput(arith, x, x.value.shape, x.value.device, len(slices))
+    packed = []
+    for sl in slices:
+        rows = Rows(sl, lead)
+        record.before.append(run.capture_rng())
+        queries = context.fill(sl, _detached_output(block.before, _part(inp, sl), run, routed, rows))
+        record.cores.append(run.capture_rng())
+        n = len(queries)
+        h = _detached_output(lambda parts, routed: block.causal.run(parts[:n], parts[n:], routed, rows),
+                             (*queries, *context.at(rows)), run, routed, reads_stream=False)
+        del queries
+        record.chunks.append(run.capture_rng())
+        out = _detached_output(block.positionwise, h, run, reads_stream=False, stream_part=_part(inp, sl))
+        del h
+        _couple_rows(run, y, x, sl, out, factor, packed)
+        del out
+    run.remainders.add(packed if arith.exact else [])
+    return y.stream()
+
+
+def _backward_causal_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, packed: list, scale: float, dy,
+                          record: _HalfRecord, routed, params, grads: _Gradients, value_needed: bool,
+                          d_other: torch.Tensor | None, writable: bool):
+    """_backward_half for a block with a causal core. The context is recomputed over the whole
+    sequence first; then each chunk, from the last, recomputes its `before` part, core and
+    position-wise part and differentiates them in that order. A chunk's context gradient is
+    complete once the chunks after it are done, which is when its `before` part needs it.
+    Each chunk's input gradient is summed into d_other's rows where that may be done in place
+    (one hidden-sized tensor fewer), as d_other + (the chunk's sum): the same bits."""
+    arith, s, cd = run.arithmetic, run.settings, run.compute_dtype
+    factor = arith.factor(scale)
+    slices = _row_slices(inp, s.chunk_tokens)
+    lead = tuple(inp.shape[:-1])
+    context = _Context(block.causal, inp)
+    for i in reversed(range(len(slices))):
+        _restore(record.before, i)
+        with run.autocast.active():
+            context.fill(slices[i], _detached_output(block.before, _part(inp, slices[i]), run, routed, Rows(slices[i], lead)))
+    x = _HalfStepOutput(arith, y, inp.shape, inp.device, len(slices), keep_values=value_needed or not arith.exact)
+    in_place = writable and d_other is not None and d_other.is_contiguous() and d_other.dtype == inp.dtype
+    d_inp = None
+    if dy is not None:
+        d_inp = d_other if in_place else torch.empty(inp.shape, dtype=inp.dtype, device=inp.device)
+        dy = dy.contiguous()
+    for i in reversed(range(len(slices))):
+        sl = slices[i]
+        rows = Rows(sl, lead)
+        _restore(record.before, i)
+        before_leaf = _part(inp, sl).detach().requires_grad_()
+        with torch.enable_grad(), run.autocast.active():
+            outs = tuple(block.before(_block_input(before_leaf, cd), routed, rows))
+        query_leaves = _leaves(tuple(t for j, t in enumerate(outs) if j not in context.index))
+        context_leaves = _leaves(context.at(rows))
+        _restore(record.cores, i)
+        with torch.enable_grad(), run.autocast.active():
+            h = block.causal.run(_inputs_of(query_leaves, False, cd), _inputs_of(context_leaves, False, cd), routed, rows)
+        h_leaf, stream_leaf = h.detach().requires_grad_(), _part(inp, sl).detach().requires_grad_()
+        _restore(record.chunks, i)
+        with torch.enable_grad(), run.autocast.active():
+            out = block.positionwise(_part_input(h_leaf, False, cd), _block_input(stream_leaf, cd))
+        _uncouple_rows(run, x, y, sl, out.detach(), packed[i] if packed else None, factor)
+        if dy is None:
+            continue
+        d_h, d_direct = grads.of(out, (h_leaf, stream_leaf), _part(dy, sl), params, routed=False)
+        del out
+        n = len(query_leaves)
+        d_core = grads.of(h, (*query_leaves, *context_leaves), d_h, params)
+        del h, d_h
+        context.add_grads(rows, d_core[n:])
+        d_outs = context.grads_of(outs, d_core[:n], sl)
+        wanted = [j for j, d in enumerate(d_outs) if d is not None]
+        d_before = None
+        if wanted:
+            d_before = grads.of(tuple(outs[j] for j in wanted), before_leaf, tuple(d_outs[j] for j in wanted), params)
+        del outs, d_outs
+        d_rows = _add(d_direct, d_before)
+        if not in_place:
+            _put_rows(d_inp, sl, d_rows)
+        elif d_rows is not None:
+            _part(d_inp, sl).add_(d_rows)
+    if dy is None:
+        return x.stream(), d_other, None
+    return x.stream(), d_inp if in_place else _add(d_other, d_inp), _scaled(dy, scale)
+
+
+def _writable(d: torch.Tensor | None, other: torch.Tensor | None, upstream: list) -> bool:
+    """Whether a stream gradient is the engine's own, so that a half-step may sum into it in
+    place: not a tensor autograd handed in, nor the same tensor as the other stream's."""
+    return d is not None and d is not other and all(d is not t for t in upstream)
 
 
 def _put_rows(buffer: torch.Tensor, sl: slice, g: torch.Tensor | None) -> None:
@@ -1110,6 +1360,7 @@ class _ReversibleStack(torch.autograd.Function):
                 "were consumed by the first backward (retain_graph=True cannot keep them). Run the forward again."
             )
         (y1, y2), run.final_streams = run.final_streams, None
+        upstream = [t for t in (dy1, dy2) if t is not None]  # autograd's tensors: never written to
         run.remainders.restore(ctx.saved_tensors)
         routed = _leaf_routed(run.routed)
         grads = _Gradients(run, routed)
@@ -1129,23 +1380,22 @@ class _ReversibleStack(torch.autograd.Function):
                     # travel back one half-step ahead, while the one before computes
                     packed_g = run.remainders.take(2 * idx + 1)
                     run.remainders.prefetch(2 * idx)
-                    x2, dy1_from_g, dx2 = _backward_half(
-                        run, c.G, y1.value, y2, packed_g, s.beta, dy2, rec.G, routed, params, grads
+                    x2, dy1, dx2 = _backward_half(
+                        run, c.G, y1.value, y2, packed_g, s.beta, dy2, rec.G, routed, params, grads,
+                        d_other=dy1, writable=_writable(dy1, dy2, upstream),
                     )
-                    dy1 = _add(dy1, dy1_from_g)
-                    del dy1_from_g, dy2
+                    del dy2
                     if run.arithmetic.exact:
                         y1.value = None  # G's input, needed no more (in float mode it is the stream)
                     # y1 = λ·x1 + F(x2): rebuild x1, then dx2 += (∂F/∂x2)ᵀ·dy1 and dx1 = λ·dy1
                     packed_f = run.remainders.take(2 * idx)
                     run.remainders.prefetch(2 * idx - 1)
                     # x1's value is G's input in the layer below only without the swap
-                    x1, dx2_from_f, dx1 = _backward_half(
+                    x1, dx2, dx1 = _backward_half(
                         run, c.F, x2.value, y1, packed_f, s.lambda_, dy1, rec.F, routed, params, grads,
-                        value_needed=not s.swap,
+                        value_needed=not s.swap, d_other=dx2, writable=_writable(dx2, dy1, upstream),
                     )
-                dx2 = _add(dx2, dx2_from_f)
-                del dx2_from_f, dy1
+                del dy1
                 # only the value of the stream that is G's input in the layer below is read again
                 if run.arithmetic.exact:
                     (x1 if s.swap else x2).value = None

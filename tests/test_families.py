@@ -25,7 +25,7 @@ CASES = {
 }
 
 
-def _layer_call(base, family, layers):
+def _layer_call(base, family, layers, padded: bool = True):
     """Runs the base model once, recording the arguments its loop passes to layer 0."""
     captured = {}
 
@@ -34,7 +34,7 @@ def _layer_call(base, family, layers):
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
-    mask = torch.tensor([[1] * 8, [1] * 6 + [0] * 2])
+    mask = torch.tensor([[1] * 8, [1] * 6 + [0] * 2] if padded else [[1] * 8] * 2)
     with torch.random.fork_rng():
         torch.manual_seed(1)
         base(input_ids=ids, attention_mask=mask)
@@ -141,3 +141,40 @@ def test_fsdp_units_hold_every_weight_matrix_and_are_called_as_modules(case):
             for handle in handles:
                 handle.remove()
             assert calls == [1] * len(units), dict(zip(stack.fsdp_units, calls))
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padding-mask", "no-mask"])
+@pytest.mark.parametrize("case", ["llama", "mistral (sliding window)", "qwen2", "opt-125m (pre-LN)", "opt-350m (post-LN)"])
+def test_causal_core_a_chunk_of_queries_at_a_time_is_the_whole_core(case, padded):
+    config_name, base_class = CASES[case]
+    extra = {"sliding_window": 5} if "mistral" in case else {}
+    config = real_config(config_name, architectures=[base_class], **extra)
+    torch.manual_seed(0)
+    base = getattr(transformers, base_class)(config).double().eval()
+    stack = family_for(config.model_type).stacks[0]
+    parts = stack.attention_parts
+    layer = base.get_submodule(stack.layers)[0]
+    assert parts.causal_core(layer) is not None  # SDPA, the library's default
+    hidden, args = _layer_call(base, family_for(config.model_type), base.get_submodule(stack.layers), padded)
+    # without padding the model leaves causal masking to the kernel (no mask), except where a
+    # sliding window shorter than the sequence needs one
+    assert (args.get("attention_mask") is None) == (not padded and "mistral" not in case)
+    hidden = hidden.double()
+    if "position_embeddings" in args:
+        args["position_embeddings"] = tuple(t.double() for t in args["position_embeddings"])
+    lead = tuple(hidden.shape[:-1])
+    whole_rows = Rows(slice(None), lead)
+    inputs = parts.inputs(layer, hidden, args, whole_rows)
+    expected = parts.core(layer, inputs, args).reshape(16, -1)
+    flat = [t.reshape(16, -1) for t in inputs]
+    queries = [t for j, t in enumerate(flat) if j not in parts.context]
+    context = [flat[j] for j in parts.context]
+    # 2 x 8 positions: chunks inside one sequence, across the two, and of both whole sequences
+    for chunks in ([slice(0, 3), slice(3, 11), slice(11, 16)], [slice(0, 8), slice(8, 16)], [slice(0, 16)],
+                   [slice(i, i + 1) for i in range(16)]):
+        got = []
+        for chunk in chunks:
+            rows = Rows(chunk, lead)
+            got.append(parts.causal(layer, tuple(t[chunk] for t in queries), tuple(t[rows.context] for t in context),
+                                    args, rows))
+        assert torch.allclose(torch.cat(got), expected, rtol=1e-12, atol=1e-12)

@@ -93,6 +93,42 @@ def test_sdpa_reconstruction_is_bit_exact_and_compiled(config_name, auto_class, 
     assert reversible._COMPILE["enabled"]  # the half-steps ran compiled
 
 
+@pytest.mark.parametrize("variant", ["meft1", "meft3"])
+@pytest.mark.parametrize("config_name", ["tinyllama-1.1b", "opt-125m"])
+def test_causal_core_without_a_mask_rebuilds_exactly_and_trains_like_the_whole_attention(config_name, variant):
+    """Without padding the model passes no mask: each chunk of queries after a sequence's first
+    attends aligned to the lower right (flash attention, TinyLlama's grouped-query heads as they
+    are). Reconstruction is bit-exact; loss and gradients are those of the attention over the
+    whole sequence at once, to bf16 rounding."""
+    ids = torch.randint(3, 1000, (2, 16), generator=torch.Generator().manual_seed(0)).cuda()
+    mask = torch.ones_like(ids)
+    results = {}
+    for chunk in (5, 0):
+        model = build(config_name, "AutoModelForCausalLM", dtype=torch.bfloat16, variant=variant,
+                      plm=plm_settings(config_name, "sdpa") | {"attention_dropout": 0.0, "dropout": 0.0},
+                      **dict(ENGINES["int32-chunked"], recompute_chunk_tokens=chunk))
+        model.cuda().train()
+        [layers] = model.meft_stacks
+        layers.trace = []
+        model.zero_grad(set_to_none=True)
+        loss = loss_of(model, "AutoModelForCausalLM", ids, mask)
+        loss.backward()
+        forward = {name: (a, b) for kind, name, a, b in layers.trace if kind == "forward"}
+        rebuilt = [(name, a, b) for kind, name, a, b in layers.trace if kind == "backward"]
+        assert len(rebuilt) == len(layers) and all(torch.equal(forward[n][0], a) and torch.equal(forward[n][1], b)
+                                                     for n, a, b in rebuilt)
+        results[chunk] = loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+    (loss_c, chunked), (loss_w, whole) = results[5], results[0]
+    assert abs(loss_c - loss_w) <= 1e-2 * abs(loss_w)
+    assert set(chunked) == set(whole)
+    for key in whole:
+        if not whole[key].any():  # behind a zero-initialised projection
+            assert not chunked[key].any(), key
+            continue
+        cosine = torch.nn.functional.cosine_similarity(chunked[key].flatten(), whole[key].flatten(), dim=0)
+        assert cosine > 0.99, (key, float(cosine))
+
+
 def test_offloaded_remainders_live_in_pinned_host_memory_and_change_nothing():
     from torch import nn
 

@@ -513,3 +513,91 @@ def test_a_chunked_before_part_computes_the_unchunked_block():
         assert torch.allclose(block(x, routed, chunk), whole, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="needs a mixing and a position-wise part"):
         R.Block(before=attention.before, mixing=attention.core)
+
+
+class ToyCausalAttention(ToyAttention):
+    """ToyAttention made causal, with its core also a chunk of queries at a time."""
+
+    def core(self, parts, routed):
+        q, k, v = parts
+        scores = q @ k.transpose(-1, -2) / 8**0.5
+        later = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).triu(1)
+        return torch.softmax(scores.masked_fill(later, float("-inf")), dim=-1) @ v
+
+    def causal(self, queries, context, routed, rows):
+        (q,), (k, v) = queries, context
+        outs = []
+        for g in rows.sequences():
+            n = g.batch.stop - g.batch.start
+            qg = q[g.queries].view(n, g.stop - g.start, -1)
+            kg, vg = (t[g.keys].view(n, g.stop, -1) for t in (k, v))
+            scores = qg @ kg.transpose(-1, -2) / 8**0.5
+            later = torch.ones(g.stop, g.stop, dtype=torch.bool).triu(1)[g.start:]
+            outs.append((torch.softmax(scores.masked_fill(later, float("-inf")), dim=-1) @ vg).reshape(-1, vg.shape[-1]))
+        return torch.cat(outs)
+
+    def block(self) -> R.Block:
+        return R.Block(before=self.before, mixing=self.core, positionwise=self.finish,
+                       causal=R.CausalCore(self.causal, context=(1, 2)))
+
+
+@pytest.mark.parametrize("start,stop,length,expected", [
+    (0, 14, 7, [(0, 14, 0, 14, 0, 2, 0, 7)]),
+    (3, 6, 7, [(0, 3, 0, 6, 0, 1, 3, 6)]),
+    (5, 17, 7, [(0, 2, 0, 7, 0, 1, 5, 7), (2, 9, 7, 14, 1, 2, 0, 7), (9, 12, 14, 17, 2, 3, 0, 3)]),
+])
+def test_rows_split_a_chunk_into_query_groups_by_sequence(start, stop, length, expected):
+    rows = R.Rows(slice(start, stop), (3, length))
+    got = [(g.queries.start, g.queries.stop, g.keys.start, g.keys.stop, g.batch.start, g.batch.stop, g.start, g.stop)
+           for g in rows.sequences()]
+    assert got == expected
+    assert rows.context == slice(start // length * length, stop)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_tokens", [3, 7, 5, 0])
+@pytest.mark.parametrize("swap", [False, True])
+def test_blocks_with_a_causal_core_rebuild_exactly_and_match_plain_autograd(dtype, chunk_tokens, swap):
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([ToyCausalAttention() if i % 2 == 0 else ToyBlock() for i in range(8)]).to(dtype)
+    couplings = []
+    for i in range(4):
+        F, G = blocks[2 * i], blocks[2 * i + 1]
+        params = tuple(p for p in [*F.parameters(), *G.parameters()] if p.requires_grad)
+        # MEFT1's shape: the causal block followed, in the same half, by a position-wise one
+        couplings.append(R.Coupling(F.block(), R.Block(positionwise=lambda h, G=G: G(h, {})), params, f"layer {i}"))
+    settings = R.CouplingSettings(2.0**-8, 2.0**-8, swap=swap, stream_bits=32, frac_bits=20, chunk_tokens=chunk_tokens)
+    x = torch.randn(2, 7, D, dtype=dtype)  # 14 rows: chunks of 3 and 5 cross the batch boundary, of 7 do not
+    routed = {"position": (1 + torch.rand(1, 7, 8)).requires_grad_()}
+    results = {}
+    for mode in ("vanilla", "reversible"):
+        blocks.zero_grad(set_to_none=True)
+        routed["position"].grad = None
+        leaf = x.clone().requires_grad_()
+        trace = []
+        torch.manual_seed(4)
+        y1, y2 = R.run_stack(leaf, couplings, settings, routed, mode=mode, trace=trace)
+        (y1.float().sum() * 1.3 + (y2.float() ** 2).sum()).backward()
+        results[mode] = (y1.detach(), leaf.grad, [p.grad for p in blocks.parameters()], routed["position"].grad, trace)
+    vanilla, reversible = results["vanilla"], results["reversible"]
+    assert torch.equal(vanilla[0], reversible[0])
+    assert torch.equal(vanilla[1], reversible[1])
+    assert all(g is not None for g in reversible[2])
+    assert all(torch.equal(a, b) for a, b in zip(vanilla[2], reversible[2]))
+    assert torch.equal(vanilla[3], reversible[3])
+    forward = {n: (a, b) for kind, n, a, b in reversible[4] if kind == "forward"}
+    rebuilt = [(n, a, b) for kind, n, a, b in reversible[4] if kind == "backward"]
+    assert len(rebuilt) == 4 and all(torch.equal(forward[n][0], a) and torch.equal(forward[n][1], b) for n, a, b in rebuilt)
+
+
+def test_a_causal_core_a_chunk_at_a_time_computes_the_whole_block():
+    torch.manual_seed(0)
+    attention = ToyCausalAttention().double().eval()
+    block = attention.block()
+    x = torch.randn(3, 5, D, dtype=torch.float64)
+    routed = {"position": torch.rand(1, 5, 8, dtype=torch.float64)}
+    whole = block(x, routed)
+    for chunk in (1, 2, 4, 6, 15):
+        assert torch.allclose(block(x, routed, chunk), whole, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="causal core needs a `before` part"):
+        R.Block(mixing=attention.core, positionwise=attention.finish, causal=R.CausalCore(attention.causal, (1, 2)))
