@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import functools
 import gc
 import json
 import math
@@ -81,10 +79,10 @@ LEGACY_METHODS = [
 ]
 OFFLOAD_GC = "lora+offload-gc+chunked-loss"
 METHODS = LEGACY_METHODS + [OFFLOAD_GC, "frozen-layer", "meft1+offload", "meft2+offload", "meft3+offload"] + [
-    # the attention block whole in training, as before the families described its parts; in
-    # parts with its core over the whole sequence, as before the core ran a chunk of queries at a time
+    # the attention block whole in training, as before the families described its parts; or with
+    # its core a chunk of queries at a time too (chunk_attention_queries)
     f"{variant}-{mode}{offload}" for variant in ("meft1", "meft2", "meft3") for offload in ("", "+offload")
-    for mode in ("whole", "parts")
+    for mode in ("whole", "queries")
 ] + [  # other recompute chunks than the run's --recompute-chunk-tokens
     f"{variant}{offload}@{chunk}" for variant in ("meft1", "meft2", "meft3") for offload in ("", "+offload")
     for chunk in (1024, 2048, 8192)
@@ -122,7 +120,7 @@ def parse_meft(method: str) -> dict:
     variant, _, mode = base.partition("-")
     return dict(variant=variant, exact=mode not in ("float",), compiled=mode == "compiled",
                 vanilla=mode == "vanilla", offload=extra == "offload", whole_attention=mode == "whole",
-                whole_core=mode == "parts",
+                chunk_queries=mode == "queries",
                 chunk_tokens=int(chunk) if chunk else None)
 
 
@@ -136,6 +134,8 @@ def meft_settings(method: str, profile: str | None = None) -> dict:
         settings.update(stream_bits=32, frac_bits=18, recompute_chunk_tokens=arm["chunk_tokens"] or RUN["recompute_chunk_tokens"])
     if arm["offload"] or profile == "llm":
         settings["offload_remainders"] = arm["offload"]
+    if arm["chunk_queries"]:
+        settings["chunk_attention_queries"] = True
     return settings
 
 
@@ -423,21 +423,12 @@ def build_shared(plain, shape: dict, method: str, device, dtype, attention: str 
         raise RuntimeError(f"not materialised: {left[:3]}")
     model.to(dtype)
     freeze_plm(model, model._meft_trainable_modules)  # also keeps the adapters float32
-    arm = parse_meft(method)
-    if arm["whole_attention"] or arm["whole_core"]:
+    if parse_meft(method)["whole_attention"]:
         for layers in model.meft_stacks:
-            layers.couplings = functools.partial(_older_attention, layers.couplings, arm["whole_attention"])
+            whole = layers.couplings
+            layers.couplings = lambda compiled=False, split=False, whole=whole: whole(compiled=compiled, split=False)
     model.train()
     return model, lambda: None
-
-
-def _older_attention(couplings, whole: bool, compiled: bool = False, split: bool = False) -> list:
-    """The couplings with the attention block whole (`whole`), or in parts but with its core over
-    the whole sequence at once (no chunks of queries)."""
-    result = couplings(compiled=compiled, split=split and not whole)
-    for c in result:
-        c.F, c.G = (dataclasses.replace(block, causal=None) for block in (c.F, c.G))
-    return result
 
 
 def make_batch(shape: dict, config, device, seed: int = 0) -> dict:

@@ -433,9 +433,46 @@ def _llama_attention_finish(layer, h, x, adapter):
     return _llama_attention_residual(layer.self_attn.o_proj(h), x, adapter)
 
 
+@functools.cache
+def _silu_product() -> type:
+    class SiluProduct(torch.autograd.Function):
+        """silu(gate) · up, as the gated MLP computes it, with autograd's very gradient kernels:
+        backward lets go of each input once it is used and recomputes silu(gate), so it holds
+        four FFN-wide tensors at most where autograd holds six (training with frozen weights)."""
+
+        @staticmethod
+        def forward(ctx, gate, up):
+            ctx.inputs = [gate, up]  # not saved tensors: backward drops them one by one
+            return nn.functional.silu(gate) * up
+
+        @staticmethod
+        def backward(ctx, grad):
+            gate, up = ctx.inputs
+            ctx.inputs = None
+            d_silu = grad * up
+            del up
+            d_gate = torch.ops.aten.silu_backward(d_silu, gate)
+            del d_silu
+            silu = nn.functional.silu(gate)
+            del gate
+            return d_gate, grad * silu
+
+    return SiluProduct
+
+
+def _gated_mlp(mlp, x):
+    """The library's gated MLP, down(silu(gate(x)) · up(x)), through SiluProduct when training;
+    the module itself where anything hooks it (FSDP2 gathers its shards in a hook) or it is not SiLU."""
+    plain = not torch.is_grad_enabled() or mlp._forward_hooks or mlp._forward_pre_hooks or hasattr(mlp, "_hf_hook")
+    # SiLU is nn.SiLU or, in newer transformers, its own SiLUActivation
+    if plain or type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation"):
+        return mlp(x)
+    return mlp.down_proj(_silu_product().apply(mlp.gate_proj(x), mlp.up_proj(x)))
+
+
 def _llama_mlp(layer, x, adapter):
     normed = layer.post_attention_layernorm(x)
-    h = layer.mlp(normed)
+    h = _gated_mlp(layer.mlp, normed)
     if adapter is not None:
         h = h + adapter(normed)
     return x + h

@@ -82,11 +82,13 @@ def _compiled(fn):
     return _COMPILED_BLOCKS[fn]
 
 
-def _make_block(kind: str, stack: Stack, layer: nn.Module, compiled: bool = False, split: bool = False) -> Block:
+def _make_block(kind: str, stack: Stack, layer: nn.Module, compiled: bool = False, split: bool = False,
+                chunk_queries: bool = False) -> Block:
     """F or G of one layer: the attention part mixes positions, the MLP block and adapters act on
     each position alone (so the engine may run them a chunk of tokens at a time). `split`: the
     attention block in the family's parts where it has them, so that only its core sees the
-    whole sequence (training; evaluation and generation call the library's attention)."""
+    whole sequence (training; evaluation and generation call the library's attention);
+    `chunk_queries`: with the core a chunk of queries at a time where the family has that too."""
     adapters = layer.meft
     run = _compiled if compiled else (lambda fn: fn)
     attention, mlp = run(_attention_block), run(_mlp_block)
@@ -100,7 +102,7 @@ def _make_block(kind: str, stack: Stack, layer: nn.Module, compiled: bool = Fals
                 return parts.finish(layer, h, x, adapters["attn"])
             return mlp(stack.mlp, layer, adapters["ffn"], parts.finish(layer, h, x, None))
 
-        chunked_core = parts.causal_core(layer)
+        chunked_core = parts.causal_core(layer) if chunk_queries else None
         causal = None
         if chunked_core is not None:
             causal = CausalCore(lambda queries, context, args, rows: chunked_core(layer, queries, context, args, rows),
@@ -153,6 +155,7 @@ class MeftLayers(nn.ModuleList):
         self.reversible_layers = config.reversible_layers
         self.output_stream = config.output_stream
         self.compile_blocks = getattr(config, "compile_blocks", False)
+        self.chunk_attention_queries = getattr(config, "chunk_attention_queries", False)
         self.backward_mode = "reversible"
         # set by gradient_checkpointing_enable(): checkpoints the layers that store activations
         self.checkpoint_func = None
@@ -212,8 +215,8 @@ class MeftLayers(nn.ModuleList):
         prefix = f"{stack.name} " if stack.name else ""
         for index, layer in enumerate(self._modules.values()):
             name = f"{prefix}layer {index}"
-            F = _make_block(self.variant.F, stack, layer, compiled, split)
-            G = _make_block(self.variant.G, stack, layer, compiled, split)
+            F = _make_block(self.variant.F, stack, layer, compiled, split, self.chunk_attention_queries)
+            G = _make_block(self.variant.G, stack, layer, compiled, split, self.chunk_attention_queries)
             if _is_fsdp_unit(layer):
                 # a whole layer as an FSDP2 unit: the stack never calls the layer's forward, where
                 # FSDP would gather its shards, so the engine gathers them around the layer's work

@@ -178,3 +178,30 @@ def test_causal_core_a_chunk_of_queries_at_a_time_is_the_whole_core(case, padded
             got.append(parts.causal(layer, tuple(t[chunk] for t in queries), tuple(t[rows.context] for t in context),
                                     args, rows))
         assert torch.allclose(torch.cat(got), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_mlp_in_training_is_the_library_mlp_bitwise_and_keeps_no_silu(dtype):
+    from meft_convert.templates.families import _gated_mlp
+
+    config = real_config("tinyllama-1.1b", hidden_size=64, intermediate_size=224)
+    mlp = transformers.models.llama.modeling_llama.LlamaMLP(config).to(dtype).requires_grad_(False)
+    x, grad = torch.randn(37, 64, dtype=dtype), torch.randn(37, 64, dtype=dtype)
+    results = []
+    for run in (mlp, lambda t: _gated_mlp(mlp, t)):
+        leaf = x.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            out = run(leaf)
+        out.backward(grad)
+        results.append((out, leaf.grad, [s for s in saved if s == (37, 224)]))
+    (lib_out, lib_grad, lib_saved), (out, grad_in, ours_saved) = results
+    assert torch.equal(out, lib_out) and torch.equal(grad_in, lib_grad)
+    # autograd keeps gate, silu(gate) and up; SiluProduct keeps gate and up and lets go of them in backward
+    assert len(lib_saved) == 3 and ours_saved == []
+    # anything hooked (FSDP2 gathers a unit's shards in a forward pre-hook) gets the module called
+    calls = []
+    handle = mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    _gated_mlp(mlp, x.clone().requires_grad_())
+    handle.remove()
+    assert calls == [1]

@@ -29,11 +29,12 @@ CASES = [
 ]
 # the engine as converted fp32 checkpoints use it, and as 16-bit ones do (int32 streams; the
 # batch's 27 tokens in chunks of 5, so every position-wise part and the arithmetic are chunked),
-# with the remainders in pinned host memory
+# with the remainders in pinned host memory and causal attention a chunk of queries at a time
 ENGINES = {
     "int64": {},
     "int32-chunked": dict(stream_bits=32, frac_bits=20, recompute_chunk_tokens=5),
-    "int32-chunked-offload": dict(stream_bits=32, frac_bits=20, recompute_chunk_tokens=5, offload_remainders=True),
+    "int32-chunked-offload": dict(stream_bits=32, frac_bits=20, recompute_chunk_tokens=5, offload_remainders=True,
+                                  chunk_attention_queries=True),
 }
 # LLaMA-like configs ship without dropout: it is switched on so that its CUDA replay is tested
 DROPOUT_OFF = {"tinyllama-1.1b", "mistral-7b-v0.1", "qwen2-0.5b"}
@@ -106,7 +107,7 @@ def test_causal_core_without_a_mask_rebuilds_exactly_and_trains_like_the_whole_a
     for chunk in (5, 0):
         model = build(config_name, "AutoModelForCausalLM", dtype=torch.bfloat16, variant=variant,
                       plm=plm_settings(config_name, "sdpa") | {"attention_dropout": 0.0, "dropout": 0.0},
-                      **dict(ENGINES["int32-chunked"], recompute_chunk_tokens=chunk))
+                      chunk_attention_queries=True, **dict(ENGINES["int32-chunked"], recompute_chunk_tokens=chunk))
         model.cuda().train()
         [layers] = model.meft_stacks
         layers.trace = []

@@ -83,7 +83,7 @@ def test_frozen_layer_arm_runs(plain):
 
 
 @pytest.mark.parametrize("method,bits", [("meft1", 8), ("meft2+offload", 8), ("meft3+offload", 20), ("meft3-float", 0),
-                                         ("meft1-parts", 8), ("meft2-whole+offload", 8)])
+                                         ("meft1-queries", 8), ("meft2-whole+offload", 8)])
 def test_meft_arms_run_on_the_plain_models_weights(plain, method, bits):
     model, _ = ms.build_shared(plain, TINY, method, CPU, torch.float32)
     own = dict(model.named_parameters())
@@ -96,11 +96,11 @@ def test_meft_arms_run_on_the_plain_models_weights(plain, method, bits):
     config = model.config
     assert config.recompute_chunk_tokens == 32 and config.offload_remainders == method.endswith("+offload")
     assert config.frac_bits == 18 and config.stream_bits == 32
-    # the attention core runs a chunk of queries at a time, except in the arms that measure the older engines
+    # the attention in parts; its core a chunk of queries at a time only where the arm asks for it
     [stack] = model.meft_stacks
     blocks = [b for c in stack.couplings(split=True) for b in (c.F, c.G) if b.mixing is not None]
-    older = "-parts" in method or "-whole" in method
-    assert len(blocks) == len(stack) and all((b.causal is None) == older for b in blocks)
+    assert config.chunk_attention_queries == ("-queries" in method)
+    assert len(blocks) == len(stack) and all((b.causal is None) == ("-queries" not in method) for b in blocks)
     assert all((b.before is None) == ("-whole" in method) for b in blocks)
     arm = ms.Arm(model, TINY, method, CPU, torch.float32)
     [row] = ms.measure_arm(arm, "tiny-llama", [64], steps=1)

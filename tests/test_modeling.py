@@ -131,18 +131,30 @@ CHUNKED_CASES = [(name, autos[1] if len(autos) > 1 else autos[0], torch.bfloat16
 ]
 
 
+# the families whose attention core can run a chunk of queries at a time (chunk_attention_queries)
+QUERY_CHUNKS = ("opt-125m", "opt-350m", "llama", "mistral", "qwen2")
+
+
 @pytest.mark.parametrize("variant", ["meft1", "meft2", "meft3"])
-@pytest.mark.parametrize("name,auto_class,dtype", CHUNKED_CASES)
-def test_chunked_int32_gradients_equal_plain_autograd(name, auto_class, variant, dtype):
+@pytest.mark.parametrize("name,auto_class,dtype,queries", [
+    *((*case, False) for case in CHUNKED_CASES), *((*case, True) for case in CHUNKED_CASES if case[0] in QUERY_CHUNKS),
+])
+def test_chunked_int32_gradients_equal_plain_autograd(name, auto_class, variant, dtype, queries):
     plm = {"pad_token_id": 0, **({"attention_dropout": 0.1} if name in ("llama", "mistral", "qwen2") else {})}
-    model = build(HEADS[name][0], auto_class, dtype=dtype, variant=variant, plm=plm, **CHUNKED_INT32)
+    model = build(HEADS[name][0], auto_class, dtype=dtype, variant=variant, plm=plm, chunk_attention_queries=queries,
+                  **CHUNKED_INT32)
+    [stack] = model.meft_stacks if name != "bart" else model.meft_stacks[:1]
+    causal = [b.causal for c in stack.couplings(split=True) for b in (c.F, c.G) if b.before is not None]
+    assert len(causal) == (len(stack) if name in QUERY_CHUNKS else 0)
+    assert all((core is not None) == queries for core in causal)
     assert_reversible_equals_plain_autograd(model, auto_class)
     # without dropout (whose masks depend on how the tokens are split), chunking changes only
     # the order of sums: the same gradients as all tokens at once, in fp32
     if dtype == torch.float32:
         no_dropout = dict(pad_token_id=0, **NO_DROPOUT[name])
         chunked, whole = (
-            build(HEADS[name][0], auto_class, variant=variant, plm=no_dropout, **dict(CHUNKED_INT32, recompute_chunk_tokens=n))
+            build(HEADS[name][0], auto_class, variant=variant, plm=no_dropout, chunk_attention_queries=queries,
+                  **dict(CHUNKED_INT32, recompute_chunk_tokens=n))
             for n in (5, 0)
         )
         loss_r, reversible = gradients(chunked, auto_class, "reversible")
