@@ -84,8 +84,8 @@ METHODS = LEGACY_METHODS + [OFFLOAD_GC, "frozen-layer", "meft1+offload", "meft2+
     f"{variant}-{mode}{offload}" for variant in ("meft1", "meft2", "meft3") for offload in ("", "+offload")
     for mode in ("whole", "queries")
 ] + [  # other recompute chunks than the run's --recompute-chunk-tokens
-    f"{variant}{offload}@{chunk}" for variant in ("meft1", "meft2", "meft3") for offload in ("", "+offload")
-    for chunk in (1024, 2048, 8192)
+    f"{variant}{mode}{offload}@{chunk}" for variant in ("meft1", "meft2", "meft3") for mode in ("", "-queries")
+    for offload in ("", "+offload") for chunk in (1024, 2048, 8192)
 ]
 # the arms of a shape with shared weights (the others train or copy the PLM's weights)
 SHARED_METHODS = ["frozen-layer", "lora+gc+chunked-loss", OFFLOAD_GC] + [
