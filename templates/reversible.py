@@ -495,12 +495,29 @@ class ExactArithmetic:
     def __init__(self, settings: CouplingSettings, value_dtype: torch.dtype):
         self.frac_bits, self.value_dtype = settings.frac_bits, value_dtype
         self.int_dtype = _int_dtype(settings.stream_bits)
+        self.chunk_tokens = settings.chunk_tokens
 
     def factor(self, scale: float) -> int:
         return denominator_of(scale)
 
     def start(self, x: torch.Tensor) -> tuple[Stream, torch.Tensor]:
-        ints, value, total, flag = _run_kernel(_start, x.detach().contiguous(), self.frac_bits, self.int_dtype, self.value_dtype)
+        """The stream x starts, a chunk of rows at a time: the conversion's wide temporaries
+        (eight stream-sized ones at 16k tokens on an H200) cost a chunk, not the sequence."""
+        x = x.detach().contiguous()
+        slices = _row_slices(x, self.chunk_tokens)
+        if len(slices) == 1:
+            ints, value, total, flag = _run_kernel(_start, x, self.frac_bits, self.int_dtype, self.value_dtype)
+            return Stream(ints, value, total), flag
+        ints = torch.empty(x.shape, dtype=self.int_dtype, device=x.device)
+        value = torch.empty(x.shape, dtype=self.value_dtype, device=x.device)
+        total = flag = None
+        for sl in slices:
+            part_ints, part_value, part_sum, part_flag = _run_kernel(_start, _part(x, sl), self.frac_bits, self.int_dtype,
+                                                                     self.value_dtype)
+            _part(ints, sl).copy_(part_ints)
+            _part(value, sl).copy_(part_value)
+            total = part_sum if total is None else total + part_sum
+            flag = part_flag if flag is None else flag | part_flag
         return Stream(ints, value, total), flag
 
     def couple(self, x_part: torch.Tensor, out: torch.Tensor, m: int):

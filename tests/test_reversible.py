@@ -601,3 +601,21 @@ def test_a_causal_core_a_chunk_at_a_time_computes_the_whole_block():
         assert torch.allclose(block(x, routed, chunk), whole, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="causal core needs a `before` part"):
         R.Block(mixing=attention.core, positionwise=attention.finish, causal=R.CausalCore(attention.causal, (1, 2)))
+
+
+@pytest.mark.parametrize("stream_bits,frac_bits", [(64, 32), (32, 20)])
+def test_streams_start_a_chunk_of_rows_at_a_time_with_the_same_integers_values_and_checks(stream_bits, frac_bits):
+    x = torch.randn(3, 7, D, dtype=torch.bfloat16) * 4
+    results = []
+    for chunk in (0, 4, 5):
+        settings = R.CouplingSettings(0.5, 0.5, swap=False, stream_bits=stream_bits, frac_bits=frac_bits, chunk_tokens=chunk)
+        stream, flag = R.ExactArithmetic(settings, torch.bfloat16).start(x)
+        results.append((stream.ints, stream.value, stream.checksum, bool(flag)))
+    for ints, value, checksum, flag in results[1:]:
+        assert torch.equal(ints, results[0][0]) and torch.equal(value, results[0][1])
+        assert torch.equal(checksum, results[0][2]) and flag is results[0][3] is False
+    # a value out of range in the last chunk alone is caught
+    big = x.clone()
+    big[2, 6, 0] = 2.0 ** (stream_bits - 1 - frac_bits)
+    settings = R.CouplingSettings(0.5, 0.5, swap=False, stream_bits=stream_bits, frac_bits=frac_bits, chunk_tokens=4)
+    assert bool(R.ExactArithmetic(settings, torch.bfloat16).start(big)[1])
