@@ -99,6 +99,9 @@ class Family:
     heads: dict[str, Head] = field(default_factory=dict)  # Auto class name -> head
     # returns why a config cannot be converted, or None
     unsupported: Callable[[object], str | None] = lambda config: None
+    # the norm the base model applies after its last layer, to each position alone, where the
+    # chunked loss runs it with the LM head a chunk at a time (an RMSNorm's float32 work)
+    final_norm: str | None = None
 
 
 def _without(args: dict, *names: str) -> dict:
@@ -503,6 +506,7 @@ def _llama_like(model_type: str, prefix: str, sliding_window: Callable | None = 
             "AutoModelForSequenceClassification": Head(f"{prefix}ForSequenceClassification", trainable=("score",)),
         },
         unsupported=_mixed_layer_types,
+        final_norm="norm",
     )
 
 

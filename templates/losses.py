@@ -12,6 +12,7 @@ in another order.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -29,12 +30,14 @@ def chunked_causal_lm_loss(
     num_items_in_batch: torch.Tensor | int | None = None,
     ignore_index: int = -100,
     shift_labels: torch.Tensor | None = None,
+    norm: torch.nn.Module | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of head(hidden_states) against the next token, computed chunk by chunk.
+    """Cross-entropy of head(norm(hidden_states)) against the next token, computed chunk by chunk.
 
-    hidden_states: (batch, seq, d), the input of the LM head. labels: (batch, seq), shifted here
-    as the library does unless `shift_labels` is given. The mean is over labelled tokens, or the
-    sum divided by `num_items_in_batch` when given (as Trainer does with gradient accumulation)."""
+    hidden_states: (batch, seq, d), the input of the LM head, or of `norm` (a norm of each
+    position alone) where given. labels: (batch, seq), shifted here as the library does unless
+    `shift_labels` is given. The mean is over labelled tokens, or the sum divided by
+    `num_items_in_batch` when given (as Trainer does with gradient accumulation)."""
     if shift_labels is None:
         shift_labels = functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = shift_labels.reshape(-1).to(hidden_states.device)
@@ -43,7 +46,8 @@ def chunked_causal_lm_loss(
     total = torch.zeros((), dtype=torch.float32, device=flat.device)
     for start in range(0, labelled.numel(), chunk_tokens):
         rows = labelled[start : start + chunk_tokens]
-        total = total + checkpoint(_chunk_loss, flat, rows, targets, head, use_reentrant=False, preserve_rng_state=False)
+        total = total + checkpoint(_chunk_loss, flat, rows, targets, head, norm, use_reentrant=False,
+                                   preserve_rng_state=False)
     if num_items_in_batch is None:
         return total / labelled.numel()  # 0 / 0 = NaN without labels, as in the library
     if torch.is_tensor(num_items_in_batch):
@@ -51,8 +55,10 @@ def chunked_causal_lm_loss(
     return total / num_items_in_batch
 
 
-def _chunk_loss(flat: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
-    logits = head(flat.index_select(0, rows)).float()
+def _chunk_loss(flat: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module,
+                norm: torch.nn.Module | None) -> torch.Tensor:
+    hidden = flat.index_select(0, rows)
+    logits = head(hidden if norm is None else norm(hidden)).float()
     return functional.cross_entropy(logits, targets.index_select(0, rows), reduction="sum")
 
 
@@ -99,16 +105,12 @@ class ChunkedLossMixin:
             shape = (*hidden_states.shape[:-1], head.out_features)
             return torch.empty(shape, dtype=hidden_states.dtype, device="meta")
 
-        # an instance attribute, as hooks (accelerate's) set one: it is put back afterwards
-        previous = head.__dict__.get("forward")
-        head.forward = capture
-        try:
+        # the norm after the last layer, where the model names one, runs with the head a chunk
+        # at a time too: an RMSNorm works in float32, and over a long sequence at once its
+        # working set was the step's peak (eight float32 copies of the hidden states)
+        norm = self.meft_final_norm() if hasattr(self, "meft_final_norm") else None
+        with _forward_replaced(head, capture), _forward_replaced(norm, lambda hidden_states: hidden_states):
             outputs = library_forward(**arguments, return_dict=True)
-        finally:
-            if previous is None:
-                del head.forward
-            else:
-                head.forward = previous
         loss = chunked_causal_lm_loss(
             captured[0],
             head,
@@ -117,7 +119,26 @@ class ChunkedLossMixin:
             num_items_in_batch=arguments.get("num_items_in_batch"),
             ignore_index=arguments.get("ignore_index", -100),
             shift_labels=shift_labels,
+            norm=norm,
         )
         rest = {key: value for key, value in outputs.items() if key not in ("loss", "logits")}
         outputs = type(outputs)(loss=loss, **rest)
         return outputs if return_dict is not False else outputs.to_tuple()
+
+
+@contextlib.contextmanager
+def _forward_replaced(module: torch.nn.Module | None, forward):
+    """module.forward is `forward` inside; an instance attribute, as hooks (accelerate's) set one,
+    put back afterwards."""
+    if module is None:
+        yield
+        return
+    previous = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous

@@ -549,6 +549,15 @@ class MeftModelMixin:
     def meft_layers(self) -> MeftLayers:
         return self.meft_stacks[0]
 
+    def meft_final_norm(self) -> nn.Module | None:
+        """The norm the base model applies after its last layer, where the family runs it with
+        the chunked loss (families.py: final_norm); None otherwise."""
+        path = family_for(self._meft_family).final_norm
+        if path is None:
+            return None
+        norm = self.base_model.get_submodule(path)
+        return norm if isinstance(norm, nn.Module) else None
+
     def fsdp_units(self) -> list[nn.Module]:
         """The frozen PLM blocks to shard one by one with FSDP2, before the whole model:
 
