@@ -1,64 +1,92 @@
-"""Which SDPA kernel serves causal attention over a whole sequence on this GPU, and whether the
-cuDNN kernel aligns a chunk of queries to the lower right (as flash attention does)."""
-import json, os, statistics, sys
+"""Which SDPA kernel serves causal attention over a whole sequence on this GPU, and whether cuDNN's
+kernel aligns a chunk of queries to the lower right of its keys (as flash attention does).
+
+    python benchmarks/attention_kernels_probe.py 16384      # writes $OUT/attention-kernels-16384.json if $OUT is set
+
+One Llama-3-8B layer's attention: 32 query heads, 8 key/value heads, head size 128, bf16, batch 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-def timed(fn, repeat=5):
-    fn(); torch.cuda.synchronize(); ts = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); torch.cuda.synchronize(); ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+HEADS, KV_HEADS, HEAD_DIM, CHUNK = 32, 8, 128, 4096
+BACKENDS = {"default": None, "flash": [SDPBackend.FLASH_ATTENTION], "cudnn": [SDPBackend.CUDNN_ATTENTION],
+            "efficient": [SDPBackend.EFFICIENT_ATTENTION]}
 
-T, H, Hk, D = int(sys.argv[1]) if len(sys.argv) > 1 else 16384, 32, 8, 128
-g = torch.Generator(device="cuda").manual_seed(0)
-q = torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
-k, v = (torch.randn(1, Hk, T, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
-dout = torch.randn_like(q)
-res = {"torch": torch.__version__, "cudnn": torch.backends.cudnn.version()}
-def fb(attend):
-    def run():
-        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-        torch.autograd.backward(attend(qq, kk, vv), dout)
-    return run
-for name, backends in [("default", None), ("flash", [SDPBackend.FLASH_ATTENTION]), ("cudnn", [SDPBackend.CUDNN_ATTENTION]),
-                       ("efficient", [SDPBackend.EFFICIENT_ATTENTION])]:
-    def attend(qq, kk, vv):
-        if backends is None:
-            return F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True)
-        with sdpa_kernel(backends):
-            return F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True)
-    try:
-        res[f"whole_{name}_ms"] = timed(fb(attend))
-    except Exception as e:
-        res[f"whole_{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    print(name, {k2: v2 for k2, v2 in res.items() if name in k2}, flush=True)
-# a chunk of queries [s0, T) over all keys: reference lower-right and upper-left by masks
-s0 = T - 4096
-qc = q[:, :, s0:]
-kr, vr = (t.repeat_interleave(H // Hk, dim=1) for t in (k, v))
-i = torch.arange(s0, T, device="cuda")[:, None]; j = torch.arange(T, device="cuda")[None, :]
-ref_lr = F.scaled_dot_product_attention(qc.float(), kr.float(), vr.float(), attn_mask=j <= i)
-ref_ul = F.scaled_dot_product_attention(qc.float(), kr.float(), vr.float(), attn_mask=j <= (i - s0))
-for gqa, (kk, vv) in [("gqa", (k, v)), ("repeated", (kr, vr))]:
-    try:
-        out = torch.ops.aten._scaled_dot_product_cudnn_attention(qc, kk, vv, None, True, 0.0, True, False, scale=D**-0.5)[0]
-        res[f"cudnn_op_{gqa}_vs_lower_right"] = float((out.float() - ref_lr).abs().max())
-        res[f"cudnn_op_{gqa}_vs_upper_left"] = float((out.float() - ref_ul).abs().max())
-        def attend(qq, kk2, vv2, kk=kk is k):
-            outs = []
-            for a in range(0, T, 4096):
-                b = a + 4096
-                ks = (kk2 if kk else kk2.repeat_interleave(H // Hk, dim=1))[:, :, :b]
-                vs = (vv2 if kk else vv2.repeat_interleave(H // Hk, dim=1))[:, :, :b]
-                outs.append(torch.ops.aten._scaled_dot_product_cudnn_attention(qq[:, :, a:b], ks, vs, None, True, 0.0, True, False, scale=D**-0.5)[0])
-            return torch.cat(outs, dim=2)
-        res[f"cudnn_op_{gqa}_chunks4096_ms"] = timed(fb(attend))
-    except Exception as e:
-        res[f"cudnn_op_{gqa}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    print(gqa, {k2: v2 for k2, v2 in res.items() if gqa in k2}, flush=True)
-out = os.environ.get("OUT")
-if out:
-    json.dump(res, open(f"{out}/attention-kernels-{T}.json", "w"), indent=1)
+
+def timed(fn, repeat: int = 5) -> float:
+    """Median milliseconds of fn() after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def cudnn_attention(q, k, v):
+    """cuDNN's SDPA kernel with its causal mask (None: no additive bias; log-sum-exp kept for backward)."""
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False,
+                                                             scale=HEAD_DIM**-0.5)[0]
+
+
+def main(seq: int) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, HEADS, seq, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(1, KV_HEADS, seq, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    grad = torch.randn_like(q)
+    result = {"torch": torch.__version__, "cudnn": torch.backends.cudnn.version(), "seq": seq}
+
+    def forward_backward(attend):
+        def run():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            torch.autograd.backward(attend(*leaves), grad)
+        return run
+
+    # the whole sequence, causal, through each backend SDPA has
+    for name, backends in BACKENDS.items():
+        def whole(qq, kk, vv, backends=backends):
+            if backends is None:
+                return F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True)
+            with sdpa_kernel(backends):
+                return F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True)
+        try:
+            result[f"whole_{name}_ms"] = timed(forward_backward(whole))
+        except RuntimeError as e:
+            result[f"whole_{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    # the last chunk of queries over all keys, against both alignments computed with explicit masks
+    first = seq - CHUNK
+    positions = torch.arange(first, seq, device="cuda")[:, None]
+    keys = torch.arange(seq, device="cuda")[None, :]
+    k_all, v_all = (t.repeat_interleave(HEADS // KV_HEADS, dim=1).float() for t in (k, v))
+    lower_right = F.scaled_dot_product_attention(q[:, :, first:].float(), k_all, v_all, attn_mask=keys <= positions)
+    upper_left = F.scaled_dot_product_attention(q[:, :, first:].float(), k_all, v_all, attn_mask=keys <= positions - first)
+    for heads, (kk, vv) in (("gqa", (k, v)), ("repeated", (k_all.bfloat16(), v_all.bfloat16()))):
+        try:
+            out = cudnn_attention(q[:, :, first:], kk, vv).float()
+            result[f"cudnn_op_{heads}_vs_lower_right"] = float((out - lower_right).abs().max())
+            result[f"cudnn_op_{heads}_vs_upper_left"] = float((out - upper_left).abs().max())
+        except RuntimeError as e:
+            result[f"cudnn_op_{heads}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return result
+
+
+if __name__ == "__main__":
+    result = main(int(sys.argv[1]) if len(sys.argv) > 1 else 16384)
+    print(json.dumps(result, indent=1))
+    if os.environ.get("OUT"):
+        with open(f"{os.environ['OUT']}/attention-kernels-{result['seq']}.json", "w") as f:
+            json.dump(result, f, indent=1)

@@ -86,10 +86,11 @@ OPTIMIZER_STEP_COPIES = 2
 # MEFT2 the other way round; MEFT3: F = attention, G = MLP.
 # Gated: fitted to Llama-3-8B at 1 × 8k–32k with the attention in parts (families.py's
 # AttentionParts; benchmarks/results/h200-llama-3-8b-attention-parts*.json): MEFT1/MEFT2 peak in
-# the position-wise phase at 16k and in the mixing phase at 32k (the census of the 16k step
-# holds six 112 MiB chunk intermediates: SwiGLU's gate, up, their product and the gradients,
-# 6.6 with rounding); MEFT1 and MEFT2 measured alike; MEFT3 from its 8k and 16k rows. The T×H
-# counts sit between the exact and the offloaded rows (2 to 4% apart).
+# the position-wise phase at 16k and in the mixing phase at 32k; MEFT1 and MEFT2 measured alike;
+# MEFT3 from its 8k and 16k rows. The T×H counts sit between the exact and the offloaded rows (2
+# to 4% apart). The c×I count is the census of the current engine's 16k step
+# (h200-llama-3-8b-query-chunks.json): four 112 MiB chunk intermediates, SwiGLU's gate and up
+# and two gradients (families.py's SiluProduct; autograd held six), 4.4 with rounding.
 # Plain: fitted to OPT-1.3b at 8 × 512 with the attention whole (the engine before the parts,
 # h200-opt-1.3b-llm.json; the parts keep less, so these are upper bounds there). There c = T,
 # so the position-wise c×I count (3: the first projection's output, its activation and a
@@ -101,7 +102,7 @@ MEFT_MIXING_PHASE = {
     "plain": {"meft1": (19.8, 1.6), "meft2": (19.8, 1.6), "meft3": (18.8, 0.2)},
 }
 MEFT_POSITIONWISE_PHASE = {
-    "gated": {"meft1": (11.2, 6.6), "meft2": (11.2, 6.6), "meft3": (9.9, 6.6)},
+    "gated": {"meft1": (11.2, 4.4), "meft2": (11.2, 4.4), "meft3": (9.9, 4.4)},
     "plain": {"meft1": (18.1, 3.0), "meft2": (16.1, 3.0), "meft3": (10.2, 3.0)},
 }
 # Remainders on the GPU when offloaded: the layer in use and the one fetched ahead.

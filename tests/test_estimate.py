@@ -21,8 +21,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 # the measured files, and whether their MEFT rows come from the current engine. h200.json's MEFT
 # arms ran an older engine (int64 streams, three of them alive, the MLP unchunked);
 # h200-llama-3-8b.json, h200-opt-1.3b-llm.json and the max-context search kept the attention whole
-# (before families.py's AttentionParts), so only their other arms count.
-MEASURED = {"h200-llama-3-8b-attention-parts.json": True, "h200-llama-3-8b-attention-parts-run1.json": True,
+# (before families.py's AttentionParts), and the attention-parts files held six of the gated
+# MLP's intermediates (before SiluProduct), so only their other arms count.
+MEASURED = {"h200-llama-3-8b-query-chunks.json": True, "h200-opt-1.3b-llm-query-chunks.json": True,
+            "h200-llama-3-8b-attention-parts.json": False, "h200-llama-3-8b-attention-parts-run1.json": False,
             "h200-llama-3-8b.json": False, "h200.json": False, "h200-opt-1.3b-llm.json": False,
             "h200-llama-3-8b-max-context.json": False}
 # the first run with the parts counts at 8k and 16k only: a census of its 16k step failed and left
@@ -49,7 +51,8 @@ def _rows():
                 continue
             if name in LENGTHS and row["seq"] not in LENGTHS[name]:
                 continue
-            if method.startswith("meft") and (not current or "compiled" in method or "vanilla" in method or "whole" in method):
+            if method.startswith("meft") and (not current or any(mode in method for mode in ("compiled", "vanilla", "whole",
+                                                                                              "queries"))):
                 continue
             if not method.startswith("meft") and method not in NON_MEFT:
                 continue
@@ -73,9 +76,12 @@ def _estimate(row: dict) -> dict:
 def test_every_measured_file_is_covered():
     names = {name for name, _ in ROWS}
     assert set(MEASURED) <= names
+    methods = {row["method"] for name, row in ROWS if name == "h200-llama-3-8b-query-chunks.json"}
+    assert {"meft1", "meft1+offload", "meft3+offload", "lora+gc+chunked-loss", "lora+offload-gc+chunked-loss"} <= methods
+    methods = {row["method"] for name, row in ROWS if name == "h200-opt-1.3b-llm-query-chunks.json"}
+    assert {"meft1", "meft2", "meft3", "meft1+offload", "meft2+offload", "meft3+offload"} <= methods
     methods = {row["method"] for name, row in ROWS if name.startswith("h200-llama-3-8b-attention-parts")}
-    assert {"meft1", "meft2", "meft3", "meft1+offload", "meft3+offload", "meft1+offload@2048",
-            "lora+gc+chunked-loss", "lora+offload-gc+chunked-loss"} <= methods
+    assert {"lora+gc+chunked-loss", "lora+offload-gc+chunked-loss"} <= methods
     methods = {row["method"] for name, row in ROWS if name == "h200-llama-3-8b.json"}
     assert {"frozen-layer", "lora+gc+chunked-loss", "lora+offload-gc+chunked-loss"} <= methods
     methods = {row["method"] for name, row in ROWS if name == "h200-opt-1.3b-llm.json"}
