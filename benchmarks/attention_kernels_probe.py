@@ -10,31 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from attention_chunks import timed  # benchmarks/ is on the path when a script there runs
+
 HEADS, KV_HEADS, HEAD_DIM, CHUNK = 32, 8, 128, 4096
 BACKENDS = {"default": None, "flash": [SDPBackend.FLASH_ATTENTION], "cudnn": [SDPBackend.CUDNN_ATTENTION],
             "efficient": [SDPBackend.EFFICIENT_ATTENTION]}
-
-
-def timed(fn, repeat: int = 5) -> float:
-    """Median milliseconds of fn() after one warm-up call."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def cudnn_attention(q, k, v):

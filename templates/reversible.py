@@ -502,7 +502,7 @@ class ExactArithmetic:
 
     def start(self, x: torch.Tensor) -> tuple[Stream, torch.Tensor]:
         """The stream x starts, a chunk of rows at a time: the conversion's wide temporaries
-        (eight stream-sized ones at 16k tokens on an H200) cost a chunk, not the sequence."""
+        cost a chunk, not the sequence."""
         x = x.detach().contiguous()
         slices = _row_slices(x, self.chunk_tokens)
         if len(slices) == 1:
