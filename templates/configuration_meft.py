@@ -157,9 +157,10 @@ class MeftConfig:
             the hidden size or less) and their gradients cover the whole sequence. Gradients equal
             plain autograd's through the same chunks. Off by default: a chunk's queries are aligned
             to the lower right of its keys, which SDPA serves with flash attention, while it serves
-            the whole sequence with cuDNN's faster kernel where cuDNN has one; on an H200
-            (Llama-3-8B, 16k tokens) on saved 0.17 GiB (7%) of activation memory and cost 17% of
-            step time (benchmarks/README.md). For the longest sequences a memory cap allows.
+            the whole sequence with cuDNN's faster kernel where cuDNN has one. On an H200
+            (Llama-3-8B, 16k tokens, MEFT1) it saved 0.24 GiB of activation memory on the GPU and
+            0.30 GiB (12%) with offloaded remainders, and cost 16-17% of step time
+            (benchmarks/README.md). For the longest sequences a memory cap allows.
         offload_remainders: in training on CUDA, keep the packed remainders in pinned host memory,
             copied on a side stream and fetched one half-step ahead in backward, so the GPU memory of
             exact MEFT stops growing with depth. "auto" (default): on for steps of at least
