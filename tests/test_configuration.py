@@ -55,6 +55,7 @@ def test_round_trip_keeps_every_setting_even_defaults(tmp_path):
         (dict(output_stream="x1"), "output_stream must be one of"),
         (dict(reversible_layers=-1), "reversible_layers must be"),
         (dict(frac_bits=60), "frac_bits must be"),
+        (dict(chunk_attention_queries="yes"), "chunk_attention_queries must be true or false"),
     ],
 )
 def test_bad_settings_are_refused(settings, match):
