@@ -1226,6 +1226,59 @@ def _forward_causal_half(run: StackRun, block: Block, inp: torch.Tensor, x: Stre
     return y.stream()
 
 
+@dataclass
+class _CausalChunk:
+    """One chunk of a block with a causal core, recomputed with its graph: `before` from its
+    input rows, the core from the queries and the context, the position-wise part from the
+    core's output and the input rows."""
+
+    before_leaf: torch.Tensor
+    outs: tuple  # the `before` part's outputs, graph attached
+    query_leaves: tuple
+    context_leaves: tuple
+    h: torch.Tensor  # the core's output, graph attached
+    h_leaf: torch.Tensor
+    stream_leaf: torch.Tensor
+    out: torch.Tensor  # the block's output rows, graph attached
+
+    @classmethod
+    def recompute(cls, run: StackRun, block: Block, inp: torch.Tensor, i: int, rows: Rows, context: _Context,
+                  record: _HalfRecord, routed) -> "_CausalChunk":
+        cd = run.compute_dtype
+        _restore(record.before, i)
+        before_leaf = _part(inp, rows.rows).detach().requires_grad_()
+        with torch.enable_grad(), run.autocast.active():
+            outs = tuple(block.before(_block_input(before_leaf, cd), routed, rows))
+        query_leaves = _leaves(tuple(t for j, t in enumerate(outs) if j not in context.index))
+        context_leaves = _leaves(context.at(rows))
+        _restore(record.cores, i)
+        with torch.enable_grad(), run.autocast.active():
+            h = block.causal.run(_inputs_of(query_leaves, False, cd), _inputs_of(context_leaves, False, cd), routed, rows)
+        h_leaf, stream_leaf = h.detach().requires_grad_(), _part(inp, rows.rows).detach().requires_grad_()
+        _restore(record.chunks, i)
+        with torch.enable_grad(), run.autocast.active():
+            out = block.positionwise(_part_input(h_leaf, False, cd), _block_input(stream_leaf, cd))
+        return cls(before_leaf, outs, query_leaves, context_leaves, h, h_leaf, stream_leaf, out)
+
+    def input_gradient(self, d_out: torch.Tensor, rows: Rows, context: _Context, params, grads: _Gradients):
+        """The chunk's input gradient, position-wise part, core and `before` differentiated in
+        turn (the core's context gradient summed into `context`); the graph goes with it."""
+        d_h, d_direct = grads.of(self.out, (self.h_leaf, self.stream_leaf), d_out, params, routed=False)
+        self.out = self.h_leaf = None
+        n = len(self.query_leaves)
+        d_core = grads.of(self.h, (*self.query_leaves, *self.context_leaves), d_h, params)
+        self.h = d_h = None
+        context.add_grads(rows, d_core[n:])
+        d_outs = context.grads_of(self.outs, d_core[:n], rows.rows)
+        wanted = [j for j, d in enumerate(d_outs) if d is not None]
+        d_before = None
+        if wanted:
+            d_before = grads.of(tuple(self.outs[j] for j in wanted), self.before_leaf, tuple(d_outs[j] for j in wanted),
+                                params)
+        self.outs = None
+        return _add(d_direct, d_before)
+
+
 def _backward_causal_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, packed: list, scale: float, dy,
                           record: _HalfRecord, routed, params, grads: _Gradients, value_needed: bool,
                           d_other: torch.Tensor | None, writable: bool):
@@ -1235,9 +1288,9 @@ def _backward_causal_half(run: StackRun, block: Block, inp: torch.Tensor, y: Str
     complete once the chunks after it are done, which is when its `before` part needs it.
     Each chunk's input gradient is summed into d_other's rows where that may be done in place
     (one hidden-sized tensor fewer), as d_other + (the chunk's sum): the same bits."""
-    arith, s, cd = run.arithmetic, run.settings, run.compute_dtype
+    arith = run.arithmetic
     factor = arith.factor(scale)
-    slices = _row_slices(inp, s.chunk_tokens)
+    slices = _row_slices(inp, run.settings.chunk_tokens)
     lead = tuple(inp.shape[:-1])
     context = _Context(block.causal, inp)
     for i in reversed(range(len(slices))):
@@ -1251,41 +1304,17 @@ def _backward_causal_half(run: StackRun, block: Block, inp: torch.Tensor, y: Str
         d_inp = d_other if in_place else torch.empty(inp.shape, dtype=inp.dtype, device=inp.device)
         dy = dy.contiguous()
     for i in reversed(range(len(slices))):
-        sl = slices[i]
-        rows = Rows(sl, lead)
-        _restore(record.before, i)
-        before_leaf = _part(inp, sl).detach().requires_grad_()
-        with torch.enable_grad(), run.autocast.active():
-            outs = tuple(block.before(_block_input(before_leaf, cd), routed, rows))
-        query_leaves = _leaves(tuple(t for j, t in enumerate(outs) if j not in context.index))
-        context_leaves = _leaves(context.at(rows))
-        _restore(record.cores, i)
-        with torch.enable_grad(), run.autocast.active():
-            h = block.causal.run(_inputs_of(query_leaves, False, cd), _inputs_of(context_leaves, False, cd), routed, rows)
-        h_leaf, stream_leaf = h.detach().requires_grad_(), _part(inp, sl).detach().requires_grad_()
-        _restore(record.chunks, i)
-        with torch.enable_grad(), run.autocast.active():
-            out = block.positionwise(_part_input(h_leaf, False, cd), _block_input(stream_leaf, cd))
-        _uncouple_rows(run, x, y, sl, out.detach(), packed[i] if packed else None, factor)
+        rows = Rows(slices[i], lead)
+        chunk = _CausalChunk.recompute(run, block, inp, i, rows, context, record, routed)
+        _uncouple_rows(run, x, y, rows.rows, chunk.out.detach(), packed[i] if packed else None, factor)
         if dy is None:
             continue
-        d_h, d_direct = grads.of(out, (h_leaf, stream_leaf), _part(dy, sl), params, routed=False)
-        del out
-        n = len(query_leaves)
-        d_core = grads.of(h, (*query_leaves, *context_leaves), d_h, params)
-        del h, d_h
-        context.add_grads(rows, d_core[n:])
-        d_outs = context.grads_of(outs, d_core[:n], sl)
-        wanted = [j for j, d in enumerate(d_outs) if d is not None]
-        d_before = None
-        if wanted:
-            d_before = grads.of(tuple(outs[j] for j in wanted), before_leaf, tuple(d_outs[j] for j in wanted), params)
-        del outs, d_outs
-        d_rows = _add(d_direct, d_before)
+        d_rows = chunk.input_gradient(_part(dy, rows.rows), rows, context, params, grads)
+        del chunk
         if not in_place:
-            _put_rows(d_inp, sl, d_rows)
+            _put_rows(d_inp, rows.rows, d_rows)
         elif d_rows is not None:
-            _part(d_inp, sl).add_(d_rows)
+            _part(d_inp, rows.rows).add_(d_rows)
     if dy is None:
         return x.stream(), d_other, None
     return x.stream(), d_inp if in_place else _add(d_other, d_inp), _scaled(dy, scale)
