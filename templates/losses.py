@@ -107,7 +107,7 @@ class ChunkedLossMixin:
 
         # the norm after the last layer, where the model names one, runs with the head a chunk
         # at a time too: an RMSNorm works in float32, and over a long sequence at once its
-        # working set was the step's peak (eight float32 copies of the hidden states)
+        # float32 copies of the hidden states are as large as a whole step of reversible layers
         norm = self.meft_final_norm() if hasattr(self, "meft_final_norm") else None
         with _forward_replaced(head, capture), _forward_replaced(norm, lambda hidden_states: hidden_states):
             outputs = library_forward(**arguments, return_dict=True)

@@ -103,10 +103,9 @@ def _make_block(kind: str, stack: Stack, layer: nn.Module, compiled: bool = Fals
             return mlp(stack.mlp, layer, adapters["ffn"], parts.finish(layer, h, x, None))
 
         chunked_core = parts.causal_core(layer) if chunk_queries else None
-        causal = None
-        if chunked_core is not None:
-            causal = CausalCore(lambda queries, context, args, rows: chunked_core(layer, queries, context, args, rows),
-                                parts.context)
+        causal = None if chunked_core is None else CausalCore(
+            lambda queries, context, args, rows: chunked_core(layer, queries, context, args, rows), parts.context
+        )
         return Block(
             before=lambda x, args, rows: parts.inputs(layer, x, args, rows),
             mixing=lambda inputs, args: parts.core(layer, inputs, args),
@@ -553,10 +552,7 @@ class MeftModelMixin:
         """The norm the base model applies after its last layer, where the family runs it with
         the chunked loss (families.py: final_norm); None otherwise."""
         path = family_for(self._meft_family).final_norm
-        if path is None:
-            return None
-        norm = self.base_model.get_submodule(path)
-        return norm if isinstance(norm, nn.Module) else None
+        return None if path is None else self.base_model.get_submodule(path)
 
     def fsdp_units(self) -> list[nn.Module]:
         """The frozen PLM blocks to shard one by one with FSDP2, before the whole model:

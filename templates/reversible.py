@@ -140,7 +140,7 @@ class Rows:
         """The chunk's queries as groups that one attention call serves each: a run of whole
         sequences, or the part of one sequence the chunk holds (at most three groups)."""
         start, stop, length = self._bounds()
-        first = start // length * length
+        first = self.context.start
         groups, row = [], start
         while row < stop:
             batch, position = divmod(row, length)
@@ -179,6 +179,10 @@ class CausalCore:
 
     run: CausalRun
     context: tuple[int, ...]  # which of the `before` part's outputs are the context
+
+    def queries(self, outs: Sequence) -> tuple:
+        """The `before` part's outputs that are not context: what each chunk reads of itself alone."""
+        return tuple(t for j, t in enumerate(outs) if j not in self.context)
 
 
 @dataclass(frozen=True)
@@ -230,8 +234,7 @@ class Block:
         outs = []
         for p, r, sl in zip(parts, x_rows, slices):
             rows = Rows(sl, lead)
-            queries = tuple(t for j, t in enumerate(p) if j not in self.causal.context)
-            h = self.causal.run(queries, tuple(c[rows.context] for c in context), routed, rows)
+            h = self.causal.run(self.causal.queries(p), tuple(c[rows.context] for c in context), routed, rows)
             outs.append(self.positionwise(h, r.view_as(r)))
         return outs
 
@@ -1162,7 +1165,7 @@ class _Context:
     filled a chunk at a time, and in backward its gradient, summed over the chunks that read it."""
 
     def __init__(self, core: CausalCore, inp: torch.Tensor):
-        self.index = core.context
+        self.core, self.index = core, core.context
         self.rows = inp.numel() // inp.shape[-1]
         self.columns: list | None = None
         self.grads: list | None = None
@@ -1174,7 +1177,7 @@ class _Context:
                             for j in self.index]
         for column, j in zip(self.columns, self.index):
             column[sl].copy_(outs[j])
-        return tuple(t for j, t in enumerate(outs) if j not in self.index)
+        return self.core.queries(outs)
 
     def at(self, rows: Rows) -> tuple:
         return tuple(column[rows.context] for column in self.columns)
@@ -1249,7 +1252,7 @@ class _CausalChunk:
         before_leaf = _part(inp, rows.rows).detach().requires_grad_()
         with torch.enable_grad(), run.autocast.active():
             outs = tuple(block.before(_block_input(before_leaf, cd), routed, rows))
-        query_leaves = _leaves(tuple(t for j, t in enumerate(outs) if j not in context.index))
+        query_leaves = _leaves(block.causal.queries(outs))
         context_leaves = _leaves(context.at(rows))
         _restore(record.cores, i)
         with torch.enable_grad(), run.autocast.active():
