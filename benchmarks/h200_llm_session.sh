@@ -19,7 +19,7 @@ if [[ "$PART" == *llama* ]]; then
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout ${BENCH_S:-560} python benchmarks/memory_speed.py \
     --shapes llama-3-8b --skip-checks --depths --seq-lengths --steps ${STEPS:-3} --long-seqs ${SEQS:-8192 16384 32768} \
     --methods ${METHODS:-frozen-layer lora+gc+chunked-loss lora+offload-gc+chunked-loss meft1 meft2 meft3 meft1+offload meft3+offload} \
-    --max-context-methods ${SEARCH:-} --max-probes ${PROBES:-4} --time-budget ${BUDGET_S:-500} --census-seqs ${CENSUS:-} \
+    --max-context-methods ${SEARCH:-} --max-probes ${PROBES:-4} --time-budget ${BUDGET_S:-500} --census-seqs ${CENSUS:-} --profile-seqs ${PROFILE:-} \
     --out $OUT/h200-llama-3-8b${TAG:-}.json > $OUT/bench-llama.log 2>&1
   echo "bench exit $?"; grep -v '^#' $OUT/bench-llama.log | tail -30
 fi

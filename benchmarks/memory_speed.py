@@ -611,11 +611,13 @@ def memory_census(step, top: int = 14) -> dict:
 
 
 def measure_arm(arm: Arm, shape_name: str, seqs: list[int], steps: int, warmup_seq: int | None = None,
-                peak_step: bool = False, on_row=None, budget=None, census_seqs: tuple = ()) -> list[dict]:
+                peak_step: bool = False, on_row=None, budget=None, census_seqs: tuple = (),
+                profile_seqs: tuple = ()) -> list[dict]:
     """DESIGN §5 for one built arm at each of `seqs`: one warm-up step (at `warmup_seq`, default the
     shortest), static = allocated afterwards; per length `steps` timed steps (CUDA events), peak =
     max allocated over them (or over one untimed step before them with `peak_step`). At the
-    lengths in `census_seqs` one more step is recorded for a census of its peak (memory_census)."""
+    lengths in `census_seqs` one more step is recorded for a census of its peak (memory_census), at
+    those in `profile_seqs` one more under torch.profiler (_profile)."""
     cuda = torch.cuda.is_available()
     if arm.static is None:  # once per arm
         batch = arm.batch(warmup_seq or min(seqs))
@@ -667,6 +669,13 @@ def measure_arm(arm: Arm, shape_name: str, seqs: list[int], steps: int, warmup_s
                 except Exception as e:  # a census is extra: the measured row stands without it
                     row["census"] = {"error": _error_text(e)}
                 del batch
+            if seq in profile_seqs and cuda:
+                batch = arm.batch(seq)
+                try:
+                    row["profile"] = _profile(lambda: arm.step(batch), top=40)
+                except Exception as e:  # extra, like the census
+                    row["profile"] = {"error": _error_text(e)}
+                del batch
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -688,22 +697,23 @@ def measure(shape_name: str, method: str, steps: int, device, layers: int | None
     result = measure_arm(arm, shape_name, [shape["seq"]], steps, warmup_seq=shape["seq"], peak_step=True)[0]
     if profile and not arm.frozen:
         batch = make_batch(shape, model.config, device)
-        result["profile"] = _profile(model, batch, arm.optimizer, arm.mode)
+        result["profile"] = _profile(lambda: train_step(model, batch, arm.optimizer, arm.mode))
         del batch
     arm.close()
     del model, arm
     return result
 
 
-def _profile(model, batch, optimizer, mode: str) -> dict:
+def _profile(step, top: int = 12) -> dict:
     """One step under torch.profiler: GPU kernel time against wall time says whether the step
-    waits on the GPU or on the host (Python, launches, syncs)."""
+    waits on the GPU or on the host (Python, launches, syncs); the top kernels say where the GPU's
+    time goes."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
-        train_step(model, batch, optimizer, mode)
+        step()
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) * 1000
     # kernels only (device-side events); operator rows would count the same time again
@@ -712,7 +722,7 @@ def _profile(model, batch, optimizer, mode: str) -> dict:
     for e in kernels:
         ms, calls = by_name.get(e.name, (0.0, 0))
         by_name[e.name] = (ms + e.device_time / 1000, calls + 1)
-    top = sorted(by_name.items(), key=lambda item: -item[1][0])[:12]
+    top = sorted(by_name.items(), key=lambda item: -item[1][0])[:top]
     return dict(
         wall_ms=wall_ms, gpu_kernel_ms=sum(e.device_time for e in kernels) / 1000, kernel_launches=len(kernels),
         top_kernels=[dict(name=name[:90], ms=ms, calls=calls) for name, (ms, calls) in top],
@@ -947,13 +957,18 @@ def _error_text(e: BaseException) -> str:
 
 
 def run_shared(results: dict, out: Path, plain, shape_name: str, methods: list[str], seqs: list[int], steps: int,
-               device, dtype, budget: Budget, census_seqs: tuple = ()) -> None:
+               device, dtype, budget: Budget, census_seqs: tuple = (), profile_seqs: tuple = ()) -> None:
     """Every arm on `plain`'s weights at every length: one build and warm-up per arm."""
     shape = SHAPES[shape_name]
 
     def on_row(row):
         results["memory_speed"].append(row)
-        print(json.dumps({k: v for k, v in row.items() if k not in ("step_ms_all", "pinned_host", "meft", "census")}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("step_ms_all", "pinned_host", "meft", "census", "profile")}), flush=True)
+        if "profile" in row and "wall_ms" in row["profile"]:
+            p = row["profile"]
+            print(f"#   profile wall {p['wall_ms']:.0f} ms, kernels {p['gpu_kernel_ms']:.0f} ms, {p['kernel_launches']} launches", flush=True)
+            for k in p["top_kernels"][:25]:
+                print(f"#   {k['ms']:8.1f} ms {k['calls']:6d}  {k['name']}", flush=True)
         for group in row.get("census", {}).get("groups", []):
             print(f"#   census {group['gib']:7.3f} GiB  {group['tensors']:5d}  {group['where']}", flush=True)
         out.write_text(json.dumps(results, indent=1))
@@ -975,7 +990,7 @@ def run_shared(results: dict, out: Path, plain, shape_name: str, methods: list[s
                 # each length on its own, so that an OOM at the longest keeps the shorter ones
                 try:
                     measure_arm(arm, shape_name, [seq], steps, warmup_seq=min(seqs), on_row=on_row, budget=budget,
-                                census_seqs=census_seqs)
+                                census_seqs=census_seqs, profile_seqs=profile_seqs)
                 except torch.cuda.OutOfMemoryError as e:
                     on_row(dict(shape=shape_name, method=method, batch=shape["batch"], seq=seq, error=f"out of memory: {_error_text(e)}"))
                     free()
@@ -1152,6 +1167,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recompute-chunk-tokens", type=int, default=4096,
                         help="MEFT's recompute_chunk_tokens with --meft-profile llm")
     parser.add_argument("--profile", action="store_true", help="profile one step of LoRA, LoRA + checkpointing and MEFT3")
+    parser.add_argument("--profile-seqs", nargs="*", type=int, default=[],
+                        help="lengths at which every arm of a shared shape profiles one more step (top kernels)")
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--deterministic", action="store_true",
@@ -1199,7 +1216,8 @@ def main(argv: list[str] | None = None) -> None:
             env[f"{shape}_weights_gib"] = torch.cuda.memory_allocated() / 2**30 if cuda else None
             print(f"# built in {env[f'{shape}_build_s']:.1f} s, {env[f'{shape}_weights_gib']} GiB", flush=True)
             run_shared(results, args.out, plain, shape, [m for m in methods if m in SHARED_METHODS], args.long_seqs,
-                       args.steps, device, torch.bfloat16, budget, census_seqs=tuple(args.census_seqs))
+                       args.steps, device, torch.bfloat16, budget, census_seqs=tuple(args.census_seqs),
+                       profile_seqs=tuple(args.profile_seqs))
             search = [m for m in args.max_context_methods if peft is not None or not m.startswith("lora")]
             if search:
                 max_context(results, args.out, plain, shape, search, device, torch.bfloat16, args.memory_cap_gib,
