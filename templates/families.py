@@ -250,11 +250,106 @@ def _causal_attention(q, k, v, mask, rows, head_dim: int, scaling: float, dropou
             if grouped:  # as the library does with a mask: memory-efficient kernels take no groups
                 kg, vg = (t.repeat_interleave(qg.shape[1] // t.shape[1], dim=1) for t in (kg, vg))
                 grouped = False
-        h = nn.functional.scaled_dot_product_attention(
-            qg, kg, vg, attn_mask=bias, dropout_p=dropout, is_causal=causal, scale=scaling, enable_gqa=grouped,
-        )
+        if bias is not None and mask is None and dropout == 0.0 and _split_causal_runs(qg, kg):
+            h = _split_causal().apply(qg, kg, vg, g.start, scaling, _cudnn_attention, _cudnn_attention_backward)
+        else:
+            h = nn.functional.scaled_dot_product_attention(
+                qg, kg, vg, attn_mask=bias, dropout_p=dropout, is_causal=causal, scale=scaling, enable_gqa=grouped,
+            )
         outs.append(h.transpose(1, 2).reshape(-1, qg.shape[1] * head_dim))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+@functools.cache
+def _split_causal() -> type:
+    class SplitCausalAttention(torch.autograd.Function):
+        """Causal attention of the queries q at positions [start, start + c) over the keys of
+        positions [0, start + c), as two kernel calls merged by their log-sum-exps: the keys before
+        the chunk (nothing masked) and the chunk's own (a square, where upper-left and lower-right
+        causal masks agree). Kernels whose causal mask is upper-left only (cuDNN's) can then serve
+        a lower-right chunk. Backward runs each call's backward kernel on the merged output and
+        log-sum-exp, which gives exactly the merged attention's gradients for that call's keys."""
+
+        @staticmethod
+        def forward(ctx, q, k, v, start, scale, kernel, kernel_backward):
+            parts = ((k[:, :, :start], v[:, :, :start], False), (k[:, :, start:], v[:, :, start:], True))
+            results = [kernel(q, kp, vp, causal, scale) for kp, vp, causal in parts]
+            (o1, l1, state1), (o2, l2, state2) = results
+            lse = torch.logaddexp(l1, l2)
+            wide = torch.promote_types(o1.dtype, torch.float32)  # the merge in float32 at least
+            merged = sum(o.to(wide) * torch.exp(lo - lse).unsqueeze(-1) for o, lo in ((o1, l1), (o2, l2)))
+            out = torch.empty_like(o1).copy_(merged)  # o1's layout: the one its backward kernel expects
+            ctx.save_for_backward(q, k, v, out, lse)
+            ctx.start, ctx.scale, ctx.states, ctx.kernel_backward = start, scale, (state1, state2), kernel_backward
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            q, k, v, out, lse = ctx.saved_tensors
+            start = ctx.start
+            if grad.stride() != out.stride():
+                grad = torch.empty_like(out).copy_(grad)
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
+            dq = None
+            for keys, causal, state in ((slice(None, start), False, ctx.states[0]), (slice(start, None), True, ctx.states[1])):
+                dq_part, dk[:, :, keys], dv[:, :, keys] = ctx.kernel_backward(
+                    grad, q, k[:, :, keys], v[:, :, keys], out, lse, state, causal, ctx.scale)
+                dq = dq_part if dq is None else dq + dq_part
+            return dq, dk, dv, None, None, None, None
+
+    return SplitCausalAttention
+
+
+def _cudnn_attention(q, k, v, causal: bool, scale: float):
+    out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, causal, False, scale=scale)
+    return out, lse.view(*lse.shape[:3]), (seed, offset, cum_q, cum_k, max_q, max_k, lse.shape)
+
+
+def _cudnn_attention_backward(grad, q, k, v, out, lse, state, causal: bool, scale: float):
+    seed, offset, cum_q, cum_k, max_q, max_k, lse_shape = state
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        grad, q, k, v, out, lse.reshape(lse_shape), seed, offset, torch.empty(0, device=q.device, dtype=q.dtype),
+        cum_q, cum_k, max_q, max_k, 0.0, causal, scale=scale)
+
+
+_SPLIT_CAUSAL_CHECKED: dict = {}
+
+
+def _split_causal_runs(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether SplitCausalAttention on cuDNN serves this kind of chunk: CUDA, 16-bit, cuDNN's
+    attention enabled, and a small chunk through it matching SDPA's lower-right causal attention
+    (output and gradients) the first time each kind is seen; else SDPA's own kernels run."""
+    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) or not torch.backends.cuda.cudnn_sdp_enabled():
+        return False
+    kind = (q.device, q.dtype, q.shape[1], k.shape[1], q.shape[-1])
+    if kind not in _SPLIT_CAUSAL_CHECKED:
+        _SPLIT_CAUSAL_CHECKED[kind] = _split_causal_matches_sdpa(*kind)
+    return _SPLIT_CAUSAL_CHECKED[kind]
+
+
+def _split_causal_matches_sdpa(device, dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
+    from torch.nn.attention.bias import causal_lower_right
+
+    try:
+        with torch.enable_grad():
+            gen = torch.Generator(device=device).manual_seed(0)
+            start, count = 256, 128
+            q = torch.randn(1, heads, count, head_dim, device=device, dtype=dtype, generator=gen).requires_grad_()
+            k, v = (torch.randn(1, kv_heads, start + count, head_dim, device=device, dtype=dtype, generator=gen).requires_grad_()
+                    for _ in range(2))
+            grad = torch.randn(1, heads, count, head_dim, device=device, dtype=dtype, generator=gen)
+            scale = head_dim**-0.5
+            got = _split_causal().apply(q, k, v, start, scale, _cudnn_attention, _cudnn_attention_backward)
+            got_grads = torch.autograd.grad(got, (q, k, v), grad)
+            want = nn.functional.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=causal_lower_right(count, start + count), scale=scale,
+                enable_gqa=heads != kv_heads)
+            want_grads = torch.autograd.grad(want, (q, k, v), grad.float())
+        return all((a.float() - b).abs().max().item() <= 0.02 * b.abs().max().item() + 1e-3
+                   for a, b in zip((got, *got_grads), (want, *want_grads)))
+    except (RuntimeError, TypeError):  # no cuDNN attention for this kind
+        return False
 
 
 def _opt_attention_finish(layer, h, x, adapter):

@@ -205,3 +205,49 @@ def test_gated_mlp_in_training_is_the_library_mlp_bitwise_and_keeps_no_silu(dtyp
     _gated_mlp(mlp, x.clone().requires_grad_())
     handle.remove()
     assert calls == [1]
+
+
+def _math_kernel(q, k, v, causal, scale):
+    """An attention kernel's contract (output, log-sum-exp, state), in plain maths."""
+    k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    scores = q @ k.transpose(-1, -2) * scale
+    if causal:  # upper-left, as cuDNN aligns it
+        scores = scores.masked_fill(~torch.ones(scores.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    lse = scores.logsumexp(-1)
+    return torch.exp(scores - lse[..., None]) @ v, lse, scores
+
+
+def _math_kernel_backward(grad, q, k, v, out, lse, scores, causal, scale):
+    """A flash-style backward from the output and log-sum-exp it is handed (the merged ones)."""
+    group = q.shape[1] // k.shape[1]
+    kr, vr = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    p = torch.exp(scores - lse[..., None])
+    ds = p * (grad @ vr.transpose(-1, -2) - (grad * out).sum(-1, keepdim=True))
+    unrepeat = lambda t: t.unflatten(1, (k.shape[1], group)).sum(2)  # noqa: E731
+    return ds @ kr * scale, unrepeat(ds.transpose(-1, -2) @ q * scale), unrepeat(p.transpose(-1, -2) @ grad)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_split_causal_attention_is_lower_right_causal_attention_with_its_gradients(kv_heads):
+    from torch.nn.attention.bias import causal_lower_right
+
+    from meft_convert.templates.families import _split_causal
+
+    gen = torch.Generator().manual_seed(0)
+    start, count, heads, dim = 12, 5, 4, 8
+    q = torch.randn(2, heads, count, dim, dtype=torch.float64, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, start + count, dim, dtype=torch.float64, generator=gen, requires_grad=True)
+            for _ in range(2))
+    grad = torch.randn(2, heads, count, dim, dtype=torch.float64, generator=gen)
+    got = _split_causal().apply(q, k, v, start, dim**-0.5, _math_kernel, _math_kernel_backward)
+    got_grads = torch.autograd.grad(got, (q, k, v), grad)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=causal_lower_right(count, start + count), scale=dim**-0.5, enable_gqa=kv_heads != heads)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad)
+    for a, b in zip((got, *got_grads), (want, *want_grads)):
+        assert a.shape == b.shape
+        assert (a - b).abs().max().item() < 1e-12
+    assert (got - want.detach()).abs().max().item() < 1e-12
+    from meft_convert.templates.families import _split_causal_runs
+
+    assert not _split_causal_runs(q, k)  # CPU: SDPA's own kernels

@@ -171,3 +171,32 @@ def test_remainders_go_to_the_host_from_the_step_size_the_default_names(monkeypa
         ids = torch.randint(3, 1000, (1, tokens), device="cuda")
         model(input_ids=ids, labels=ids).loss.backward()
     assert seen == [False, True]
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(32, 8, 128), (32, 4, 64), (12, 12, 64)])
+def test_lower_right_query_chunks_run_on_cudnn_split_at_the_diagonal(heads, kv_heads, head_dim):
+    """Llama-3-8B's, TinyLlama's and OPT-125m's heads: a lower-right chunk of 1024 queries after
+    3072 positions runs as cuDNN's two calls merged (SplitCausalAttention) and matches float32
+    lower-right causal attention, output and gradients, to bf16 rounding."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from meft_convert.templates import families
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    start, count = 3072, 1024
+    q = torch.randn(1, heads, count, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(1, kv_heads, start + count, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen,
+                        requires_grad=True) for _ in range(2))
+    grad = torch.randn_like(q)
+    assert families._split_causal_runs(q, k)
+    got = families._split_causal().apply(q, k, v, start, head_dim**-0.5, families._cudnn_attention,
+                                         families._cudnn_attention_backward)
+    got_grads = torch.autograd.grad(got, (q, k, v), grad)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=causal_lower_right(count, start + count), scale=head_dim**-0.5,
+        enable_gqa=heads != kv_heads)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad.float())
+    for name, a, b in zip("out dq dk dv".split(), (got, *got_grads), (want, *want_grads)):
+        assert a.shape == b.shape, name
+        error = (a.float() - b).norm() / b.norm()
+        assert error < 1e-2, (name, float(error))
