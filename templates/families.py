@@ -250,7 +250,9 @@ def _causal_attention(q, k, v, mask, rows, head_dim: int, scaling: float, dropou
             if grouped:  # as the library does with a mask: memory-efficient kernels take no groups
                 kg, vg = (t.repeat_interleave(qg.shape[1] // t.shape[1], dim=1) for t in (kg, vg))
                 grouped = False
-        if bias is not None and mask is None and dropout == 0.0 and _split_causal_runs(qg, kg):
+        # the split pays where chunks are long; cuDNN refuses some tiny ones (one query, one key)
+        long = min(g.start, g.stop - g.start) >= _SPLIT_CAUSAL_MIN_TOKENS
+        if bias is not None and mask is None and dropout == 0.0 and long and _split_causal_runs(qg, kg):
             h = _split_causal().apply(qg, kg, vg, g.start, scaling, _cudnn_attention, _cudnn_attention_backward)
         else:
             h = nn.functional.scaled_dot_product_attention(
@@ -309,11 +311,12 @@ def _cudnn_attention(q, k, v, causal: bool, scale: float):
 def _cudnn_attention_backward(grad, q, k, v, out, lse, state, causal: bool, scale: float):
     seed, offset, cum_q, cum_k, max_q, max_k, lse_shape = state
     return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        grad, q, k, v, out, lse.reshape(lse_shape), seed, offset, torch.empty(0, device=q.device, dtype=q.dtype),
+        grad, q, k, v, out, lse.reshape(lse_shape), seed, offset, None,
         cum_q, cum_k, max_q, max_k, 0.0, causal, scale=scale)
 
 
 _SPLIT_CAUSAL_CHECKED: dict = {}
+_SPLIT_CAUSAL_MIN_TOKENS = 64
 
 
 def _split_causal_runs(q: torch.Tensor, k: torch.Tensor) -> bool:
