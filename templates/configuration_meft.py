@@ -155,12 +155,13 @@ class MeftConfig:
             and values up to its end, so the whole attention block, not only its position-wise parts,
             works a chunk at a time: only keys and values (with grouped-query attention a quarter of
             the hidden size or less) and their gradients cover the whole sequence. Gradients equal
-            plain autograd's through the same chunks. Off by default: a chunk's queries are aligned
-            to the lower right of its keys, which SDPA serves with flash attention, while it serves
-            the whole sequence with cuDNN's faster kernel where cuDNN has one. On an H200
-            (Llama-3-8B, 16k tokens, MEFT1) it saved 0.24 GiB of activation memory on the GPU and
-            0.30 GiB (12%) with offloaded remainders, and cost 16-17% of step time
-            (benchmarks/README.md). For the longest sequences a memory cap allows.
+            plain autograd's through the same chunks. A chunk past a sequence's first is aligned to
+            the lower right of its keys, which cuDNN's causal mask is not: on CUDA in 16-bit it runs
+            as two cuDNN calls (the keys before the chunk, and the chunk's own square) merged by
+            their log-sum-exps, checked against SDPA once per kind of chunk, else on SDPA's flash
+            kernel. On an H200 (Llama-3-8B, 16k tokens, MEFT1) it saved 0.49 GiB (11%) of
+            activation memory on the GPU and cost 4.6% of step time (benchmarks/README.md). Off
+            by default; turn it on for the longest sequences a memory cap allows.
         offload_remainders: in training on CUDA, keep the packed remainders in pinned host memory,
             copied on a side stream and fetched one half-step ahead in backward, so the GPU memory of
             exact MEFT stops growing with depth. "auto" (default): on for steps of at least
