@@ -252,7 +252,7 @@ def _causal_attention(q, k, v, mask, rows, head_dim: int, scaling: float, dropou
                 grouped = False
         # the split pays where chunks are long; cuDNN refuses some tiny ones (one query, one key)
         long = min(g.start, g.stop - g.start) >= _SPLIT_CAUSAL_MIN_TOKENS
-        if bias is not None and mask is None and dropout == 0.0 and long and _split_causal_runs(qg, kg):
+        if bias is not None and dropout == 0.0 and long and _split_causal_runs(qg, kg):  # bias: lower-right, no mask
             h = _split_causal().apply(qg, kg, vg, g.start, scaling, _cudnn_attention, _cudnn_attention_backward)
         else:
             h = nn.functional.scaled_dot_product_attention(
@@ -273,10 +273,15 @@ def _split_causal() -> type:
         log-sum-exp, which gives exactly the merged attention's gradients for that call's keys."""
 
         @staticmethod
+        def halves(start: int) -> tuple:
+            """(keys, causal) of the two calls: the keys before the chunk, then the chunk's own."""
+            return (slice(None, start), False), (slice(start, None), True)
+
+        @staticmethod
         def forward(ctx, q, k, v, start, scale, kernel, kernel_backward):
-            parts = ((k[:, :, :start], v[:, :, :start], False), (k[:, :, start:], v[:, :, start:], True))
-            results = [kernel(q, kp, vp, causal, scale) for kp, vp, causal in parts]
-            (o1, l1, state1), (o2, l2, state2) = results
+            halves = SplitCausalAttention.halves(start)
+            (o1, l1, state1), (o2, l2, state2) = (kernel(q, k[:, :, keys], v[:, :, keys], causal, scale)
+                                                  for keys, causal in halves)
             lse = torch.logaddexp(l1, l2)
             wide = torch.promote_types(o1.dtype, torch.float32)  # the merge in float32 at least
             merged = sum(o.to(wide) * torch.exp(lo - lse).unsqueeze(-1) for o, lo in ((o1, l1), (o2, l2)))
@@ -288,12 +293,11 @@ def _split_causal() -> type:
         @staticmethod
         def backward(ctx, grad):
             q, k, v, out, lse = ctx.saved_tensors
-            start = ctx.start
             if grad.stride() != out.stride():
                 grad = torch.empty_like(out).copy_(grad)
             dk, dv = torch.empty_like(k), torch.empty_like(v)
             dq = None
-            for keys, causal, state in ((slice(None, start), False, ctx.states[0]), (slice(start, None), True, ctx.states[1])):
+            for (keys, causal), state in zip(SplitCausalAttention.halves(ctx.start), ctx.states):
                 dq_part, dk[:, :, keys], dv[:, :, keys] = ctx.kernel_backward(
                     grad, q, k[:, :, keys], v[:, :, keys], out, lse, state, causal, ctx.scale)
                 dq = dq_part if dq is None else dq + dq_part
