@@ -5,8 +5,9 @@ Gettysburg Address, public domain) decides three things:
 
 - λ and β. Each stream a variant scales (MEFT1: λ, MEFT2: β, MEFT3: both) gets the largest
   scale 1/2^k, k = 1..16, that keeps the starting point within TARGET of the original:
-  causal LMs keep their perplexity within 1% and agree with the original's next-token
-  prediction on at least 95% of the tokens; every other model keeps a cosine similarity of at
+  causal LMs keep their perplexity within 1% (16-bit checkpoints: of the original's in its
+  dtype or in float32, computed a module at a time) and agree with the original's next-token
+  prediction on at least 95% of the tokens (90% in 16 bits); every other model keeps a cosine similarity of at
   least 0.999 to the original's last hidden state on every token. The largest scale, not the
   smallest: the exact inverse keeps k bits of remainder per element per layer for a scale of
   1/2^k, and those are memory. The stream a variant does not scale stays at 1.
@@ -43,14 +44,19 @@ from .templates.modeling_meft import model_class_for
 
 # the starting point a conversion must keep (README "Defaults"); verify.py judges by the same
 PERPLEXITY_TOLERANCE = 0.01  # causal LMs: perplexity at most 1% above (or below) the original's
+# ... or, for fp16/bf16 checkpoints, within 1% of the original's with the same weights computed in
+# float32: the streams are exact fixed point, so a converted 16-bit model rounds less than its
+# original, whose bf16 residual adds alone move SmolLM2-135M's perplexity by 1.1%
+# (16.74 in bf16 against 16.92 in float32 on the calibration text)
 TOP1_MIN = 0.95  # causal LMs: next-token top-1 agreement with the original
 # ... in fp16/bf16, where rounding alone moves more than 5% of the predictions: SmolLM2-135M in
 # bf16 agrees with the same weights in float32 on 93.4% of the calibration text's tokens
 TOP1_MIN_16_BIT = 0.90
 COSINE_MIN = 0.999  # other models: cosine similarity to the original, every token
 TARGET = (
-    f"causal LMs: perplexity within {100 * PERPLEXITY_TOLERANCE:g}% of the original's and next-token top-1 agreement "
-    f">= {100 * TOP1_MIN:g}% ({100 * TOP1_MIN_16_BIT:g}% for fp16/bf16 checkpoints); other models: cosine similarity "
+    f"causal LMs: perplexity within {100 * PERPLEXITY_TOLERANCE:g}% of the original's (for fp16/bf16 checkpoints: of "
+    f"the original's in its dtype or in float32) and next-token top-1 agreement >= {100 * TOP1_MIN:g}% "
+    f"({100 * TOP1_MIN_16_BIT:g}% for fp16/bf16 checkpoints); other models: cosine similarity "
     f">= {COSINE_MIN} on every token"
 )
 
@@ -129,18 +135,70 @@ def measure(model, inputs: dict, causal: bool) -> dict:
         return {"hidden": model.base_model(**inputs).last_hidden_state[0].float()}
 
 
+@contextlib.contextmanager
+def computed_in_float32(model: torch.nn.Module):
+    """Runs `model`'s forwards inside it in float32, one module at a time: each module's own
+    floating-point tensors are replaced by float32 copies as it starts and get their own storage
+    back as it ends, and its floating-point inputs are cast up. The weights (and any model
+    sharing them) end as they were, in the same memory, and one module's float32 copy is the
+    only extra memory."""
+
+    def own_tensors(module):
+        tables = (module._parameters, module._buffers)
+        return [t for table in tables for t in table.values() if t is not None and t.is_floating_point()]
+
+    stored = {}  # module -> its tensors' own data, while it runs
+
+    def restore(module):
+        for t, data in zip(own_tensors(module), stored.pop(module)):
+            t.data = data
+
+    def up(module, args, kwargs):
+        tensors = own_tensors(module)
+        stored[module] = [t.data for t in tensors]
+        for t in tensors:
+            t.data = t.data.float()
+        cast = lambda x: x.float() if torch.is_tensor(x) and x.is_floating_point() else x  # noqa: E731
+        return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+    holders = [m for m in model.modules() if own_tensors(m)]
+    handles = [h for m in holders for h in (m.register_forward_pre_hook(up, with_kwargs=True),
+                                            m.register_forward_hook(lambda module, args, output: restore(module)))]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in list(stored):  # a forward that raised midway
+            restore(module)
+
+
+def reference_outputs(original, inputs: dict, causal: bool, dtype: torch.dtype) -> dict:
+    """measure() of the original; for a 16-bit causal LM also its logits in float32, the second
+    reference its perplexity target allows (PERPLEXITY_TOLERANCE)."""
+    reference = measure(original, inputs, causal)
+    if causal and dtype in (torch.float16, torch.bfloat16):
+        with computed_in_float32(original):
+            reference["float32_logits"] = measure(original, inputs, causal)["logits"]
+    return reference
+
+
 def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return math.exp(torch.nn.functional.cross_entropy(logits[:-1], ids[1:]).item())
 
 
 def figures(reference: dict, converted: dict, ids: torch.Tensor, top1_min: float = TOP1_MIN) -> dict:
-    """Fidelity of `converted` against `reference` (outputs of measure()) on the token ids;
-    causal LMs' figures carry the top-1 agreement they are judged by (top1_min_for the dtype)."""
+    """Fidelity of `converted` against `reference` (outputs of reference_outputs() or measure())
+    on the token ids; causal LMs' figures carry the top-1 agreement they are judged by
+    (top1_min_for the dtype), and for 16-bit checkpoints the original's float32 perplexity."""
     if "logits" in reference:
         ppl0, ppl1 = perplexity(reference["logits"], ids[0]), perplexity(converted["logits"], ids[0])
         top1 = (reference["logits"].argmax(-1) == converted["logits"].argmax(-1)).float().mean().item()
-        return {"perplexity": ppl1, "original_perplexity": ppl0, "perplexity_change": ppl1 / ppl0 - 1, "top1_agreement": top1,
-                "top1_target": top1_min}
+        fig = {"perplexity": ppl1, "original_perplexity": ppl0, "perplexity_change": ppl1 / ppl0 - 1, "top1_agreement": top1,
+               "top1_target": top1_min}
+        if "float32_logits" in reference:
+            fig["original_float32_perplexity"] = perplexity(reference["float32_logits"], ids[0])
+        return fig
     cosine = torch.nn.functional.cosine_similarity(reference["hidden"], converted["hidden"], dim=-1)
     return {"cosine_mean": cosine.mean().item(), "cosine_min": cosine.min().item()}
 
@@ -148,10 +206,13 @@ def figures(reference: dict, converted: dict, ids: torch.Tensor, top1_min: float
 def shortfall(fig: dict) -> str | None:
     """Why `fig` misses the target, naming the figure; None if it meets it."""
     if "perplexity" in fig:
-        if not math.isfinite(fig["perplexity"]) or abs(fig["perplexity_change"]) > PERPLEXITY_TOLERANCE:
+        ppl, ppl0, ppl32 = fig["perplexity"], fig["original_perplexity"], fig.get("original_float32_perplexity")
+        near = [ref for ref in (ppl0, ppl32) if ref is not None and abs(ppl / ref - 1) <= PERPLEXITY_TOLERANCE]
+        if not math.isfinite(ppl) or not near:
+            in_float32 = "" if ppl32 is None else f" and {ppl32:.4g} in float32 ({100 * (ppl / ppl32 - 1):+.1f}%)"
             return (
-                f"perplexity {fig['perplexity']:.4g} against the original's {fig['original_perplexity']:.4g} "
-                f"({100 * fig['perplexity_change']:+.1f}%, target within {100 * PERPLEXITY_TOLERANCE:g}%)"
+                f"perplexity {ppl:.4g} against the original's {ppl0:.4g} ({100 * (ppl / ppl0 - 1):+.1f}%){in_float32}, "
+                f"target within {100 * PERPLEXITY_TOLERANCE:g}%" + ("" if ppl32 is None else " of either")
             )
         top1_min = fig.get("top1_target", TOP1_MIN)
         if not fig["top1_agreement"] >= top1_min:
@@ -164,7 +225,9 @@ def shortfall(fig: dict) -> str | None:
 
 def describe(fig: dict) -> str:
     if "perplexity" in fig:
-        return f"perplexity {fig['perplexity']:.4g} (original {fig['original_perplexity']:.4g}), top-1 {100 * fig['top1_agreement']:.1f}%"
+        ppl32 = fig.get("original_float32_perplexity")
+        originals = f"{fig['original_perplexity']:.4g}" + ("" if ppl32 is None else f", {ppl32:.4g} in float32")
+        return f"perplexity {fig['perplexity']:.4g} (original {originals}), top-1 {100 * fig['top1_agreement']:.1f}%"
     return f"cosine min {fig['cosine_min']:.6f}, mean {fig['cosine_mean']:.6f}"
 
 
@@ -338,7 +401,7 @@ def calibrate(
     model = _build(family, config, source, auto_class, dtype, seed, original)
     inputs = text_inputs(source, config, tokenizer=tokenizer)
     ids = inputs["input_ids"]
-    reference = measure(model.original, inputs, model.causal)
+    reference = reference_outputs(model.original, inputs, model.causal, dtype)
     trials: list[dict] = []
     seen: dict[tuple, dict] = {}
 

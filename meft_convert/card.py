@@ -137,7 +137,9 @@ def _scale(value: float) -> str:
 
 def _describe(figures: dict) -> str:
     if "perplexity" in figures:
-        return (f"perplexity {figures['perplexity']:.4g} against the original's {figures['original_perplexity']:.4g}, "
+        ppl32 = figures.get("original_float32_perplexity")
+        in_float32 = "" if ppl32 is None else f" ({ppl32:.4g} in float32)"
+        return (f"perplexity {figures['perplexity']:.4g} against the original's {figures['original_perplexity']:.4g}{in_float32}, "
                 f"next-token top-1 agreement {100 * figures['top1_agreement']:.1f}%")
     return f"cosine similarity to the original {figures['cosine_min']:.6f} on the worst token (mean {figures['cosine_mean']:.6f})"
 
@@ -182,6 +184,8 @@ def verification_rows(report: VerificationReport) -> list[tuple[str, str]]:
     ]
     if f.perplexity is not None:
         rows.append(("perplexity (original's)", f"{f.perplexity:.4g} ({f.original_perplexity:.4g})"))
+        if f.original_float32_perplexity is not None:
+            rows.append(("original's perplexity computed in float32", f"{f.original_float32_perplexity:.4g}"))
     if f.top1_agreement is not None:
         rows.append(("top-1 prediction agreement", f"{100 * f.top1_agreement:.2f}%"))
         rows.append(("KL divergence original → converted", f"{f.kl_mean:.3e}"))

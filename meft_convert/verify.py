@@ -20,7 +20,9 @@ whose only problems are such losses, and lists them in `accepted_losses`.
 Everything runs in the checkpoint's own dtype (the reversible and the plain gradients agree
 bit for bit there too), and at conversion the original is the converted model's own PLM
 tensors (written byte for byte from it) under the library's classes: one copy of the weights
-in memory, not two in float32.
+in memory, not two in float32. A 16-bit causal LM's original also runs once computed in float32,
+one module's weights cast up at a time (calibrate.computed_in_float32): the target's second
+reference for such checkpoints.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class Fidelity:
     kl_mean: float | None = None
     perplexity: float | None = None  # causal LMs: the converted model's, on the calibration text
     original_perplexity: float | None = None
+    # fp16/bf16 causal LMs: the original's with its weights computed in float32 (calibrate.TARGET)
+    original_float32_perplexity: float | None = None
 
 
 @dataclass
@@ -106,7 +110,8 @@ class VerificationReport:
             f"  fidelity      cosine mean {f.cosine_mean:.6f}, min {f.cosine_min:.6f} over {self.tokens} tokens",
         ]
         if f.perplexity is not None:
-            lines.append(f"                perplexity {f.perplexity:.4g} (original {f.original_perplexity:.4g})")
+            in_float32 = "" if f.original_float32_perplexity is None else f", {f.original_float32_perplexity:.4g} in float32"
+            lines.append(f"                perplexity {f.perplexity:.4g} (original {f.original_perplexity:.4g}{in_float32})")
         if f.top1_agreement is not None:
             lines.append(f"                top-1 agreement {100 * f.top1_agreement:.2f}%, KL {f.kl_mean:.3e}")
         if self.reconstruction:
@@ -185,9 +190,10 @@ def _forward(model, inputs, lm: bool):
     return base.last_hidden_state.float(), logits
 
 
-def _fidelity(reference, converted, mask: torch.Tensor, ids: torch.Tensor | None = None) -> Fidelity:
+def _fidelity(reference, converted, mask: torch.Tensor, ids: torch.Tensor | None = None,
+              reference_float32_logits: torch.Tensor | None = None) -> Fidelity:
     """Cosine per real token; for LM heads top-1 agreement and KL; with `ids` (a causal LM on
-    one sequence) the perplexity of both."""
+    one sequence) the perplexity of both, and of the original computed in float32 if given."""
     (h0, logits0), (h1, logits1) = reference, converted
     real = mask.bool()
     cosine = torch.nn.functional.cosine_similarity(h0, h1, dim=-1)[real]
@@ -200,6 +206,8 @@ def _fidelity(reference, converted, mask: torch.Tensor, ids: torch.Tensor | None
         if ids is not None:
             fidelity.original_perplexity = calibrate.perplexity(l0, ids[0])
             fidelity.perplexity = calibrate.perplexity(l1, ids[0])
+            if reference_float32_logits is not None:
+                fidelity.original_float32_perplexity = calibrate.perplexity(reference_float32_logits.float()[real], ids[0])
     return fidelity
 
 
@@ -210,6 +218,7 @@ def _target_figures(fidelity: Fidelity, dtype: torch.dtype) -> dict:
             "perplexity": fidelity.perplexity,
             "original_perplexity": fidelity.original_perplexity,
             "perplexity_change": fidelity.perplexity / fidelity.original_perplexity - 1,
+            "original_float32_perplexity": fidelity.original_float32_perplexity,
             "top1_agreement": fidelity.top1_agreement,
             "top1_target": calibrate.top1_min_for(dtype),
         }
@@ -319,8 +328,13 @@ def verify_conversion(
     text = calibrate.text_inputs(original, config)
     causal = auto_class_name == calibrate.CAUSAL_LM
     with torch.no_grad():
+        in_float32 = None
+        if causal and dtype in (torch.float16, torch.bfloat16):
+            with calibrate.computed_in_float32(plm):
+                in_float32 = plm(**text).logits
         fidelity = _fidelity(
-            _forward(plm, text, lm), _forward(meft, text, lm), text["attention_mask"], text["input_ids"] if causal else None
+            _forward(plm, text, lm), _forward(meft, text, lm), text["attention_mask"], text["input_ids"] if causal else None,
+            in_float32,
         )
     del plm
     settings = config.meft_settings()

@@ -154,3 +154,36 @@ def test_a_non_deterministic_layer_fails_verification(converted, tmp_path):
     report = verify_conversion(folder.parent.parent / "tiny" / "bert", tampered, reference=False)
     assert not report.passed
     assert any("layer 1" in problem for problem in report.problems), report.problems
+
+
+def test_a_16_bit_model_computed_in_float32_module_by_module_is_the_float32_model(tiny_checkpoints):
+    """computed_in_float32 gives the float32 model's logits bitwise, and leaves the bf16 weights
+    as they were: same tensors, same dtype, same bits, in the same memory."""
+    original = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], dtype=torch.bfloat16).eval()
+    before = {name: (p, p.detach().clone(), p.data_ptr()) for name, p in original.named_parameters()}
+    ids = torch.randint(5, original.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    in_float32 = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        with calibrate.computed_in_float32(original):
+            logits = original(input_ids=ids).logits
+        expected, in_bf16 = in_float32(input_ids=ids).logits, original(input_ids=ids).logits
+    assert logits.dtype == torch.float32 and torch.equal(logits, expected)
+    assert in_bf16.dtype == torch.bfloat16 and not torch.equal(in_bf16.float(), expected)
+    for name, p in original.named_parameters():
+        tensor, values, address = before[name]
+        assert p is tensor and p.dtype == torch.bfloat16 and p.data_ptr() == address and torch.equal(p, values), name
+
+
+def test_16_bit_perplexity_may_be_within_the_target_of_either_original():
+    """fp16/bf16: the converted model's perplexity meets the target within 1% of the original's in
+    its own dtype or in float32; the message names both when it is near neither."""
+    fig = {"perplexity": 16.93, "original_perplexity": 16.74, "perplexity_change": 16.93 / 16.74 - 1, "top1_agreement": 0.95,
+           "top1_target": calibrate.TOP1_MIN_16_BIT}
+    assert calibrate.shortfall(fig) == (
+        "perplexity 16.93 against the original's 16.74 (+1.1%), target within 1%"
+    )
+    assert calibrate.shortfall({**fig, "original_float32_perplexity": 16.92}) is None
+    assert calibrate.shortfall({**fig, "original_float32_perplexity": 16.5}) == (
+        "perplexity 16.93 against the original's 16.74 (+1.1%) and 16.5 in float32 (+2.6%), target within 1% of either"
+    )
+    assert calibrate.shortfall({**fig, "perplexity": 16.80, "original_float32_perplexity": 17.5}) is None
