@@ -164,6 +164,11 @@ class MeftLayers(nn.ModuleList):
         self._owner_calls = 0  # > 0 while the owner's forward runs
         self._ran = False
         self._wants_hidden_states = False  # the owner's call asked for output_hidden_states
+        self._kept_couplings: dict = {}  # couplings(): key -> couplings
+
+    def __getstate__(self):
+        # the kept couplings close over these very layers: a copy builds its own
+        return {**super().__getstate__(), "_kept_couplings": {}}
 
     @property
     def stack(self) -> Stack:
@@ -210,6 +215,22 @@ class MeftLayers(nn.ModuleList):
 
     # --- the stack ------------------------------------------------------------------------
     def couplings(self, compiled: bool = False, split: bool = False) -> list[Coupling]:
+        """The layers as couplings of F and G blocks. Built once per kind and kept (deep copies
+        and pickles of the model carry none: __getstate__) while the modules, which of their
+        parameters train, and the settings the blocks depend on stay the same; building them
+        costs more host time than a small step's GPU work."""
+        modules = tuple(self.modules())[1:]
+        # FSDP2's fully_shard changes a module's class in place and replaces its parameters
+        key = (compiled, split, self.chunk_attention_queries, self.variant, modules, tuple(map(type, modules)),
+               tuple((id(p), p.requires_grad) for m in modules for p in m._parameters.values() if p is not None))
+        kept = self.__dict__.setdefault("_kept_couplings", {})  # a list unpickled from before it had one
+        if key not in kept:
+            if len(kept) >= 4:  # the model changed: what was kept is stale
+                kept.clear()
+            kept[key] = self._build_couplings(compiled, split)
+        return kept[key]
+
+    def _build_couplings(self, compiled: bool, split: bool) -> list[Coupling]:
         stack, result = self.stack, []
         prefix = f"{stack.name} " if stack.name else ""
         for index, layer in enumerate(self._modules.values()):
@@ -239,13 +260,12 @@ class MeftLayers(nn.ModuleList):
         return self.run(hidden_states, layer_args)
 
     def run(self, hidden_states: torch.Tensor, layer_args: dict) -> torch.Tensor:
-        couplings = self.couplings()
         # gradients wanted: the exact reversible path, in eval mode too (dropout is off there,
         # the gradients are still the exact ones); a filled cache means generation, which runs
         # the float coupling as evaluation does
         trains = (
             torch.is_grad_enabled()
-            and (hidden_states.requires_grad or any(c.params for c in couplings))
+            and (hidden_states.requires_grad or any(p.requires_grad for p in self.parameters()))
             and (self.training or not _has_filled_cache(layer_args))
         )
         if trains and self._wants_hidden_states:
@@ -255,12 +275,11 @@ class MeftLayers(nn.ModuleList):
                 "or with gradients off), where every layer's state of the stream that follows the PLM is returned."
             )
         if not trains and any(layer._forward_hooks for layer in self._modules.values()):
-            return self._run_calling_layer_hooks(hidden_states, couplings, layer_args)
-        if trains:
-            # training only: forward and recompute run the same compiled code, and evaluation
-            # and generation (caches, changing shapes) stay eager; attention split into its
-            # parts where the family has them (compiled blocks keep it whole)
-            couplings = self.couplings(compiled=self.compile_blocks, split=not self.compile_blocks)
+            return self._run_calling_layer_hooks(hidden_states, self.couplings(), layer_args)
+        # training only: forward and recompute run the same compiled code, and evaluation and
+        # generation (caches, changing shapes) stay eager; attention split into its parts where
+        # the family has them (compiled blocks keep it whole)
+        couplings = self.couplings(compiled=self.compile_blocks, split=not self.compile_blocks) if trains else self.couplings()
         if trains:
             mode = self.backward_mode
             layer_args = _without_cache(layer_args)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import gc
 import inspect
 import pickle
+import weakref
 
 import pytest
 import torch
@@ -225,6 +227,32 @@ def test_copies_keep_working(copier):
     clone.train()
     loss_of(clone, "AutoModelForCausalLM", ids, mask).backward()  # its own hooks, its own stack
     assert all(p.grad is not None for n, p in clone.named_parameters() if ".meft.attn." in n)
+
+
+def test_couplings_are_built_once_and_again_when_what_trains_changes(monkeypatch):
+    """A training step reuses the layers' couplings (building them is host time); freezing a
+    parameter builds them again without it, and a dropped model takes its couplings with it."""
+    model = build("opt-125m", "AutoModelForCausalLM")
+    stack = model.meft_layers
+    built = []
+    build_couplings = type(stack)._build_couplings
+    monkeypatch.setattr(type(stack), "_build_couplings", lambda self, *a: built.append(a) or build_couplings(self, *a))
+    ids, mask = batch()
+    model.train()
+    for _ in range(3):
+        loss_of(model, "AutoModelForCausalLM", ids, mask).backward()
+    assert built == [(False, True)]
+    trained = stack.couplings(split=True)
+    assert stack.couplings(split=True) is trained and len(trained) == len(stack)
+    frozen = next(p for n, p in model.named_parameters() if n.endswith("layers.0.meft.attn.up_proj.weight"))
+    assert any(q is frozen for q in trained[0].params)
+    frozen.requires_grad_(False)
+    rebuilt = stack.couplings(split=True)
+    assert len(built) == 2 and not any(q is frozen for q in rebuilt[0].params) and len(rebuilt[0].params) == len(trained[0].params) - 1
+    dropped = weakref.ref(stack)
+    del model, stack, trained, rebuilt, frozen
+    gc.collect()
+    assert dropped() is None
 
 
 @pytest.mark.parametrize("k", [0, 1])
