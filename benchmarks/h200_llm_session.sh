@@ -11,8 +11,8 @@ if [[ "$PART" == *tests* ]]; then
 fi
 if [[ "$PART" == *opt* ]]; then
   timeout ${OPT_S:-240} python benchmarks/memory_speed.py --shapes opt-1.3b --skip-checks --depths --seq-lengths \
-    --meft-profile llm --methods ${OPT_METHODS:-lora+gc+chunked-loss lora+offload-gc+chunked-loss frozen-layer meft1 meft2 \
-    meft3 meft1+offload meft2+offload meft3+offload meft3-float} --out $OUT/h200-opt-1.3b-llm${TAG:-}.json > $OUT/bench-opt.log 2>&1
+    --meft-profile llm ${OPT_PROFILE:+--profile} --methods ${OPT_METHODS:-lora+gc+chunked-loss lora+offload-gc+chunked-loss frozen-layer meft1 meft2 \
+    meft3 meft1+offload meft2+offload meft3+offload meft3-float meft1+offload@1024 meft1-queries+offload@1024} --out $OUT/h200-opt-1.3b-llm${TAG:-}.json > $OUT/bench-opt.log 2>&1
   echo "opt bench exit $?"; grep -v '^#' $OUT/bench-opt.log | tail -12
 fi
 if [[ "$PART" == *llama* ]]; then

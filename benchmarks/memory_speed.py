@@ -563,12 +563,45 @@ def _timed(arm: Arm, batch: dict) -> tuple[float, object]:
     return (time.perf_counter() - start) * 1000, loss
 
 
-def memory_census(step, top: int = 14) -> dict:
-    """What is alive at the peak of one step, measured: the CUDA allocator's history of that step
+def memory_census(step, top: int = 14, device: str = "cuda") -> dict:
+    """What is alive at the peak of one step, measured: the allocator's history of that step
     replayed up to its highest point, the tensors alive there grouped by size (at 1 x 16384 on
     Llama-3-8B, 128 MiB is one bf16 hidden state, 256 MiB an int32 stream, 112 MiB a 4096-token
     chunk of the MLP's intermediate). Only what the step allocated counts (the model and the
-    optimizer are static)."""
+    optimizer are static). On the CPU the history is the profiler's memory events: the same
+    tensors, without the CUDA kernels' workspaces."""
+    events = _cuda_allocations(step) if device == "cuda" else _cpu_allocations(step)
+    total, highest, at = 0, 0, -1
+    sizes: dict = {}
+    for i, (alloc, addr, size) in enumerate(events):  # first pass: when the step's own allocations peak
+        if alloc:
+            sizes[addr] = size
+            total += size
+        else:
+            total -= sizes.pop(addr, 0)
+        if total > highest:
+            highest, at = total, i
+    alive: dict = {}
+    for alloc, addr, size in events[: at + 1]:
+        if alloc:
+            alive[addr] = size
+        else:
+            alive.pop(addr, None)
+    groups: dict = {}
+    for size in alive.values():
+        g = groups.setdefault(f"tensors of {size / 2**20:.0f} MiB", [0, 0])
+        g[0] += size
+        g[1] += 1
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
+    return {
+        "peak_gib": highest / 2**30,
+        "groups": [dict(where=k, gib=v[0] / 2**30, tensors=v[1]) for k, v in ranked[:top]],
+        "rest_gib": sum(v[0] for _, v in ranked[top:]) / 2**30,
+    }
+
+
+def _cuda_allocations(step) -> list[tuple[bool, int, int]]:
+    """(allocated?, address, bytes) of every allocation and free one step makes on the GPU."""
     # sizes only: recording Python stacks made cross_entropy fail on the H200 (torch 2.11), and
     # a failed step's graph, kept by its traceback, inflated the steps measured after it
     torch.cuda.synchronize()
@@ -580,34 +613,24 @@ def memory_census(step, top: int = 14) -> dict:
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
     events = snapshot["device_traces"][torch.cuda.current_device()]
-    freed = "free_completed"
-    total, highest, at = 0, 0, -1
-    sizes: dict = {}
-    for i, e in enumerate(events):  # first pass: when the step's own allocations peak
-        if e["action"] == "alloc":
-            sizes[e["addr"]] = e["size"]
-            total += e["size"]
-        elif e["action"] == freed:
-            total -= sizes.pop(e["addr"], 0)
-        if total > highest:
-            highest, at = total, i
-    alive: dict = {}
-    for e in events[: at + 1]:
-        if e["action"] == "alloc":
-            alive[e["addr"]] = e
-        elif e["action"] == freed:
-            alive.pop(e["addr"], None)
-    groups: dict = {}
-    for e in alive.values():
-        g = groups.setdefault(f"tensors of {e['size'] / 2**20:.0f} MiB", [0, 0])
-        g[0] += e["size"]
-        g[1] += 1
-    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
-    return {
-        "peak_gib": highest / 2**30,
-        "groups": [dict(where=k, gib=v[0] / 2**30, tensors=v[1]) for k, v in ranked[:top]],
-        "rest_gib": sum(v[0] for _, v in ranked[top:]) / 2**30,
-    }
+    return [(e["action"] == "alloc", e["addr"], e["size"]) for e in events if e["action"] in ("alloc", "free_completed")]
+
+
+def _cpu_allocations(step) -> list[tuple[bool, int, int]]:
+    """The same on the CPU, from the profiler's memory events (a free is a negative size)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("name") == "[memory]"]
+    events.sort(key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)))
+    cpu = [e["args"] for e in events if e["args"].get("Device Type") == 0]
+    return [(a["Bytes"] > 0, a["Addr"], abs(a["Bytes"])) for a in cpu]
 
 
 def measure_arm(arm: Arm, shape_name: str, seqs: list[int], steps: int, warmup_seq: int | None = None,
@@ -722,10 +745,18 @@ def _profile(step, top: int = 12) -> dict:
     for e in kernels:
         ms, calls = by_name.get(e.name, (0.0, 0))
         by_name[e.name] = (ms + e.device_time / 1000, calls + 1)
-    top = sorted(by_name.items(), key=lambda item: -item[1][0])[:top]
+    ranked = sorted(by_name.items(), key=lambda item: -item[1][0])[:top]
+    # operators (aten and the engine's own), by the host time they take themselves and by how
+    # many calls they make: a host-bound step shows where its launches come from
+    ops = [o for o in prof.key_averages() if o.device_type != torch.autograd.DeviceType.CUDA and o.count]
+    def op_row(o):
+        return dict(name=o.key[:60], calls=o.count, self_cpu_ms=o.self_cpu_time_total / 1000,
+                    self_gpu_ms=getattr(o, "self_device_time_total", 0) / 1000)
     return dict(
         wall_ms=wall_ms, gpu_kernel_ms=sum(e.device_time for e in kernels) / 1000, kernel_launches=len(kernels),
-        top_kernels=[dict(name=name[:90], ms=ms, calls=calls) for name, (ms, calls) in top],
+        top_kernels=[dict(name=name[:90], ms=ms, calls=calls) for name, (ms, calls) in ranked],
+        top_ops_by_calls=[op_row(o) for o in sorted(ops, key=lambda o: -o.count)[:top]],
+        top_ops_by_host_time=[op_row(o) for o in sorted(ops, key=lambda o: -o.self_cpu_time_total)[:top]],
     )
 
 
@@ -836,6 +867,7 @@ def _run(results: dict, out: Path, **kw) -> None:
     row["sweep"] = kw.get("sweep_name")
     results["memory_speed"].append(row)
     print(json.dumps({k: v for k, v in row.items() if k not in ("step_ms_all", "profile")}), flush=True)
+    _print_profile(row)
     out.write_text(json.dumps(results, indent=1))
 
 
@@ -952,6 +984,19 @@ def _close(arm: Arm | None) -> None:
         traceback.print_exc()
 
 
+def _print_profile(row: dict) -> None:
+    p = row.get("profile") or {}
+    if "wall_ms" not in p:
+        return
+    print(f"#   profile wall {p['wall_ms']:.0f} ms, kernels {p['gpu_kernel_ms']:.0f} ms, {p['kernel_launches']} launches", flush=True)
+    for k in p["top_kernels"][:25]:
+        print(f"#   {k['ms']:8.1f} ms {k['calls']:6d}  {k['name']}", flush=True)
+    for title in ("calls", "host_time"):
+        print(f"#   operators by {title.replace('_', ' ')}: calls, own host ms, own GPU ms", flush=True)
+        for o in p.get(f"top_ops_by_{title}", [])[:20]:
+            print(f"#   {o['calls']:7d} {o['self_cpu_ms']:8.1f} {o['self_gpu_ms']:8.1f}  {o['name']}", flush=True)
+
+
 def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
@@ -964,11 +1009,7 @@ def run_shared(results: dict, out: Path, plain, shape_name: str, methods: list[s
     def on_row(row):
         results["memory_speed"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("step_ms_all", "pinned_host", "meft", "census", "profile")}), flush=True)
-        if "profile" in row and "wall_ms" in row["profile"]:
-            p = row["profile"]
-            print(f"#   profile wall {p['wall_ms']:.0f} ms, kernels {p['gpu_kernel_ms']:.0f} ms, {p['kernel_launches']} launches", flush=True)
-            for k in p["top_kernels"][:25]:
-                print(f"#   {k['ms']:8.1f} ms {k['calls']:6d}  {k['name']}", flush=True)
+        _print_profile(row)
         for group in row.get("census", {}).get("groups", []):
             print(f"#   census {group['gib']:7.3f} GiB  {group['tensors']:5d}  {group['where']}", flush=True)
         out.write_text(json.dumps(results, indent=1))
@@ -1166,7 +1207,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="lengths of the batch-1 shapes at which one more step is recorded for a census of its peak")
     parser.add_argument("--recompute-chunk-tokens", type=int, default=4096,
                         help="MEFT's recompute_chunk_tokens with --meft-profile llm")
-    parser.add_argument("--profile", action="store_true", help="profile one step of LoRA, LoRA + checkpointing and MEFT3")
+    parser.add_argument("--profile", action="store_true", help="OPT-1.3b: profile one step of the LoRA, checkpointing and MEFT1/MEFT3 arms (kernels, operators)")
     parser.add_argument("--profile-seqs", nargs="*", type=int, default=[],
                         help="lengths at which every arm of a shared shape profiles one more step (top kernels)")
     parser.add_argument("--skip-checks", action="store_true")
@@ -1201,7 +1242,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if not args.skip_checks:
         results["kernels"] = kernel_check(device)
-    profiled = ("lora", "lora+gc", "meft3", "meft3-compiled", "meft3-float")
+    profiled = ("lora", "lora+gc", "lora+gc+chunked-loss", "lora+offload-gc+chunked-loss", "meft1", "meft1+offload", "meft3",
+                "meft3-compiled", "meft3-float")
     for shape in [] if args.skip_memory else args.shapes:
         methods = args.methods or (LONG_METHODS if SHAPES[shape].get("shared") else LEGACY_METHODS)
         if peft is None:

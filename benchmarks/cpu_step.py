@@ -1,0 +1,130 @@
+"""One training step of memory_speed.py's arms, measured on the CPU: what is alive at its peak (a
+census from the profiler's memory events) and the host work it does (Python function calls and
+aten operator calls, counts that do not depend on how busy the machine is).
+
+The census needs no GPU and finds the same tensors: at OPT-1.3b 8 x 512 (2 layers) it puts
+offloaded checkpointing at 439 MiB and MEFT1 + offload at 551 MiB, where one H200 measured 421
+and 541 (24 layers; on the CPU the remainders are not offloaded, 8 MiB a layer there). The host
+counts are taken at the shape's depth with tiny widths, where a step is all host work: the part
+of a GPU step that waits on Python and launches.
+
+    python benchmarks/cpu_step.py --shape opt-1.3b --census-layers 2 --methods lora+offload-gc+chunked-loss \\
+        meft1+offload meft1+offload@1024 --out results/cpu-opt-1.3b.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import platform
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import memory_speed as ms  # noqa: E402
+
+# the host counts' widths: every matrix tiny, so that the step is Python, dispatch and launches
+TINY_WIDTHS = {
+    "opt-1.3b": dict(hidden_size=64, ffn_dim=256, num_attention_heads=4, word_embed_proj_dim=64, vocab_size=512),
+    "llama-3-8b": dict(hidden_size=64, intermediate_size=224, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       vocab_size=512),
+}
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten operators that reach a kernel (views and metadata included: each is a call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _arm(shape: dict, method: str, layers: int | None):
+    torch.manual_seed(0)
+    model = ms.build(shape, method, "cpu", torch.bfloat16, layers=layers)
+    arm = ms.Arm(model, shape, method, "cpu", torch.bfloat16)
+    batch = arm.batch(shape["seq"])
+    arm.step(batch)  # warm-up: the optimizer's states exist afterwards, as in memory_speed
+    return arm, batch
+
+
+def census(shape: dict, method: str, layers: int, top: int = 12) -> dict:
+    arm, batch = _arm(shape, method, layers)
+    try:
+        return dict(layers=layers, **ms.memory_census(lambda: arm.step(batch), top=top, device="cpu"))
+    finally:
+        arm.close()
+
+
+def host_counts(shape: dict, method: str) -> dict:
+    """Python calls and aten calls of one step at the shape's depth and TINY_WIDTHS."""
+    tiny = dict(shape, overrides={**shape.get("overrides", {}), **TINY_WIDTHS[shape["config"]]})
+    arm, batch = _arm(tiny, method, None)
+    try:
+        arm.step(batch)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        arm.step(batch)
+        profiler.disable()
+        python_calls = sum(stat[1] for stat in pstats.Stats(profiler).stats.values())
+        with _CountOps() as ops:
+            arm.step(batch)
+        return dict(layers=arm.model.config.num_hidden_layers, python_calls=python_calls, aten_calls=ops.calls)
+    finally:
+        arm.close()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="opt-1.3b", choices=sorted(TINY_WIDTHS))
+    parser.add_argument("--methods", nargs="+", required=True, choices=ms.METHODS)
+    parser.add_argument("--census-layers", type=int, default=2, help="layers of the census's model (0: no census)")
+    parser.add_argument("--batch", type=int, default=None, help="rows per step (default: the shape's)")
+    parser.add_argument("--seq", type=int, default=None, help="tokens per row (default: the shape's)")
+    parser.add_argument("--recompute-chunk-tokens", type=int, default=4096)
+    parser.add_argument("--no-host-counts", action="store_true")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    ms.RUN.update(profile="llm", recompute_chunk_tokens=args.recompute_chunk_tokens)
+    shape = dict(ms.SHAPES[args.shape])
+    for key in ("batch", "seq"):
+        if getattr(args, key) is not None:
+            shape[key] = getattr(args, key)
+    results = dict(
+        command=" ".join(sys.argv), shape=args.shape, batch=shape["batch"], seq=shape["seq"],
+        environment=dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine()),
+        meft=ms.arm_settings(args.methods), arms=[],
+    )
+    for method in args.methods:
+        row = dict(method=method)
+        start = time.perf_counter()
+        if args.census_layers:
+            row["census"] = census(shape, method, args.census_layers)
+            print(f"{method}: peak {row['census']['peak_gib'] * 1024:.1f} MiB at {args.census_layers} layers", flush=True)
+            for group in row["census"]["groups"]:
+                print(f"    {group['gib'] * 1024:8.1f} MiB {group['tensors']:5d}  {group['where']}", flush=True)
+        if not args.no_host_counts:
+            row["host"] = host_counts(shape, method)
+            h = row["host"]
+            print(f"{method}: {h['python_calls']} Python calls, {h['aten_calls']} aten calls per step "
+                  f"({h['layers']} layers, tiny widths)", flush=True)
+        row["wall_s"] = time.perf_counter() - start
+        results["arms"].append(row)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
