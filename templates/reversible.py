@@ -976,6 +976,11 @@ def _uncouple_rows(run: StackRun, x: _HalfStepOutput, y: Stream, sl: slice, out:
     stream_part = x.part(y, sl)
     x_ints, x_value, part_sum = run.arithmetic.uncouple(stream_part, out, packed, factor)
     x.put(sl, stream_part, x_ints, x_value, part_sum)
+    if x.single and run.arithmetic.exact:
+        # y is consumed: x was rebuilt from it into new integers (several chunks rebuild it in
+        # place), and the caller's reference must not keep a third stream alive for the rest of
+        # the layer's backward
+        y.ints = stream_part = None
 
 
 def _mixing_input(run: StackRun, block: Block, inp: torch.Tensor, routed, states: list, replay: bool):
