@@ -2,9 +2,10 @@
 census from the profiler's memory events) and the host work it does (Python function calls and
 aten operator calls, counts that do not depend on how busy the machine is).
 
-The census needs no GPU and finds the same tensors: at OPT-1.3b 8 x 512 (2 layers) it puts
-offloaded checkpointing at 439 MiB and MEFT1 + offload at 551 MiB, where one H200 measured 421
-and 541 (24 layers; on the CPU the remainders are not offloaded, 8 MiB a layer there). The host
+The census needs no GPU and finds the same tensors: at OPT-1.3b 8 x 512 (2 layers), with the
+engine one H200 measured, it put offloaded checkpointing at 439 MiB and MEFT1 + offload at 551 MiB
+where the H200 had 421 and 541 (24 layers; on the CPU the remainders are not offloaded, 8 MiB a
+layer there). It also says where each tensor alive at the peak was allocated. The host
 counts are taken at the shape's depth with tiny widths, where a step is all host work: the part
 of a GPU step that waits on Python and launches.
 
@@ -58,10 +59,84 @@ def _arm(shape: dict, method: str, layers: int | None):
     return arm, batch
 
 
+# the exact stream arithmetic: fused into one kernel per call by torch.compile on CUDA, eager on
+# the CPU, where its temporaries (a stream-sized tensor or more each) are allocations of their own
+EAGER_ONLY = ("_start", "_couple", "_uncouple")
+
+
+def attributed_census(step, top: int = 14) -> dict:
+    """memory_census's figures on the CPU, with where each tensor alive at the peak was allocated
+    (the engine's innermost two frames and the operator), and the peak at the moments outside the
+    stream arithmetic (EAGER_ONLY): the one a GPU, where that arithmetic is fused, has."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    memory = [e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    frames = [e for e in events if e.get("ph") == "X" and e.get("cat") == "python_function" and "templates/" in e["name"]]
+    ops = [e for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op"]
+    # one sweep over the timeline: the frames and the operator open at each memory event
+    timeline = sorted([(e["ts"], 0, 0, "frame", e) for e in frames] + [(e["ts"], 0, 0, "op", e) for e in ops]
+                      + [(e["ts"], 1, e["args"].get("Ev Idx", 0), "memory", i) for i, e in enumerate(memory)],
+                      key=lambda t: t[:3])
+    open_frames, open_ops, where = [], [], {}
+    for ts, _, _, kind, item in timeline:
+        open_frames = [f for f in open_frames if f["ts"] + f["dur"] >= ts]
+        open_ops = [o for o in open_ops if o["ts"] + o["dur"] >= ts]
+        if kind != "memory":
+            (open_frames if kind == "frame" else open_ops).append(item)
+            continue
+        names = [f["name"].split("templates/")[-1].split(": ")[-1] for f in open_frames]
+        label = " < ".join(reversed([f["name"].split("templates/")[-1] for f in open_frames[-2:]]))
+        where[item] = (label + (" | " + open_ops[-1]["name"] if open_ops else ""), any(n in EAGER_ONLY for n in names))
+    order = sorted(range(len(memory)), key=lambda i: (memory[i]["ts"], memory[i]["args"].get("Ev Idx", 0)))
+    total, peaks, sizes = 0, {"all": (0, -1), "fused": (0, -1)}, {}
+    for k, i in enumerate(order):
+        a = memory[i]["args"]
+        if a["Bytes"] > 0:
+            sizes[a["Addr"]] = a["Bytes"]
+            total += a["Bytes"]
+        else:
+            total -= sizes.pop(a["Addr"], 0)
+        for name in ("all", "fused") if not where.get(i, ("", False))[1] else ("all",):
+            if total > peaks[name][0]:
+                peaks[name] = (total, k)
+    result = {}
+    for name, (peak, at) in peaks.items():
+        alive = {}
+        for i in order[: at + 1]:
+            a = memory[i]["args"]
+            if a["Bytes"] > 0:
+                alive[a["Addr"]] = i
+            else:
+                alive.pop(a["Addr"], None)
+        groups: dict = {}
+        for i in alive.values():
+            size = memory[i]["args"]["Bytes"]
+            g = groups.setdefault((f"{size / 2**20:.0f} MiB", where.get(i, ("?", False))[0]), [0, 0])
+            g[0] += size
+            g[1] += 1
+        ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
+        result[name] = dict(
+            peak_gib=peak / 2**30, at=where.get(order[at], ("?", False))[0] if at >= 0 else None,
+            groups=[dict(size=k[0], where=k[1], gib=v[0] / 2**30, tensors=v[1]) for k, v in ranked[:top]],
+            rest_gib=sum(v[0] for _, v in ranked[top:]) / 2**30,
+        )
+    return result
+
+
 def census(shape: dict, method: str, layers: int, top: int = 12) -> dict:
     arm, batch = _arm(shape, method, layers)
     try:
-        return dict(layers=layers, **ms.memory_census(lambda: arm.step(batch), top=top, device="cpu"))
+        attributed = attributed_census(lambda: arm.step(batch), top=top)
+        return dict(layers=layers, **ms.memory_census(lambda: arm.step(batch), top=top, device="cpu"),
+                    outside_stream_arithmetic=attributed["fused"], where=attributed["all"])
     finally:
         arm.close()
 
@@ -111,9 +186,12 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         if args.census_layers:
             row["census"] = census(shape, method, args.census_layers)
-            print(f"{method}: peak {row['census']['peak_gib'] * 1024:.1f} MiB at {args.census_layers} layers", flush=True)
-            for group in row["census"]["groups"]:
-                print(f"    {group['gib'] * 1024:8.1f} MiB {group['tensors']:5d}  {group['where']}", flush=True)
+            c = row["census"]
+            print(f"{method}: peak {c['peak_gib'] * 1024:.1f} MiB at {args.census_layers} layers; outside the stream "
+                  f"arithmetic {c['outside_stream_arithmetic']['peak_gib'] * 1024:.1f} MiB, at "
+                  f"{c['outside_stream_arithmetic']['at']}", flush=True)
+            for group in c["outside_stream_arithmetic"]["groups"]:
+                print(f"    {group['gib'] * 1024:8.1f} MiB {group['tensors']:4d} x {group['size']:>7}  {group['where']}", flush=True)
         if not args.no_host_counts:
             row["host"] = host_counts(shape, method)
             h = row["host"]

@@ -966,6 +966,8 @@ def _couple_rows(run: StackRun, y: _HalfStepOutput, x: Stream, sl: slice, out: t
     stream_part = y.part(x, sl)
     y_ints, y_value, r, flag, part_sum = run.arithmetic.couple(stream_part, out, factor)
     y.put(sl, stream_part, y_ints, y_value, part_sum)
+    if y.single and run.arithmetic.exact:
+        x.ints = stream_part = None  # consumed, as in _uncouple_rows
     if run.arithmetic.exact:
         run.flags.append(flag)
     packed.append(r)
@@ -979,7 +981,7 @@ def _uncouple_rows(run: StackRun, x: _HalfStepOutput, y: Stream, sl: slice, out:
     if x.single and run.arithmetic.exact:
         # y is consumed: x was rebuilt from it into new integers (several chunks rebuild it in
         # place), and the caller's reference must not keep a third stream alive for the rest of
-        # the layer's backward
+        # the layer
         y.ints = stream_part = None
 
 
