@@ -1600,12 +1600,14 @@ def run_stack(
     if mode not in ("reversible", "vanilla"):
         raise ValueError(f"unknown mode {mode!r}")
     h = x.to(stream_dtype_for(cd)) if not settings.exact else x
-    if not h.requires_grad:
-        # F and G always see inputs that require grad, as in the reversible recompute, so
-        # both paths run the same kernels even when the embeddings are frozen
-        h = h.detach().requires_grad_()
     n_rev = 0 if mode == "vanilla" else (len(couplings) if reversible_layers is None else reversible_layers)
     lower, upper = couplings[:n_rev], couplings[n_rev:]
+    if not h.requires_grad and not lower:
+        # layers under autograd see inputs that require grad, as the reversible recompute's
+        # blocks do, so both paths run the same kernels even when the embeddings are frozen.
+        # The reversible stack makes its own leaves in backward: a leaf here would only keep
+        # the stack input alive (its AccumulateGrad holds it) for a gradient nobody reads
+        h = h.detach().requires_grad_()
     x1i = x2i = None
     if lower:
         run = StackRun(lower, settings, routed, cd, record_rng=record_rng, trace=trace)

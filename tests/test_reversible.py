@@ -652,3 +652,16 @@ def test_backward_keeps_at_most_two_stream_integer_tensors_alive(chunk_tokens, n
     (y1.sum() + (y2**2).sum()).backward()
     assert len(alive["forward"]) == len(alive["backward"]) == 6, alive
     assert max(alive["forward"]) == max(alive["backward"]) == 2, alive
+
+
+def test_a_stack_input_that_needs_no_gradient_is_not_kept_for_backward(blocks):
+    """Frozen embeddings: the reversible stack rebuilds its layers' inputs itself, so once the
+    forward is done nothing holds the stack input (a leaf made to require grad would have been
+    held by its AccumulateGrad for a gradient nobody reads: one hidden state per step)."""
+    x = torch.randn(2, 5, D)
+    y1, y2 = R.run_stack(x, couplings(blocks), R.CouplingSettings(0.5, 0.5, False), {"scale": 0.5}, mode="reversible")
+    kept = [fn.variable for fn, _ in y1.grad_fn.next_functions if type(fn).__name__ == "AccumulateGrad"]
+    assert len(kept) == len(list(blocks.parameters()))
+    assert not any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in kept)
+    (y1.sum() + y2.sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in blocks.parameters())
