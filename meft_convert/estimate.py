@@ -97,6 +97,10 @@ OPTIMIZER_STEP_COPIES = 2
 # gradient, I = 4H) is taken, not fitted, and the T×H counts are fitted; MEFT2 measured 2 T×H
 # below MEFT1. Its mixing phase is not measured apart (it never peaks while T ≤ c): the gated
 # counts of that engine, assumed.
+# Both are fits to GPU runs of the engine before two changes measured only on the CPU since
+# (benchmarks/README.md, "OPT-1.3b 8 × 512 on the CPU"): a one-chunk half-step lets go of its
+# input stream (2 T×H-sized int32 tensors fewer at T ≤ c) and the stack input is no longer held
+# (1 T×H fewer). Until a GPU run refits them they overstate MEFT by about that much.
 MEFT_MIXING_PHASE = {
     "gated": {"meft1": (15.65, 0.0), "meft2": (15.65, 0.0), "meft3": (18.1, 0.2)},
     "plain": {"meft1": (19.8, 1.6), "meft2": (19.8, 1.6), "meft3": (18.8, 0.2)},
