@@ -167,12 +167,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=None, help="rows per step (default: the shape's)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per row (default: the shape's)")
     parser.add_argument("--recompute-chunk-tokens", type=int, default=4096)
+    parser.add_argument("--overrides", type=json.loads, default={},
+                        help='config values for the census\'s model, as JSON, e.g. a narrower Llama: '
+                             '\'{"hidden_size": 1024, "intermediate_size": 3584, "num_attention_heads": 8, "vocab_size": 32000}\'')
     parser.add_argument("--no-host-counts", action="store_true")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     ms.RUN.update(profile="llm", recompute_chunk_tokens=args.recompute_chunk_tokens)
     shape = dict(ms.SHAPES[args.shape])
+    shape["overrides"] = {**shape.get("overrides", {}), **args.overrides}
     for key in ("batch", "seq"):
         if getattr(args, key) is not None:
             shape[key] = getattr(args, key)
