@@ -64,79 +64,44 @@ def _arm(shape: dict, method: str, layers: int | None):
 EAGER_ONLY = ("_start", "_couple", "_uncouple")
 
 
-def attributed_census(step, top: int = 14) -> dict:
-    """memory_census's figures on the CPU, with where each tensor alive at the peak was allocated
-    (the engine's innermost two frames and the operator), and the peak at the moments outside the
-    stream arithmetic (EAGER_ONLY): the one a GPU, where that arithmetic is fused, has."""
-    import tempfile
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=True) as prof:
-        step()
-    with tempfile.TemporaryDirectory() as folder:
-        trace = Path(folder) / "trace.json"
-        prof.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text())["traceEvents"]
-    memory = [e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+def census(step, top: int = 14) -> dict:
+    """memory_census's figures on the CPU from one step, with where each tensor alive at the peak
+    was allocated (the engine's innermost two frames and the operator), and the same at the peak
+    of the moments outside the stream arithmetic (EAGER_ONLY): the one a GPU, where that
+    arithmetic is fused, has."""
+    memory, events = ms.cpu_memory_trace(step, with_stack=True)
     frames = [e for e in events if e.get("ph") == "X" and e.get("cat") == "python_function" and "templates/" in e["name"]]
     ops = [e for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op"]
     # one sweep over the timeline: the frames and the operator open at each memory event
     timeline = sorted([(e["ts"], 0, 0, "frame", e) for e in frames] + [(e["ts"], 0, 0, "op", e) for e in ops]
-                      + [(e["ts"], 1, e["args"].get("Ev Idx", 0), "memory", i) for i, e in enumerate(memory)],
-                      key=lambda t: t[:3])
-    open_frames, open_ops, where = [], [], {}
+                      + [(e["ts"], 1, i, "memory", i) for i, e in enumerate(memory)], key=lambda t: t[:3])
+    open_frames, open_ops, where, eager = [], [], {}, set()
     for ts, _, _, kind, item in timeline:
         open_frames = [f for f in open_frames if f["ts"] + f["dur"] >= ts]
         open_ops = [o for o in open_ops if o["ts"] + o["dur"] >= ts]
         if kind != "memory":
             (open_frames if kind == "frame" else open_ops).append(item)
             continue
-        names = [f["name"].split("templates/")[-1].split(": ")[-1] for f in open_frames]
         label = " < ".join(reversed([f["name"].split("templates/")[-1] for f in open_frames[-2:]]))
-        where[item] = (label + (" | " + open_ops[-1]["name"] if open_ops else ""), any(n in EAGER_ONLY for n in names))
-    order = sorted(range(len(memory)), key=lambda i: (memory[i]["ts"], memory[i]["args"].get("Ev Idx", 0)))
-    total, peaks, sizes = 0, {"all": (0, -1), "fused": (0, -1)}, {}
-    for k, i in enumerate(order):
-        a = memory[i]["args"]
-        if a["Bytes"] > 0:
-            sizes[a["Addr"]] = a["Bytes"]
-            total += a["Bytes"]
-        else:
-            total -= sizes.pop(a["Addr"], 0)
-        for name in ("all", "fused") if not where.get(i, ("", False))[1] else ("all",):
-            if total > peaks[name][0]:
-                peaks[name] = (total, k)
-    result = {}
-    for name, (peak, at) in peaks.items():
-        alive = {}
-        for i in order[: at + 1]:
-            a = memory[i]["args"]
-            if a["Bytes"] > 0:
-                alive[a["Addr"]] = i
-            else:
-                alive.pop(a["Addr"], None)
-        groups: dict = {}
-        for i in alive.values():
-            size = memory[i]["args"]["Bytes"]
-            g = groups.setdefault((f"{size / 2**20:.0f} MiB", where.get(i, ("?", False))[0]), [0, 0])
-            g[0] += size
-            g[1] += 1
-        ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
-        result[name] = dict(
-            peak_gib=peak / 2**30, at=where.get(order[at], ("?", False))[0] if at >= 0 else None,
-            groups=[dict(size=k[0], where=k[1], gib=v[0] / 2**30, tensors=v[1]) for k, v in ranked[:top]],
-            rest_gib=sum(v[0] for _, v in ranked[top:]) / 2**30,
-        )
-    return result
+        where[item] = label + (" | " + open_ops[-1]["name"] if open_ops else "")
+        if any(f["name"].split(": ")[-1] in EAGER_ONLY for f in open_frames):
+            eager.add(item)
+    allocations = ms.as_allocations(memory)
+
+    def attributed(peak: int, at: int, alive: list[int]) -> dict:
+        labelled = [(allocations[i][2], dict(size=f"{allocations[i][2] / 2**20:.0f} MiB", where=where[i])) for i in alive]
+        return dict(peak_gib=peak / 2**30, at=where.get(at), **ms.grouped(labelled, top))
+
+    peak, at, alive = ms.replay_to_peak(allocations)
+    by_size = ms.grouped([(allocations[i][2], dict(where=f"tensors of {allocations[i][2] / 2**20:.0f} MiB")) for i in alive], top)
+    return dict(peak_gib=peak / 2**30, **by_size, where=attributed(peak, at, alive),
+                outside_stream_arithmetic=attributed(*ms.replay_to_peak(allocations, lambda i: i not in eager)))
 
 
-def census(shape: dict, method: str, layers: int, top: int = 12) -> dict:
+def _census(shape: dict, method: str, layers: int, top: int = 12) -> dict:
     arm, batch = _arm(shape, method, layers)
     try:
-        attributed = attributed_census(lambda: arm.step(batch), top=top)
-        return dict(layers=layers, **ms.memory_census(lambda: arm.step(batch), top=top, device="cpu"),
-                    outside_stream_arithmetic=attributed["fused"], where=attributed["all"])
+        return dict(layers=layers, **census(lambda: arm.step(batch), top=top))
     finally:
         arm.close()
 
@@ -189,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         row = dict(method=method)
         start = time.perf_counter()
         if args.census_layers:
-            row["census"] = census(shape, method, args.census_layers)
+            row["census"] = _census(shape, method, args.census_layers)
             c = row["census"]
             print(f"{method}: peak {c['peak_gib'] * 1024:.1f} MiB at {args.census_layers} layers; outside the stream "
                   f"arithmetic {c['outside_stream_arithmetic']['peak_gib'] * 1024:.1f} MiB, at "

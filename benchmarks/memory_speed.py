@@ -571,33 +571,43 @@ def memory_census(step, top: int = 14, device: str = "cuda") -> dict:
     optimizer are static). On the CPU the history is the profiler's memory events: the same
     tensors, without the CUDA kernels' workspaces."""
     events = _cuda_allocations(step) if device == "cuda" else _cpu_allocations(step)
-    total, highest, at = 0, 0, -1
-    sizes: dict = {}
-    for i, (alloc, addr, size) in enumerate(events):  # first pass: when the step's own allocations peak
+    highest, _, alive = replay_to_peak(events)
+    return {"peak_gib": highest / 2**30,
+            **grouped([(events[i][2], dict(where=f"tensors of {events[i][2] / 2**20:.0f} MiB")) for i in alive], top)}
+
+
+def replay_to_peak(events: list, may_peak=None) -> tuple[int, int, list[int]]:
+    """(allocated?, address, bytes) events in order, replayed: the highest total (counting only
+    the moments i where may_peak(i) holds, if given), the index of that moment, and the indices
+    of the allocations alive then."""
+    total, highest, at, sizes = 0, 0, -1, {}
+    for i, (alloc, addr, size) in enumerate(events):
         if alloc:
             sizes[addr] = size
             total += size
         else:
             total -= sizes.pop(addr, 0)
-        if total > highest:
+        if total > highest and (may_peak is None or may_peak(i)):
             highest, at = total, i
     alive: dict = {}
-    for alloc, addr, size in events[: at + 1]:
+    for i, (alloc, addr, _) in enumerate(events[: at + 1]):
         if alloc:
-            alive[addr] = size
+            alive[addr] = i
         else:
             alive.pop(addr, None)
+    return highest, at, list(alive.values())
+
+
+def grouped(tensors: list[tuple[int, dict]], top: int) -> dict:
+    """(bytes, label fields) of the tensors alive at a peak, summed per label, largest first."""
     groups: dict = {}
-    for size in alive.values():
-        g = groups.setdefault(f"tensors of {size / 2**20:.0f} MiB", [0, 0])
+    for size, label in tensors:
+        g = groups.setdefault(tuple(label.items()), [0, 0])
         g[0] += size
         g[1] += 1
     ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
-    return {
-        "peak_gib": highest / 2**30,
-        "groups": [dict(where=k, gib=v[0] / 2**30, tensors=v[1]) for k, v in ranked[:top]],
-        "rest_gib": sum(v[0] for _, v in ranked[top:]) / 2**30,
-    }
+    return {"groups": [dict(label, gib=v[0] / 2**30, tensors=v[1]) for label, v in ranked[:top]],
+            "rest_gib": sum(v[0] for _, v in ranked[top:]) / 2**30}
 
 
 def _cuda_allocations(step) -> list[tuple[bool, int, int]]:
@@ -618,19 +628,30 @@ def _cuda_allocations(step) -> list[tuple[bool, int, int]]:
 
 def _cpu_allocations(step) -> list[tuple[bool, int, int]]:
     """The same on the CPU, from the profiler's memory events (a free is a negative size)."""
+    return as_allocations(cpu_memory_trace(step)[0])
+
+
+def as_allocations(memory: list[dict]) -> list[tuple[bool, int, int]]:
+    """The profiler's memory events as (allocated?, address, bytes)."""
+    return [(e["args"]["Bytes"] > 0, e["args"]["Addr"], abs(e["args"]["Bytes"])) for e in memory]
+
+
+def cpu_memory_trace(step, with_stack: bool = False) -> tuple[list[dict], list[dict]]:
+    """One step under the profiler with its memory events: the CPU's memory events in the order
+    they happened, and every event of the trace (chrome format)."""
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=with_stack) as prof:
         step()
     with tempfile.TemporaryDirectory() as folder:
         trace = Path(folder) / "trace.json"
         prof.export_chrome_trace(str(trace))
-        events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("name") == "[memory]"]
-    events.sort(key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)))
-    cpu = [e["args"] for e in events if e["args"].get("Device Type") == 0]
-    return [(a["Bytes"] > 0, a["Addr"], abs(a["Bytes"])) for a in cpu]
+        events = json.loads(trace.read_text())["traceEvents"]
+    memory = [e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    memory.sort(key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)))
+    return memory, events
 
 
 def measure_arm(arm: Arm, shape_name: str, seqs: list[int], steps: int, warmup_seq: int | None = None,

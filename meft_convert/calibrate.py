@@ -173,14 +173,20 @@ def computed_in_float32(model: torch.nn.Module):
             restore(module)
 
 
+def float32_logits(original, inputs: dict, causal: bool, dtype: torch.dtype) -> torch.Tensor | None:
+    """A 16-bit causal LM's logits computed in float32 (measure()'s), the second reference its
+    perplexity target allows (PERPLEXITY_TOLERANCE); None for other models."""
+    if not (causal and dtype in (torch.float16, torch.bfloat16)):
+        return None
+    with computed_in_float32(original):
+        return measure(original, inputs, causal)["logits"]
+
+
 def reference_outputs(original, inputs: dict, causal: bool, dtype: torch.dtype) -> dict:
-    """measure() of the original; for a 16-bit causal LM also its logits in float32, the second
-    reference its perplexity target allows (PERPLEXITY_TOLERANCE)."""
+    """measure() of the original, with its float32_logits where there are any."""
     reference = measure(original, inputs, causal)
-    if causal and dtype in (torch.float16, torch.bfloat16):
-        with computed_in_float32(original):
-            reference["float32_logits"] = measure(original, inputs, causal)["logits"]
-    return reference
+    in_float32 = float32_logits(original, inputs, causal, dtype)
+    return reference if in_float32 is None else {**reference, "float32_logits": in_float32}
 
 
 def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:

@@ -193,7 +193,8 @@ def _forward(model, inputs, lm: bool):
 def _fidelity(reference, converted, mask: torch.Tensor, ids: torch.Tensor | None = None,
               reference_float32_logits: torch.Tensor | None = None) -> Fidelity:
     """Cosine per real token; for LM heads top-1 agreement and KL; with `ids` (a causal LM on
-    one sequence) the perplexity of both, and of the original computed in float32 if given."""
+    one sequence) the perplexity of both, and of the original computed in float32 if given
+    (calibrate.float32_logits)."""
     (h0, logits0), (h1, logits1) = reference, converted
     real = mask.bool()
     cosine = torch.nn.functional.cosine_similarity(h0, h1, dim=-1)[real]
@@ -207,7 +208,7 @@ def _fidelity(reference, converted, mask: torch.Tensor, ids: torch.Tensor | None
             fidelity.original_perplexity = calibrate.perplexity(l0, ids[0])
             fidelity.perplexity = calibrate.perplexity(l1, ids[0])
             if reference_float32_logits is not None:
-                fidelity.original_float32_perplexity = calibrate.perplexity(reference_float32_logits.float()[real], ids[0])
+                fidelity.original_float32_perplexity = calibrate.perplexity(reference_float32_logits, ids[0])
     return fidelity
 
 
@@ -328,10 +329,7 @@ def verify_conversion(
     text = calibrate.text_inputs(original, config)
     causal = auto_class_name == calibrate.CAUSAL_LM
     with torch.no_grad():
-        in_float32 = None
-        if causal and dtype in (torch.float16, torch.bfloat16):
-            with calibrate.computed_in_float32(plm):
-                in_float32 = plm(**text).logits
+        in_float32 = calibrate.float32_logits(plm, text, causal, dtype)
         fidelity = _fidelity(
             _forward(plm, text, lm), _forward(meft, text, lm), text["attention_mask"], text["input_ids"] if causal else None,
             in_float32,

@@ -957,6 +957,13 @@ class _HalfStepOutput:
         if self.arith.exact:
             self.checksum = part_sum if self.checksum is None else self.checksum + part_sum
 
+    def let_go_of(self, stream: Stream) -> None:
+        """Drops the integers of the stream this output was made from: in one chunk the output
+        has integers of its own, and the caller's reference to the input must not keep a third
+        stream alive for the rest of the layer (several chunks write in place: nothing to drop)."""
+        if self.single and self.arith.exact:
+            stream.ints = None
+
     def stream(self) -> Stream:
         return Stream(self.ints if self.arith.exact else None, self.value, self.checksum)
 
@@ -966,8 +973,7 @@ def _couple_rows(run: StackRun, y: _HalfStepOutput, x: Stream, sl: slice, out: t
     stream_part = y.part(x, sl)
     y_ints, y_value, r, flag, part_sum = run.arithmetic.couple(stream_part, out, factor)
     y.put(sl, stream_part, y_ints, y_value, part_sum)
-    if y.single and run.arithmetic.exact:
-        x.ints = stream_part = None  # consumed, as in _uncouple_rows
+    y.let_go_of(x)
     if run.arithmetic.exact:
         run.flags.append(flag)
     packed.append(r)
@@ -978,11 +984,7 @@ def _uncouple_rows(run: StackRun, x: _HalfStepOutput, y: Stream, sl: slice, out:
     stream_part = x.part(y, sl)
     x_ints, x_value, part_sum = run.arithmetic.uncouple(stream_part, out, packed, factor)
     x.put(sl, stream_part, x_ints, x_value, part_sum)
-    if x.single and run.arithmetic.exact:
-        # y is consumed: x was rebuilt from it into new integers (several chunks rebuild it in
-        # place), and the caller's reference must not keep a third stream alive for the rest of
-        # the layer
-        y.ints = stream_part = None
+    x.let_go_of(y)
 
 
 def _mixing_input(run: StackRun, block: Block, inp: torch.Tensor, routed, states: list, replay: bool):
