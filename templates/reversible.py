@@ -1050,6 +1050,13 @@ def _forward_half(run: StackRun, block: Block, inp: torch.Tensor, x: Stream, sca
     if _runs_causally(block, _row_slices(inp, s.chunk_tokens)):
         return _forward_causal_half(run, block, inp, x, scale, record, routed)
     factor = arith.factor(scale)
+    if _in_one_graph(block, inp, s.chunk_tokens):
+        out = _whole_block(run, block, inp.detach().requires_grad_(), record, routed, replay=False).detach()
+        y = _HalfStepOutput(arith, x, x.value.shape, x.value.device, 1)
+        packed = []
+        _couple_rows(run, y, x, slice(None), out, factor, packed)
+        run.remainders.add(packed if arith.exact else [])
+        return y.stream()
     if block.mixing is not None:
         mixing_input = _mixing_input(run, block, inp, routed, record.before, replay=False)
         record.mixing = run.capture_rng()
@@ -1098,6 +1105,10 @@ def _backward_whole_core_half(run: StackRun, block: Block, inp: torch.Tensor, y:
     """_backward_half for a block whose mixing part sees the whole sequence at once."""
     arith, s = run.arithmetic, run.settings
     factor = arith.factor(scale)
+    if _in_one_graph(block, inp, s.chunk_tokens):
+        x, d_inp = _backward_in_one_graph(run, block, inp, y, packed, factor, dy, record, routed, params, grads,
+                                          value_needed)
+        return x, d_inp, _scaled(dy, scale)
     # only the recompute runs under the forward's autocast; the gradients are computed outside
     # it, as loss.backward() computes plain autograd's (autocast would also apply to the
     # backward's own kernels and change their rounding)
@@ -1167,6 +1178,53 @@ def _backward_whole_core_half(run: StackRun, block: Block, inp: torch.Tensor, y:
         else:
             d_inp = grads.of(h, leaf, d_h, params) if block.mixing is not None else d_h
     return x.stream(), d_inp, _scaled(dy, scale)
+
+
+def _in_one_graph(block: Block, inp: torch.Tensor, chunk_tokens: int) -> bool:
+    """Whether a block with several parts runs in one chunk: then forward and backward run it as
+    one graph (_whole_block) rather than part by part."""
+    return block.mixing is not None and block.positionwise is not None and len(_row_slices(inp, chunk_tokens)) == 1
+
+
+def _whole_block(run: StackRun, block: Block, leaf: torch.Tensor, record: _HalfRecord, routed, replay: bool):
+    """The block's parts on `leaf` as one graph, as plain autograd builds it (each part reading the
+    stream through a view of its own). In forward the RNG state before each part is recorded, in
+    backward's recompute it is restored."""
+    cd = run.compute_dtype
+
+    def rng(states: list, i: int = 0) -> None:
+        if not replay:
+            states.append(run.capture_rng())
+        elif states and states[i] is not None:
+            states[i].restore()
+
+    with torch.enable_grad():
+        if block.before is not None:
+            rng(record.before)
+            h = tuple(block.before(_block_input(leaf, cd), routed, Rows(slice(None), tuple(leaf.shape[:-1]))))
+        else:
+            h = _block_input(leaf, cd)
+        if not replay:
+            record.mixing = run.capture_rng()
+        elif record.mixing is not None:
+            record.mixing.restore()
+        h = block.mixing(h, routed)
+        rng(record.chunks)
+        return block.positionwise(h) if block.before is None else block.positionwise(h, _block_input(leaf, cd))
+
+
+def _backward_in_one_graph(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, packed: list, factor, dy,
+                           record: _HalfRecord, routed, params, grads: _Gradients, value_needed: bool):
+    """A block in one chunk: its parts recomputed as one graph, as plain autograd builds it, and
+    differentiated by one call. No part is recomputed twice (`before`, whose outputs the
+    chunked path keeps only detached) and the host makes one autograd call, not three."""
+    arith = run.arithmetic
+    leaf = inp.detach().requires_grad_()
+    with run.autocast.active():
+        out = _whole_block(run, block, leaf, record, routed, replay=True)
+    x = _HalfStepOutput(arith, y, inp.shape, inp.device, 1, keep_values=value_needed or not arith.exact)
+    _uncouple_rows(run, x, y, slice(None), out.detach(), packed[0] if packed else None, factor)
+    return x.stream(), None if dy is None else grads.of(out, leaf, dy, params)
 
 
 class _Context:

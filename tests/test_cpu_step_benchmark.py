@@ -40,15 +40,15 @@ def test_the_cpu_census_replays_a_steps_allocations_to_their_peak():
 
 def test_a_meft_steps_host_work_stays_near_checkpointings(monkeypatch):
     """At OPT-1.3b's 24 layers and tiny widths, where a step is all host work: MEFT1's Python calls
-    per step against LoRA + checkpointing's (1.25x measured at this shape; 1.82x before the
-    couplings were kept from one step to the next) and its aten calls (1.95x; the stream
-    arithmetic runs eager on the CPU, compiled on CUDA)."""
+    per step against LoRA + checkpointing's (1.02x measured at this shape; 1.25x before a block in
+    one chunk was recomputed as one graph, 1.82x before the couplings were kept from one step to the
+    next) and its aten calls (1.84x; the stream arithmetic runs eager on the CPU, compiled on CUDA)."""
     monkeypatch.setitem(ms.RUN, "profile", "llm")
     shape = dict(ms.SHAPES["opt-1.3b"], batch=2, seq=64)
     lora, meft = (cpu_step.host_counts(shape, method) for method in ("lora+gc+chunked-loss", "meft1"))
     assert lora["layers"] == meft["layers"] == 24
-    assert meft["python_calls"] <= 1.4 * lora["python_calls"], (meft, lora)
-    assert meft["aten_calls"] <= 2.2 * lora["aten_calls"], (meft, lora)
+    assert meft["python_calls"] <= 1.12 * lora["python_calls"], (meft, lora)
+    assert meft["aten_calls"] <= 2.0 * lora["aten_calls"], (meft, lora)
 
 
 @pytest.mark.slow

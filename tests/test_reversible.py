@@ -665,3 +665,34 @@ def test_a_stack_input_that_needs_no_gradient_is_not_kept_for_backward(blocks):
     assert not any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in kept)
     (y1.sum() + y2.sum()).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in blocks.parameters())
+
+
+@pytest.mark.parametrize("chunk_tokens, befores_per_block, calls_per_half", [(0, 1, 1), (7, 2 * 2, 2 + 1 + 2)])
+def test_a_block_in_one_chunk_is_recomputed_once_and_differentiated_by_one_call(monkeypatch, chunk_tokens,
+                                                                               befores_per_block, calls_per_half):
+    """In one chunk an attention block's three parts are recomputed as one graph and differentiated
+    by one autograd call; in chunks, `before` runs twice a chunk (its outputs for the core, then
+    differentiated) and each part has calls of its own."""
+    befores = {"forward": 0, "backward": 0}
+    phase = ["forward"]
+
+    class Counting(ToyAttention):
+        def before(self, x, routed, rows):
+            befores[phase[0]] += 1
+            return super().before(x, routed, rows)
+
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([Counting() if i % 2 == 0 else ToyBlock() for i in range(4)])
+    settings = R.CouplingSettings(2.0**-8, 2.0**-8, swap=False, stream_bits=32, frac_bits=20, chunk_tokens=chunk_tokens)
+    x = torch.randn(2, 7, D, requires_grad=True)
+    routed = {"position": 1 + torch.rand(1, 7, 8)}
+    y1, y2 = R.run_stack(x, split_couplings(blocks), settings, routed, mode="reversible")
+    calls = []
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or grad(*a, **k))
+    phase[0] = "backward"
+    (y1.sum() + (y2**2).sum()).backward()
+    chunks = 1 if chunk_tokens == 0 else 2
+    assert befores == {"forward": 2 * chunks, "backward": 2 * befores_per_block}
+    # two layers: F (attention) and G (a position-wise block, one call a chunk)
+    assert len(calls) == 2 * (calls_per_half + chunks)
