@@ -84,37 +84,35 @@ OPTIMIZER_STEP_COPIES = 2
 # position-wise phase the full-sequence tensors that outlive the core plus the MLP's working
 # set over one chunk. MEFT1: F is a whole layer (attention, MLP, adapter) and G an adapter;
 # MEFT2 the other way round; MEFT3: F = attention, G = MLP.
-# Gated: fitted to Llama-3-8B at 1 × 8k–32k with the attention in parts (families.py's
-# AttentionParts; benchmarks/results/h200-llama-3-8b-attention-parts*.json): MEFT1/MEFT2 peak in
-# the position-wise phase at 16k and in the mixing phase at 32k; MEFT1 and MEFT2 measured alike;
-# MEFT3 from its 8k and 16k rows. The T×H counts sit between the exact and the offloaded rows (2
-# to 4% apart). The c×I count is the census of the current engine's 16k step
-# (h200-llama-3-8b-query-chunks.json): four 112 MiB chunk intermediates, SwiGLU's gate and up
-# and two gradients (families.py's SiluProduct; autograd held six), 4.4 with rounding.
-# Plain: fitted to OPT-1.3b at 8 × 512 with the attention whole (the engine before the parts,
-# h200-opt-1.3b-llm.json; the parts keep less, so these are upper bounds there). There c = T,
-# so the position-wise c×I count (3: the first projection's output, its activation and a
-# gradient, I = 4H) is taken, not fitted, and the T×H counts are fitted; MEFT2 measured 2 T×H
-# below MEFT1. Its mixing phase is not measured apart (it never peaks while T ≤ c): the gated
-# counts of that engine, assumed.
-# Both are fits to GPU runs of the engine before two changes measured only on the CPU since
-# (benchmarks/README.md, "OPT-1.3b 8 × 512 on the CPU"): a one-chunk half-step lets go of its
-# input stream (2 T×H-sized int32 tensors fewer at T ≤ c) and the stack input is no longer held
-# (1 T×H fewer). Until a GPU run refits them they overstate MEFT by about that much.
+# Gated: fitted to Llama-3-8B at 1 × 4k–32k with the attention in parts (families.py's
+# AttentionParts), first on benchmarks/results/h200-llama-3-8b-attention-parts*.json, then moved
+# to the current engine's runs (h200-llama-3-8b-stream-release.json, -one-graph.json): the stack
+# input is no longer held (1 T×H fewer for MEFT1/MEFT2; MEFT3's mixing phase measured 2.2 fewer).
+# MEFT1/MEFT2 peak in the position-wise phase at 16k and in the mixing phase at 32k; MEFT1 and
+# MEFT2 measured alike; MEFT3 from its offloaded rows. The c×I count is the census of a 16k step
+# (h200-llama-3-8b-query-chunks.json): four 112 MiB chunk intermediates, SwiGLU's gate and up and
+# two gradients (families.py's SiluProduct; autograd held six), 4.4 with rounding.
+# Plain: fitted to OPT-1.3b at 8 × 512 (h200-opt-1.3b-llm-kept-couplings.json, -one-graph.json),
+# where c = T and the position-wise phase peaks: its c×I count (3: the first projection's output,
+# its activation and a gradient, I = 4H) is taken, not fitted, and the T×H counts are fitted
+# (a one-chunk half-step lets go of its input stream, and the stack input is not held: 5.9 T×H
+# fewer for MEFT1 than the engine before). The mixing phase is not measured apart (it never peaks
+# while T ≤ c); its counts are moved down with the position-wise ones, and meet the 1024-token
+# chunks' row (T > c) within 3%.
 MEFT_MIXING_PHASE = {
-    "gated": {"meft1": (15.65, 0.0), "meft2": (15.65, 0.0), "meft3": (18.1, 0.2)},
-    "plain": {"meft1": (19.8, 1.6), "meft2": (19.8, 1.6), "meft3": (18.8, 0.2)},
+    "gated": {"meft1": (14.65, 0.0), "meft2": (14.65, 0.0), "meft3": (15.9, 0.2)},
+    "plain": {"meft1": (13.9, 1.6), "meft2": (13.9, 1.6), "meft3": (15.9, 0.2)},
 }
 MEFT_POSITIONWISE_PHASE = {
-    "gated": {"meft1": (11.2, 4.4), "meft2": (11.2, 4.4), "meft3": (9.9, 4.4)},
-    "plain": {"meft1": (18.1, 3.0), "meft2": (16.1, 3.0), "meft3": (10.2, 3.0)},
+    "gated": {"meft1": (10.2, 4.4), "meft2": (10.2, 4.4), "meft3": (9.9, 4.4)},
+    "plain": {"meft1": (12.2, 3.0), "meft2": (13.1, 3.0), "meft3": (7.3, 3.0)},
 }
 # Remainders on the GPU when offloaded: the layer in use and the one fetched ahead.
 OFFLOADED_REMAINDER_LAYERS_ON_GPU = 2
 # Float mode (the paper's): no integers and no remainders, but T×H-sized float tensors beyond
-# the exact layer's backward (fitted to OPT-1.3b's float MEFT3 at 8 × 512, the current engine;
-# MEFT1/MEFT2 float and the gated kind assumed alike).
-MEFT_FLOAT_EXTRA_TH = 8.3
+# the exact layer's backward (fitted to OPT-1.3b's float MEFT3 at 8 × 512, the current engine,
+# h200-opt-1.3b-llm-one-graph.json; MEFT1/MEFT2 float and the gated kind assumed alike).
+MEFT_FLOAT_EXTRA_TH = 12.5
 
 ARMS = (
     "full", "lora", "lora+gc", "lora+gc+chunked-loss", "lora+offload-gc+chunked-loss", "head-only",

@@ -21,9 +21,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 # the measured files, and whether their MEFT rows come from the current engine. h200.json's MEFT
 # arms ran an older engine (int64 streams, three of them alive, the MLP unchunked);
 # h200-llama-3-8b.json, h200-opt-1.3b-llm.json and the max-context search kept the attention whole
-# (before families.py's AttentionParts), and the attention-parts files held six of the gated
-# MLP's intermediates (before SiluProduct), so only their other arms count.
-MEASURED = {"h200-llama-3-8b-query-chunks.json": True, "h200-opt-1.3b-llm-query-chunks.json": True,
+# (before families.py's AttentionParts), the attention-parts files held six of the gated MLP's
+# intermediates (before SiluProduct), and the query-chunks files held the stack input and, in one
+# chunk, a third stream's integers, so only their other arms count.
+MEASURED = {"h200-llama-3-8b-stream-release.json": True, "h200-llama-3-8b-one-graph.json": True,
+            "h200-opt-1.3b-llm-kept-couplings.json": True, "h200-opt-1.3b-llm-one-graph.json": True,
+            "h200-llama-3-8b-query-chunks.json": False, "h200-opt-1.3b-llm-query-chunks.json": False,
             "h200-llama-3-8b-attention-parts.json": False, "h200-llama-3-8b-attention-parts-run1.json": False,
             "h200-llama-3-8b.json": False, "h200.json": False, "h200-opt-1.3b-llm.json": False,
             "h200-llama-3-8b-max-context.json": False}
@@ -76,10 +79,11 @@ def _estimate(row: dict) -> dict:
 def test_every_measured_file_is_covered():
     names = {name for name, _ in ROWS}
     assert set(MEASURED) <= names
-    methods = {row["method"] for name, row in ROWS if name == "h200-llama-3-8b-query-chunks.json"}
+    methods = {row["method"] for name, row in ROWS if name == "h200-llama-3-8b-stream-release.json"}
     assert {"meft1", "meft1+offload", "meft3+offload", "lora+gc+chunked-loss", "lora+offload-gc+chunked-loss"} <= methods
-    methods = {row["method"] for name, row in ROWS if name == "h200-opt-1.3b-llm-query-chunks.json"}
-    assert {"meft1", "meft2", "meft3", "meft1+offload", "meft2+offload", "meft3+offload"} <= methods
+    assert {row["seq"] for name, row in ROWS if name == "h200-llama-3-8b-one-graph.json"} == {4096, 16384}
+    methods = {row["method"] for name, row in ROWS if name == "h200-opt-1.3b-llm-one-graph.json"}
+    assert {"meft1", "meft2", "meft3", "meft1+offload", "meft2+offload", "meft3+offload", "meft3-float"} <= methods
     methods = {row["method"] for name, row in ROWS if name.startswith("h200-llama-3-8b-attention-parts")}
     assert {"lora+gc+chunked-loss", "lora+offload-gc+chunked-loss"} <= methods
     methods = {row["method"] for name, row in ROWS if name == "h200-llama-3-8b.json"}
