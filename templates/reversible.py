@@ -997,10 +997,7 @@ def _mixing_input(run: StackRun, block: Block, inp: torch.Tensor, routed, states
     lead = tuple(inp.shape[:-1])
     columns = None
     for i, sl in enumerate(slices):
-        if not replay:
-            states.append(run.capture_rng())
-        elif states and states[i] is not None:
-            states[i].restore()
+        _record_or_restore(run, states, i, replay)
         with run.autocast.active() if replay else contextlib.nullcontext():
             outs = _detached_output(block.before, _part(inp, sl), run, routed, Rows(sl, lead))
         if len(slices) == 1:
@@ -1051,12 +1048,9 @@ def _forward_half(run: StackRun, block: Block, inp: torch.Tensor, x: Stream, sca
         return _forward_causal_half(run, block, inp, x, scale, record, routed)
     factor = arith.factor(scale)
     if _in_one_graph(block, inp, s.chunk_tokens):
-        out = _whole_block(run, block, inp.detach().requires_grad_(), record, routed, replay=False).detach()
-        y = _HalfStepOutput(arith, x, x.value.shape, x.value.device, 1)
-        packed = []
-        _couple_rows(run, y, x, slice(None), out, factor, packed)
-        run.remainders.add(packed if arith.exact else [])
-        return y.stream()
+        leaf = inp.detach().requires_grad_()
+        return _coupled(run, x, [slice(None)], factor,
+                        lambda sl: _whole_block(run, block, leaf, record, routed, replay=False).detach())
     if block.mixing is not None:
         mixing_input = _mixing_input(run, block, inp, routed, record.before, replay=False)
         record.mixing = run.capture_rng()
@@ -1067,20 +1061,28 @@ def _forward_half(run: StackRun, block: Block, inp: torch.Tensor, x: Stream, sca
     slices = _row_slices(h, s.chunk_tokens)
     if len(slices) > 1:
         h = h.contiguous()
-    y = _HalfStepOutput(arith, x, x.value.shape, x.value.device, len(slices))
+
+    def out_of(sl: slice) -> torch.Tensor:
+        if block.positionwise is None:
+            return _part(h, sl)
+        record.chunks.append(run.capture_rng())
+        return _detached_output(block.positionwise, _part(h, sl), run, reads_stream=block.mixing is None,
+                                stream_part=_part(inp, sl) if block.before is not None else None)
+
+    return _coupled(run, x, slices, factor, out_of)
+
+
+def _coupled(run: StackRun, x: Stream, slices: list[slice], factor, out_of) -> Stream:
+    """y = scale·x + out for each chunk of rows, out_of(sl) giving the block output of rows sl (one
+    chunk's alive at a time); with several chunks y's integers overwrite x's. The remainders are
+    kept for backward."""
+    y = _HalfStepOutput(run.arithmetic, x, x.value.shape, x.value.device, len(slices))
     packed = []
     for sl in slices:
-        if block.positionwise is not None:
-            record.chunks.append(run.capture_rng())
-            out = _detached_output(
-                block.positionwise, _part(h, sl), run, reads_stream=block.mixing is None,
-                stream_part=_part(inp, sl) if block.before is not None else None,
-            )
-        else:
-            out = _part(h, sl)
+        out = out_of(sl)
         _couple_rows(run, y, x, sl, out, factor, packed)
         del out
-    run.remainders.add(packed if arith.exact else [])
+    run.remainders.add(packed if run.arithmetic.exact else [])
     return y.stream()
 
 
@@ -1191,16 +1193,9 @@ def _whole_block(run: StackRun, block: Block, leaf: torch.Tensor, record: _HalfR
     stream through a view of its own). In forward the RNG state before each part is recorded, in
     backward's recompute it is restored."""
     cd = run.compute_dtype
-
-    def rng(states: list, i: int = 0) -> None:
-        if not replay:
-            states.append(run.capture_rng())
-        elif states and states[i] is not None:
-            states[i].restore()
-
     with torch.enable_grad():
         if block.before is not None:
-            rng(record.before)
+            _record_or_restore(run, record.before, 0, replay)
             h = tuple(block.before(_block_input(leaf, cd), routed, Rows(slice(None), tuple(leaf.shape[:-1]))))
         else:
             h = _block_input(leaf, cd)
@@ -1209,7 +1204,7 @@ def _whole_block(run: StackRun, block: Block, leaf: torch.Tensor, record: _HalfR
         elif record.mixing is not None:
             record.mixing.restore()
         h = block.mixing(h, routed)
-        rng(record.chunks)
+        _record_or_restore(run, record.chunks, 0, replay)
         return block.positionwise(h) if block.before is None else block.positionwise(h, _block_input(leaf, cd))
 
 
@@ -1267,6 +1262,14 @@ def _restore(states: list, i: int) -> None:
         states[i].restore()
 
 
+def _record_or_restore(run: StackRun, states: list, i: int, replay: bool) -> None:
+    """Forward records the RNG state before a part's chunk i; backward's recompute restores it."""
+    if replay:
+        _restore(states, i)
+    else:
+        states.append(run.capture_rng())
+
+
 def _forward_causal_half(run: StackRun, block: Block, inp: torch.Tensor, x: Stream, scale: float, record: _HalfRecord,
                          routed) -> Stream:
     """_forward_half for a block with a causal core: before, core and position-wise part run a
@@ -1276,9 +1279,8 @@ def _forward_causal_half(run: StackRun, block: Block, inp: torch.Tensor, x: Stre
     slices = _row_slices(inp, s.chunk_tokens)
     lead = tuple(inp.shape[:-1])
     context = _Context(block.causal, inp)
-    y = _HalfStepOutput(arith, x, x.value.shape, x.value.device, len(slices))
-    packed = []
-    for sl in slices:
+
+    def out_of(sl: slice) -> torch.Tensor:
         rows = Rows(sl, lead)
         record.before.append(run.capture_rng())
         queries = context.fill(sl, _detached_output(block.before, _part(inp, sl), run, routed, rows))
@@ -1288,12 +1290,9 @@ def _forward_causal_half(run: StackRun, block: Block, inp: torch.Tensor, x: Stre
                              (*queries, *context.at(rows)), run, routed, reads_stream=False)
         del queries
         record.chunks.append(run.capture_rng())
-        out = _detached_output(block.positionwise, h, run, reads_stream=False, stream_part=_part(inp, sl))
-        del h
-        _couple_rows(run, y, x, sl, out, factor, packed)
-        del out
-    run.remainders.add(packed if arith.exact else [])
-    return y.stream()
+        return _detached_output(block.positionwise, h, run, reads_stream=False, stream_part=_part(inp, sl))
+
+    return _coupled(run, x, slices, factor, out_of)
 
 
 @dataclass
