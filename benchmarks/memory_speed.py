@@ -51,7 +51,7 @@ from templates.configuration_meft import MEFT_SETTINGS, config_class_for  # noqa
 from templates.families import family_for  # noqa: E402
 from templates.modeling_meft import freeze_plm, keep_trainable_in_float32, model_class_for  # noqa: E402
 from templates.losses import ChunkedLossMixin  # noqa: E402
-from templates import reversible  # noqa: E402
+from templates import fixed_point  # noqa: E402
 
 LOSS_CHUNK = 256  # tokens per chunk of the causal-LM loss (the converter's default)
 
@@ -842,15 +842,15 @@ def kernel_check(device) -> list[dict]:
     rows = []
     g = torch.Generator(device=device).manual_seed(0)
     shape = (8, 512, 2048)
-    compiled_couple = torch.compile(reversible._couple, dynamic=True)
-    compiled_uncouple = torch.compile(reversible._uncouple, dynamic=True)
+    compiled_couple = torch.compile(fixed_point._couple, dynamic=True)
+    compiled_uncouple = torch.compile(fixed_point._uncouple, dynamic=True)
     for m in (1, 10, 1024):
         for dtype in (torch.bfloat16, torch.float32):
-            x = reversible.to_fixed(torch.randn(shape, device=device, generator=g) * 50, 32)
+            x = fixed_point.to_fixed(torch.randn(shape, device=device, generator=g) * 50, 32)
             out = (torch.randn(shape, device=device, generator=g) * 3).to(dtype)
 
             def eager(x, out):
-                return reversible._couple(x, out, m, 32, torch.float32)
+                return fixed_point._couple(x, out, m, 32, torch.float32)
 
             def fused(x, out):
                 return compiled_couple(x, out, m, 32, torch.float32)
@@ -858,7 +858,7 @@ def kernel_check(device) -> list[dict]:
             a, b = eager(x, out), fused(x, out)
             same = all((a[i] is None and b[i] is None) or torch.equal(a[i], b[i]) for i in (0, 2, 3, 4))
             back = compiled_uncouple(b[0], out, b[2], m, 32, torch.float32)
-            exact = torch.equal(back[0], x) and torch.equal(back[1], reversible.from_fixed(x, 32, torch.float32)) is not None
+            exact = torch.equal(back[0], x) and torch.equal(back[1], fixed_point.from_fixed(x, 32, torch.float32)) is not None
             times = {}
             for name, fn in (("eager", eager), ("fused", fused)):
                 for _ in range(3):

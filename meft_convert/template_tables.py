@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 # template file -> the top-level definitions read from it, in dependency order
 DEFINITIONS = {
-    "reversible.py": ("denominator_of",),
+    "fixed_point.py": ("denominator_of",),
     "adapters.py": ("ADAPTER_INITS", "adapter_generator", "draw_adapter"),
     "configuration_meft.py": (
         "VARIANT_DEFAULTS", "OUTPUT_STREAMS", "validate_meft_settings", "MEFT_SETTINGS", "config_class_name", "auto_map_for",

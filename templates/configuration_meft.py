@@ -14,7 +14,7 @@ import transformers
 
 from .adapters import ADAPTER_INITS
 from .families import FAMILIES, Family, family_for
-from .reversible import denominator_of
+from .fixed_point import denominator_of
 
 # λ and β of each variant in the paper, and which blocks F and G are
 VARIANT_DEFAULTS = {

@@ -40,7 +40,10 @@ from .adapters import MeftAdapter, init_adapter_projection, is_adapter_projectio
 from .configuration_meft import RUNTIME_SETTINGS, config_class_for
 from .families import FAMILIES, Family, Stack, family_for
 from .losses import ChunkedLossMixin
-from .reversible import Block, CausalCore, Coupling, CouplingSettings, run_float_layer, run_stack, stream_dtype_for
+from .arithmetic import CouplingSettings
+from .blocks import Block, CausalCore
+from .fixed_point import stream_dtype_for
+from .reversible import Coupling, run_float_layer, run_stack
 
 
 @dataclass(frozen=True)

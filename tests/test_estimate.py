@@ -153,10 +153,10 @@ def test_offloaded_host_memory():
 
 
 def test_remainder_bits_follow_the_engine():
-    from templates import reversible
+    from templates import fixed_point
 
     for m in (1, 2, 3, 10, 100, 256, 1000, 1024):
-        assert remainder_layout(m) == reversible.remainder_layout(m)
+        assert remainder_layout(m) == fixed_point.remainder_layout(m)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.json")))
@@ -321,9 +321,9 @@ def test_pinned_host_memory_as_measured():
     """The pinned allocator rounds each buffer up to a power of two: MEFT3's 10-bit remainders
     (40 MiB a stream and layer at 8k) reserve 64 MiB each, as the benchmark's allocator counted."""
     from meft_convert.estimate import packed_remainder_bytes
-    from templates import reversible
+    from templates import fixed_point
 
-    assert packed_remainder_bytes(1024, 12345) == reversible.packed_remainder_bytes(1024, 12345)
+    assert packed_remainder_bytes(1024, 12345) == fixed_point.packed_remainder_bytes(1024, 12345)
     for name, row in ROWS:
         if row["method"] in ("meft1+offload", "meft3+offload") and row.get("pinned_host_peak_gib"):
             pinned = _estimate(row)["arms"][row["method"]]["host_pinned_gib"]

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from meft_convert.templates.families import FAMILIES, family_for
-from meft_convert.templates.reversible import Rows
+from meft_convert.templates.blocks import Rows
 from tests.conftest import real_config
 
 CASES = {

@@ -12,7 +12,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA start
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from meft_convert.templates import reversible  # noqa: E402
+from meft_convert.templates import arithmetic, fixed_point, reversible  # noqa: E402
 from tests.test_modeling import batch, build, loss_of  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -91,7 +91,7 @@ def test_sdpa_reconstruction_is_bit_exact_and_compiled(config_name, auto_class, 
         assert len(rebuilt) == len(forward) == len(layers)
         for name, a, b in rebuilt:
             assert a.is_cuda and torch.equal(forward[name][0], a) and torch.equal(forward[name][1], b)
-    assert reversible._COMPILE["enabled"]  # the half-steps ran compiled
+    assert fixed_point._COMPILE["enabled"]  # the half-steps ran compiled
 
 
 @pytest.mark.parametrize("variant", ["meft1", "meft3"])
@@ -140,7 +140,7 @@ def test_offloaded_remainders_live_in_pinned_host_memory_and_change_nothing():
     x = torch.randn(4, 300, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     results = {}
     for offload in (False, True):
-        settings = reversible.CouplingSettings(1 / 256, 1 / 256, swap=False, stream_bits=32, frac_bits=20,
+        settings = arithmetic.CouplingSettings(1 / 256, 1 / 256, swap=False, stream_bits=32, frac_bits=20,
                                                chunk_tokens=256, offload_remainders=offload)
         blocks.zero_grad(set_to_none=True)
         torch.manual_seed(1)
@@ -158,13 +158,13 @@ def test_remainders_go_to_the_host_from_the_step_size_the_default_names(monkeypa
     from meft_convert.templates.modeling_meft import OFFLOAD_MIN_TOKENS
 
     seen = []
-    original = reversible._Remainders.__init__
+    original = fixed_point.RemainderStore.__init__
 
     def spy(self, offload, device):
         original(self, offload, device)
         seen.append(self.offload)
 
-    monkeypatch.setattr(reversible._Remainders, "__init__", spy)
+    monkeypatch.setattr(fixed_point.RemainderStore, "__init__", spy)
     model = build("tinyllama-1.1b", "AutoModelForCausalLM", dtype=torch.bfloat16, variant="meft3",
                   stream_bits=32, frac_bits=20).cuda().train()
     for tokens in (OFFLOAD_MIN_TOKENS // 2, OFFLOAD_MIN_TOKENS):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import gc
-import math
 import weakref
 
 import pytest
 import torch
 from torch import nn
 
+from meft_convert.templates import arithmetic as A
+from meft_convert.templates import blocks as B
+from meft_convert.templates import fixed_point as FP
 from meft_convert.templates import reversible as R
 
 D = 16
@@ -73,7 +75,7 @@ def blocks():
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_reversible_gradients_are_bitwise_plain_autograd(blocks, dtype, name):
     blocks.to(dtype)
-    settings = R.CouplingSettings(**SETTINGS[name])
+    settings = A.CouplingSettings(**SETTINGS[name])
     x = torch.randn(3, 5, D, dtype=dtype, requires_grad=True)
     vanilla = run(blocks, x, settings, "vanilla")
     reversible = run(blocks, x, settings, "reversible")
@@ -90,7 +92,7 @@ def test_reversible_gradients_are_bitwise_plain_autograd(blocks, dtype, name):
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_reconstruction_is_bit_exact(blocks, dtype, name):
     blocks.to(dtype)
-    result = run(blocks, torch.randn(2, 7, D, dtype=dtype), R.CouplingSettings(**SETTINGS[name]), "reversible")
+    result = run(blocks, torch.randn(2, 7, D, dtype=dtype), A.CouplingSettings(**SETTINGS[name]), "reversible")
     forward = {n: (a, b) for kind, n, a, b in result["trace"] if kind == "forward"}
     rebuilt = {n: (a, b) for kind, n, a, b in result["trace"] if kind == "backward"}
     assert set(forward) == set(rebuilt) == {f"layer {i}" for i in range(4)}
@@ -101,7 +103,7 @@ def test_reconstruction_is_bit_exact(blocks, dtype, name):
 
 def test_float_reconstruction_error_grows_as_in_the_paper(blocks):
     """The paper's float inverse divides by λ per layer; its error grows with depth."""
-    settings = R.CouplingSettings(lambda_=0.1, beta=0.1, swap=False, exact=False)
+    settings = A.CouplingSettings(lambda_=0.1, beta=0.1, swap=False, exact=False)
     result = run(blocks, torch.randn(2, 7, D), settings, "reversible")
     forward = {n: a for kind, n, a, _ in result["trace"] if kind == "forward"}
     errors = [
@@ -112,7 +114,7 @@ def test_float_reconstruction_error_grows_as_in_the_paper(blocks):
 
 
 def test_outer_rng_state_is_untouched(blocks):
-    settings = R.CouplingSettings(0.1, 0.1, swap=False)
+    settings = A.CouplingSettings(0.1, 0.1, swap=False)
     x = torch.randn(2, 4, D, requires_grad=True)
     torch.manual_seed(3)
     y1, y2 = R.run_stack(x, couplings(blocks), settings, {}, mode="reversible")
@@ -129,7 +131,7 @@ def test_frozen_input_still_delivers_parameter_gradients(blocks):
     """Embeddings frozen: the stack's input needs no grad, the adapters' parameters do."""
     for block in blocks[::2]:
         block.requires_grad_(False)
-    settings = R.CouplingSettings(0.1, 0.1, swap=False)
+    settings = A.CouplingSettings(0.1, 0.1, swap=False)
     x = torch.randn(2, 4, D)  # requires_grad=False
     vanilla = run(blocks, x, settings, "vanilla")
     reversible = run(blocks, x, settings, "reversible")
@@ -142,7 +144,7 @@ def test_frozen_input_still_delivers_parameter_gradients(blocks):
 
 def test_routed_tensor_requiring_grad_gets_its_gradient(blocks):
     """A tensor every block reads (like encoder states for cross-attention) is differentiated."""
-    settings = R.CouplingSettings(0.1, 1.0, swap=True)
+    settings = A.CouplingSettings(0.1, 1.0, swap=True)
     x = torch.randn(2, 4, D, requires_grad=True)
     grads = {}
     for mode in ("vanilla", "reversible"):
@@ -155,7 +157,7 @@ def test_routed_tensor_requiring_grad_gets_its_gradient(blocks):
 
 @pytest.mark.parametrize("k", [0, 1, 3, 4])
 def test_hybrid_lower_layers_reversible(blocks, k):
-    settings = R.CouplingSettings(0.1, 0.1, swap=False)
+    settings = A.CouplingSettings(0.1, 0.1, swap=False)
     x = torch.randn(2, 5, D, requires_grad=True)
     vanilla = run(blocks, x, settings, "vanilla")
     hybrid = run(blocks, x, settings, "reversible", reversible_layers=k)
@@ -165,7 +167,7 @@ def test_hybrid_lower_layers_reversible(blocks, k):
 
 
 def test_float_mode_matches_the_float_coupling_forward(blocks):
-    settings = R.CouplingSettings(0.1, 0.1, swap=False)
+    settings = A.CouplingSettings(0.1, 0.1, swap=False)
     x = torch.randn(2, 5, D)
     blocks.eval()
     with torch.no_grad():
@@ -190,7 +192,7 @@ def test_audit_names_the_non_deterministic_layer():
     blocks = nn.ModuleList([ToyBlock(0.0) for _ in range(8)])
     blocks[5] = Flaky(0.0)  # G of layer 2
     x = torch.randn(2, 3, D, requires_grad=True)
-    y1, y2 = R.run_stack(x, couplings(blocks), R.CouplingSettings(0.1, 0.1, swap=False), {}, mode="reversible")
+    y1, y2 = R.run_stack(x, couplings(blocks), A.CouplingSettings(0.1, 0.1, swap=False), {}, mode="reversible")
     with pytest.raises(R.ReconstructionError, match="layer 2"):
         (y1 + y2).sum().backward()
 
@@ -206,36 +208,7 @@ def test_non_finite_block_output_is_reported_with_its_layer(mode):
     blocks = nn.ModuleList([ToyBlock() for _ in range(8)])
     blocks[6] = Exploding()  # F of layer 3
     with pytest.raises(FloatingPointError, match=r"layer 3 \(F\)"):
-        R.run_stack(torch.randn(2, 3, D, requires_grad=True), couplings(blocks), R.CouplingSettings(0.1, 0.1, False), {}, mode=mode)
-
-
-@pytest.mark.parametrize("m", [1, 2, 3, 10, 255, 256, 1024, 1000003])
-def test_remainders_pack_into_about_log2_m_bits(m):
-    r = torch.randint(0, m, (3, 37), generator=torch.Generator().manual_seed(m))
-    packed = R.pack_remainders(r, m)
-    assert packed.dtype == torch.uint8 and packed.numel() == R.packed_remainder_bytes(m, r.numel())
-    k, bits = R.remainder_layout(m)
-    if m > 1:
-        assert torch.equal(R.unpack_remainders(packed, m, r), r)
-        assert math.log2(m) <= bits / k <= math.ceil(math.log2(m))  # never more than one at a time
-    else:
-        assert packed.numel() == 0
-
-
-def test_remainder_layout_packs_groups():
-    assert R.remainder_layout(10) == (3, 10)  # 10^3 = 1000 < 2^10: 3.33 bits per remainder
-    assert R.remainder_layout(3) == (5, 8)  # 3^5 = 243 < 2^8: 1.6 bits
-    assert R.remainder_layout(1024) == (1, 10) and R.remainder_layout(2) == (1, 1) and R.remainder_layout(1) == (1, 0)
-    # extremes of each digit survive the round trip
-    r = torch.tensor([[9, 0, 9, 9, 9, 0, 0, 9]])
-    assert torch.equal(R.unpack_remainders(R.pack_remainders(r, 10), 10, r), r)
-
-
-def test_scales_must_be_reciprocals_of_integers():
-    assert R.denominator_of(0.1) == 10 and R.denominator_of(1.0) == 1 and R.denominator_of(2.0**-10) == 1024
-    for bad in (0.3, 2.0, 0.0, -0.1):
-        with pytest.raises(ValueError):
-            R.denominator_of(bad)
+        R.run_stack(torch.randn(2, 3, D, requires_grad=True), couplings(blocks), A.CouplingSettings(0.1, 0.1, False), {}, mode=mode)
 
 
 class _SavedTracker:
@@ -275,7 +248,7 @@ def saved_bytes(depth: int, mode: str, shape=(4, 64)) -> tuple[int, int]:
     tracker = _SavedTracker(blocks.parameters())
     x = torch.randn(*shape, D, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
-        y1, y2 = R.run_stack(x, couplings(blocks), R.CouplingSettings(0.1, 0.1, False), {}, mode=mode)
+        y1, y2 = R.run_stack(x, couplings(blocks), A.CouplingSettings(0.1, 0.1, False), {}, mode=mode)
     kept = y1.grad_fn.run.kept_bytes() if mode == "reversible" else 0
     return tracker.live_bytes(), kept
 
@@ -283,7 +256,7 @@ def saved_bytes(depth: int, mode: str, shape=(4, 64)) -> tuple[int, int]:
 def test_saved_bytes_grow_with_depth_by_the_remainders_only():
     shape = (4, 64)
     elements = 4 * 64 * D
-    remainders_per_layer = 2 * R.packed_remainder_bytes(10, elements)  # two streams, 3.33 bits each
+    remainders_per_layer = 2 * FP.packed_remainder_bytes(10, elements)  # two streams, 3.33 bits each
     saved2, kept2 = saved_bytes(2, "reversible", shape)
     saved8, kept8 = saved_bytes(8, "reversible", shape)
     assert saved8 - saved2 == 6 * remainders_per_layer
@@ -297,56 +270,12 @@ def test_saved_bytes_grow_with_depth_by_the_remainders_only():
 def test_a_second_backward_through_one_forward_is_refused(blocks):
     # backward consumes the final streams as it rebuilds the layers below them
     x = torch.randn(2, 5, D, requires_grad=True)
-    y1, y2 = R.run_stack(x, couplings(blocks), R.CouplingSettings(0.1, 0.1, False), {}, mode="reversible")
+    y1, y2 = R.run_stack(x, couplings(blocks), A.CouplingSettings(0.1, 0.1, False), {}, mode="reversible")
     assert y1.grad_fn.run.kept_bytes() >= 2 * x.numel() * 8  # two int64 streams
     (y1.sum() + y2.sum()).backward(retain_graph=True)
     assert y1.grad_fn.run.final_streams is None
     with pytest.raises(RuntimeError, match="a second time"):
         (y1.sum() + y2.sum()).backward()
-
-
-@pytest.mark.slow
-def test_compiled_half_steps_give_the_eager_bits():
-    """On CUDA the half-steps run through torch.compile; their integers must be the eager ones."""
-    compiled_couple = torch.compile(R._couple, dynamic=True)
-    compiled_uncouple = torch.compile(R._uncouple, dynamic=True)
-    g = torch.Generator().manual_seed(0)
-    x = R.to_fixed(torch.randn(3, 40, D, generator=g) * 50, 32)
-    out = (torch.randn(3, 40, D, generator=g) * 3).to(torch.bfloat16)
-    eager = R._couple(x, out, 10, 32, torch.float32)
-    fused = compiled_couple(x, out, 10, 32, torch.float32)
-    for i in (0, 2, 3, 4):  # integers, packed remainders, flag, sum
-        assert torch.equal(eager[i], fused[i])
-    back = compiled_uncouple(fused[0], out, fused[2], 10, 32, torch.float32)
-    assert torch.equal(back[0], x) and torch.equal(back[2], x.sum())
-
-
-def test_compiler_is_decided_once_and_later_errors_propagate(monkeypatch):
-    """A compiler that fails on the probe turns compiling off once, with one warning, before
-    any value is computed; once compiling is on, an error in a compiled kernel (out of memory
-    first) propagates instead of switching to the eager kernels mid-run."""
-    monkeypatch.setitem(R._COMPILE, "enabled", None)
-
-    def broken_compile(*args, **kwargs):
-        raise RuntimeError("no compiler")
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    with pytest.warns(UserWarning, match="does not work here"):
-        assert R._compiler_works(torch.device("cpu")) is False
-    assert R._compiler_works(torch.device("cpu")) is False  # decided: no second probe, no warning
-
-    def out_of_memory(*args):
-        raise torch.OutOfMemoryError("CUDA out of memory")
-
-    monkeypatch.setitem(R._COMPILE, "enabled", True)
-    monkeypatch.setattr(R, "_use_compiler", lambda t: True)
-    monkeypatch.setitem(R._COMPILED, R._couple, out_of_memory)
-    monkeypatch.setitem(R._COMPILED, R._start, R._start)
-    torch.manual_seed(0)
-    blocks = nn.ModuleList([ToyBlock() for _ in range(4)])
-    with pytest.raises(torch.OutOfMemoryError):
-        R.run_stack(torch.randn(2, 3, D, requires_grad=True), couplings(blocks), R.CouplingSettings(0.1, 0.1, False), {})
-    assert R._COMPILE["enabled"] is True
 
 
 class NestedRoutedBlock(ToyBlock):
@@ -358,7 +287,7 @@ class NestedRoutedBlock(ToyBlock):
 
 
 def test_routed_tensors_inside_containers_get_their_gradients():
-    settings = R.CouplingSettings(0.1, 0.1, swap=False)
+    settings = A.CouplingSettings(0.1, 0.1, swap=False)
     grads = {}
     for mode in ("vanilla", "reversible"):
         torch.manual_seed(0)
@@ -375,7 +304,7 @@ def test_routed_tensors_inside_containers_get_their_gradients():
 
 def test_double_backward_is_refused_with_what_to_do(blocks):
     x = torch.randn(2, 5, D, requires_grad=True)
-    y1, y2 = R.run_stack(x, couplings(blocks), R.CouplingSettings(0.1, 0.1, False), {}, mode="reversible")
+    y1, y2 = R.run_stack(x, couplings(blocks), A.CouplingSettings(0.1, 0.1, False), {}, mode="reversible")
     params = [p for p in blocks.parameters()]
     with pytest.raises(RuntimeError, match="create_graph=True.*vanilla"):
         torch.autograd.grad((y1 + y2).sum(), params, create_graph=True)
@@ -396,7 +325,7 @@ def test_streams_of_scale_one_are_range_checked(stream_bits, frac_bits, value, l
     """With λ = β = 1 nothing shrinks the streams: block outputs far inside the range still sum
     past it. The streams themselves are checked, so this raises instead of wrapping around."""
     blocks = nn.ModuleList([Constant(value) for _ in range(2 * layers)])
-    settings = R.CouplingSettings(1.0, 1.0, swap=False, stream_bits=stream_bits, frac_bits=frac_bits)
+    settings = A.CouplingSettings(1.0, 1.0, swap=False, stream_bits=stream_bits, frac_bits=frac_bits)
     x = torch.zeros(1, 2, D, requires_grad=True)
     with pytest.raises(FloatingPointError, match=r"layer \d+ \([FG]\)"):
         R.run_stack(x, couplings(blocks), settings, {}, mode=mode)
@@ -412,7 +341,7 @@ def positionwise_couplings(blocks: nn.ModuleList) -> list[R.Coupling]:
     for i in range(len(blocks) // 2):
         F, G = blocks[2 * i], blocks[2 * i + 1]
         params = tuple(p for p in [*F.parameters(), *G.parameters()] if p.requires_grad)
-        result.append(R.Coupling(R.Block(mixing=F, positionwise=lambda h, G=G: G(h, {})), R.Block(positionwise=lambda h, G=G: G(h, {})), params, f"layer {i}"))
+        result.append(R.Coupling(B.Block(mixing=F, positionwise=lambda h, G=G: G(h, {})), B.Block(positionwise=lambda h, G=G: G(h, {})), params, f"layer {i}"))
     return result
 
 
@@ -420,7 +349,7 @@ def positionwise_couplings(blocks: nn.ModuleList) -> list[R.Coupling]:
 @pytest.mark.parametrize("stream_bits,frac_bits", [(64, 32), (32, 20)])
 def test_chunked_positionwise_parts_rebuild_exactly_and_match_plain_autograd(blocks, dtype, stream_bits, frac_bits):
     blocks.to(dtype)
-    settings = R.CouplingSettings(0.1, 1 / 256, swap=True, stream_bits=stream_bits, frac_bits=frac_bits, chunk_tokens=3)
+    settings = A.CouplingSettings(0.1, 1 / 256, swap=True, stream_bits=stream_bits, frac_bits=frac_bits, chunk_tokens=3)
     x = torch.randn(2, 7, D, dtype=dtype, requires_grad=True)  # 14 tokens: chunks of 3, 3, 3, 3, 2
     results = {}
     for mode in ("vanilla", "reversible"):
@@ -467,8 +396,8 @@ def split_couplings(blocks: nn.ModuleList) -> list[R.Coupling]:
     for i in range(len(blocks) // 2):
         F, G = blocks[2 * i], blocks[2 * i + 1]
         params = tuple(p for p in [*F.parameters(), *G.parameters()] if p.requires_grad)
-        block_f = R.Block(before=F.before, mixing=F.core, positionwise=F.finish)
-        result.append(R.Coupling(block_f, R.Block(positionwise=lambda h, G=G: G(h, {})), params, f"layer {i}"))
+        block_f = B.Block(before=F.before, mixing=F.core, positionwise=F.finish)
+        result.append(R.Coupling(block_f, B.Block(positionwise=lambda h, G=G: G(h, {})), params, f"layer {i}"))
     return result
 
 
@@ -477,7 +406,7 @@ def split_couplings(blocks: nn.ModuleList) -> list[R.Coupling]:
 def test_blocks_with_a_before_part_rebuild_exactly_and_match_plain_autograd(dtype, chunk_tokens):
     torch.manual_seed(0)
     blocks = nn.ModuleList([ToyAttention() if i % 2 == 0 else ToyBlock() for i in range(8)]).to(dtype)
-    settings = R.CouplingSettings(2.0**-8, 2.0**-8, swap=False, stream_bits=32, frac_bits=20, chunk_tokens=chunk_tokens)
+    settings = A.CouplingSettings(2.0**-8, 2.0**-8, swap=False, stream_bits=32, frac_bits=20, chunk_tokens=chunk_tokens)
     x = torch.randn(2, 7, D, dtype=dtype)  # 14 rows: chunks of 3 cross the batch boundary, of 7 do not
     routed = {"position": 1 + torch.rand(1, 7, 1).expand(1, 7, 8 * 3)[..., :8].contiguous()}
     results = {}
@@ -502,17 +431,17 @@ def test_blocks_with_a_before_part_rebuild_exactly_and_match_plain_autograd(dtyp
 def test_a_chunked_before_part_computes_the_unchunked_block():
     torch.manual_seed(0)
     attention = ToyAttention().eval()
-    block = R.Block(before=attention.before, mixing=attention.core, positionwise=attention.finish)
+    block = B.Block(before=attention.before, mixing=attention.core, positionwise=attention.finish)
     x = torch.randn(3, 5, D, dtype=torch.float64)
     routed = {"position": torch.rand(1, 5, 8, dtype=torch.float64)}
     attention.double()
     whole = block(x, routed)
-    q, k, v = attention.before(x, routed, R.Rows(slice(None), (3, 5)))
+    q, k, v = attention.before(x, routed, B.Rows(slice(None), (3, 5)))
     assert torch.allclose(whole, attention.finish(attention.core((q, k, v), routed), x), rtol=0, atol=0)
     for chunk in (1, 4, 6, 15):
         assert torch.allclose(block(x, routed, chunk), whole, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="needs a mixing and a position-wise part"):
-        R.Block(before=attention.before, mixing=attention.core)
+        B.Block(before=attention.before, mixing=attention.core)
 
 
 class ToyCausalAttention(ToyAttention):
@@ -536,9 +465,9 @@ class ToyCausalAttention(ToyAttention):
             outs.append((torch.softmax(scores.masked_fill(later, float("-inf")), dim=-1) @ vg).reshape(-1, vg.shape[-1]))
         return torch.cat(outs)
 
-    def block(self) -> R.Block:
-        return R.Block(before=self.before, mixing=self.core, positionwise=self.finish,
-                       causal=R.CausalCore(self.causal, context=(1, 2)))
+    def block(self) -> B.Block:
+        return B.Block(before=self.before, mixing=self.core, positionwise=self.finish,
+                       causal=B.CausalCore(self.causal, context=(1, 2)))
 
 
 @pytest.mark.parametrize("start,stop,length,expected", [
@@ -547,7 +476,7 @@ class ToyCausalAttention(ToyAttention):
     (5, 17, 7, [(0, 2, 0, 7, 0, 1, 5, 7), (2, 9, 7, 14, 1, 2, 0, 7), (9, 12, 14, 17, 2, 3, 0, 3)]),
 ])
 def test_rows_split_a_chunk_into_query_groups_by_sequence(start, stop, length, expected):
-    rows = R.Rows(slice(start, stop), (3, length))
+    rows = B.Rows(slice(start, stop), (3, length))
     got = [(g.queries.start, g.queries.stop, g.keys.start, g.keys.stop, g.batch.start, g.batch.stop, g.start, g.stop)
            for g in rows.sequences()]
     assert got == expected
@@ -565,8 +494,8 @@ def test_blocks_with_a_causal_core_rebuild_exactly_and_match_plain_autograd(dtyp
         F, G = blocks[2 * i], blocks[2 * i + 1]
         params = tuple(p for p in [*F.parameters(), *G.parameters()] if p.requires_grad)
         # MEFT1's shape: the causal block followed, in the same half, by a position-wise one
-        couplings.append(R.Coupling(F.block(), R.Block(positionwise=lambda h, G=G: G(h, {})), params, f"layer {i}"))
-    settings = R.CouplingSettings(2.0**-8, 2.0**-8, swap=swap, stream_bits=32, frac_bits=20, chunk_tokens=chunk_tokens)
+        couplings.append(R.Coupling(F.block(), B.Block(positionwise=lambda h, G=G: G(h, {})), params, f"layer {i}"))
+    settings = A.CouplingSettings(2.0**-8, 2.0**-8, swap=swap, stream_bits=32, frac_bits=20, chunk_tokens=chunk_tokens)
     x = torch.randn(2, 7, D, dtype=dtype)  # 14 rows: chunks of 3 and 5 cross the batch boundary, of 7 do not
     routed = {"position": (1 + torch.rand(1, 7, 8)).requires_grad_()}
     results = {}
@@ -600,7 +529,7 @@ def test_a_causal_core_a_chunk_at_a_time_computes_the_whole_block():
     for chunk in (1, 2, 4, 6, 15):
         assert torch.allclose(block(x, routed, chunk), whole, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="causal core needs a `before` part"):
-        R.Block(mixing=attention.core, positionwise=attention.finish, causal=R.CausalCore(attention.causal, (1, 2)))
+        B.Block(mixing=attention.core, positionwise=attention.finish, causal=B.CausalCore(attention.causal, (1, 2)))
 
 
 @pytest.mark.parametrize("stream_bits,frac_bits", [(64, 32), (32, 20)])
@@ -608,8 +537,8 @@ def test_streams_start_a_chunk_of_rows_at_a_time_with_the_same_integers_values_a
     x = torch.randn(3, 7, D, dtype=torch.bfloat16) * 4
     results = []
     for chunk in (0, 4, 5):
-        settings = R.CouplingSettings(0.5, 0.5, swap=False, stream_bits=stream_bits, frac_bits=frac_bits, chunk_tokens=chunk)
-        stream, flag = R.ExactArithmetic(settings, torch.bfloat16).start(x)
+        settings = A.CouplingSettings(0.5, 0.5, swap=False, stream_bits=stream_bits, frac_bits=frac_bits, chunk_tokens=chunk)
+        stream, flag = A.ExactArithmetic(settings, torch.bfloat16).start(x)
         results.append((stream.ints, stream.value, stream.checksum, bool(flag)))
     for ints, value, checksum, flag in results[1:]:
         assert torch.equal(ints, results[0][0]) and torch.equal(value, results[0][1])
@@ -617,8 +546,8 @@ def test_streams_start_a_chunk_of_rows_at_a_time_with_the_same_integers_values_a
     # a value out of range in the last chunk alone is caught
     big = x.clone()
     big[2, 6, 0] = 2.0 ** (stream_bits - 1 - frac_bits)
-    settings = R.CouplingSettings(0.5, 0.5, swap=False, stream_bits=stream_bits, frac_bits=frac_bits, chunk_tokens=4)
-    assert bool(R.ExactArithmetic(settings, torch.bfloat16).start(big)[1])
+    settings = A.CouplingSettings(0.5, 0.5, swap=False, stream_bits=stream_bits, frac_bits=frac_bits, chunk_tokens=4)
+    assert bool(A.ExactArithmetic(settings, torch.bfloat16).start(big)[1])
 
 
 def _live_stream_integers(shape: tuple) -> int:
@@ -645,7 +574,7 @@ def test_backward_keeps_at_most_two_stream_integer_tensors_alive(chunk_tokens, n
     STREAM_SHAPE = (4, 8, D)
     torch.manual_seed(0)
     blocks = nn.ModuleList([Counting(dropout=0.0) for _ in range(6)])
-    settings = R.CouplingSettings(**SETTINGS[name], stream_bits=32, frac_bits=16, chunk_tokens=chunk_tokens)
+    settings = A.CouplingSettings(**SETTINGS[name], stream_bits=32, frac_bits=16, chunk_tokens=chunk_tokens)
     x = torch.randn(*STREAM_SHAPE, requires_grad=True)
     y1, y2 = R.run_stack(x, couplings(blocks), settings, {"scale": 0.5}, mode="reversible")  # no trace: it keeps copies
     phase[0] = "backward"
@@ -659,7 +588,7 @@ def test_a_stack_input_that_needs_no_gradient_is_not_kept_for_backward(blocks):
     forward is done nothing holds the stack input (a leaf made to require grad would have been
     held by its AccumulateGrad for a gradient nobody reads: one hidden state per step)."""
     x = torch.randn(2, 5, D)
-    y1, y2 = R.run_stack(x, couplings(blocks), R.CouplingSettings(0.5, 0.5, False), {"scale": 0.5}, mode="reversible")
+    y1, y2 = R.run_stack(x, couplings(blocks), A.CouplingSettings(0.5, 0.5, False), {"scale": 0.5}, mode="reversible")
     kept = [fn.variable for fn, _ in y1.grad_fn.next_functions if type(fn).__name__ == "AccumulateGrad"]
     assert len(kept) == len(list(blocks.parameters()))
     assert not any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in kept)
@@ -683,7 +612,7 @@ def test_a_block_in_one_chunk_is_recomputed_once_and_differentiated_by_one_call(
 
     torch.manual_seed(0)
     blocks = nn.ModuleList([Counting() if i % 2 == 0 else ToyBlock() for i in range(4)])
-    settings = R.CouplingSettings(2.0**-8, 2.0**-8, swap=False, stream_bits=32, frac_bits=20, chunk_tokens=chunk_tokens)
+    settings = A.CouplingSettings(2.0**-8, 2.0**-8, swap=False, stream_bits=32, frac_bits=20, chunk_tokens=chunk_tokens)
     x = torch.randn(2, 7, D, requires_grad=True)
     routed = {"position": 1 + torch.rand(1, 7, 8)}
     y1, y2 = R.run_stack(x, split_couplings(blocks), settings, routed, mode="reversible")

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from meft_convert.template_tables import DEFINITIONS, template_tables
-from meft_convert.templates import adapters, configuration_meft, modeling_meft, reversible
+from meft_convert.templates import adapters, configuration_meft, fixed_point, modeling_meft
 from meft_convert.templates.families import FAMILIES
 
-MODULES = {"reversible.py": reversible, "adapters.py": adapters, "configuration_meft.py": configuration_meft,
+MODULES = {"fixed_point.py": fixed_point, "adapters.py": adapters, "configuration_meft.py": configuration_meft,
            "modeling_meft.py": modeling_meft}
 
 

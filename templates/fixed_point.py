@@ -1,0 +1,283 @@
+"""The fixed-point format of the exact streams, the packing of remainders, and the fused kernels.
+
+A stream holds integers with K fractional bits, fix(t) = round(t·2^K), in int64 or, for 16-bit
+models, int32. A half-step divides a stream's integers by m (a scale 1/m) and keeps the
+remainders, packed into bit planes, as the only per-layer state; `RemainderStore` keeps them on
+the device or in pinned host memory. The three kernels (a stream's start, one coupling, its
+inverse) run fused through torch.compile on CUDA, decided once per process.
+
+Everything here is integer arithmetic on tensors: no blocks, no autograd.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Sequence
+
+import torch
+
+def denominator_of(scale: float) -> int:
+    """m such that scale == 1/m; ValueError if scale is not of that form."""
+    if not scale > 0:
+        raise ValueError(f"scale factors must be > 0, got {scale}")
+    m = round(1.0 / scale)
+    if m < 1 or abs(m * scale - 1.0) > 1e-9:
+        raise ValueError(f"{scale} is not 1/m for a positive integer m")
+    return m
+
+
+def stream_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
+    """Float-mode streams are kept in at least float32, even for 16-bit models."""
+    return torch.promote_types(compute_dtype, torch.float32)
+
+
+def _int_dtype(stream_bits: int) -> torch.dtype:
+    return torch.int32 if stream_bits == 32 else torch.int64
+
+
+def _wide_float(int_dtype: torch.dtype) -> torch.dtype:
+    # float32 holds every fix() of a 16-bit value exactly and is enough for int32 streams;
+    # int64 streams with K = 32 need float64 to scale without loss
+    return torch.float32 if int_dtype == torch.int32 else torch.float64
+
+
+def _limit(int_dtype: torch.dtype) -> float:
+    # |floor(x/m)| and |fix(out)| each below a quarter of the range: their sum cannot wrap
+    return 2.0 ** (30 if int_dtype == torch.int32 else 62)
+
+
+def to_fixed(t: torch.Tensor, frac_bits: int, int_dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """round(t · 2^K) as integers (exact: 2^K scaling only moves the exponent)."""
+    return (t.to(_wide_float(int_dtype)) * (2.0**frac_bits)).round().to(int_dtype)
+
+
+def from_fixed(i: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
+    return (i.to(_wide_float(i.dtype)) * (2.0**-frac_bits)).to(dtype)
+
+
+def max_stream_value(frac_bits: int, stream_bits: int) -> float:
+    """The largest magnitude a stream or block output may reach in this fixed-point format."""
+    return _limit(_int_dtype(stream_bits)) * 2.0**-frac_bits
+
+
+def remainder_layout(m: int) -> tuple[int, int]:
+    """(k, bits): k remainders modulo m are stored together as one number below m^k in `bits`
+    bits, k ≤ 8 chosen for the fewest bits per remainder. m = 10: three remainders in 10 bits
+    (3.33 bits each, where one at a time would take 4); m = 2^j: one in j bits; m = 1: none."""
+    if m == 1:
+        return 1, 0
+    best_k, best_bits = 1, (m - 1).bit_length()
+    for k in range(2, 9):
+        if m**k > 2**62:
+            break
+        bits = (m**k - 1).bit_length()
+        if bits * best_k < best_bits * k:
+            best_k, best_bits = k, bits
+    return best_k, best_bits
+
+
+def remainder_bits(m: int) -> float:
+    """Bits per element that one stream scaled by 1/m keeps per layer."""
+    k, bits = remainder_layout(m)
+    return bits / k
+
+
+def packed_remainder_bytes(m: int, count: int) -> int:
+    """Bytes that `count` remainders modulo m take once packed."""
+    k, bits = remainder_layout(m)
+    return bits * (-(-(-(-count // k)) // 8))
+
+
+def _pack_bits(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """Values in [0, 2^bits) → uint8 bit planes of shape (bits, ⌈n/8⌉): plane j holds bit j of
+    eight values per byte, so each value costs exactly `bits` bits."""
+    flat = torch.nn.functional.pad(v, (0, (-v.numel()) % 8)).reshape(-1, 8)
+    weights = 1 << torch.arange(8, dtype=torch.uint8, device=v.device)  # 1, 2, ..., 128
+    return torch.stack([(((flat >> j) & 1).to(torch.uint8) * weights).sum(1, dtype=torch.uint8) for j in range(bits)])
+
+
+def _unpack_bits(planes: torch.Tensor, bits: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=planes.device)
+    v = torch.zeros(planes.shape[1] * 8, dtype=dtype, device=planes.device)
+    for j in range(bits):
+        v = v | (((planes[j].view(-1, 1) >> shifts) & 1).view(-1).to(dtype) << j)
+    return v
+
+
+def pack_remainders(r: torch.Tensor, m: int) -> torch.Tensor:
+    """Remainders modulo m → uint8 bit planes of their groups of k (remainder_layout); empty for m = 1."""
+    if m == 1:
+        return torch.empty(0, dtype=torch.uint8)
+    k, bits = remainder_layout(m)
+    if k == 1:
+        return _pack_bits(r.reshape(-1), bits)
+    groups = torch.nn.functional.pad(r.reshape(-1).to(torch.int64), (0, (-r.numel()) % k)).view(-1, k)
+    value = groups[:, k - 1]
+    for i in range(k - 2, -1, -1):  # Horner: r0 + m·(r1 + m·(r2 + ...))
+        value = value * m + groups[:, i]
+    return _pack_bits(value, bits)
+
+
+def unpack_remainders(planes: torch.Tensor, m: int, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_remainders: remainders shaped (and typed) like `like`."""
+    k, bits = remainder_layout(m)
+    if k == 1:
+        return _unpack_bits(planes, bits, like.dtype)[: like.numel()].view(like.shape)
+    value = _unpack_bits(planes, bits)
+    digits = []
+    for _ in range(k):
+        digits.append(value % m)
+        value = value // m
+    return torch.stack(digits, dim=1).reshape(-1)[: like.numel()].view(like.shape).to(like.dtype)
+
+
+# --------------------------------------------------------------- the exact kernels (fused)
+
+
+def _value_of(ints: torch.Tensor, frac_bits: int, value_dtype: torch.dtype) -> torch.Tensor:
+    """A stream's real value: the input its next block sees."""
+    return from_fixed(ints, frac_bits, value_dtype)
+
+
+def _start(x: torch.Tensor, frac_bits: int, int_dtype: torch.dtype, value_dtype: torch.dtype):
+    """A stream's start: its integers, their value, their sum and a flag for values out of range."""
+    scaled = x.to(_wide_float(int_dtype)) * (2.0**frac_bits)
+    out_of_range = ~(scaled.abs() < _limit(int_dtype)).all()
+    ints = scaled.round().to(int_dtype)
+    return ints, _value_of(ints, frac_bits, value_dtype), ints.sum(dtype=torch.int64), out_of_range
+
+
+def _couple(x: torch.Tensor, block_out: torch.Tensor, m: int, frac_bits: int, value_dtype: torch.dtype):
+    """One exact half-step: y = floor(x / m) + fix(block_out), on the integers of x's width.
+
+    Returns y, its value (the next block's input), the remainders x mod m packed into bit
+    planes (None for m = 1), a flag for a block output or a stream out of range (or NaN),
+    and the wrapping sum of y, the audit's fingerprint. One function, so that it compiles to
+    few fused kernels."""
+    limit = _limit(x.dtype)
+    scaled = block_out.to(_wide_float(x.dtype)) * (2.0**frac_bits)
+    if m == 1:
+        q, packed = x, None
+    else:
+        q = torch.div(x, m, rounding_mode="floor")
+        packed = pack_remainders(x - q * m, m)
+    # `not (|v| < limit)` is also true for NaN
+    out_of_range = ~((scaled.abs() < limit).all() & (q.abs() < limit).all())
+    y = q + scaled.round().to(x.dtype)
+    return y, _value_of(y, frac_bits, value_dtype), packed, out_of_range, y.sum(dtype=torch.int64)
+
+
+def _uncouple(y: torch.Tensor, block_out: torch.Tensor, packed, m: int, frac_bits: int, value_dtype: torch.dtype):
+    """Inverse of _couple: x = m·(y − fix(block_out)) + r; returns x, its value and its sum."""
+    x = (y - (block_out.to(_wide_float(y.dtype)) * (2.0**frac_bits)).round().to(y.dtype)) * m
+    if packed is not None:
+        x = x + unpack_remainders(packed, m, y)
+    return x, _value_of(x, frac_bits, value_dtype), x.sum(dtype=torch.int64)
+
+
+# On CUDA the kernels above run fused by torch.compile (eager, each is about fifteen passes
+# over the stream); elsewhere they run eagerly. Integer results are the same either way,
+# but float values can differ in rounding ties between the two, so a run never mixes them.
+# Whether the compiler works is decided once per process, on a tiny tensor, before any value
+# of a run is computed; after that every error (out of memory first) propagates.
+# MEFT_COMPILE=0 turns compiling off.
+_COMPILE: dict = {"enabled": None if os.environ.get("MEFT_COMPILE", "1") != "0" else False}
+_COMPILED: dict = {}
+
+
+def _compiler_works(device: torch.device) -> bool:
+    if _COMPILE["enabled"] is None:
+        try:
+            probe = torch.zeros(4, 8, dtype=torch.int32, device=device)
+            compiled = torch.compile(_couple, dynamic=True)
+            compiled(probe, torch.zeros(4, 8, dtype=torch.bfloat16, device=device), 2, 8, torch.bfloat16)
+            _COMPILE["enabled"] = True
+        except Exception as e:  # no working compiler here: the eager kernels compute the same integers
+            _COMPILE["enabled"] = False
+            warnings.warn(
+                f"MEFT: torch.compile does not work here ({type(e).__name__}: {e}); the stream arithmetic "
+                "runs as slower eager kernels for the rest of this process",
+                stacklevel=3,
+            )
+    return _COMPILE["enabled"]
+
+
+def _use_compiler(t: torch.Tensor) -> bool:
+    return t.is_cuda and _compiler_works(t.device)
+
+
+def _run_kernel(fn, *args):
+    """fn(*args), through torch.compile when its tensors live on a CUDA device."""
+    if _use_compiler(args[0]):
+        if fn not in _COMPILED:
+            # dynamic: one kernel for all sequence lengths; m and the dtypes add a few variants
+            _COMPILED[fn] = torch.compile(fn, dynamic=True)
+        return _COMPILED[fn](*args)
+    return fn(*args)
+
+
+# ------------------------------------------------------------------ where remainders live
+
+
+class RemainderStore:
+    """The packed remainders of every half-step, chunk by chunk: on the device (handed to
+    save_for_backward, so saved-tensor hooks see them), or in pinned host memory."""
+
+    def __init__(self, offload: bool, device: torch.device):
+        self.offload = offload and device.type == "cuda"
+        self.device = device
+        self.parts: list[list] = []  # per half-step: its chunks' packed tensors (None for m = 1)
+        self._copies = torch.cuda.Stream(device) if self.offload else None
+        self._fetched: dict[int, list] = {}
+
+    def add(self, chunks: list) -> None:
+        if self.offload:
+            chunks = [self._to_host(t) for t in chunks]
+        self.parts.append(chunks)
+
+    def _to_host(self, t: torch.Tensor | None):
+        if t is None:
+            return None
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self._copies.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._copies):
+            host.copy_(t, non_blocking=True)
+        t.record_stream(self._copies)  # its memory is reused only once the copy is done
+        return host
+
+    def device_tensors(self) -> list[torch.Tensor]:
+        """What save_for_backward keeps (nothing when offloaded)."""
+        return [] if self.offload else [t for chunks in self.parts for t in chunks if t is not None]
+
+    def restore(self, saved: Sequence[torch.Tensor]) -> None:
+        if self.offload:
+            return
+        it = iter(saved)
+        self.parts = [[None if t is None else next(it) for t in chunks] for chunks in self.parts]
+
+    def prefetch(self, index: int) -> None:
+        """Starts copying half-step `index`'s remainders back to the device."""
+        if not self.offload or index < 0 or index in self._fetched:
+            return
+        self._copies.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._copies):
+            self._fetched[index] = [None if t is None else t.to(self.device, non_blocking=True) for t in self.parts[index]]
+
+    def take(self, index: int) -> list:
+        if not self.offload:
+            chunks, self.parts[index] = self.parts[index], []
+            return chunks
+        self.prefetch(index)
+        torch.cuda.current_stream(self.device).wait_stream(self._copies)
+        chunks = self._fetched.pop(index)
+        for t in chunks:
+            if t is not None:
+                t.record_stream(torch.cuda.current_stream(self.device))
+        self.parts[index] = []
+        return chunks
+
+    def host_bytes(self) -> int:
+        if not self.offload:
+            return 0
+        return sum(t.numel() * t.element_size() for chunks in self.parts for t in chunks if t is not None)

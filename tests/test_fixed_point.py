@@ -1,0 +1,87 @@
+"""The fixed-point format on its own: remainder packing, scales, the fused kernels and the compile decision."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from meft_convert.templates import arithmetic as A
+from meft_convert.templates import fixed_point as FP
+from meft_convert.templates import reversible as R
+from tests.test_reversible import D, ToyBlock, couplings
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 10, 255, 256, 1024, 1000003])
+def test_remainders_pack_into_about_log2_m_bits(m):
+    r = torch.randint(0, m, (3, 37), generator=torch.Generator().manual_seed(m))
+    packed = FP.pack_remainders(r, m)
+    assert packed.dtype == torch.uint8 and packed.numel() == FP.packed_remainder_bytes(m, r.numel())
+    k, bits = FP.remainder_layout(m)
+    if m > 1:
+        assert torch.equal(FP.unpack_remainders(packed, m, r), r)
+        assert math.log2(m) <= bits / k <= math.ceil(math.log2(m))  # never more than one at a time
+    else:
+        assert packed.numel() == 0
+
+
+def test_remainder_layout_packs_groups():
+    assert FP.remainder_layout(10) == (3, 10)  # 10^3 = 1000 < 2^10: 3.33 bits per remainder
+    assert FP.remainder_layout(3) == (5, 8)  # 3^5 = 243 < 2^8: 1.6 bits
+    assert FP.remainder_layout(1024) == (1, 10) and FP.remainder_layout(2) == (1, 1) and FP.remainder_layout(1) == (1, 0)
+    # extremes of each digit survive the round trip
+    r = torch.tensor([[9, 0, 9, 9, 9, 0, 0, 9]])
+    assert torch.equal(FP.unpack_remainders(FP.pack_remainders(r, 10), 10, r), r)
+
+
+def test_scales_must_be_reciprocals_of_integers():
+    assert FP.denominator_of(0.1) == 10 and FP.denominator_of(1.0) == 1 and FP.denominator_of(2.0**-10) == 1024
+    for bad in (0.3, 2.0, 0.0, -0.1):
+        with pytest.raises(ValueError):
+            FP.denominator_of(bad)
+
+
+@pytest.mark.slow
+def test_compiled_half_steps_give_the_eager_bits():
+    """On CUDA the half-steps run through torch.compile; their integers must be the eager ones."""
+    compiled_couple = torch.compile(FP._couple, dynamic=True)
+    compiled_uncouple = torch.compile(FP._uncouple, dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    x = FP.to_fixed(torch.randn(3, 40, D, generator=g) * 50, 32)
+    out = (torch.randn(3, 40, D, generator=g) * 3).to(torch.bfloat16)
+    eager = FP._couple(x, out, 10, 32, torch.float32)
+    fused = compiled_couple(x, out, 10, 32, torch.float32)
+    for i in (0, 2, 3, 4):  # integers, packed remainders, flag, sum
+        assert torch.equal(eager[i], fused[i])
+    back = compiled_uncouple(fused[0], out, fused[2], 10, 32, torch.float32)
+    assert torch.equal(back[0], x) and torch.equal(back[2], x.sum())
+
+
+def test_compiler_is_decided_once_and_later_errors_propagate(monkeypatch):
+    """A compiler that fails on the probe turns compiling off once, with one warning, before
+    any value is computed; once compiling is on, an error in a compiled kernel (out of memory
+    first) propagates instead of switching to the eager kernels mid-run."""
+    monkeypatch.setitem(FP._COMPILE, "enabled", None)
+
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="does not work here"):
+        assert FP._compiler_works(torch.device("cpu")) is False
+    assert FP._compiler_works(torch.device("cpu")) is False  # decided: no second probe, no warning
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setitem(FP._COMPILE, "enabled", True)
+    monkeypatch.setattr(FP, "_use_compiler", lambda t: True)
+    monkeypatch.setitem(FP._COMPILED, FP._couple, out_of_memory)
+    monkeypatch.setitem(FP._COMPILED, FP._start, FP._start)
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([ToyBlock() for _ in range(4)])
+    with pytest.raises(torch.OutOfMemoryError):
+        R.run_stack(torch.randn(2, 3, D, requires_grad=True), couplings(blocks), A.CouplingSettings(0.1, 0.1, False), {})
+    assert FP._COMPILE["enabled"] is True
