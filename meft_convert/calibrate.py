@@ -41,6 +41,7 @@ from .quiet import quiet_transformers
 from .settings import FRAC_BITS_64
 from .templates.adapters import MeftAdapter, adapter_generator
 from .templates.modeling_meft import model_class_for
+from .templates.plans import run_block
 
 # the starting point a conversion must keep (README "Defaults"); verify.py judges by the same
 PERPLEXITY_TOLERANCE = 0.01  # causal LMs: perplexity at most 1% above (or below) the original's
@@ -329,10 +330,10 @@ def stream_ranges(meft):
 
                 def F(x, args, c=c, seen=seen):
                     seen["x2"] = x
-                    return c.F(x, args)
+                    return run_block(c.F, x, args)
 
                 def G(y1, args, c=c, seen=seen):
-                    g = c.G(y1, args)
+                    g = run_block(c.G, y1, args)
                     y2 = stack.coupling.beta * seen["x2"].float() + g.float()
                     top = max(seen["x2"].abs().max().item(), y1.abs().max().item(), y2.abs().max().item())
                     ranges[c.name] = max(ranges.get(c.name, 0.0), top)

@@ -61,7 +61,7 @@ TASKS = {
 }
 TEMPLATE_FILES = (
     "configuration_meft.py", "modeling_meft.py", "families.py", "reversible.py", "recompute.py", "arithmetic.py", "blocks.py",
-    "fixed_point.py", "adapters.py", "losses.py"
+    "fixed_point.py", "plans.py", "adapters.py", "losses.py"
 )
 EXTRA_FILES = [
     "tokenizer.json",

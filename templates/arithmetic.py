@@ -2,8 +2,10 @@
 
 `ExactArithmetic` keeps the streams as fixed-point integers and inverts a half-step exactly from
 its remainders; `FloatArithmetic` is the paper's float coupling, inverted approximately by
-dividing. Each says how a stream starts, how a chunk of rows is coupled and uncoupled, and where
-a half-step's output lands (`_HalfStepOutput`).
+dividing. Every difference between the two lives here: how a stream starts and what it holds,
+how a chunk of rows is coupled and uncoupled and where the result lands (`HalfStepOutput`), what
+a half-step keeps for backward, which values may be dropped, the range check and the audit, and
+the same coupling under plain autograd (the vanilla path).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class CouplingSettings:
     """How the two streams are coupled; the same for every layer of a stack.
 
     lambda_ and beta scale x1 and x2. In exact mode they must be 1/m for positive
-    integers m, given as lambda_m and beta_m; in float mode any positive value works.
+    integers m (denominator_of); in float mode any positive value works.
     """
 
     lambda_: float
@@ -42,14 +44,6 @@ class CouplingSettings:
     stream_bits: int = 64  # width of the stream integers: 64, or 32 for 16-bit models
     chunk_tokens: int = 0  # tokens per chunk of position-wise work and coupling arithmetic (0: all)
     offload_remainders: bool = False  # keep the packed remainders in pinned host memory (CUDA)
-
-    @property
-    def lambda_m(self) -> int:
-        return denominator_of(self.lambda_)
-
-    @property
-    def beta_m(self) -> int:
-        return denominator_of(self.beta)
 
 
 @dataclass
@@ -68,15 +62,18 @@ class Stream:
 class ExactArithmetic:
     """Integer streams: y = floor(x / m) + fix(out), inverted exactly with the remainder."""
 
-    exact = True
-
     def __init__(self, settings: CouplingSettings, value_dtype: torch.dtype):
+        self.settings = settings
         self.frac_bits, self.value_dtype = settings.frac_bits, value_dtype
         self.int_dtype = _int_dtype(settings.stream_bits)
         self.chunk_tokens = settings.chunk_tokens
 
     def factor(self, scale: float) -> int:
         return denominator_of(scale)
+
+    def stream_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The stack input as the streams start from it: exact streams read it in its own dtype."""
+        return x
 
     def start(self, x: torch.Tensor) -> tuple[Stream, torch.Tensor]:
         """The stream x starts, a chunk of rows at a time: the conversion's wide temporaries
@@ -98,6 +95,10 @@ class ExactArithmetic:
             flag = part_flag if flag is None else flag | part_flag
         return Stream(ints, value, total), flag
 
+    def twin(self, x: Stream) -> Stream:
+        """The second stream, starting where x starts: integers of its own, overwritten in place."""
+        return Stream(x.ints.clone(), x.value, x.checksum)
+
     def couple(self, x_part: torch.Tensor, out: torch.Tensor, m: int):
         """-> (y integers, y value, packed remainders, range flag, checksum) of one chunk."""
         return _run_kernel(_couple, x_part, out, m, self.frac_bits, self.value_dtype)
@@ -106,20 +107,69 @@ class ExactArithmetic:
         """-> (x integers, x value, checksum) of one chunk."""
         return _run_kernel(_uncouple, y_part, out, packed, m, self.frac_bits, self.value_dtype)
 
+    def output(self, source: Stream, shape, device, chunks: int, keep_values: bool = True,
+               flags: list | None = None) -> "HalfStepOutput":
+        """Where a half-step made from `source` lands; range flags go to `flags`."""
+        return _ExactOutput(self, source, shape, device, chunks, keep_values, flags)
+
+    def kept_remainders(self, packed: list) -> list:
+        """What a half-step keeps for backward: its chunks' packed remainders."""
+        return packed
+
+    def keeps_value(self, needed: bool) -> bool:
+        """Whether a rebuilt stream keeps its value: only where a block reads it again."""
+        return needed
+
+    def drop_value(self, stream: Stream) -> None:
+        """Lets go of a stream's value once no block reads it (its integers are the stream)."""
+        stream.value = None
+
+    def for_backward(self, streams: tuple[Stream, Stream], g_input: torch.Tensor) -> list[Stream]:
+        """The final streams as backward needs them: of their values only the top G's input,
+        which is also the tensor returned to the caller."""
+        return [Stream(t.ints, t.value if t.value is g_input else None, t.checksum) for t in streams]
+
+    def checksums(self, x1: Stream, x2: Stream) -> torch.Tensor | None:
+        """The audit's fingerprint of a layer's two input streams (None: no audit)."""
+        return torch.stack([x1.checksum, x2.checksum]) if self.settings.audit else None
+
+    def trace_state(self, x1: Stream, x2: Stream) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a trace records of a layer's input: the integers."""
+        return x1.ints, x2.ints
+
+    def check_range(self, flags: list, names: list[str], couplings: Sequence = ()) -> None:
+        _raise_if_out_of_range(flags, names, self.settings, couplings)
+
+    # the same arithmetic under plain autograd: the vanilla path, and the reversible path's oracle
+
+    def vanilla_start(self, h: torch.Tensor, flags: list) -> Stream:
+        value, ints = _Start.apply(h, self, flags)
+        return Stream(ints, value)
+
+    def vanilla_couple(self, x: Stream, block_out: torch.Tensor, scale: float, flags: list) -> Stream:
+        value, ints = _ExactCouple.apply(x.value, block_out, x.ints, scale, self, self.chunk_tokens, flags)
+        return Stream(ints, value)
+
 
 class FloatArithmetic:
     """The paper's float coupling: y = scale·x + out, inverted approximately by dividing."""
 
-    exact = False
-
     def __init__(self, settings: CouplingSettings, value_dtype: torch.dtype):
+        self.settings = settings
         self.value_dtype = value_dtype
 
     def factor(self, scale: float) -> float:
         return scale
 
+    def stream_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Float streams are kept in at least float32."""
+        return x.to(self.value_dtype)
+
     def start(self, x: torch.Tensor) -> tuple[Stream, None]:
         return Stream(None, x.detach().to(self.value_dtype)), None
+
+    def twin(self, x: Stream) -> Stream:
+        return Stream(None, x.value)
 
     def couple(self, x_part: torch.Tensor, out: torch.Tensor, scale: float):
         y = x_part * scale + out.to(x_part.dtype)
@@ -128,8 +178,39 @@ class FloatArithmetic:
     def uncouple(self, y_part: torch.Tensor, out: torch.Tensor, packed, scale: float):
         return None, (y_part - out.to(y_part.dtype)) / scale, None
 
+    def output(self, source: Stream, shape, device, chunks: int, keep_values: bool = True,
+               flags: list | None = None) -> "HalfStepOutput":
+        return _FloatOutput(self, source, shape, device, chunks, keep_values)
 
-def arithmetic_for(settings: CouplingSettings, compute_dtype: torch.dtype):
+    def kept_remainders(self, packed: list) -> list:
+        return []  # the float inverse divides: nothing to keep
+
+    def keeps_value(self, needed: bool) -> bool:
+        return True  # the value is the stream
+
+    def drop_value(self, stream: Stream) -> None:
+        pass
+
+    def for_backward(self, streams: tuple[Stream, Stream], g_input: torch.Tensor) -> list[Stream]:
+        return list(streams)
+
+    def checksums(self, x1: Stream, x2: Stream) -> None:
+        return None  # rebuilt values differ by rounding: there is nothing exact to audit
+
+    def trace_state(self, x1: Stream, x2: Stream) -> tuple[torch.Tensor, torch.Tensor]:
+        return x1.value, x2.value
+
+    def check_range(self, flags: list, names: list[str], couplings: Sequence = ()) -> None:
+        pass
+
+    def vanilla_start(self, h: torch.Tensor, flags: list) -> Stream:
+        return Stream(None, h)
+
+    def vanilla_couple(self, x: Stream, block_out: torch.Tensor, scale: float, flags: list) -> Stream:
+        return Stream(None, x.value * scale + block_out.to(x.value.dtype))
+
+
+def arithmetic_for(settings: CouplingSettings, compute_dtype: torch.dtype) -> ExactArithmetic | FloatArithmetic:
     # exact streams hand blocks values in the compute dtype; float streams stay in float32
     if settings.exact:
         return ExactArithmetic(settings, compute_dtype)
@@ -157,39 +238,125 @@ def _raise_if_out_of_range(flags: list, names: list[str], settings: CouplingSett
         )
 
 
-class _HalfStepOutput:
+class HalfStepOutput:
     """Where a half-step's chunks land. One chunk: the kernels' own output tensors are kept (two
-    passes fewer). Several: the integers overwrite the input stream's in place (two stream-integer
-    tensors alive, not three) and the values fill one new tensor. Without `keep_values` the
-    values are dropped (exact mode: a rebuilt stream no block reads again)."""
+    passes fewer). Several: the values fill one new tensor (and, in exact mode, the integers
+    overwrite the input stream's in place: two stream-integer tensors alive, not three). Without
+    `keep_values` the values are dropped (a rebuilt stream no block reads again)."""
 
-    def __init__(self, arith, stream: Stream, shape, device, chunks: int, keep_values: bool = True):
+    def __init__(self, arith, source: Stream, shape, device, chunks: int, keep_values: bool):
         self.arith, self.single, self.keep_values = arith, chunks == 1, keep_values
-        self.ints = stream.ints
         self.value = None if self.single or not keep_values else torch.empty(shape, dtype=arith.value_dtype, device=device)
-        self.checksum = None
 
-    def part(self, stream: Stream, sl: slice) -> torch.Tensor:
-        """The chunk of the input stream the arithmetic reads: its integers, or in float mode its value."""
-        return _part(stream.ints if self.arith.exact else stream.value, sl)
+    def couple(self, sl: slice, x: Stream, out: torch.Tensor, factor):
+        """Rows sl of y = scale·x + out (the block output of those rows); returns their packed remainders."""
+        stream_part = self._part(x, sl)
+        y_ints, y_value, packed, flag, part_sum = self.arith.couple(stream_part, out, factor)
+        self._put(sl, stream_part, y_ints, y_value, part_sum)
+        self._let_go_of(x)
+        self._flag(flag)
+        return packed
 
-    def put(self, sl: slice, stream_part: torch.Tensor, ints, value, part_sum) -> None:
+    def uncouple(self, sl: slice, y: Stream, out: torch.Tensor, packed, factor) -> None:
+        """Rows sl of x = (y − out) / scale, exactly from the rows' remainders `packed` in exact mode."""
+        stream_part = self._part(y, sl)
+        x_ints, x_value, part_sum = self.arith.uncouple(stream_part, out, packed, factor)
+        self._put(sl, stream_part, x_ints, x_value, part_sum)
+        self._let_go_of(y)
+
+    def _put_value(self, sl: slice, value: torch.Tensor) -> None:
         if self.single:
-            self.ints, self.value = ints, value if self.keep_values else None
-        else:
-            if self.arith.exact:
-                stream_part.copy_(ints)
-            if self.keep_values:
-                _part(self.value, sl).copy_(value)
-        if self.arith.exact:
-            self.checksum = part_sum if self.checksum is None else self.checksum + part_sum
+            self.value = value if self.keep_values else None
+        elif self.keep_values:
+            _part(self.value, sl).copy_(value)
 
-    def let_go_of(self, stream: Stream) -> None:
-        """Drops the integers of the stream this output was made from: in one chunk the output
-        has integers of its own, and the caller's reference to the input must not keep a third
-        stream alive for the rest of the layer (several chunks write in place: nothing to drop)."""
-        if self.single and self.arith.exact:
+    def _flag(self, flag) -> None:
+        pass
+
+    def _let_go_of(self, stream: Stream) -> None:
+        pass
+
+
+class _ExactOutput(HalfStepOutput):
+    """Integers, their value and their checksum; range flags collected for the forward's check."""
+
+    def __init__(self, arith, source: Stream, shape, device, chunks: int, keep_values: bool, flags: list | None):
+        super().__init__(arith, source, shape, device, chunks, keep_values)
+        self.ints, self.checksum, self.flags = source.ints, None, flags
+
+    def _part(self, stream: Stream, sl: slice) -> torch.Tensor:
+        return _part(stream.ints, sl)
+
+    def _put(self, sl: slice, stream_part: torch.Tensor, ints, value, part_sum) -> None:
+        if self.single:
+            self.ints = ints
+        else:
+            stream_part.copy_(ints)
+        self._put_value(sl, value)
+        self.checksum = part_sum if self.checksum is None else self.checksum + part_sum
+
+    def _flag(self, flag) -> None:
+        self.flags.append(flag)
+
+    def _let_go_of(self, stream: Stream) -> None:
+        # in one chunk the output has integers of its own, and the caller's reference to the input
+        # must not keep a third stream alive for the rest of the layer (several chunks write in place)
+        if self.single:
             stream.ints = None
 
     def stream(self) -> Stream:
-        return Stream(self.ints if self.arith.exact else None, self.value, self.checksum)
+        return Stream(self.ints, self.value, self.checksum)
+
+
+class _FloatOutput(HalfStepOutput):
+    """Values only: the value is the stream."""
+
+    def _part(self, stream: Stream, sl: slice) -> torch.Tensor:
+        return _part(stream.value, sl)
+
+    def _put(self, sl: slice, stream_part: torch.Tensor, ints, value, part_sum) -> None:
+        self._put_value(sl, value)
+
+    def stream(self) -> Stream:
+        return Stream(None, self.value)
+
+
+# ------------------------------------------------------------ the same under plain autograd
+
+
+class _Start(torch.autograd.Function):
+    """x → (value of fix(x), fix(x)); gradient is the identity."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, arith: ExactArithmetic, flags: list):
+        stream, flag = arith.start(x)
+        flags.append(flag)
+        ctx.mark_non_differentiable(stream.ints)
+        return stream.value, stream.ints
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _gi=None):
+        return grad, None, None
+
+
+class _ExactCouple(torch.autograd.Function):
+    """y = floor(x / m) + fix(block_out) on the integers; gradient of the real coupling y = x/m + b."""
+
+    @staticmethod
+    def forward(ctx, x_value, block_out, x_int, scale: float, arith: ExactArithmetic, chunk_tokens: int, flags: list):
+        m = arith.factor(scale)
+        y = torch.empty_like(x_int)
+        value = torch.empty(x_value.shape, dtype=arith.value_dtype, device=x_value.device)
+        out = block_out.detach()
+        for sl in _row_slices(out, chunk_tokens):
+            y_part, v_part, _, flag, _ = arith.couple(_part(x_int, sl), _part(out, sl), m)
+            _part(y, sl).copy_(y_part)
+            _part(value, sl).copy_(v_part)
+            flags.append(flag)
+        ctx.scale, ctx.block_dtype = scale, block_out.dtype
+        ctx.mark_non_differentiable(y)
+        return value, y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _gi=None):
+        return grad * ctx.scale, grad.to(ctx.block_dtype), None, None, None, None, None

@@ -3,8 +3,7 @@
 A block is a part that mixes positions (attention), a part that acts on each position alone
 (an MLP block, an adapter), or both; a `before` part (a norm and attention's input
 projections) may run ahead of the mixing one, and a causal core may run the mixing part a
-chunk of queries at a time. `Block.__call__` is the block under ordinary autograd, chunked as
-the reversible path chunks it: the vanilla path and the test oracle.
+chunk of queries at a time. How a block runs is plans.py's business.
 """
 
 from __future__ import annotations
@@ -124,50 +123,6 @@ class Block:
             raise ValueError("a block with a `before` part needs a mixing and a position-wise part")
         if self.causal is not None and self.before is None:
             raise ValueError("a block with a causal core needs a `before` part (its queries and context)")
-
-    def __call__(self, x: torch.Tensor, routed: dict, chunk_tokens: int = 0) -> torch.Tensor:
-        """The block under ordinary autograd, chunked as the reversible path chunks it."""
-        slices = _row_slices(x, chunk_tokens)
-        if self.before is not None:
-            # each position-wise part reads the input through a view of its own, so that a row's
-            # gradient is one sum per part and then the sum of the two, as the reversible
-            # backward forms it
-            x_rows = [x] if len(slices) == 1 else torch.split(_rows(x), chunk_tokens)
-            lead = tuple(x.shape[:-1])
-            parts = [self.before(r.view_as(r), routed, Rows(sl, lead)) for r, sl in zip(x_rows, slices)]
-            if _runs_causally(self, slices):
-                return torch.cat(self._causal_chunks(parts, x_rows, slices, lead, routed)).view(*x.shape[:-1], -1)
-            h = self.mixing(_joined(parts, lead), routed)
-        else:
-            h = self.mixing(x, routed) if self.mixing is not None else x
-        if self.positionwise is None:
-            return h
-        h_rows = [h] if len(slices) == 1 else torch.split(_rows(h), chunk_tokens)
-        if self.before is not None:
-            outs = [self.positionwise(a, b.view_as(b)) for a, b in zip(h_rows, x_rows)]
-        else:
-            outs = [self.positionwise(a) for a in h_rows]
-        return outs[0] if len(slices) == 1 else torch.cat(outs).view(*h.shape[:-1], -1)
-
-    def _causal_chunks(self, parts: list, x_rows: list, slices: list, lead: tuple, routed: dict) -> list:
-        context = [torch.cat([p[j] for p in parts]) for j in self.causal.context]
-        outs = []
-        for p, r, sl in zip(parts, x_rows, slices):
-            rows = Rows(sl, lead)
-            h = self.causal.run(self.causal.queries(p), tuple(c[rows.context] for c in context), routed, rows)
-            outs.append(self.positionwise(h, r.view_as(r)))
-        return outs
-
-
-def _runs_causally(block: Block, slices: list) -> bool:
-    return block.causal is not None and len(slices) > 1
-
-
-def _joined(parts: list, lead: tuple[int, ...]) -> tuple:
-    """The `before` part's outputs of every chunk, joined into tensors shaped (*lead, width)."""
-    if len(parts) == 1:
-        return tuple(parts[0])
-    return tuple(torch.cat(column).view(*lead, -1) for column in zip(*parts))
 
 
 def as_block(block: Block | Mixing) -> Block:

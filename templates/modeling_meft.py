@@ -43,6 +43,7 @@ from .losses import ChunkedLossMixin
 from .arithmetic import CouplingSettings
 from .blocks import Block, CausalCore
 from .fixed_point import stream_dtype_for
+from .plans import run_block
 from .reversible import Coupling, run_float_layer, run_stack
 
 
@@ -345,7 +346,7 @@ class MeftLayers(nn.ModuleList):
         checkpoint_func = self.checkpoint_func
         # always non-reentrant: the routed arguments are a dict, and reentrant checkpointing
         # would not pass gradients to tensors inside it (BART's encoder output, for one)
-        return lambda x, args: checkpoint_func(block, x, args, use_reentrant=False)
+        return lambda x, args: checkpoint_func(run_block, block, x, args, use_reentrant=False)
 
 
 def offload_wanted(setting: bool | str, tokens: int, on_cuda: bool) -> bool:

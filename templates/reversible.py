@@ -42,7 +42,9 @@ The engine knows nothing about transformers: it sees F, G, λ, β and tensors. I
 importing only those before it: fixed_point.py (the integer format, remainder packing, the fused
 kernels), blocks.py (what F and G are, rows and chunks), arithmetic.py (exact and float
 coupling), recompute.py (a part run in forward as backward recomputes it, RNG and autocast
-replay, gradients), and this file (the couplings, the autograd Function, the vanilla path).
+replay, gradients), plans.py (how a block runs: one graph, part by part, causal query chunks),
+and this file: the half-steps, which own their inverse, and three short loops over them (the
+autograd Function's forward and backward, and the vanilla path).
 """
 
 from __future__ import annotations
@@ -53,26 +55,22 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .arithmetic import CouplingSettings, ExactArithmetic, Stream, _HalfStepOutput, _raise_if_out_of_range, arithmetic_for
-from .blocks import Block, CausalCore, Mixing, Rows, _part, _row_slices, _runs_causally, as_block
-from .fixed_point import RemainderStore, stream_dtype_for
+from .arithmetic import CouplingSettings, Stream, arithmetic_for
+from .blocks import Block, Mixing, as_block
+from .fixed_point import RemainderStore
+from .plans import plan_for, run_block
 from .recompute import (
-    _add,
     _at,
     _AutocastState,
     _block_input,
-    _detached_output,
     _Gradients,
     _grad_paths,
     _HalfRecord,
-    _inputs_of,
     _leaf_routed,
-    _leaves,
-    _part_input,
     _per_layer_views,
     _RngState,
-    _scaled,
 )
+
 
 class ReconstructionError(RuntimeError):
     """A layer's input, recomputed in backward, differs from the one seen in forward."""
@@ -80,7 +78,8 @@ class ReconstructionError(RuntimeError):
 
 @dataclass
 class Coupling:
-    """One reversible layer: its two blocks and the trainable tensors they read."""
+    """One reversible layer as the model describes it: its two blocks and the trainable tensors
+    they read. Built once per model; each run of the stack makes its own ReversibleLayer of it."""
 
     F: Block | Mixing
     G: Block | Mixing
@@ -97,13 +96,109 @@ class Coupling:
         self.F, self.G = as_block(self.F), as_block(self.G)
 
 
-@dataclass
-class _LayerRecord:
-    """What the reversible forward keeps per layer besides its remainders."""
+# ------------------------------------------------------------------------------ half-steps
 
-    F: _HalfRecord = field(default_factory=_HalfRecord)
-    G: _HalfRecord = field(default_factory=_HalfRecord)
-    checksum: torch.Tensor | None = None  # sums of the layer's two input streams
+
+class HalfStep:
+    """One half of a reversible layer: the stream it updates becomes scale·itself plus its block
+    of the other stream.
+
+        F half:  y1 = λ·x1 + F(x2)        inverse:  x1 = (y1 − F(x2)) / λ
+        G half:  y2 = β·x2 + G(y1)        inverse:  x2 = (y2 − G(y1)) / β
+
+    Gradients follow the real-valued coupling (fix and the integer division count as identity):
+    for the F half dx1 = λ·dy1 and dx2 = dy2 + (∂F/∂x2)ᵀ·dy1; for the G half dx2 = β·dy2 and
+    dx1 = dy1 + (∂G/∂y1)ᵀ·dy2. A half-step holds its block, its scale, the RNG states its forward
+    recorded and the slot of its remainders; its plan (plans.py) does the work.
+    """
+
+    def __init__(self, run: StackRun, block: Block, scale: float, *, updates: int, slot: int, name: str, params: list,
+                 keeps_rebuilt_value: bool, input_read_below: bool):
+        self.run, self.block, self.scale = run, block, scale
+        self.factor = run.arithmetic.factor(scale)  # m of scale = 1/m in exact mode, the scale itself in float mode
+        self.updates = updates  # 0: x1 (the F half), 1: x2 (the G half)
+        self.slot, self.name, self.params = slot, name, params
+        # in backward, in exact mode: whether the stream this half rebuilds, and the one it reads,
+        # are read again by a block of the layer below (their values are dropped otherwise)
+        self.keeps_rebuilt_value, self.input_read_below = keeps_rebuilt_value, input_read_below
+        self.record = _HalfRecord()
+
+    def _split(self, a1, a2) -> tuple:
+        """(the updated stream's, the other's) of a pair."""
+        return (a1, a2) if self.updates == 0 else (a2, a1)
+
+    def _join(self, updated, other) -> tuple:
+        return (updated, other) if self.updates == 0 else (other, updated)
+
+    def forward(self, x1: Stream, x2: Stream) -> tuple[Stream, Stream]:
+        run = self.run
+        x, other = self._split(x1, x2)
+        flags = len(run.flags)
+        y = plan_for(self.block, other.value, run.settings.chunk_tokens).forward(self, other.value, x)
+        run.flag_names += [self.name] * (len(run.flags) - flags)
+        return self._join(y, other)
+
+    def backward_pass(self, y1: Stream, y2: Stream, dy1: torch.Tensor | None, dy2: torch.Tensor | None):
+        """-> (x1, x2, dx1, dx2): the half's input rebuilt (in place of y's integers) and its gradients."""
+        run = self.run
+        y, other = self._split(y1, y2)
+        dy, d_other = self._split(dy1, dy2)
+        # offloaded remainders travel back one half-step ahead, while the one before computes
+        packed = run.remainders.take(self.slot)
+        run.remainders.prefetch(self.slot - 1)
+        inp = other.value
+        x, d_other, dx = plan_for(self.block, inp, run.settings.chunk_tokens).backward(
+            self, inp, y, packed, dy, d_other, writable=_writable(d_other, dy, run.upstream),
+            keep_value=self.keeps_rebuilt_value,
+        )
+        if not self.input_read_below:
+            run.arithmetic.drop_value(other)
+        return (*self._join(x, other), *self._join(dx, d_other))
+
+    def vanilla(self, x1: Stream, x2: Stream, routed: dict) -> tuple[Stream, Stream]:
+        """The same half-step under ordinary autograd (activations stored)."""
+        run = self.run
+        x, other = self._split(x1, x2)
+        out = run_block(self.block, _block_input(other.value, run.compute_dtype), routed, run.settings.chunk_tokens)
+        flags = len(run.flags)
+        y = run.arithmetic.vanilla_couple(x, out, self.scale, run.flags)
+        run.flag_names += [self.name] * (len(run.flags) - flags)
+        return self._join(y, other)
+
+
+def _writable(d: torch.Tensor | None, other: torch.Tensor | None, upstream: list) -> bool:
+    """Whether a stream gradient is the engine's own, so that a half-step may sum into it in
+    place: not a tensor autograd handed in, nor the same tensor as the other stream's."""
+    return d is not None and d is not other and all(d is not t for t in upstream)
+
+
+class ReversibleLayer:
+    """One coupling in a run: its half-steps F then G, and the swap after them."""
+
+    def __init__(self, coupling: Coupling, run: StackRun, index: int):
+        self.coupling, self.name, self.swaps = coupling, coupling.name, run.settings.swap
+        s, params = run.settings, list(coupling.params)
+        # in backward the layer below reads, as its G's input, the stream of this layer's rebuilt
+        # input that becomes its y1: x1 without the swap, x2 with it. F's input x2 is G's output;
+        # G's input y1 is read by no block once G is rebuilt
+        below = 1 if self.swaps else 0
+        self.F = HalfStep(run, coupling.F, s.lambda_, updates=0, slot=2 * index, name=f"{coupling.name} (F)",
+                          params=params, keeps_rebuilt_value=below == 0, input_read_below=below == 1)
+        self.G = HalfStep(run, coupling.G, s.beta, updates=1, slot=2 * index + 1, name=f"{coupling.name} (G)",
+                          params=params, keeps_rebuilt_value=True, input_read_below=False)
+        self.halves = (self.F, self.G)
+        self.checksum: torch.Tensor | None = None  # the audit's sums of the layer's two input streams
+
+    def swap(self, a1, a2, *grads) -> tuple:
+        """The streams (and their gradients) as the next layer sees them. MEFT1 and MEFT2 swap
+        them after every layer, so that the PLM path alternates between them; the swap is its
+        own inverse, so backward undoes it with the same call."""
+        if not self.swaps:
+            return (a1, a2, *grads)
+        return (a2, a1, *grads[::-1])
+
+
+# --------------------------------------------------------------------------------- the run
 
 
 @dataclass
@@ -116,16 +211,21 @@ class StackRun:
     compute_dtype: torch.dtype
     record_rng: bool = True
     trace: list | None = None  # when a list, inputs seen in forward and rebuilt in backward go here
-    records: list = field(default_factory=list)
     autocast: _AutocastState | None = None
     routed_grad_paths: list = field(default_factory=list)
     param_list: list = field(default_factory=list)
     final_streams: list | None = None  # the top layer's output streams, until backward consumes them
     remainders: RemainderStore | None = None
-    arithmetic: Any = None
     flags: list = field(default_factory=list)  # out-of-range flags, checked once per forward
     flag_names: list = field(default_factory=list)
     rng_device: torch.Tensor | None = None
+    routed_leaves: dict | None = None  # the routed arguments as the blocks see them, in forward or backward
+    grads: _Gradients | None = None  # what a backward collects
+    upstream: list = field(default_factory=list)  # the stream gradients autograd handed to backward
+
+    def __post_init__(self):
+        self.arithmetic = arithmetic_for(self.settings, self.compute_dtype)
+        self.layers = [ReversibleLayer(c, self, i) for i, c in enumerate(self.couplings)]
 
     def grad_inputs(self) -> list[torch.Tensor]:
         """Tensors the stack differentiates with respect to, besides the two streams."""
@@ -143,504 +243,84 @@ class StackRun:
         for stream in self.final_streams or ():
             for t in (stream.ints, stream.value):
                 total += 0 if t is None else t.numel() * t.element_size()
-        for rec in self.records:
-            for half in (rec.F, rec.G):
-                for rng in (half.mixing, *half.chunks, *half.before, *half.cores):
+        for layer in self.layers:
+            for record in (layer.F.record, layer.G.record):
+                for rng in (record.mixing, *record.chunks, *record.before, *record.cores):
                     total += 0 if rng is None else rng.nbytes()
-            total += 0 if rec.checksum is None else rec.checksum.numel() * 8
+            total += 0 if layer.checksum is None else layer.checksum.numel() * 8
         return total + (self.remainders.host_bytes() if self.remainders else 0)
 
+    def record_input(self, layer: ReversibleLayer, x1: Stream, x2: Stream) -> None:
+        """What forward keeps of a layer's input: the audit's checksums, and the trace's copy."""
+        layer.checksum = self.arithmetic.checksums(x1, x2)
+        self._trace("forward", layer, x1, x2)
 
-def _couple_rows(run: StackRun, y: _HalfStepOutput, x: Stream, sl: slice, out: torch.Tensor, factor, packed: list) -> None:
-    """Rows sl of y = scale·x + out (the block output of those rows); their remainders go to `packed`."""
-    stream_part = y.part(x, sl)
-    y_ints, y_value, r, flag, part_sum = run.arithmetic.couple(stream_part, out, factor)
-    y.put(sl, stream_part, y_ints, y_value, part_sum)
-    y.let_go_of(x)
-    if run.arithmetic.exact:
-        run.flags.append(flag)
-    packed.append(r)
+    def check_rebuilt_input(self, layer: ReversibleLayer, x1: Stream, x2: Stream, audits: list) -> None:
+        """The rebuilt input's checksums, compared with forward's once the backward is done."""
+        self._trace("backward", layer, x1, x2)
+        if layer.checksum is not None:
+            audits.append((layer, layer.checksum, self.arithmetic.checksums(x1, x2)))
 
-
-def _uncouple_rows(run: StackRun, x: _HalfStepOutput, y: Stream, sl: slice, out: torch.Tensor, packed, factor) -> None:
-    """Rows sl of x = (y − out) / scale, exactly from the rows' remainders `packed` in exact mode."""
-    stream_part = x.part(y, sl)
-    x_ints, x_value, part_sum = run.arithmetic.uncouple(stream_part, out, packed, factor)
-    x.put(sl, stream_part, x_ints, x_value, part_sum)
-    x.let_go_of(y)
+    def _trace(self, phase: str, layer: ReversibleLayer, x1: Stream, x2: Stream) -> None:
+        if self.trace is not None:
+            self.trace.append((phase, layer.name, *(t.clone() for t in self.arithmetic.trace_state(x1, x2))))
 
 
-def _mixing_input(run: StackRun, block: Block, inp: torch.Tensor, routed, states: list, replay: bool):
-    """What the mixing part reads: the block input, or the `before` part's outputs over the
-    whole sequence, computed a chunk at a time (the RNG state before each chunk recorded in
-    forward, replayed in backward's recompute)."""
-    if block.before is None:
-        return inp
-    slices = _row_slices(inp, run.settings.chunk_tokens)
-    lead = tuple(inp.shape[:-1])
-    columns = None
-    for i, sl in enumerate(slices):
-        _record_or_restore(run, states, i, replay)
-        with run.autocast.active() if replay else contextlib.nullcontext():
-            outs = _detached_output(block.before, _part(inp, sl), run, routed, Rows(sl, lead))
-        if len(slices) == 1:
-            return tuple(outs)
-        if columns is None:
-            rows = inp.numel() // inp.shape[-1]
-            columns = [torch.empty((rows, o.shape[-1]), dtype=o.dtype, device=o.device) for o in outs]
-        for column, o in zip(columns, outs):
-            column[sl].copy_(o)
-        del outs
-    return tuple(column.view(*lead, -1) for column in columns)
+def _raise_if_rebuilt_inputs_differ(audits: list) -> None:
+    if not audits:
+        return
+    saved = torch.stack([a[1] for a in audits])
+    rebuilt = torch.stack([a[2] for a in audits])
+    if not torch.equal(saved, rebuilt):
+        # errors propagate downwards: the highest mismatching layer is where it started
+        bad = next(layer for layer, a, b in audits if not torch.equal(a, b))
+        raise ReconstructionError(
+            f"MEFT audit: the input of {bad.name}, rebuilt in backward, differs from the "
+            "forward pass, so its gradients would be wrong. A kernel in this layer is not deterministic "
+            "(try torch.use_deterministic_algorithms(True) and CUBLAS_WORKSPACE_CONFIG=:4096:8), or the "
+            "model or its inputs were modified between forward and backward."
+        )
 
 
-def _backward_before(run: StackRun, block: Block, inp: torch.Tensor, d_parts: tuple, d_inp: torch.Tensor, chunked: bool,
-                     record: _HalfRecord, routed, params, grads: _Gradients) -> torch.Tensor:
-    """d_inp (the position-wise part's share) plus (∂before/∂inp)ᵀ·d_parts, the `before` part
-    recomputed and differentiated a chunk at a time, from the last."""
-    slices = _row_slices(inp, run.settings.chunk_tokens)
-    lead = tuple(inp.shape[:-1])
-    wanted = [j for j, d in enumerate(d_parts) if d is not None]  # outputs the core used
-    if not wanted:
-        return d_inp
-    d_parts = tuple(d_parts[j].contiguous() for j in wanted)
-    for i in reversed(range(len(slices))):
-        sl = slices[i]
-        if record.before and record.before[i] is not None:
-            record.before[i].restore()
-        leaf = _part(inp, sl).detach().requires_grad_()
-        with torch.enable_grad(), run.autocast.active():
-            outs = tuple(block.before(_block_input(leaf, run.compute_dtype), routed, Rows(sl, lead)))
-        outs = tuple(outs[j] for j in wanted)
-        g = grads.of(outs, leaf, tuple(_part(d, sl) for d in d_parts), params)
-        del outs
-        if g is None:
-            continue
-        if chunked:  # d_inp is this function's own buffer
-            _part(d_inp, sl).add_(g)
-        else:  # d_inp may be the very tensor the coupling's gradient still needs
-            d_inp = d_inp + g
-    return d_inp
-
-
-def _forward_half(run: StackRun, block: Block, inp: torch.Tensor, x: Stream, scale: float, record: _HalfRecord, routed):
-    """y = scale·x + block(inp), chunk by chunk; with several chunks y's integers overwrite x's
-    (one chunk: the kernels' own outputs are kept, two fewer passes). Returns y."""
-    arith, s = run.arithmetic, run.settings
-    if _runs_causally(block, _row_slices(inp, s.chunk_tokens)):
-        return _forward_causal_half(run, block, inp, x, scale, record, routed)
-    factor = arith.factor(scale)
-    if _in_one_graph(block, inp, s.chunk_tokens):
-        leaf = inp.detach().requires_grad_()
-        return _coupled(run, x, [slice(None)], factor,
-                        lambda sl: _whole_block(run, block, leaf, record, routed, replay=False).detach())
-    if block.mixing is not None:
-        mixing_input = _mixing_input(run, block, inp, routed, record.before, replay=False)
-        record.mixing = run.capture_rng()
-        h = _detached_output(block.mixing, mixing_input, run, routed, reads_stream=block.before is None)
-        del mixing_input
-    else:
-        h = inp
-    slices = _row_slices(h, s.chunk_tokens)
-    if len(slices) > 1:
-        h = h.contiguous()
-
-    def out_of(sl: slice) -> torch.Tensor:
-        if block.positionwise is None:
-            return _part(h, sl)
-        record.chunks.append(run.capture_rng())
-        return _detached_output(block.positionwise, _part(h, sl), run, reads_stream=block.mixing is None,
-                                stream_part=_part(inp, sl) if block.before is not None else None)
-
-    return _coupled(run, x, slices, factor, out_of)
-
-
-def _coupled(run: StackRun, x: Stream, slices: list[slice], factor, out_of) -> Stream:
-    """y = scale·x + out for each chunk of rows, out_of(sl) giving the block output of rows sl (one
-    chunk's alive at a time); with several chunks y's integers overwrite x's. The remainders are
-    kept for backward."""
-    y = _HalfStepOutput(run.arithmetic, x, x.value.shape, x.value.device, len(slices))
-    packed = []
-    for sl in slices:
-        out = out_of(sl)
-        _couple_rows(run, y, x, sl, out, factor, packed)
-        del out
-    run.remainders.add(packed if run.arithmetic.exact else [])
-    return y.stream()
-
-
-def _backward_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, packed: list, scale: float, dy,
-                   record: _HalfRecord, routed, params, grads: _Gradients, value_needed: bool = True,
-                   d_other: torch.Tensor | None = None, writable: bool = False):
-    """For y = scale·x + block(inp): recompute the block as in forward, rebuild x (in place of
-    y's integers) and return x, d_other + (∂block/∂inp)ᵀ·dy and ∂y/∂x·dy = scale·dy. d_other
-    is the gradient inp already has (None: none); `writable`: it may be summed into in place.
-    In exact mode x's value is kept only if `value_needed` (it is a block's input further down)."""
-    s = run.settings
-    if _runs_causally(block, _row_slices(inp, s.chunk_tokens)):
-        return _backward_causal_half(run, block, inp, y, packed, scale, dy, record, routed, params, grads, value_needed,
-                                     d_other, writable)
-    x, d_inp, dx = _backward_whole_core_half(run, block, inp, y, packed, scale, dy, record, routed, params, grads,
-                                             value_needed)
-    return x, _add(d_other, d_inp), dx
-
-
-def _backward_whole_core_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, packed: list, scale: float, dy,
-                              record: _HalfRecord, routed, params, grads: _Gradients, value_needed: bool):
-    """_backward_half for a block whose mixing part sees the whole sequence at once."""
-    arith, s = run.arithmetic, run.settings
-    factor = arith.factor(scale)
-    if _in_one_graph(block, inp, s.chunk_tokens):
-        x, d_inp = _backward_in_one_graph(run, block, inp, y, packed, factor, dy, record, routed, params, grads,
-                                          value_needed)
-        return x, d_inp, _scaled(dy, scale)
-    # only the recompute runs under the forward's autocast; the gradients are computed outside
-    # it, as loss.backward() computes plain autograd's (autocast would also apply to the
-    # backward's own kernels and change their rounding)
-    if block.mixing is not None:
-        leaf = _leaves(_mixing_input(run, block, inp, routed, record.before, replay=True))
-        if record.mixing is not None:
-            record.mixing.restore()
-        with torch.enable_grad(), run.autocast.active():
-            h = block.mixing(_inputs_of(leaf, block.before is None, run.compute_dtype), routed)
-        h_detached = h.detach()
-    else:
-        leaf, h, h_detached = None, None, inp
-    d_inp = None
-    if block.positionwise is None and dy is not None:
-        # the mixing part's gradients first: its graph is freed before x's value is allocated
-        d_inp = grads.of(h, leaf, dy, params)
-        h = leaf = None
-    slices = _row_slices(h_detached, s.chunk_tokens)
-    chunked = len(slices) > 1
-    if chunked:
-        h_detached = h_detached.contiguous()
-        dy = None if dy is None else dy.contiguous()
-    # values as the kernel computes them (a value computed apart can differ in rounding from the
-    # forward's), kept only where a block reads them
-    x = _HalfStepOutput(arith, y, inp.shape, inp.device, len(slices), keep_values=value_needed or not arith.exact)
-    d_h = d_direct = None  # gradients of the mixing output and, after `before`, of the residual
-    if chunked and dy is not None and block.positionwise is not None:
-        d_h = torch.empty(h_detached.shape, dtype=h_detached.dtype, device=h_detached.device)
-        if block.before is not None:
-            d_direct = torch.empty(inp.shape, dtype=inp.dtype, device=inp.device)
-    # chunks from the last: plain autograd sums a parameter's per-chunk gradients in that order
-    for i in reversed(range(len(slices))):
-        sl = slices[i]
-        if block.positionwise is not None:
-            if record.chunks and record.chunks[i] is not None:
-                record.chunks[i].restore()
-            part_leaf = _part(h_detached, sl).detach().requires_grad_()
-            with torch.enable_grad(), run.autocast.active():
-                h_part = _part_input(part_leaf, block.mixing is None, run.compute_dtype)
-                if block.before is None:
-                    part_out = block.positionwise(h_part)
-                else:
-                    stream_leaf = _part(inp, sl).detach().requires_grad_()
-                    part_out = block.positionwise(h_part, _block_input(stream_leaf, run.compute_dtype))
-                    part_leaf = (part_leaf, stream_leaf)
-            out = part_out.detach()
-        else:
-            out = _part(h_detached, sl)
-        _uncouple_rows(run, x, y, sl, out, packed[i] if packed else None, factor)
-        if dy is not None and block.positionwise is not None:
-            g = grads.of(part_out, part_leaf, _part(dy, sl), params, routed=False)
-            g, g_direct = g if block.before is not None else (g, None)
-            if not chunked:
-                d_h, d_direct = g, g_direct
-            else:
-                _put_rows(d_h, sl, g)
-                if block.before is not None:
-                    _put_rows(d_direct, sl, g_direct)
-        del out
-    if dy is not None and block.positionwise is not None:
-        if block.before is not None:
-            d_parts = grads.of(h, leaf, d_h, params)
-            h = leaf = d_h = None  # the attention core's graph goes before `before` is recomputed
-            if d_direct is None:
-                d_direct = torch.zeros_like(inp)
-            d_inp = _backward_before(run, block, inp, d_parts, d_direct, chunked, record, routed, params, grads)
-        else:
-            d_inp = grads.of(h, leaf, d_h, params) if block.mixing is not None else d_h
-    return x.stream(), d_inp, _scaled(dy, scale)
-
-
-def _in_one_graph(block: Block, inp: torch.Tensor, chunk_tokens: int) -> bool:
-    """Whether a block with several parts runs in one chunk: then forward and backward run it as
-    one graph (_whole_block) rather than part by part."""
-    return block.mixing is not None and block.positionwise is not None and len(_row_slices(inp, chunk_tokens)) == 1
-
-
-def _whole_block(run: StackRun, block: Block, leaf: torch.Tensor, record: _HalfRecord, routed, replay: bool):
-    """The block's parts on `leaf` as one graph, as plain autograd builds it (each part reading the
-    stream through a view of its own). In forward the RNG state before each part is recorded, in
-    backward's recompute it is restored."""
-    cd = run.compute_dtype
-    with torch.enable_grad():
-        if block.before is not None:
-            _record_or_restore(run, record.before, 0, replay)
-            h = tuple(block.before(_block_input(leaf, cd), routed, Rows(slice(None), tuple(leaf.shape[:-1]))))
-        else:
-            h = _block_input(leaf, cd)
-        if not replay:
-            record.mixing = run.capture_rng()
-        elif record.mixing is not None:
-            record.mixing.restore()
-        h = block.mixing(h, routed)
-        _record_or_restore(run, record.chunks, 0, replay)
-        return block.positionwise(h) if block.before is None else block.positionwise(h, _block_input(leaf, cd))
-
-
-def _backward_in_one_graph(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, packed: list, factor, dy,
-                           record: _HalfRecord, routed, params, grads: _Gradients, value_needed: bool):
-    """A block in one chunk: its parts recomputed as one graph, as plain autograd builds it, and
-    differentiated by one call. No part is recomputed twice (`before`, whose outputs the
-    chunked path keeps only detached) and the host makes one autograd call, not three."""
-    arith = run.arithmetic
-    leaf = inp.detach().requires_grad_()
-    with run.autocast.active():
-        out = _whole_block(run, block, leaf, record, routed, replay=True)
-    x = _HalfStepOutput(arith, y, inp.shape, inp.device, 1, keep_values=value_needed or not arith.exact)
-    _uncouple_rows(run, x, y, slice(None), out.detach(), packed[0] if packed else None, factor)
-    return x.stream(), None if dy is None else grads.of(out, leaf, dy, params)
-
-
-class _Context:
-    """A causal core's context (keys and values) over the whole sequence, (rows, width) each,
-    filled a chunk at a time, and in backward its gradient, summed over the chunks that read it."""
-
-    def __init__(self, core: CausalCore, inp: torch.Tensor):
-        self.core, self.index = core, core.context
-        self.rows = inp.numel() // inp.shape[-1]
-        self.columns: list | None = None
-        self.grads: list | None = None
-
-    def fill(self, sl: slice, outs: tuple) -> tuple:
-        """Stores the chunk's context outputs; returns the others (the queries)."""
-        if self.columns is None:
-            self.columns = [torch.empty((self.rows, outs[j].shape[-1]), dtype=outs[j].dtype, device=outs[j].device)
-                            for j in self.index]
-        for column, j in zip(self.columns, self.index):
-            column[sl].copy_(outs[j])
-        return self.core.queries(outs)
-
-    def at(self, rows: Rows) -> tuple:
-        return tuple(column[rows.context] for column in self.columns)
-
-    def add_grads(self, rows: Rows, grads: Sequence[torch.Tensor | None]) -> None:
-        if self.grads is None:
-            self.grads = [torch.zeros_like(column) for column in self.columns]
-        for total, g in zip(self.grads, grads):
-            if g is not None:
-                total[rows.context].add_(g)
-
-    def grads_of(self, outs: tuple, d_queries: tuple, sl: slice) -> tuple:
-        """The gradients of a chunk's `before` outputs: the queries' own, the context's summed."""
-        d_queries, d_context = iter(d_queries), iter(self.grads)
-        return tuple(next(d_context)[sl] if j in self.index else next(d_queries) for j in range(len(outs)))
-
-
-def _restore(states: list, i: int) -> None:
-    if states and states[i] is not None:
-        states[i].restore()
-
-
-def _record_or_restore(run: StackRun, states: list, i: int, replay: bool) -> None:
-    """Forward records the RNG state before a part's chunk i; backward's recompute restores it."""
-    if replay:
-        _restore(states, i)
-    else:
-        states.append(run.capture_rng())
-
-
-def _forward_causal_half(run: StackRun, block: Block, inp: torch.Tensor, x: Stream, scale: float, record: _HalfRecord,
-                         routed) -> Stream:
-    """_forward_half for a block with a causal core: before, core and position-wise part run a
-    chunk at a time, the chunks in order, each reading the context of the chunks up to itself."""
-    arith, s = run.arithmetic, run.settings
-    factor = arith.factor(scale)
-    slices = _row_slices(inp, s.chunk_tokens)
-    lead = tuple(inp.shape[:-1])
-    context = _Context(block.causal, inp)
-
-    def out_of(sl: slice) -> torch.Tensor:
-        rows = Rows(sl, lead)
-        record.before.append(run.capture_rng())
-        queries = context.fill(sl, _detached_output(block.before, _part(inp, sl), run, routed, rows))
-        record.cores.append(run.capture_rng())
-        n = len(queries)
-        h = _detached_output(lambda parts, routed: block.causal.run(parts[:n], parts[n:], routed, rows),
-                             (*queries, *context.at(rows)), run, routed, reads_stream=False)
-        del queries
-        record.chunks.append(run.capture_rng())
-        return _detached_output(block.positionwise, h, run, reads_stream=False, stream_part=_part(inp, sl))
-
-    return _coupled(run, x, slices, factor, out_of)
-
-
-@dataclass
-class _CausalChunk:
-    """One chunk of a block with a causal core, recomputed with its graph: `before` from its
-    input rows, the core from the queries and the context, the position-wise part from the
-    core's output and the input rows."""
-
-    before_leaf: torch.Tensor
-    outs: tuple  # the `before` part's outputs, graph attached
-    query_leaves: tuple
-    context_leaves: tuple
-    h: torch.Tensor  # the core's output, graph attached
-    h_leaf: torch.Tensor
-    stream_leaf: torch.Tensor
-    out: torch.Tensor  # the block's output rows, graph attached
-
-    @classmethod
-    def recompute(cls, run: StackRun, block: Block, inp: torch.Tensor, i: int, rows: Rows, context: _Context,
-                  record: _HalfRecord, routed) -> "_CausalChunk":
-        cd = run.compute_dtype
-        _restore(record.before, i)
-        before_leaf = _part(inp, rows.rows).detach().requires_grad_()
-        with torch.enable_grad(), run.autocast.active():
-            outs = tuple(block.before(_block_input(before_leaf, cd), routed, rows))
-        query_leaves = _leaves(block.causal.queries(outs))
-        context_leaves = _leaves(context.at(rows))
-        _restore(record.cores, i)
-        with torch.enable_grad(), run.autocast.active():
-            h = block.causal.run(_inputs_of(query_leaves, False, cd), _inputs_of(context_leaves, False, cd), routed, rows)
-        h_leaf, stream_leaf = h.detach().requires_grad_(), _part(inp, rows.rows).detach().requires_grad_()
-        _restore(record.chunks, i)
-        with torch.enable_grad(), run.autocast.active():
-            out = block.positionwise(_part_input(h_leaf, False, cd), _block_input(stream_leaf, cd))
-        return cls(before_leaf, outs, query_leaves, context_leaves, h, h_leaf, stream_leaf, out)
-
-    def input_gradient(self, d_out: torch.Tensor, rows: Rows, context: _Context, params, grads: _Gradients):
-        """The chunk's input gradient, position-wise part, core and `before` differentiated in
-        turn (the core's context gradient summed into `context`); the graph goes with it."""
-        d_h, d_direct = grads.of(self.out, (self.h_leaf, self.stream_leaf), d_out, params, routed=False)
-        self.out = self.h_leaf = None
-        n = len(self.query_leaves)
-        d_core = grads.of(self.h, (*self.query_leaves, *self.context_leaves), d_h, params)
-        self.h = d_h = None
-        context.add_grads(rows, d_core[n:])
-        d_outs = context.grads_of(self.outs, d_core[:n], rows.rows)
-        wanted = [j for j, d in enumerate(d_outs) if d is not None]
-        d_before = None
-        if wanted:
-            d_before = grads.of(tuple(self.outs[j] for j in wanted), self.before_leaf, tuple(d_outs[j] for j in wanted),
-                                params)
-        self.outs = None
-        return _add(d_direct, d_before)
-
-
-def _backward_causal_half(run: StackRun, block: Block, inp: torch.Tensor, y: Stream, packed: list, scale: float, dy,
-                          record: _HalfRecord, routed, params, grads: _Gradients, value_needed: bool,
-                          d_other: torch.Tensor | None, writable: bool):
-    """_backward_half for a block with a causal core. The context is recomputed over the whole
-    sequence first; then each chunk, from the last, recomputes its `before` part, core and
-    position-wise part and differentiates them in that order. A chunk's context gradient is
-    complete once the chunks after it are done, which is when its `before` part needs it.
-    Each chunk's input gradient is summed into d_other's rows where that may be done in place
-    (one hidden-sized tensor fewer), as d_other + (the chunk's sum): the same bits."""
-    arith = run.arithmetic
-    factor = arith.factor(scale)
-    slices = _row_slices(inp, run.settings.chunk_tokens)
-    lead = tuple(inp.shape[:-1])
-    context = _Context(block.causal, inp)
-    for i in reversed(range(len(slices))):
-        _restore(record.before, i)
-        with run.autocast.active():
-            context.fill(slices[i], _detached_output(block.before, _part(inp, slices[i]), run, routed, Rows(slices[i], lead)))
-    x = _HalfStepOutput(arith, y, inp.shape, inp.device, len(slices), keep_values=value_needed or not arith.exact)
-    in_place = writable and d_other is not None and d_other.is_contiguous() and d_other.dtype == inp.dtype
-    d_inp = None
-    if dy is not None:
-        d_inp = d_other if in_place else torch.empty(inp.shape, dtype=inp.dtype, device=inp.device)
-        dy = dy.contiguous()
-    for i in reversed(range(len(slices))):
-        rows = Rows(slices[i], lead)
-        chunk = _CausalChunk.recompute(run, block, inp, i, rows, context, record, routed)
-        _uncouple_rows(run, x, y, rows.rows, chunk.out.detach(), packed[i] if packed else None, factor)
-        if dy is None:
-            continue
-        d_rows = chunk.input_gradient(_part(dy, rows.rows), rows, context, params, grads)
-        del chunk
-        if not in_place:
-            _put_rows(d_inp, rows.rows, d_rows)
-        elif d_rows is not None:
-            _part(d_inp, rows.rows).add_(d_rows)
-    if dy is None:
-        return x.stream(), d_other, None
-    return x.stream(), d_inp if in_place else _add(d_other, d_inp), _scaled(dy, scale)
-
-
-def _writable(d: torch.Tensor | None, other: torch.Tensor | None, upstream: list) -> bool:
-    """Whether a stream gradient is the engine's own, so that a half-step may sum into it in
-    place: not a tensor autograd handed in, nor the same tensor as the other stream's."""
-    return d is not None and d is not other and all(d is not t for t in upstream)
-
-
-def _put_rows(buffer: torch.Tensor, sl: slice, g: torch.Tensor | None) -> None:
-    if g is None:
-        _part(buffer, sl).zero_()
-    else:
-        _part(buffer, sl).copy_(g)
-
-
-def _swap_if(settings: CouplingSettings, a, b):
-    # MEFT1/2 swap the streams after every layer so that the PLM path alternates between them
-    return (b, a) if settings.swap else (a, b)
+# ------------------------------------------------------------------- the autograd Function
 
 
 class _ReversibleStack(torch.autograd.Function):
-    """Runs the couplings forward keeping only final streams and remainders; rebuilds in backward."""
+    """Runs the half-steps forward keeping only final streams and remainders; rebuilds in backward."""
 
     @staticmethod
     def forward(ctx, run: StackRun, x1v: torch.Tensor, x2v: torch.Tensor, *grad_inputs: torch.Tensor):
-        s = run.settings
         run.autocast = _AutocastState.capture(x1v.device.type)
         run.rng_device = torch.empty(0, device=x1v.device)  # where RNG states are recorded
-        run.arithmetic = arith = arithmetic_for(s, run.compute_dtype)
-        run.remainders = RemainderStore(s.offload_remainders, x1v.device)
-        routed = _leaf_routed(run.routed)
+        run.remainders = RemainderStore(run.settings.offload_remainders, x1v.device)
+        run.routed_leaves = _leaf_routed(run.routed)
+        arith = run.arithmetic
         x1, flag = arith.start(x1v)
         if flag is not None:
             run.flags.append(flag)
             run.flag_names.append("the stack input")
-        # both streams start at the same point; each gets its own integers, overwritten in place
-        x2 = Stream(x1.ints.clone(), x1.value, x1.checksum) if arith.exact else Stream(None, x1.value)
-        for c in run.couplings:
-            rec = _LayerRecord()
-            if arith.exact and s.audit:
-                rec.checksum = torch.stack([x1.checksum, x2.checksum])
-            if run.trace is not None:
-                run.trace.append(("forward", c.name, *(t.clone() for t in _stream_state(x1, x2))))
-            names_before = len(run.flags)
-            with c.gathered():
-                y1 = _forward_half(run, c.F, x2.value, x1, s.lambda_, rec.F, routed)  # y1 = λ·x1 + F(x2)
-                n_f = len(run.flags) - names_before
-                y2 = _forward_half(run, c.G, y1.value, x2, s.beta, rec.G, routed)  # y2 = β·x2 + G(y1)
-            run.flag_names += [f"{c.name} (F)"] * n_f + [f"{c.name} (G)"] * (len(run.flags) - names_before - n_f)
-            run.records.append(rec)
-            x1, x2 = _swap_if(s, y1, y2)
-        if arith.exact:
-            _raise_if_out_of_range(run.flags, run.flag_names, s, run.couplings)
-        values = (x1.value, x2.value)
-        run.flags, run.flag_names = [], []
+        x2 = arith.twin(x1)  # both streams start at the same point
+        for layer in run.layers:
+            run.record_input(layer, x1, x2)
+            with layer.coupling.gathered():
+                for half in layer.halves:
+                    x1, x2 = half.forward(x1, x2)
+            x1, x2 = layer.swap(x1, x2)
+        arith.check_range(run.flags, run.flag_names, run.couplings)
+        run.flags, run.flag_names, run.routed_leaves = [], [], None
         # the final streams stay outside save_for_backward: backward turns them into the layers'
-        # inputs one layer at a time, in place. Of their values only the top G's input (the
-        # output y1 became) is needed again, and it is the very tensor returned to the caller
-        if arith.exact and run.couplings:
-            g_input = y1.value
-            x1, x2 = (Stream(t.ints, t.value if t.value is g_input else None, t.checksum) for t in (x1, x2))
-        run.final_streams = [x1, x2]
+        # inputs one layer at a time, in place. Of their values only the top G's input (its y1) is
+        # needed again, and it is the very tensor returned to the caller
+        values = (x1.value, x2.value)
+        run.final_streams = arith.for_backward((x1, x2), run.layers[-1].swap(x1, x2)[0].value) if run.layers else [x1, x2]
         ctx.save_for_backward(*run.remainders.device_tensors())
         ctx.run = run
         # an output nobody used gets None, not zeros: its blocks then contribute no gradient,
         # and parameters only it reaches keep grad None, as under plain autograd
         ctx.set_materialize_grads(False)
-        if arith.exact:
-            ctx.mark_non_differentiable(x1.ints, x2.ints)
-            return values[0], values[1], x1.ints, x2.ints
-        return values[0], values[1], None, None
+        ints = (x1.ints, x2.ints)
+        ctx.mark_non_differentiable(*(t for t in ints if t is not None))
+        return (*values, *ints)
 
     @staticmethod
     def backward(ctx, dy1: torch.Tensor | None, dy2: torch.Tensor | None, _di1=None, _di2=None):
@@ -651,161 +331,70 @@ class _ReversibleStack(torch.autograd.Function):
                 "model: `with model.meft_backward(\"vanilla\"): ...` (activations are stored)."
             )
         run: StackRun = ctx.run
-        s = run.settings
         if run.final_streams is None:
             raise RuntimeError(
                 "MEFT: backward through the same reversible forward a second time is not supported; its streams "
                 "were consumed by the first backward (retain_graph=True cannot keep them). Run the forward again."
             )
         (y1, y2), run.final_streams = run.final_streams, None
-        upstream = [t for t in (dy1, dy2) if t is not None]  # autograd's tensors: never written to
+        run.upstream = [t for t in (dy1, dy2) if t is not None]  # autograd's tensors: never written to
         run.remainders.restore(ctx.saved_tensors)
-        routed = _leaf_routed(run.routed)
-        grads = _Gradients(run, routed)
-        checksums = []
+        run.routed_leaves = _leaf_routed(run.routed)
+        run.grads = _Gradients(run, run.routed_leaves)
+        audits: list = []
         device_ids = [run.rng_device.device.index] if run.record_rng and run.rng_device.is_cuda else []
         fork = torch.random.fork_rng(devices=device_ids, enabled=run.record_rng, device_type=run.rng_device.device.type
                                      if run.rng_device.is_cuda else "cuda")
         with fork:
-            for idx in reversed(range(len(run.couplings))):
-                c, rec = run.couplings[idx], run.records[idx]
-                y1, y2 = _swap_if(s, y1, y2)  # undo the swap that followed this layer
-                dy1, dy2 = _swap_if(s, dy1, dy2)
-                params = list(c.params)
-                grads.start_layer()
-                with c.gathered():
-                    # y2 = β·x2 + G(y1): rebuild x2, then dy1 += (∂G/∂y1)ᵀ·dy2; offloaded remainders
-                    # travel back one half-step ahead, while the one before computes
-                    packed_g = run.remainders.take(2 * idx + 1)
-                    run.remainders.prefetch(2 * idx)
-                    x2, dy1, dx2 = _backward_half(
-                        run, c.G, y1.value, y2, packed_g, s.beta, dy2, rec.G, routed, params, grads,
-                        d_other=dy1, writable=_writable(dy1, dy2, upstream),
-                    )
-                    del dy2
-                    if run.arithmetic.exact:
-                        y1.value = None  # G's input, needed no more (in float mode it is the stream)
-                    # y1 = λ·x1 + F(x2): rebuild x1, then dx2 += (∂F/∂x2)ᵀ·dy1 and dx1 = λ·dy1
-                    packed_f = run.remainders.take(2 * idx)
-                    run.remainders.prefetch(2 * idx - 1)
-                    # x1's value is G's input in the layer below only without the swap
-                    x1, dx2, dx1 = _backward_half(
-                        run, c.F, x2.value, y1, packed_f, s.lambda_, dy1, rec.F, routed, params, grads,
-                        value_needed=not s.swap, d_other=dx2, writable=_writable(dx2, dy1, upstream),
-                    )
-                del dy1
-                # only the value of the stream that is G's input in the layer below is read again
-                if run.arithmetic.exact:
-                    (x1 if s.swap else x2).value = None
-                grads.end_layer()
-                if run.trace is not None:
-                    run.trace.append(("backward", c.name, *(t.clone() for t in _stream_state(x1, x2))))
-                if rec.checksum is not None:
-                    checksums.append((idx, rec.checksum, torch.stack([x1.checksum, x2.checksum])))
-                y1, y2, dy1, dy2 = x1, x2, dx1, dx2
-        if checksums:
-            saved = torch.stack([c[1] for c in checksums])
-            rebuilt = torch.stack([c[2] for c in checksums])
-            if not torch.equal(saved, rebuilt):
-                # errors propagate downwards: the highest mismatching layer is where it started
-                bad = next(idx for idx, a, b in checksums if not torch.equal(a, b))
-                raise ReconstructionError(
-                    f"MEFT audit: the input of {run.couplings[bad].name}, rebuilt in backward, differs from the "
-                    "forward pass, so its gradients would be wrong. A kernel in this layer is not deterministic "
-                    "(try torch.use_deterministic_algorithms(True) and CUBLAS_WORKSPACE_CONFIG=:4096:8), or the "
-                    "model or its inputs were modified between forward and backward."
-                )
+            for layer in reversed(run.layers):
+                y1, y2, dy1, dy2 = layer.swap(y1, y2, dy1, dy2)  # undo the swap that followed this layer
+                run.grads.start_layer()
+                with layer.coupling.gathered():
+                    for half in reversed(layer.halves):  # G, then F
+                        y1, y2, dy1, dy2 = half.backward_pass(y1, y2, dy1, dy2)
+                run.grads.end_layer()
+                run.check_rebuilt_input(layer, y1, y2, audits)
+        _raise_if_rebuilt_inputs_differ(audits)
+        grads, run.grads, run.upstream, run.routed_leaves = run.grads, None, [], None
         return (None, dy1, dy2, *grads.routed, *grads.params)
-
-
-def _stream_state(x1: Stream, x2: Stream) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the trace records of a layer's input: integers in exact mode, values in float mode."""
-    return (x1.ints, x2.ints) if x1.ints is not None else (x1.value, x2.value)
 
 
 # ------------------------------------------------------------ plain-autograd (vanilla) path
 
 
-class _Start(torch.autograd.Function):
-    """x → (value of fix(x), fix(x)); gradient is the identity."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, arith: ExactArithmetic, flags: list):
-        stream, flag = arith.start(x)
-        flags.append(flag)
-        ctx.mark_non_differentiable(stream.ints)
-        return stream.value, stream.ints
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor, _gi=None):
-        return grad, None, None
-
-
-class _ExactCouple(torch.autograd.Function):
-    """y = floor(x / m) + fix(block_out) on the integers; gradient of the real coupling y = x/m + b."""
-
-    @staticmethod
-    def forward(ctx, x_value, block_out, x_int, scale: float, arith: ExactArithmetic, chunk_tokens: int, flags: list):
-        m = arith.factor(scale)
-        y = torch.empty_like(x_int)
-        value = torch.empty(x_value.shape, dtype=arith.value_dtype, device=x_value.device)
-        out = block_out.detach()
-        for sl in _row_slices(out, chunk_tokens):
-            y_part, v_part, _, flag, _ = arith.couple(_part(x_int, sl), _part(out, sl), m)
-            _part(y, sl).copy_(y_part)
-            _part(value, sl).copy_(v_part)
-            flags.append(flag)
-        ctx.scale, ctx.block_dtype = scale, block_out.dtype
-        ctx.mark_non_differentiable(y)
-        return value, y
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor, _gi=None):
-        return grad * ctx.scale, grad.to(ctx.block_dtype), None, None, None, None, None
-
-
-def _vanilla_layers(couplings, s: CouplingSettings, routed_for_all, cd, x1v, x2v, x1i=None, x2i=None):
-    """The same couplings under ordinary autograd (activations stored). Exact mode computes
-    the identical integer forward, chunked the same way, so its gradients are the reversible
-    path's oracle."""
-    arith = arithmetic_for(s, cd)
-    flags: list = []
-    names: list = []
-    for c in couplings:
-        if not c.autograd_ok and torch.is_grad_enabled():
+def _vanilla_layers(run: StackRun, x1: Stream, x2: Stream) -> tuple[Stream, Stream]:
+    """The same half-steps under ordinary autograd (activations stored). Exact mode computes the
+    identical integer forward, chunked the same way, so its gradients are the reversible path's
+    oracle."""
+    for layer in run.layers:
+        if not layer.coupling.autograd_ok and torch.is_grad_enabled():
             raise RuntimeError(
-                f"MEFT: {c.name} has its weights only while it runs (a whole layer as an FSDP unit), so plain "
+                f"MEFT: {layer.name} has its weights only while it runs (a whole layer as an FSDP unit), so plain "
                 "autograd cannot train it: its backward would run after the weights are freed. Train it with the "
                 "reversible backward over every layer (the default: backward mode \"reversible\", "
                 "reversible_layers=None), under torch.no_grad() for evaluation, or shard model.fsdp_units() "
                 "instead of whole layers."
             )
-        routed = _per_layer_views(routed_for_all)
-        with c.gathered():
-            before = len(flags)
-            f = c.F(_block_input(x2v, cd), routed, s.chunk_tokens)
-            if s.exact:
-                y1v, y1i = _ExactCouple.apply(x1v, f, x1i, s.lambda_, arith, s.chunk_tokens, flags)
-            else:
-                y1v, y1i = x1v * s.lambda_ + f.to(x1v.dtype), None
-            n_f = len(flags) - before
-            g = c.G(_block_input(y1v, cd), routed, s.chunk_tokens)
-            if s.exact:
-                y2v, y2i = _ExactCouple.apply(x2v, g, x2i, s.beta, arith, s.chunk_tokens, flags)
-            else:
-                y2v, y2i = x2v * s.beta + g.to(x2v.dtype), None
-            names += [f"{c.name} (F)"] * n_f + [f"{c.name} (G)"] * (len(flags) - before - n_f)
-        (x1v, x1i), (x2v, x2i) = _swap_if(s, (y1v, y1i), (y2v, y2i))
-    if s.exact:
-        _raise_if_out_of_range(flags, names, s, couplings)
-    return x1v, x2v, x1i, x2i
+        routed = _per_layer_views(run.routed)
+        with layer.coupling.gathered():
+            for half in layer.halves:
+                x1, x2 = half.vanilla(x1, x2, routed)
+        x1, x2 = layer.swap(x1, x2)
+    run.arithmetic.check_range(run.flags, run.flag_names, run.couplings)
+    return x1, x2
+
+
+def _float_settings(settings: CouplingSettings) -> CouplingSettings:
+    """The paper's float coupling with the same scales and swap (evaluation, inference)."""
+    return CouplingSettings(settings.lambda_, settings.beta, settings.swap, exact=False)
 
 
 def run_float_layer(x1: torch.Tensor, x2: torch.Tensor, coupling: Coupling, settings: CouplingSettings, routed: dict,
                     compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """One coupling in float arithmetic, from two given streams (evaluation layer by layer)."""
-    float_settings = CouplingSettings(settings.lambda_, settings.beta, settings.swap, exact=False)
-    return _vanilla_layers([coupling], float_settings, routed, compute_dtype, x1, x2)[:2]
+    run = StackRun([coupling], _float_settings(settings), routed, compute_dtype)
+    y1, y2 = _vanilla_layers(run, Stream(None, x1), Stream(None, x2))
+    return y1.value, y2.value
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -836,31 +425,29 @@ def run_stack(
     """
     cd = x.dtype
     if mode == "float":
-        float_settings = CouplingSettings(settings.lambda_, settings.beta, settings.swap, exact=False)
-        h = x.to(stream_dtype_for(cd))
-        return _vanilla_layers(couplings, float_settings, routed, cd, h, h)[:2]
+        run = StackRun(couplings, _float_settings(settings), routed, cd)
+        h = run.arithmetic.stream_input(x)
+        x1, x2 = _vanilla_layers(run, Stream(None, h), Stream(None, h))
+        return x1.value, x2.value
     if mode not in ("reversible", "vanilla"):
         raise ValueError(f"unknown mode {mode!r}")
-    h = x.to(stream_dtype_for(cd)) if not settings.exact else x
     n_rev = 0 if mode == "vanilla" else (len(couplings) if reversible_layers is None else reversible_layers)
-    lower, upper = couplings[:n_rev], couplings[n_rev:]
-    if not h.requires_grad and not lower:
+    lower = StackRun(couplings[:n_rev], settings, routed, cd, record_rng=record_rng, trace=trace)
+    upper = StackRun(couplings[n_rev:], settings, routed, cd)
+    h = lower.arithmetic.stream_input(x)
+    if not h.requires_grad and not lower.layers:
         # layers under autograd see inputs that require grad, as the reversible recompute's
         # blocks do, so both paths run the same kernels even when the embeddings are frozen.
         # The reversible stack makes its own leaves in backward: a leaf here would only keep
         # the stack input alive (its AccumulateGrad holds it) for a gradient nobody reads
         h = h.detach().requires_grad_()
-    x1i = x2i = None
-    if lower:
-        run = StackRun(lower, settings, routed, cd, record_rng=record_rng, trace=trace)
-        x1v, x2v, x1i, x2i = _ReversibleStack.apply(run, h, h, *run.grad_inputs())
-    elif settings.exact:
-        flags: list = []
-        arith = arithmetic_for(settings, cd)
-        (x1v, x1i), (x2v, x2i) = _Start.apply(h, arith, flags), _Start.apply(h, arith, flags)
-        _raise_if_out_of_range(flags, ["the stack input"] * 2, settings)
+    if lower.layers:
+        x1v, x2v, x1i, x2i = _ReversibleStack.apply(lower, h, h, *lower.grad_inputs())
+        x1, x2 = Stream(x1i, x1v), Stream(x2i, x2v)
     else:
-        x1v, x2v = h, h
-    if upper:
-        x1v, x2v, _, _ = _vanilla_layers(upper, settings, routed, cd, x1v, x2v, x1i, x2i)
-    return x1v, x2v
+        flags: list = []
+        x1, x2 = lower.arithmetic.vanilla_start(h, flags), lower.arithmetic.vanilla_start(h, flags)
+        lower.arithmetic.check_range(flags, ["the stack input"] * 2)
+    if upper.layers:
+        x1, x2 = _vanilla_layers(upper, x1, x2)
+    return x1.value, x2.value

@@ -12,6 +12,7 @@ from torch import nn
 from meft_convert.templates import arithmetic as A
 from meft_convert.templates import blocks as B
 from meft_convert.templates import fixed_point as FP
+from meft_convert.templates import plans as P
 from meft_convert.templates import reversible as R
 
 D = 16
@@ -435,11 +436,11 @@ def test_a_chunked_before_part_computes_the_unchunked_block():
     x = torch.randn(3, 5, D, dtype=torch.float64)
     routed = {"position": torch.rand(1, 5, 8, dtype=torch.float64)}
     attention.double()
-    whole = block(x, routed)
+    whole = P.run_block(block, x, routed)
     q, k, v = attention.before(x, routed, B.Rows(slice(None), (3, 5)))
     assert torch.allclose(whole, attention.finish(attention.core((q, k, v), routed), x), rtol=0, atol=0)
     for chunk in (1, 4, 6, 15):
-        assert torch.allclose(block(x, routed, chunk), whole, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(P.run_block(block, x, routed, chunk), whole, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="needs a mixing and a position-wise part"):
         B.Block(before=attention.before, mixing=attention.core)
 
@@ -525,9 +526,9 @@ def test_a_causal_core_a_chunk_at_a_time_computes_the_whole_block():
     block = attention.block()
     x = torch.randn(3, 5, D, dtype=torch.float64)
     routed = {"position": torch.rand(1, 5, 8, dtype=torch.float64)}
-    whole = block(x, routed)
+    whole = P.run_block(block, x, routed)
     for chunk in (1, 2, 4, 6, 15):
-        assert torch.allclose(block(x, routed, chunk), whole, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(P.run_block(block, x, routed, chunk), whole, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="causal core needs a `before` part"):
         B.Block(mixing=attention.core, positionwise=attention.finish, causal=B.CausalCore(attention.causal, (1, 2)))
 
