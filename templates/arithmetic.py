@@ -27,6 +27,7 @@ from .fixed_point import (
     stream_dtype_for,
 )
 
+
 @dataclass(frozen=True)
 class CouplingSettings:
     """How the two streams are coupled; the same for every layer of a stack.

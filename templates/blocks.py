@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+
 # The part of a block that mixes positions: (stream value, routed layer arguments) -> tensor;
 # after a `before` part it gets that part's outputs instead of the stream value.
 Mixing = Callable[[Any, dict], torch.Tensor]
@@ -24,6 +25,7 @@ Before = Callable[[torch.Tensor, dict, "Rows"], tuple]
 # Causal attention of one chunk of query rows: (the chunk's `before` outputs other than the
 # context, the context outputs on the rows Rows.context, routed arguments, Rows) -> (rows, width).
 CausalRun = Callable[[tuple, tuple, dict, "Rows"], torch.Tensor]
+
 
 @dataclass(frozen=True)
 class Rows:

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+
 def denominator_of(scale: float) -> int:
     """m such that scale == 1/m; ValueError if scale is not of that form."""
     if not scale > 0:
@@ -276,8 +277,3 @@ class RemainderStore:
                 t.record_stream(torch.cuda.current_stream(self.device))
         self.parts[index] = []
         return chunks
-
-    def host_bytes(self) -> int:
-        if not self.offload:
-            return 0
-        return sum(t.numel() * t.element_size() for chunks in self.parts for t in chunks if t is not None)

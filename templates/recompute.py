@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import get_device_states, set_device_states
 
+
 @dataclass
 class _RngState:
     """CPU and device generator states before a block, as torch.utils.checkpoint records them."""
@@ -32,9 +33,6 @@ class _RngState:
         torch.set_rng_state(self.cpu)
         if self.device_ids:
             set_device_states(self.device_ids, self.device_states)
-
-    def nbytes(self) -> int:
-        return self.cpu.numel() + sum(s.numel() * s.element_size() for s in self.device_states)
 
 
 @dataclass(frozen=True)
@@ -163,12 +161,13 @@ def _inputs_of(leaves, reads_stream: bool, compute_dtype: torch.dtype):
     return _part_input(leaves, reads_stream, compute_dtype)
 
 
-def _detached_output(fn, x, run: StackRun, *args, reads_stream: bool = True, stream_part=None):
+def _detached_output(fn, x, run, *args, reads_stream: bool = True, stream_part=None):
     """Runs a block part in forward exactly as backward recomputes it: grad enabled, inputs
     leaves that require grad. Kernels can pick different paths when inputs require grad (SDPA
     backends do); running both passes the same way rules that out. The graph built here is
     dropped as soon as the output is detached, so it costs one part's activations at most.
-    `stream_part` is the block input's chunk a position-wise part after `before` also reads."""
+    `stream_part` is the block input's chunk a position-wise part after `before` also reads;
+    `run` is the stack's run (reversible.StackRun), read for its compute dtype."""
     leaf = _leaves(x)
     with torch.enable_grad():
         inputs = _inputs_of(leaf, reads_stream, run.compute_dtype)
@@ -182,7 +181,8 @@ def _detached_output(fn, x, run: StackRun, *args, reads_stream: bool = True, str
 class _Gradients:
     """The parameter and routed-tensor gradients a backward pass collects."""
 
-    def __init__(self, run: StackRun, routed: dict):
+    def __init__(self, run, routed: dict):
+        # run: the stack's run (reversible.StackRun): which routed tensors and parameters train
         self.routed_leaves = [_at(routed, p) for p in run.routed_grad_paths]
         self.routed = [None] * len(self.routed_leaves)
         self.index = {id(p): i for i, p in enumerate(run.param_list)}

@@ -236,20 +236,6 @@ class StackRun:
     def capture_rng(self) -> _RngState | None:
         return _RngState.capture(self.rng_device) if self.record_rng else None
 
-    def kept_bytes(self) -> int:
-        """Bytes held for backward beside the saved tensors: the final streams, RNG states,
-        checksums and any remainders in host memory."""
-        total = 0
-        for stream in self.final_streams or ():
-            for t in (stream.ints, stream.value):
-                total += 0 if t is None else t.numel() * t.element_size()
-        for layer in self.layers:
-            for record in (layer.F.record, layer.G.record):
-                for rng in (record.mixing, *record.chunks, *record.before, *record.cores):
-                    total += 0 if rng is None else rng.nbytes()
-            total += 0 if layer.checksum is None else layer.checksum.numel() * 8
-        return total + (self.remainders.host_bytes() if self.remainders else 0)
-
     def record_input(self, layer: ReversibleLayer, x1: Stream, x2: Stream) -> None:
         """What forward keeps of a layer's input: the audit's checksums, and the trace's copy."""
         layer.checksum = self.arithmetic.checksums(x1, x2)

@@ -18,7 +18,7 @@ from meft_convert.templates.families import family_for
 from meft_convert.templates.modeling_meft import MeftLayers, model_class_for
 from meft_convert.templates.fixed_point import packed_remainder_bytes
 from tests.conftest import real_config
-from tests.test_reversible import _SavedTracker
+from tests.test_reversible import _SavedTracker, kept_bytes
 
 HEADS = {
     "bert": ("bert-base-uncased", ["AutoModel", "AutoModelForSequenceClassification", "AutoModelForMaskedLM",
@@ -313,7 +313,7 @@ def saved_bytes(layers: int) -> tuple[int, int]:
     with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
         out = model(input_ids=ids).last_hidden_state
     node = next(n for n in _graph(out.grad_fn) if type(n).__name__ == "_ReversibleStackBackward")
-    return tracker.live_bytes(), node.run.kept_bytes()
+    return tracker.live_bytes(), kept_bytes(node.run)
 
 
 def _graph(node, seen=None):
