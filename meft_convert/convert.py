@@ -60,7 +60,8 @@ TASKS = {
     "seq2seq-lm": "AutoModelForSeq2SeqLM",
 }
 TEMPLATE_FILES = (
-    "configuration_meft.py", "modeling_meft.py", "families.py", "reversible.py", "adapters.py", "losses.py"
+    "configuration_meft.py", "modeling_meft.py", "families.py", "family_kernels.py", "reversible.py", "adapters.py",
+    "losses.py",
 )
 EXTRA_FILES = [
     "tokenizer.json",

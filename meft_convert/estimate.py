@@ -91,7 +91,7 @@ OPTIMIZER_STEP_COPIES = 2
 # MEFT1/MEFT2 peak in the position-wise phase at 16k and in the mixing phase at 32k; MEFT1 and
 # MEFT2 measured alike; MEFT3 from its offloaded rows. The c×I count is the census of a 16k step
 # (h200-llama-3-8b-query-chunks.json): four 112 MiB chunk intermediates, SwiGLU's gate and up and
-# two gradients (families.py's SiluProduct; autograd held six), 4.4 with rounding.
+# two gradients (family_kernels.py's SiluProduct; autograd held six), 4.4 with rounding.
 # Plain: fitted to OPT-1.3b at 8 × 512 (h200-opt-1.3b-llm-kept-couplings.json, -one-graph.json),
 # where c = T and the position-wise phase peaks: its c×I count (3: the first projection's output,
 # its activation and a gradient, I = 4H) is taken, not fitted, and the T×H counts are fitted
