@@ -277,7 +277,7 @@ def _build(family, config, source: Path | None, auto_class: str, dtype: torch.dt
     """The original in its own dtype (loaded from `source`, or `original`, a model in memory:
     the causal LM, else its base model), and the MEFT model on the same tensors plus fresh adapters."""
     causal = auto_class == CAUSAL_LM
-    head = family.heads[CAUSAL_LM if causal else "AutoModel"]
+    head = family.head_for(CAUSAL_LM if causal else "AutoModel")
     with quiet_transformers():
         if original is None:
             original = getattr(transformers, head.library_class).from_pretrained(source, dtype=dtype)
@@ -509,7 +509,7 @@ def calibrate(
 
 def auto_class_of(family, config) -> str:
     library_class = config.architectures[0].removeprefix("Meft")
-    return next((a for a, head in family.heads.items() if head.library_class == library_class), "AutoModel")
+    return family.auto_class_of(library_class) or "AutoModel"
 
 
 def _calibrate_and_free(**kwargs) -> dict:

@@ -228,18 +228,18 @@ def _layer_prefix(keys, family: Family) -> str | None:
 def _architecture(family: Family, declared: list[str] | None, task: str | None, keys) -> tuple[str, str]:
     """(auto class, library class) the result declares: the task's, or the original's if MEFT has it."""
     if task is not None:
-        head = family.heads.get(TASKS[task])
-        if head is None:
+        if TASKS[task] not in family.heads:
             available = ", ".join(t for t, auto in TASKS.items() if auto in family.heads)
             raise BadInputError(f"{family.model_type} models have no {task} head; their tasks: {available}")
+        head = family.head_for(TASKS[task])
         if head.requires_keys and not any(head.requires_keys in k for k in keys):
             raise BadInputError(f"the checkpoint has no pretrained {task} head ({head.requires_keys}*) to keep")
         return TASKS[task], head.library_class
     for name in declared or []:
-        for auto_class, head in family.heads.items():
-            if head.library_class == name:
-                return auto_class, name
-    return "AutoModel", family.heads["AutoModel"].library_class
+        auto_class = family.auto_class_of(name)
+        if auto_class is not None:
+            return auto_class, name
+    return "AutoModel", family.head_for("AutoModel").library_class
 
 
 def meft_config(
@@ -484,7 +484,7 @@ def _plan_from_headers(
             count *= dim
         return count
 
-    head = family.heads[auto_class]
+    head = family.head_for(auto_class)
     head_size = sum(
         numel(info.shape)
         for key, info in weights.tensors.items()
@@ -555,7 +555,7 @@ def _card_facts(options: ConvertOptions, plan: _Plan, source: Path):
 
     config = plan.config
     library_class = config.architectures[0].removeprefix("Meft")
-    auto_class = next((a for a, head in plan.family.heads.items() if head.library_class == library_class), "AutoModel")
+    auto_class = plan.family.auto_class_of(library_class) or "AutoModel"
     name, from_hub = base_model_name(options.model, options.revision)
     return CardFacts(
         name=options.push_to_hub or Path(options.output).name,

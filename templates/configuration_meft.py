@@ -225,7 +225,7 @@ def auto_map_for(family: Family, auto_classes: list[str]) -> dict[str, str]:
     """The `auto_map` a converted checkpoint's config.json carries: the one place it is built."""
     auto_map = {"AutoConfig": f"configuration_meft.{config_class_name(family)}"}
     for auto_class in auto_classes:
-        auto_map[auto_class] = f"modeling_meft.Meft{family.heads[auto_class].library_class}"
+        auto_map[auto_class] = f"modeling_meft.Meft{family.head_for(auto_class).library_class}"
     return auto_map
 
 

@@ -91,6 +91,20 @@ class Family:
     # chunked loss runs it with the LM head a chunk at a time (an RMSNorm's float32 work)
     final_norm: str | None = None
 
+    def head_for(self, auto_class: str) -> Head:
+        """The head of the Auto class `auto_class` ("AutoModelForCausalLM"); KeyError naming the
+        family's heads if it has none."""
+        try:
+            return self.heads[auto_class]
+        except KeyError:
+            heads = ", ".join(f"{name} ({head.library_class})" for name, head in self.heads.items())
+            raise KeyError(f"{self.model_type} models have no {auto_class} head; their heads: {heads}") from None
+
+    def auto_class_of(self, library_class: str) -> str | None:
+        """The Auto class whose head is the transformers class `library_class` ("OPTForCausalLM"),
+        or None if no head of the family is."""
+        return next((name for name, head in self.heads.items() if head.library_class == library_class), None)
+
 
 def _block(name: str) -> Callable:
     """The function `name` of family_kernels.py (its BLOCKS), looked up when called: the blocks

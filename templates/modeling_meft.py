@@ -534,7 +534,7 @@ class MeftModelMixin:
     def __init__(self, config, *args, **kwargs):
         # some heads (LLaMA's classifier, for one) build their backbone with AutoModel.from_config:
         # for this config class that must give the family's plain base model, made reversible below
-        backbone = getattr(transformers, family_for(self._meft_family).heads["AutoModel"].library_class)
+        backbone = getattr(transformers, family_for(self._meft_family).head_for("AutoModel").library_class)
         transformers.MODEL_MAPPING.register(type(config), backbone, exist_ok=True)
         super().__init__(config, *args, **kwargs)
         install_meft(self, config, self._meft_trainable_modules)
@@ -737,7 +737,7 @@ _MODEL_CLASSES: dict[str, type] = {}
 
 
 def model_class_for(family: Family, auto_class: str) -> type:
-    head = family.heads[auto_class]
+    head = family.head_for(auto_class)
     name = "Meft" + head.library_class
     if name not in _MODEL_CLASSES:
         config_class = config_class_for(family)
@@ -762,7 +762,7 @@ def __getattr__(name: str):
     # `modeling_meft.MeftBertModel` in auto_map resolves here; classes are built on first use
     # so that loading one family never imports the others
     for family in FAMILIES.values():
-        for auto_class, head in family.heads.items():
-            if "Meft" + head.library_class == name:
-                return model_class_for(family, auto_class)
+        auto_class = family.auto_class_of(name.removeprefix("Meft")) if name.startswith("Meft") else None
+        if auto_class is not None:
+            return model_class_for(family, auto_class)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

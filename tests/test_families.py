@@ -123,6 +123,15 @@ def test_unknown_model_type_lists_the_supported_ones():
         family_for("gpt_neox")
 
 
+def test_heads_are_found_by_auto_class_or_library_class():
+    opt = family_for("opt")
+    assert opt.head_for("AutoModelForCausalLM").library_class == "OPTForCausalLM"
+    with pytest.raises(KeyError, match=r"opt models have no AutoModelForMaskedLM head; their heads: AutoModel \(OPTModel\)"):
+        opt.head_for("AutoModelForMaskedLM")
+    assert opt.auto_class_of("OPTForSequenceClassification") == "AutoModelForSequenceClassification"
+    assert opt.auto_class_of("BertModel") is None
+
+
 def test_bert_decoder_is_refused():
     config = real_config("bert-base-uncased", is_decoder=True)
     assert "decoder" in family_for("bert").unsupported(config)
