@@ -82,8 +82,8 @@ def get_meft_model(
 
     from . import calibrate
     from .convert import TASKS, base_model_name, draw_adapters, meft_config, record_provenance
-    from .templates.adapters import adapter_generator
     from .templates.families import family_for
+    from .templates.meft_table import adapter_generator
     from .templates.modeling_meft import freeze_plm, model_class_for
     from .verify import quiet_transformers
 

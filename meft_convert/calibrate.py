@@ -39,7 +39,8 @@ import transformers
 from .errors import BadInputError
 from .quiet import quiet_transformers
 from .settings import FRAC_BITS_64
-from .templates.adapters import MeftAdapter, adapter_generator
+from .templates.adapters import MeftAdapter
+from .templates.meft_table import VARIANTS, adapter_generator, denominator_of, single_remainder_bits
 from .templates.modeling_meft import model_class_for
 
 # the starting point a conversion must keep (README "Defaults"); verify.py judges by the same
@@ -381,10 +382,6 @@ def stream_format(ranges: dict[str, float], dtype: torch.dtype, stream_bits: str
 # ---------------------------------------------------------------------------- the search
 
 
-def _scaled_streams(variant: str) -> tuple[str, ...]:
-    return {"meft1": ("lambda_",), "meft2": ("beta",), "meft3": ("lambda_", "beta")}[variant]
-
-
 def calibrate(
     *,
     family,
@@ -423,7 +420,7 @@ def calibrate(
     for name in ("lambda_", "beta"):
         value = requested[name]
         scales[name] = None if value == "auto" else float(value)
-        if value == "auto" and name not in _scaled_streams(variant):
+        if value == "auto" and name not in VARIANTS[variant].scaled:
             scales[name] = 1.0
     searched = [name for name in ("lambda_", "beta") if scales[name] is None]
     init = "zero" if requested["adapter_init"] == "auto" else requested["adapter_init"]
@@ -489,7 +486,10 @@ def calibrate(
         "auto": sorted(name for name, value in requested.items() if value == "auto"),
         "lambda_": scales["lambda_"],
         "beta": scales["beta"],
-        "remainder_bits": {name: math.ceil(math.log2(round(1 / scales[name]))) if exact else 0 for name in ("lambda_", "beta")},
+        # ⌈log2 m⌉ per stream scaled by 1/m: one remainder stored on its own (the engine packs them tighter)
+        "remainder_bits": {
+            name: single_remainder_bits(denominator_of(scales[name])) if exact else 0 for name in ("lambda_", "beta")
+        },
         "adapter_init": init,
         **stream,
         "figures": chosen,

@@ -301,3 +301,16 @@ def family_for(model_type: str) -> Family:
         raise ValueError(
             f"model type {model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))}"
         ) from None
+
+
+def config_class_name(family: Family) -> str:
+    """The name of the MEFT config class of `family` (configuration_meft.py builds it)."""
+    return "Meft" + family.config_class
+
+
+def auto_map_for(family: Family, auto_classes: list[str]) -> dict[str, str]:
+    """The `auto_map` a converted checkpoint's config.json carries: the one place it is built."""
+    auto_map = {"AutoConfig": f"configuration_meft.{config_class_name(family)}"}
+    for auto_class in auto_classes:
+        auto_map[auto_class] = f"modeling_meft.Meft{family.head_for(auto_class).library_class}"
+    return auto_map
