@@ -21,6 +21,8 @@ from torch import nn
 if TYPE_CHECKING:
     from .reversible import Rows
 
+Tensors = tuple[torch.Tensor, ...]  # the outputs of an attention's `inputs` part, or some of them
+
 # the functions families.py names in its table (families._block), by name: each runs one block
 # of a layer, or one part of its attention block
 BLOCKS: dict[str, Callable] = {}
@@ -99,7 +101,7 @@ def _opt_attention_residual(layer, h, x, adapter):
 
 
 @_registered
-def opt_attention_inputs(layer: nn.Module, x: torch.Tensor, args: dict, rows: Rows) -> tuple[torch.Tensor, ...]:
+def opt_attention_inputs(layer: nn.Module, x: torch.Tensor, args: dict, rows: Rows) -> Tensors:
     attn = layer.self_attn
     h = layer.self_attn_layer_norm(x) if layer.do_layer_norm_before else x
     # scaled before the attention, as the library's OPT does (and then asks for no scaling)
@@ -107,7 +109,7 @@ def opt_attention_inputs(layer: nn.Module, x: torch.Tensor, args: dict, rows: Ro
 
 
 @_registered
-def opt_attention_core(layer: nn.Module, inputs: tuple[torch.Tensor, ...], args: dict) -> torch.Tensor:
+def opt_attention_core(layer: nn.Module, inputs: Tensors, args: dict) -> torch.Tensor:
     attn = layer.self_attn
     q, k, v = (t.view(*t.shape[:-1], attn.num_heads, attn.head_dim).transpose(1, 2) for t in inputs)
     interface = _attention_interface(attn)
@@ -120,9 +122,7 @@ def opt_attention_core(layer: nn.Module, inputs: tuple[torch.Tensor, ...], args:
 
 
 @_registered
-def opt_attention_chunk(
-    layer: nn.Module, queries: tuple[torch.Tensor, ...], context: tuple[torch.Tensor, ...], args: dict, rows: Rows
-) -> torch.Tensor:
+def opt_attention_chunk(layer: nn.Module, queries: Tensors, context: Tensors, args: dict, rows: Rows) -> torch.Tensor:
     attn = layer.self_attn
     dropout = attn.dropout if attn.training else 0.0
     # q is scaled in `inputs`, as the library's OPT scales it
@@ -367,7 +367,7 @@ def _llama_attention_residual(h, x, adapter):
 
 
 @_registered
-def llama_attention_inputs(layer: nn.Module, x: torch.Tensor, args: dict, rows: Rows) -> tuple[torch.Tensor, ...]:
+def llama_attention_inputs(layer: nn.Module, x: torch.Tensor, args: dict, rows: Rows) -> Tensors:
     attn = layer.self_attn
     normed = layer.input_layernorm(x)
     heads = (*x.shape[:-1], -1, attn.head_dim)
@@ -382,7 +382,7 @@ def llama_attention_inputs(layer: nn.Module, x: torch.Tensor, args: dict, rows: 
 @_registered
 def llama_attention_core(
     layer: nn.Module,
-    inputs: tuple[torch.Tensor, ...],
+    inputs: Tensors,
     args: dict,
     sliding_window: Callable[[nn.Module], int | None] | None = None,
 ) -> torch.Tensor:
@@ -399,9 +399,7 @@ def llama_attention_core(
 
 
 @_registered
-def llama_attention_chunk(
-    layer: nn.Module, queries: tuple[torch.Tensor, ...], context: tuple[torch.Tensor, ...], args: dict, rows: Rows
-) -> torch.Tensor:
+def llama_attention_chunk(layer: nn.Module, queries: Tensors, context: Tensors, args: dict, rows: Rows) -> torch.Tensor:
     attn = layer.self_attn
     dropout = attn.attention_dropout if attn.training else 0.0
     return _causal_attention(*queries, *context, args.get("attention_mask"), rows, attn.head_dim, attn.scaling, dropout)
