@@ -51,6 +51,7 @@ from templates.configuration_meft import MEFT_SETTINGS, config_class_for  # noqa
 from templates.families import family_for  # noqa: E402
 from templates.modeling_meft import freeze_plm, keep_trainable_in_float32, model_class_for  # noqa: E402
 from templates.losses import ChunkedLossMixin  # noqa: E402
+from templates.meft_table import VARIANTS, denominator_of, single_remainder_bits  # noqa: E402
 from templates import fixed_point  # noqa: E402
 
 LOSS_CHUNK = 256  # tokens per chunk of the causal-LM loss (the converter's default)
@@ -142,16 +143,14 @@ def meft_settings(method: str, profile: str | None = None) -> dict:
 def arm_settings(methods: list[str]) -> dict:
     """What each MEFT arm of a run is asked for, and the remainder bits that costs (known before
     any model is built, so that it is in the results even for an arm that fails)."""
-    from templates.configuration_meft import VARIANT_DEFAULTS
-
     arms = {}
     for method in methods:
         if not method.startswith("meft"):
             continue
         settings = meft_settings(method)
-        defaults = VARIANT_DEFAULTS[settings["variant"]]
-        scales = settings.get("lambda_", defaults["lambda_"]), settings.get("beta", defaults["beta"])
-        bits = sum(math.ceil(math.log2(round(1 / s))) for s in scales) if settings["exact"] else 0
+        variant = VARIANTS[settings["variant"]]
+        scales = settings.get("lambda_", variant.lambda_), settings.get("beta", variant.beta)
+        bits = _remainder_bits(scales) if settings["exact"] else 0
         arms[method] = dict(settings, lambda_=scales[0], beta=scales[1], remainder_bits_per_element_per_layer=bits)
     return arms
 
@@ -160,7 +159,11 @@ def remainder_bits(config) -> int:
     """Bits per stream element each exact layer keeps for its inverse: ⌈log2 m⌉ per scaled stream."""
     if not config.exact:
         return 0
-    return sum(math.ceil(math.log2(round(1 / scale))) for scale in (config.lambda_, config.beta))
+    return _remainder_bits((config.lambda_, config.beta))
+
+
+def _remainder_bits(scales) -> int:
+    return sum(single_remainder_bits(denominator_of(scale)) for scale in scales)
 
 
 def meft_config(plm, method: str, attention: str = "sdpa"):

@@ -30,9 +30,9 @@ if TYPE_CHECKING:
 def _head_of(family, model) -> str:
     """The auto class whose head `model` is, from its class (or the library class it derives from)."""
     for cls in type(model).__mro__:
-        for auto_class, head in family.heads.items():
-            if head.library_class == cls.__name__:
-                return auto_class
+        auto_class = family.auto_class_of(cls.__name__)
+        if auto_class is not None:
+            return auto_class
     known = ", ".join(head.library_class for head in family.heads.values())
     raise BadInputError(f"MEFT has no version of {type(model).__name__}; the {family.model_type} classes it has: {known}")
 
@@ -82,8 +82,8 @@ def get_meft_model(
 
     from . import calibrate
     from .convert import TASKS, base_model_name, draw_adapters, meft_config, record_provenance
-    from .templates.adapters import adapter_generator
     from .templates.families import family_for
+    from .templates.meft_table import adapter_generator
     from .templates.modeling_meft import freeze_plm, model_class_for
     from .verify import quiet_transformers
 

@@ -39,7 +39,8 @@ import transformers
 from .errors import BadInputError
 from .quiet import quiet_transformers
 from .settings import FRAC_BITS_64
-from .templates.adapters import MeftAdapter, adapter_generator
+from .templates.adapters import MeftAdapter
+from .templates.meft_table import VARIANTS, adapter_generator, denominator_of, single_remainder_bits
 from .templates.modeling_meft import model_class_for
 from .templates.plans import run_block
 
@@ -278,7 +279,7 @@ def _build(family, config, source: Path | None, auto_class: str, dtype: torch.dt
     """The original in its own dtype (loaded from `source`, or `original`, a model in memory:
     the causal LM, else its base model), and the MEFT model on the same tensors plus fresh adapters."""
     causal = auto_class == CAUSAL_LM
-    head = family.heads[CAUSAL_LM if causal else "AutoModel"]
+    head = family.head_for(CAUSAL_LM if causal else "AutoModel")
     with quiet_transformers():
         if original is None:
             original = getattr(transformers, head.library_class).from_pretrained(source, dtype=dtype)
@@ -382,10 +383,6 @@ def stream_format(ranges: dict[str, float], dtype: torch.dtype, stream_bits: str
 # ---------------------------------------------------------------------------- the search
 
 
-def _scaled_streams(variant: str) -> tuple[str, ...]:
-    return {"meft1": ("lambda_",), "meft2": ("beta",), "meft3": ("lambda_", "beta")}[variant]
-
-
 def calibrate(
     *,
     family,
@@ -424,7 +421,7 @@ def calibrate(
     for name in ("lambda_", "beta"):
         value = requested[name]
         scales[name] = None if value == "auto" else float(value)
-        if value == "auto" and name not in _scaled_streams(variant):
+        if value == "auto" and name not in VARIANTS[variant].scaled:
             scales[name] = 1.0
     searched = [name for name in ("lambda_", "beta") if scales[name] is None]
     init = "zero" if requested["adapter_init"] == "auto" else requested["adapter_init"]
@@ -490,7 +487,10 @@ def calibrate(
         "auto": sorted(name for name, value in requested.items() if value == "auto"),
         "lambda_": scales["lambda_"],
         "beta": scales["beta"],
-        "remainder_bits": {name: math.ceil(math.log2(round(1 / scales[name]))) if exact else 0 for name in ("lambda_", "beta")},
+        # ⌈log2 m⌉ per stream scaled by 1/m: one remainder stored on its own (the engine packs them tighter)
+        "remainder_bits": {
+            name: single_remainder_bits(denominator_of(scales[name])) if exact else 0 for name in ("lambda_", "beta")
+        },
         "adapter_init": init,
         **stream,
         "figures": chosen,
@@ -510,7 +510,7 @@ def calibrate(
 
 def auto_class_of(family, config) -> str:
     library_class = config.architectures[0].removeprefix("Meft")
-    return next((a for a, head in family.heads.items() if head.library_class == library_class), "AutoModel")
+    return family.auto_class_of(library_class) or "AutoModel"
 
 
 def _calibrate_and_free(**kwargs) -> dict:

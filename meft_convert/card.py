@@ -288,7 +288,7 @@ def _what_trains(facts: CardFacts) -> str:
     from .templates.families import family_for
 
     try:
-        head = family_for(facts.model_type).heads[facts.auto_class].trainable
+        head = family_for(facts.model_type).head_for(facts.auto_class).trainable
     except (ValueError, KeyError):
         head = ()
     if head:

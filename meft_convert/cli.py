@@ -20,6 +20,7 @@ import click
 from . import __version__
 from .errors import BadInputError, MeftConvertError, VerificationError
 from .hub import push_to_hub
+from .templates.meft_table import RECOMPUTE_CHUNK_TOKENS, VARIANTS
 
 # torch and transformers load only once a command runs that needs them (convert, check with
 # verification): arguments are parsed first, so that the help and usage errors answer at once
@@ -369,7 +370,7 @@ the CUDA context and workspaces beyond 64 MiB are not included.
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
               help="Dtype of the weights and activations (default: the config's torch_dtype, else bf16).")
-@click.option("--variant", "variants", type=click.Choice(["meft1", "meft2", "meft3"]), multiple=True,
+@click.option("--variant", "variants", type=click.Choice(list(VARIANTS)), multiple=True,
               help="MEFT variants to estimate (repeatable; default: all three).")
 @click.option("--lambda", "lambda_", type=ScaleType(), default=None,
               help="λ of MEFT1 and MEFT3 (default: the benchmark's starting point, 2^-8 for MEFT1, 2^-10 for MEFT3). "
@@ -379,7 +380,7 @@ the CUDA context and workspaces beyond 64 MiB are not included.
               help="β of MEFT2 and MEFT3 (default: 2^-8 for MEFT2, 2^-10 for MEFT3); like --lambda.")
 @click.option("--stream-bits", type=click.Choice(["32", "64"]), default=None,
               help="Width of the stream integers (default: 32 for 16-bit models, 64 for fp32, as conversion picks).")
-@click.option("--recompute-chunk-tokens", type=click.IntRange(min=0), default=4096, show_default=True,
+@click.option("--recompute-chunk-tokens", type=click.IntRange(min=0), default=RECOMPUTE_CHUNK_TOKENS, show_default=True,
               help="Tokens per chunk of MEFT's position-wise recompute (0: the whole sequence).")
 @click.option("--revision", metavar="REV", default=None, help="Branch, tag or commit of a hub model.")
 @TOKEN
@@ -391,7 +392,7 @@ def estimate(model: str, batch_size: int, seq_len: int, as_json: bool, dtype, va
 
         return estimate_memory(
             load_config(model, revision, token), batch_size, seq_len, dtype=dtype,
-            variants=tuple(variants) or ("meft1", "meft2", "meft3"), lambda_=lambda_, beta=beta,
+            variants=tuple(variants) or tuple(VARIANTS), lambda_=lambda_, beta=beta,
             stream_bits=int(stream_bits) if stream_bits else None, recompute_chunk_tokens=recompute_chunk_tokens,
         )
 

@@ -25,17 +25,17 @@ from .hub import push_to_hub, resolve_model
 from .partial import clean_stale_partials, mark_partial, unmark_partial
 from .provenance import provenance
 from .settings import MeftSettings, _option, setting_error
-from .template_tables import template_tables
+from .templates.families import Family, auto_map_for, family_for
+from .templates.meft_table import MEFT_SETTINGS, VARIANTS, adapter_generator, draw_adapter
 from .weights import FLOAT_DTYPES, ShardCopy, SourceWeights, copy_if_present, find_weights, write_weights
 
-# torch, transformers and the templates (which import both) load inside the functions that use
+# torch, transformers and the templates that import them load inside the functions that use
 # them, so that the CLI parses its arguments and answers --help or a usage error without them,
-# and a conversion that needs no model (_plan_without_torch) runs without them
+# and a conversion that needs no model (_plan_without_torch) runs without them (the family
+# table and the settings table need neither)
 if TYPE_CHECKING:
     import numpy as np
     import transformers
-
-    from .templates.families import Family
 
 
 def verify_conversion(*args, **kwargs):
@@ -60,8 +60,8 @@ TASKS = {
     "seq2seq-lm": "AutoModelForSeq2SeqLM",
 }
 TEMPLATE_FILES = (
-    "configuration_meft.py", "modeling_meft.py", "families.py", "reversible.py", "recompute.py", "arithmetic.py", "blocks.py",
-    "fixed_point.py", "plans.py", "adapters.py", "losses.py"
+    "configuration_meft.py", "modeling_meft.py", "families.py", "family_kernels.py", "meft_table.py", "reversible.py",
+    "plans.py", "recompute.py", "arithmetic.py", "blocks.py", "fixed_point.py", "adapters.py", "losses.py",
 )
 EXTRA_FILES = [
     "tokenizer.json",
@@ -158,7 +158,7 @@ class ConfigJSON(dict):
         self[name] = value
 
     def meft_settings(self) -> dict:
-        return {key: self[key] for key in template_tables().MEFT_SETTINGS}
+        return {key: self[key] for key in MEFT_SETTINGS}
 
     def save_pretrained(self, folder: Path) -> None:
         # as transformers writes a config
@@ -202,8 +202,6 @@ def read_config_json(folder: Path) -> dict:
 
 def _read_config(folder: Path) -> dict:
     config = read_config_json(folder)
-    from .templates.families import family_for
-
     model_type = config.get("model_type")
     if isinstance(model_type, str) and model_type.startswith("meft_"):
         raise BadInputError(f"{folder} is already a MEFT checkpoint ({model_type})")
@@ -228,18 +226,18 @@ def _layer_prefix(keys, family: Family) -> str | None:
 def _architecture(family: Family, declared: list[str] | None, task: str | None, keys) -> tuple[str, str]:
     """(auto class, library class) the result declares: the task's, or the original's if MEFT has it."""
     if task is not None:
-        head = family.heads.get(TASKS[task])
-        if head is None:
+        if TASKS[task] not in family.heads:
             available = ", ".join(t for t, auto in TASKS.items() if auto in family.heads)
             raise BadInputError(f"{family.model_type} models have no {task} head; their tasks: {available}")
+        head = family.head_for(TASKS[task])
         if head.requires_keys and not any(head.requires_keys in k for k in keys):
             raise BadInputError(f"the checkpoint has no pretrained {task} head ({head.requires_keys}*) to keep")
         return TASKS[task], head.library_class
     for name in declared or []:
-        for auto_class, head in family.heads.items():
-            if head.library_class == name:
-                return auto_class, name
-    return "AutoModel", family.heads["AutoModel"].library_class
+        auto_class = family.auto_class_of(name)
+        if auto_class is not None:
+            return auto_class, name
+    return "AutoModel", family.head_for("AutoModel").library_class
 
 
 def meft_config(
@@ -307,7 +305,7 @@ def _meft_entries(family: Family, auto_class: str, library_class: str, keys, bas
     heads = [a for a, h in family.heads.items() if h.requires_keys is None or any(h.requires_keys in k for k in keys)]
     if auto_class not in heads:
         heads.append(auto_class)
-    entries = {"architectures": ["Meft" + library_class], "auto_map": template_tables().auto_map_for(family, heads)}
+    entries = {"architectures": ["Meft" + library_class], "auto_map": auto_map_for(family, heads)}
     if base_model is not None:
         entries["meft_base_model"], from_hub = base_model
         if not from_hub:  # `check` then asks for the original's folder (--original)
@@ -317,9 +315,9 @@ def _meft_entries(family: Family, auto_class: str, library_class: str, keys, bas
 
 def draw_adapters(meft_model, generator: np.random.Generator, name_of: Callable[[str], str] = str) -> dict[str, np.ndarray]:
     """Fresh float32 tensors of every adapter of `meft_model` (built on the meta device), drawn
-    from `generator` (templates/adapters.py: adapter_generator(seed)) in the model's module
+    from `generator` (templates/meft_table.py: adapter_generator(seed)) in the model's module
     order, named `name_of(module name)` + "." + parameter name. Adapters are drawn by
-    templates/adapters.py's draw_adapter() alone, in the same order with or without a model
+    templates/meft_table.py's draw_adapter() alone, in the same order with or without a model
     (_plan_from_headers): the same seed gives the same adapters in a converted folder and from
     get_meft_model()."""
     from .templates.adapters import MeftAdapter
@@ -337,7 +335,6 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     import torch
     import transformers
 
-    from .templates.families import family_for
     from .templates.modeling_meft import model_class_for
     from .verify import quiet_transformers
 
@@ -349,7 +346,7 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
         base_model=base_model_name(options.model, options.revision),
     )
     dtype = layer_dtype(family, weights)
-    generator = template_tables().adapter_generator(options.seed)
+    generator = adapter_generator(options.seed)
 
     # without verification (which builds the models anyway), the checkpoint's own headers tell the
     # layers and their shapes where it was saved by the class the result declares: building the
@@ -437,13 +434,12 @@ def _plan_from_headers(
     missing or mismatched. Needs neither torch nor transformers (`config` may be a ConfigJSON)."""
     import re
 
-    tables = template_tables()
     prefix = _layer_prefix(weights.tensors, family)
     if prefix is None:
         return None
     if any(info.dtype not in FLOAT_DTYPES for info in weights.tensors.values()):
         return None  # integer tensors are buffers older versions saved (BERT's position_ids): not parameters
-    variant, hidden = tables.VARIANTS[settings["variant"]], getattr(config, "hidden_size", None)
+    variant, hidden = VARIANTS[settings["variant"]], getattr(config, "hidden_size", None)
     if not isinstance(hidden, int):
         return None
     layer_counts = []
@@ -470,7 +466,7 @@ def _plan_from_headers(
     for stack, count in zip(family.stacks, layer_counts):
         for index in range(count):
             for name in variant.adapters:
-                drawn = tables.draw_adapter(generator, hidden, config.adapter_dim, config.adapter_init, config.adapter_init_std)
+                drawn = draw_adapter(generator, hidden, config.adapter_dim, config.adapter_init, config.adapter_init_std)
                 adapters.update({f"{prefix}{stack.layers}.{index}.meft.{name}.{key}": t for key, t in drawn.items()})
                 if frozen_block and index == count - 1 and name == "coupling":
                     frozen += sum(t.size for t in drawn.values())
@@ -484,7 +480,7 @@ def _plan_from_headers(
             count *= dim
         return count
 
-    head = family.heads[auto_class]
+    head = family.head_for(auto_class)
     head_size = sum(
         numel(info.shape)
         for key, info in weights.tensors.items()
@@ -503,8 +499,6 @@ def _plan_without_torch(options: ConvertOptions, settings: dict, raw_config: dic
     gives back unchanged: the MEFT config.json is then its entries plus the MEFT ones, as
     meft_config() adds them. None otherwise, and wherever something is wrong: the plan made with
     torch and transformers (_plan) then decides, and names what is wrong."""
-    from .templates.families import family_for
-
     if options.verify or options.num_labels is not None:
         return None
     family = family_for(raw_config["model_type"])
@@ -536,7 +530,7 @@ def _plan_without_torch(options: ConvertOptions, settings: dict, raw_config: dic
     config.update(model_type="meft_" + family.model_type, transformers_version=transformers_version)
     if resolved is not None:
         config.meft_calibration = resolved["calibration"]
-    return _plan_from_headers(family, auto_class, config, settings, weights, template_tables().adapter_generator(options.seed), dtype)
+    return _plan_from_headers(family, auto_class, config, settings, weights, adapter_generator(options.seed), dtype)
 
 
 def record_provenance(config) -> dict[str, bytes]:
@@ -555,7 +549,7 @@ def _card_facts(options: ConvertOptions, plan: _Plan, source: Path):
 
     config = plan.config
     library_class = config.architectures[0].removeprefix("Meft")
-    auto_class = next((a for a, head in plan.family.heads.items() if head.library_class == library_class), "AutoModel")
+    auto_class = plan.family.auto_class_of(library_class) or "AutoModel"
     name, from_hub = base_model_name(options.model, options.revision)
     return CardFacts(
         name=options.push_to_hub or Path(options.output).name,

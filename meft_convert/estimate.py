@@ -28,16 +28,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BadInputError
+from .templates.meft_table import (
+    ADAPTER_DIM,
+    LOSS_CHUNK_SIZE,
+    RECOMPUTE_CHUNK_TOKENS,
+    VARIANTS,
+    denominator_of,
+    packed_remainder_bytes,
+    remainder_bits,
+    remainder_layout,  # noqa: F401 (the engine's layout, read from here too)
+)
 
 GIB = 2**30
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-# (λ, β) assumed when none is given: the benchmark's starting points (2^-8 on MEFT1/MEFT2's
-# scaled stream, 2^-10 on both of MEFT3's). The converter calibrates λ and β per model
-# (--lambda auto, typically 2^-8 to 2^-12); a converted model's config.json holds them.
-VARIANT_SCALES = {"meft1": (2**-8, 1.0), "meft2": (1.0, 2**-8), "meft3": (2**-10, 2**-10)}
+# (λ, β) assumed when none is given: the benchmark's starting points, 2^-8 on the scaled stream
+# of a variant that scales one (MEFT1, MEFT2), 2^-10 on both of one that scales two (MEFT3); 1 on
+# a stream it does not scale. The converter calibrates λ and β per model (--lambda auto,
+# typically 2^-8 to 2^-12); a converted model's config.json holds them.
+ASSUMED_SCALE = {1: 2**-8, 2: 2**-10}  # by how many streams the variant scales
+ASSUMED_SCALES = {
+    name: tuple(ASSUMED_SCALE[len(v.scaled)] if stream in v.scaled else 1.0 for stream in ("lambda_", "beta"))
+    for name, v in VARIANTS.items()
+}
 LORA_RANK = 8  # the LoRA baselines: r = 8 on the query and value projections (peft, float32 adapters)
 LORA_TARGETS = {"gpt2": ("c_attn",), "bert": ("query", "value"), "roberta": ("query", "value")}
-ADAPTER_DIM = 8  # MEFT's bottleneck width r (the converter's default)
 
 # --- fitted constants (counts of tensors of the named size; see the module docstring) --------
 # Where a comment says "fitted", the number is what makes the estimate meet the measured figure
@@ -72,9 +86,9 @@ LORA_LAYER_EXTRA_TH = 2.4
 # The library's (unchunked) causal-LM loss at its peak, bytes per logit: 16-bit logits, their
 # float32 copy, the float32 gradient and its 16-bit cast (12), fitted to 12.3 on OPT-1.3b.
 UNCHUNKED_LOSS_BYTES_PER_LOGIT = 12.3
-# MEFT's chunked loss (templates/losses.py): a chunk's float32 logits and their gradient.
+# MEFT's chunked loss (templates/losses.py, LOSS_CHUNK_SIZE tokens at a time): a chunk's
+# float32 logits and their gradient.
 CHUNKED_LOSS_LOGIT_COPIES = 2
-LOSS_CHUNK_TOKENS = 256
 # AdamW's step: the gradients plus temporaries of the same size (foreach).
 OPTIMIZER_STEP_COPIES = 2
 # MEFT (exact), beside the stream integers and the remainders: a layer's backward has two
@@ -91,7 +105,7 @@ OPTIMIZER_STEP_COPIES = 2
 # MEFT1/MEFT2 peak in the position-wise phase at 16k and in the mixing phase at 32k; MEFT1 and
 # MEFT2 measured alike; MEFT3 from its offloaded rows. The c×I count is the census of a 16k step
 # (h200-llama-3-8b-query-chunks.json): four 112 MiB chunk intermediates, SwiGLU's gate and up and
-# two gradients (families.py's SiluProduct; autograd held six), 4.4 with rounding.
+# two gradients (family_kernels.py's SiluProduct; autograd held six), 4.4 with rounding.
 # Plain: fitted to OPT-1.3b at 8 × 512 (h200-opt-1.3b-llm-kept-couplings.json, -one-graph.json),
 # where c = T and the position-wise phase peaks: its c×I count (3: the first projection's output,
 # its activation and a gradient, I = 4H) is taken, not fitted, and the T×H counts are fitted
@@ -219,45 +233,19 @@ def read_shape(config: dict, layers: int | None = None) -> Shape:
 # --- the engine's accounting ------------------------------------------------------------
 
 
-def remainder_layout(m: int) -> tuple[int, int]:
-    """(k, bits): k remainders modulo m packed together in `bits` bits (as templates/reversible.py)."""
-    if m == 1:
-        return 1, 0
-    best_k, best_bits = 1, (m - 1).bit_length()
-    for k in range(2, 9):
-        if m**k > 2**62:
-            break
-        bits = (m**k - 1).bit_length()
-        if bits * best_k < best_bits * k:
-            best_k, best_bits = k, bits
-    return best_k, best_bits
-
-
-def packed_remainder_bytes(m: int, count: int) -> int:
-    """Bytes that `count` remainders modulo m take once packed (as templates/reversible.py)."""
-    k, bits = remainder_layout(m)
-    return bits * (-(-(-(-count // k)) // 8))
-
-
 def _pinned(nbytes: float) -> int:
     """What torch's pinned host allocator reserves for one buffer: the next power of two."""
     return 1 << max(0, math.ceil(nbytes) - 1).bit_length()
 
 
-def remainder_bits(m: int) -> float:
-    """Bits per element that one stream scaled by 1/m keeps per layer (log2 m for m = 2^j)."""
-    k, bits = remainder_layout(m)
-    return bits / k
-
-
-def denominator_of(scale: float, name: str = "lambda_") -> int:
-    """m such that scale == 1/m (exact mode's scales)."""
-    m = round(1.0 / scale) if scale > 0 else 0
-    if m < 1 or abs(m * scale - 1.0) > 1e-9:
+def _denominator(scale: float, name: str = "lambda_") -> int:
+    """m such that scale == 1/m (exact mode's scales); BadInputError naming the setting `name`."""
+    try:
+        return denominator_of(scale)
+    except ValueError:
         why = "is not 1/m for a positive integer m, which exact mode needs (e.g. 1, 0.1 = 1/10, 2^-10)"
         flag = "--lambda" if name == "lambda_" else "--beta"
-        raise BadInputError(f"{name}={scale} {why}", cli_message=f"{flag} {scale} {why}")
-    return m
+        raise BadInputError(f"{name}={scale} {why}", cli_message=f"{flag} {scale} {why}") from None
 
 
 @dataclass(frozen=True)
@@ -269,7 +257,7 @@ class Step:
     dtype_bytes: int
     stream_bits: int
     chunk_tokens: int  # recompute_chunk_tokens (0: the whole sequence)
-    loss_chunk: int = LOSS_CHUNK_TOKENS
+    loss_chunk: int = LOSS_CHUNK_SIZE
 
     @property
     def th(self) -> float:  # one T × H tensor in the model's dtype
@@ -381,7 +369,7 @@ def meft_layer_backward(step: Step, variant: str) -> float:
 
 def meft_remainder_bits(lambda_: float, beta: float) -> float:
     """Remainder bits per element per layer, both streams: log2(m) for each scale 1/m (2^-j)."""
-    return remainder_bits(denominator_of(lambda_, "lambda_")) + remainder_bits(denominator_of(beta, "beta"))
+    return remainder_bits(_denominator(lambda_, "lambda_")) + remainder_bits(_denominator(beta, "beta"))
 
 
 def _meft(step: Step, variant: str, layer: float, kept: float, host: float = 0, pinned: float = 0) -> dict:
@@ -411,8 +399,8 @@ def arm_meft_offload(step: Step, variant: str, lambda_: float, beta: float) -> d
     kept = _stream_integers(step) + min(OFFLOADED_REMAINDER_LAYERS_ON_GPU, step.s.layers) * per_layer
     # one packed buffer per scaled stream and layer, each rounded up by the pinned allocator
     elements = step.tokens * step.s.hidden
-    pinned = step.s.layers * sum(_pinned(packed_remainder_bytes(denominator_of(x), elements))
-                                 for x in (lambda_, beta) if denominator_of(x) > 1)
+    pinned = step.s.layers * sum(_pinned(packed_remainder_bytes(_denominator(x), elements))
+                                 for x in (lambda_, beta) if _denominator(x) > 1)
     return _meft(step, variant, meft_layer_backward(step, variant), kept, host=step.s.layers * per_layer,
                  pinned=pinned)
 
@@ -437,12 +425,12 @@ def estimate_memory(
     seq_len: int,
     *,
     dtype: str | None = None,
-    variants: tuple[str, ...] = ("meft1", "meft2", "meft3"),
+    variants: tuple[str, ...] = tuple(VARIANTS),
     lambda_: float | None = None,
     beta: float | None = None,
     stream_bits: int | None = None,
-    recompute_chunk_tokens: int = 4096,
-    loss_chunk_size: int = LOSS_CHUNK_TOKENS,
+    recompute_chunk_tokens: int = RECOMPUTE_CHUNK_TOKENS,
+    loss_chunk_size: int = LOSS_CHUNK_SIZE,
     layers: int | None = None,
     variant_scales: dict | None = None,
 ) -> dict:
@@ -452,7 +440,7 @@ def estimate_memory(
     sizes, the settings assumed, and `arms`: name → {static_gib, activation_gib, peak_gib,
     host_gib, host_pinned_gib, gradients_gib, label}, MEFT arms also
     remainder_bits_per_element_per_layer (0 in float mode). lambda_/beta override every
-    variant's scales (default VARIANT_SCALES: 2^-8 on MEFT1/MEFT2's scaled stream, 2^-10 on
+    variant's scales (default ASSUMED_SCALES: 2^-8 on MEFT1/MEFT2's scaled stream, 2^-10 on
     MEFT3's; a converted model's config.json holds its calibrated ones), or per variant through
     variant_scales {variant: (λ, β)}; `layers` overrides the config's depth; stream_bits defaults to 32 for 16-bit models, 64 for fp32."""
     if not (isinstance(batch_size, int) and batch_size > 0 and isinstance(seq_len, int) and seq_len > 0):
@@ -462,8 +450,8 @@ def estimate_memory(
     if dtype not in DTYPE_BYTES:
         raise BadInputError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
     for v in variants:
-        if v not in VARIANT_SCALES:
-            raise BadInputError(f"variant must be one of {', '.join(VARIANT_SCALES)}, got {v!r}")
+        if v not in VARIANTS:
+            raise BadInputError(f"variant must be one of {', '.join(VARIANTS)}, got {v!r}")
     bits = stream_bits or (64 if dtype == "fp32" else 32)
     step = Step(s, batch_size * seq_len, DTYPE_BYTES[dtype], bits, recompute_chunk_tokens, loss_chunk_size)
     arms = {
@@ -480,10 +468,11 @@ def estimate_memory(
         arms["lora+offload-gc"] = _checkpointed(step, chunked_loss=False, offloaded=True)
     scales = {}
     for variant in variants:
-        lam, bet = (variant_scales or {}).get(variant, VARIANT_SCALES[variant])
-        if lambda_ is not None and variant != "meft2":  # MEFT2 keeps λ = 1
+        lam, bet = (variant_scales or {}).get(variant, ASSUMED_SCALES[variant])
+        scaled = VARIANTS[variant].scaled  # the other stream keeps 1 (MEFT1's β, MEFT2's λ)
+        if lambda_ is not None and "lambda_" in scaled:
             lam = lambda_
-        if beta is not None and variant != "meft1":  # MEFT1 keeps β = 1
+        if beta is not None and "beta" in scaled:
             bet = beta
         scales[variant] = (lam, bet)
         arms[variant] = arm_meft_exact(step, variant, lam, bet)

@@ -12,6 +12,15 @@ import re
 from dataclasses import dataclass, field, fields
 
 from .errors import BadInputError
+from .templates.meft_table import (
+    ADAPTER_DIM,
+    ADAPTER_INIT_STD,
+    ADAPTER_INITS,
+    DEFAULT_VARIANT,
+    OUTPUT_STREAMS,
+    VARIANTS,
+    validate_meft_settings,
+)
 
 # fractional bits of 64-bit exact streams (and of float32 checkpoints' streams, which calibration
 # does not size)
@@ -29,14 +38,14 @@ class MeftSettings:
     (meft_convert/calibrate.py) when it is converted."""
 
     variant: str = field(
-        default="meft3",
+        default=DEFAULT_VARIANT,
         metadata=_option(
             "meft1: F = PLM layer, G = adapter (β = 1). meft2: F = adapter, G = PLM layer (λ = 1). "
             "meft3: F = attention block, G = MLP block. The scaled streams' λ, β: --lambda, --beta.",
-            choices=("meft1", "meft2", "meft3"),
+            choices=tuple(VARIANTS),
         ),
     )
-    adapter_dim: int = field(default=8, metadata=_option("Bottleneck width r of the adapters (d → r → d)."))
+    adapter_dim: int = field(default=ADAPTER_DIM, metadata=_option("Bottleneck width r of the adapters (d → r → d)."))
     lambda_: float | str | None = field(
         default="auto",
         metadata=_option(
@@ -50,13 +59,13 @@ class MeftSettings:
         default="auto",
         metadata=_option("Scale β of stream x2 (auto: measured, in MEFT2 and MEFT3; 1 in MEFT1); like --lambda.", scale=True),
     )
-    init_std: float = field(default=0.02, metadata=_option("σ of the adapters' N(0, σ²) initialisation."))
+    init_std: float = field(default=ADAPTER_INIT_STD, metadata=_option("σ of the adapters' N(0, σ²) initialisation."))
     adapter_init: str = field(
         default="auto",
         metadata=_option(
             "paper: both projections N(0, σ²). zero: the up-projection starts at zero, so adapters output exactly 0. "
             "auto: zero, which keeps the starting point exactly; the paper init's cost is measured and reported.",
-            choices=("auto", "paper", "zero"),
+            choices=("auto", *ADAPTER_INITS),
         ),
     )
     stream_bits: str = field(
@@ -84,7 +93,7 @@ class MeftSettings:
         metadata=_option(
             "plm: return the stream that follows the pretrained layers (best starting point). "
             "mean: the paper's (x1 + x2) / 2.",
-            choices=("plm", "mean"),
+            choices=OUTPUT_STREAMS,
         ),
     )
     exact: bool = field(
@@ -112,15 +121,14 @@ class MeftSettings:
         """The MEFT settings; `auto` ones take `resolved` (calibration's choice) or, before
         calibration, a stand-in that passes the checks."""
         requested = {**self.requested(), **(resolved or {})}
-        scaled = {"meft1": ("lambda_",), "meft2": ("beta",)}.get(self.variant, ("lambda_", "beta"))
+        # an unknown variant fails the checks below, by name
+        scaled = VARIANTS[self.variant].scaled if self.variant in VARIANTS else ()
         scales = {
             key: (2.0**-10 if key in scaled else 1.0) if requested[key] == "auto" else requested[key] for key in ("lambda_", "beta")
         }
         stream_bits = 64 if requested["stream_bits"] == "auto" else int(requested["stream_bits"])
-        from .template_tables import template_tables
-
         try:
-            return template_tables().validate_meft_settings(
+            return validate_meft_settings(
                 variant=self.variant,
                 lambda_=scales["lambda_"],
                 beta=scales["beta"],

@@ -178,10 +178,8 @@ def _inputs(source: Path, vocab_size: int, sentences: list[str]) -> dict[str, to
 
 
 def _auto_class_for(family, architecture: str) -> str:
-    for auto_class, head in family.heads.items():
-        if head.library_class == architecture or "Meft" + head.library_class == architecture:
-            return auto_class
-    return "AutoModel"
+    """The Auto class of `architecture`, a library class or its MEFT class (Meft<class>)."""
+    return family.auto_class_of(architecture.removeprefix("Meft")) or "AutoModel"
 
 
 def _forward(model, inputs, lm: bool):
@@ -280,7 +278,7 @@ def _original_sharing(meft, original: Path, auto_class_name: str, family, config
         plm_config = transformers.AutoConfig.from_pretrained(original)
     plm_config.num_labels = config.num_labels
     plm_config.id2label, plm_config.label2id = config.id2label, config.label2id
-    library_class = getattr(transformers, family.heads[auto_class_name].library_class)
+    library_class = getattr(transformers, family.head_for(auto_class_name).library_class)
     with torch.device("meta"), quiet_transformers():
         plm = library_class(plm_config)
     missing = calibrate.share_tensors(plm, meft)
@@ -313,7 +311,7 @@ def verify_conversion(
     with quiet_transformers():
         config = transformers.AutoConfig.from_pretrained(converted, trust_remote_code=True)
         family = family_for(config.plm_model_type)
-        architecture = (config.architectures or ["Meft" + family.heads["AutoModel"].library_class])[0]
+        architecture = (config.architectures or ["Meft" + family.head_for("AutoModel").library_class])[0]
         auto_class_name = _auto_class_for(family, architecture)
         auto_class = getattr(transformers, auto_class_name)
         lm = auto_class_name in LM_HEADS

@@ -7,36 +7,8 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 
-ADAPTER_INITS = ("paper", "zero")
-
-
-def adapter_generator(seed: int) -> np.random.Generator:
-    """The random generator fresh adapters are drawn from: one per conversion, seeded by its `seed`."""
-    import numpy as np  # here, not at the top: loading a checkpoint never draws adapters
-
-    return np.random.Generator(np.random.PCG64(seed))
-
-
-def draw_adapter(
-    generator: np.random.Generator, hidden_size: int, adapter_dim: int, init: str, init_std: float
-) -> dict[str, np.ndarray]:
-    """The float32 tensors of one fresh adapter, by parameter name in the adapter's order:
-    N(0, σ²) projection weights (a zero up-projection for init "zero") and zero biases, drawn
-    in float64 and rounded to float32. Plain numpy, so that a conversion that builds no model
-    draws the same adapters as one that does."""
-    import numpy as np
-
-    def normal(shape: tuple[int, int]) -> np.ndarray:
-        return generator.normal(0.0, init_std, size=shape).astype(np.float32)
-
-    down = normal((adapter_dim, hidden_size))
-    up = np.zeros((hidden_size, adapter_dim), np.float32) if init == "zero" else normal((hidden_size, adapter_dim))
-    return {
-        "down_proj.weight": down,
-        "down_proj.bias": np.zeros(adapter_dim, np.float32),
-        "up_proj.weight": up,
-        "up_proj.bias": np.zeros(hidden_size, np.float32),
-    }
+# the init kinds and the values a fresh adapter is drawn with, in the torch-free table
+from .meft_table import ADAPTER_INITS, adapter_generator, draw_adapter  # noqa: F401
 
 
 class MeftAdapter(nn.Module):

@@ -16,13 +16,13 @@ from typing import Sequence
 import torch
 
 from .blocks import _part, _row_slices
+from .meft_table import denominator_of
 from .fixed_point import (
     _couple,
     _int_dtype,
     _run_kernel,
     _start,
     _uncouple,
-    denominator_of,
     max_stream_value,
     stream_dtype_for,
 )

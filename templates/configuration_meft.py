@@ -8,109 +8,10 @@ of the PLM's fields, defaults and aliases keep working for the PLM's own modules
 
 from __future__ import annotations
 
-import math
-
 import transformers
 
-from .adapters import ADAPTER_INITS
-from .families import FAMILIES, Family, family_for
-from .fixed_point import denominator_of
-
-# λ and β of each variant in the paper, and which blocks F and G are
-VARIANT_DEFAULTS = {
-    "meft1": {"lambda_": 0.1, "beta": 1.0},
-    "meft2": {"lambda_": 1.0, "beta": 0.1},
-    "meft3": {"lambda_": 0.1, "beta": 0.1},
-}
-OUTPUT_STREAMS = ("plm", "mean")
-
-
-def validate_meft_settings(
-    variant: str = "meft3",
-    lambda_: float | None = None,
-    beta: float | None = None,
-    adapter_dim: int = 8,
-    adapter_init: str = "paper",
-    adapter_init_std: float = 0.02,
-    reversible_layers: int | None = None,
-    output_stream: str = "plm",
-    exact: bool = True,
-    frac_bits: int = 32,
-    stream_bits: int = 64,
-    audit: bool = True,
-    loss_chunk_size: int = 256,
-    compile_blocks: bool = False,
-    recompute_chunk_tokens: int = 4096,
-    offload_remainders: bool | str = "auto",
-    chunk_attention_queries: bool = False,
-) -> dict:
-    """Checks MEFT settings and fills λ and β from the variant; returns them as a dict.
-    Raises ValueError with a message meant for the user."""
-    if variant not in VARIANT_DEFAULTS:
-        raise ValueError(f"variant must be one of {', '.join(VARIANT_DEFAULTS)}, got {variant!r}")
-    lambda_ = VARIANT_DEFAULTS[variant]["lambda_"] if lambda_ is None else float(lambda_)
-    beta = VARIANT_DEFAULTS[variant]["beta"] if beta is None else float(beta)
-    for name, value in (("lambda", lambda_), ("beta", beta)):
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a positive number, got {value}")
-        if exact:
-            try:
-                denominator_of(value)
-            except ValueError:
-                raise ValueError(
-                    f"{name}={value} is not 1/m for a positive integer m, which exact mode needs "
-                    f"(e.g. 1, 0.1 = 1/10, 1/1024); use the float mode (exact=False) for other values"
-                ) from None
-    if not (isinstance(adapter_dim, int) and adapter_dim > 0):
-        raise ValueError(f"adapter_dim must be a positive integer, got {adapter_dim!r}")
-    if adapter_init not in ADAPTER_INITS:
-        raise ValueError(f"adapter_init must be one of {', '.join(ADAPTER_INITS)}, got {adapter_init!r}")
-    if not (math.isfinite(adapter_init_std) and adapter_init_std >= 0):
-        raise ValueError(f"the adapters' init std must be >= 0, got {adapter_init_std}")
-    if reversible_layers is not None and not (isinstance(reversible_layers, int) and reversible_layers >= 0):
-        raise ValueError(f"reversible_layers must be a non-negative integer or None (all), got {reversible_layers!r}")
-    if output_stream not in OUTPUT_STREAMS:
-        raise ValueError(f"output_stream must be one of {', '.join(OUTPUT_STREAMS)}, got {output_stream!r}")
-    if stream_bits not in (32, 64):
-        raise ValueError(f"stream_bits must be 32 or 64, got {stream_bits!r}")
-    # at least 4 integer bits: the streams must hold values of magnitude 8 and more
-    max_frac = 27 if stream_bits == 32 else 48
-    if not (isinstance(frac_bits, int) and 4 <= frac_bits <= max_frac):
-        raise ValueError(f"frac_bits must be an integer in [4, {max_frac}] for {stream_bits}-bit streams, got {frac_bits!r}")
-    if not (isinstance(loss_chunk_size, int) and loss_chunk_size >= 0):
-        raise ValueError(f"loss_chunk_size must be a non-negative integer (0: off), got {loss_chunk_size!r}")
-    if offload_remainders not in (True, False, "auto"):
-        raise ValueError(f"offload_remainders must be true, false or \"auto\", got {offload_remainders!r}")
-    if not (isinstance(recompute_chunk_tokens, int) and recompute_chunk_tokens >= 0):
-        raise ValueError(f"recompute_chunk_tokens must be a non-negative integer (0: off), got {recompute_chunk_tokens!r}")
-    if not isinstance(chunk_attention_queries, bool):
-        raise ValueError(f"chunk_attention_queries must be true or false, got {chunk_attention_queries!r}")
-    return dict(
-        variant=variant,
-        lambda_=lambda_,
-        beta=beta,
-        adapter_dim=adapter_dim,
-        adapter_init=adapter_init,
-        adapter_init_std=float(adapter_init_std),
-        reversible_layers=reversible_layers,
-        output_stream=output_stream,
-        exact=bool(exact),
-        frac_bits=frac_bits,
-        stream_bits=stream_bits,
-        audit=bool(audit),
-        loss_chunk_size=loss_chunk_size,
-        compile_blocks=bool(compile_blocks),
-        recompute_chunk_tokens=recompute_chunk_tokens,
-        offload_remainders=offload_remainders,
-        chunk_attention_queries=chunk_attention_queries,
-    )
-
-
-MEFT_SETTINGS = tuple(validate_meft_settings())
-# settings that change how training runs, not what the model computes: adapters trained under
-# one value load under another
-RUNTIME_SETTINGS = ("audit", "loss_chunk_size", "compile_blocks", "recompute_chunk_tokens", "offload_remainders",
-                    "chunk_attention_queries")
+from .families import FAMILIES, Family, auto_map_for, config_class_name, family_for
+from .meft_table import MEFT_SETTINGS, validate_meft_settings
 
 
 class MeftConfig:
@@ -198,10 +99,6 @@ class MeftConfig:
 _CONFIG_CLASSES: dict[str, type] = {}
 
 
-def config_class_name(family: Family) -> str:
-    return "Meft" + family.config_class
-
-
 def config_class_for(family: Family) -> type:
     name = config_class_name(family)
     if name not in _CONFIG_CLASSES:
@@ -219,14 +116,6 @@ def config_class_for(family: Family) -> type:
             },
         )
     return _CONFIG_CLASSES[name]
-
-
-def auto_map_for(family: Family, auto_classes: list[str]) -> dict[str, str]:
-    """The `auto_map` a converted checkpoint's config.json carries: the one place it is built."""
-    auto_map = {"AutoConfig": f"configuration_meft.{config_class_name(family)}"}
-    for auto_class in auto_classes:
-        auto_map[auto_class] = f"modeling_meft.Meft{family.heads[auto_class].library_class}"
-    return auto_map
 
 
 def __getattr__(name: str):

@@ -17,15 +17,7 @@ from typing import Sequence
 
 import torch
 
-
-def denominator_of(scale: float) -> int:
-    """m such that scale == 1/m; ValueError if scale is not of that form."""
-    if not scale > 0:
-        raise ValueError(f"scale factors must be > 0, got {scale}")
-    m = round(1.0 / scale)
-    if m < 1 or abs(m * scale - 1.0) > 1e-9:
-        raise ValueError(f"{scale} is not 1/m for a positive integer m")
-    return m
+from .meft_table import remainder_layout
 
 
 def stream_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
@@ -60,34 +52,6 @@ def from_fixed(i: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Ten
 def max_stream_value(frac_bits: int, stream_bits: int) -> float:
     """The largest magnitude a stream or block output may reach in this fixed-point format."""
     return _limit(_int_dtype(stream_bits)) * 2.0**-frac_bits
-
-
-def remainder_layout(m: int) -> tuple[int, int]:
-    """(k, bits): k remainders modulo m are stored together as one number below m^k in `bits`
-    bits, k ≤ 8 chosen for the fewest bits per remainder. m = 10: three remainders in 10 bits
-    (3.33 bits each, where one at a time would take 4); m = 2^j: one in j bits; m = 1: none."""
-    if m == 1:
-        return 1, 0
-    best_k, best_bits = 1, (m - 1).bit_length()
-    for k in range(2, 9):
-        if m**k > 2**62:
-            break
-        bits = (m**k - 1).bit_length()
-        if bits * best_k < best_bits * k:
-            best_k, best_bits = k, bits
-    return best_k, best_bits
-
-
-def remainder_bits(m: int) -> float:
-    """Bits per element that one stream scaled by 1/m keeps per layer."""
-    k, bits = remainder_layout(m)
-    return bits / k
-
-
-def packed_remainder_bytes(m: int, count: int) -> int:
-    """Bytes that `count` remainders modulo m take once packed."""
-    k, bits = remainder_layout(m)
-    return bits * (-(-(-(-count // k)) // 8))
 
 
 def _pack_bits(v: torch.Tensor, bits: int) -> torch.Tensor:

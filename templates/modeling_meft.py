@@ -27,7 +27,6 @@ import dataclasses
 import inspect
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,31 +36,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .adapters import MeftAdapter, init_adapter_projection, is_adapter_projection
-from .configuration_meft import RUNTIME_SETTINGS, config_class_for
+from .configuration_meft import config_class_for
 from .families import FAMILIES, Family, Stack, family_for
 from .losses import ChunkedLossMixin
 from .arithmetic import CouplingSettings
 from .blocks import Block, CausalCore
 from .fixed_point import stream_dtype_for
+from .meft_table import RUNTIME_SETTINGS, VARIANTS
 from .plans import run_block
 from .reversible import Coupling, run_float_layer, run_stack
 
-
-@dataclass(frozen=True)
-class Variant:
-    F: str  # "layer", "adapter" or "attention"
-    G: str  # "layer", "adapter" or "mlp"
-    swap: bool  # swap the streams after each layer
-    adapters: tuple[str, ...]  # the adapters each layer carries
-    plm_stream: int  # which final stream (0 = x1, 1 = x2) holds the PLM path's output
-
-
-VARIANTS = {
-    # with the swap, F's output y1 becomes the next layer's x2 and G's output y2 its x1
-    "meft1": Variant(F="layer", G="adapter", swap=True, adapters=("ffn", "coupling"), plm_stream=1),
-    "meft2": Variant(F="adapter", G="layer", swap=True, adapters=("coupling", "ffn"), plm_stream=0),
-    "meft3": Variant(F="attention", G="mlp", swap=False, adapters=("attn", "ffn"), plm_stream=1),
-}
 BACKWARD_MODES = ("reversible", "vanilla")
 # offload_remainders="auto" offloads from this many tokens per step (measured: under 1% of step time)
 OFFLOAD_MIN_TOKENS = 8192
@@ -150,15 +134,15 @@ class MeftLayers(nn.ModuleList):
             exact=config.exact,
             frac_bits=config.frac_bits,
             audit=config.audit,
-            stream_bits=getattr(config, "stream_bits", 64),
-            chunk_tokens=getattr(config, "recompute_chunk_tokens", 0),
-            offload_remainders=getattr(config, "offload_remainders", False) is True,
+            stream_bits=config.stream_bits,
+            chunk_tokens=config.recompute_chunk_tokens,
+            offload_remainders=config.offload_remainders is True,
         )
-        self.offload_remainders = getattr(config, "offload_remainders", False)
+        self.offload_remainders = config.offload_remainders
         self.reversible_layers = config.reversible_layers
         self.output_stream = config.output_stream
-        self.compile_blocks = getattr(config, "compile_blocks", False)
-        self.chunk_attention_queries = getattr(config, "chunk_attention_queries", False)
+        self.compile_blocks = config.compile_blocks
+        self.chunk_attention_queries = config.chunk_attention_queries
         self.backward_mode = "reversible"
         # set by gradient_checkpointing_enable(): checkpoints the layers that store activations
         self.checkpoint_func = None
@@ -538,7 +522,7 @@ class MeftModelMixin:
     def __init__(self, config, *args, **kwargs):
         # some heads (LLaMA's classifier, for one) build their backbone with AutoModel.from_config:
         # for this config class that must give the family's plain base model, made reversible below
-        backbone = getattr(transformers, family_for(self._meft_family).heads["AutoModel"].library_class)
+        backbone = getattr(transformers, family_for(self._meft_family).head_for("AutoModel").library_class)
         transformers.MODEL_MAPPING.register(type(config), backbone, exist_ok=True)
         super().__init__(config, *args, **kwargs)
         install_meft(self, config, self._meft_trainable_modules)
@@ -741,7 +725,7 @@ _MODEL_CLASSES: dict[str, type] = {}
 
 
 def model_class_for(family: Family, auto_class: str) -> type:
-    head = family.heads[auto_class]
+    head = family.head_for(auto_class)
     name = "Meft" + head.library_class
     if name not in _MODEL_CLASSES:
         config_class = config_class_for(family)
@@ -766,7 +750,7 @@ def __getattr__(name: str):
     # `modeling_meft.MeftBertModel` in auto_map resolves here; classes are built on first use
     # so that loading one family never imports the others
     for family in FAMILIES.values():
-        for auto_class, head in family.heads.items():
-            if "Meft" + head.library_class == name:
-                return model_class_for(family, auto_class)
+        auto_class = family.auto_class_of(name.removeprefix("Meft")) if name.startswith("Meft") else None
+        if auto_class is not None:
+            return model_class_for(family, auto_class)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

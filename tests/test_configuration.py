@@ -9,12 +9,12 @@ import transformers
 
 from meft_convert.templates.configuration_meft import (
     MEFT_SETTINGS,
-    VARIANT_DEFAULTS,
     auto_map_for,
     config_class_for,
     validate_meft_settings,
 )
 from meft_convert.templates.families import BERT, OPT
+from meft_convert.templates.meft_table import VARIANTS
 from tests.conftest import real_config
 
 
@@ -25,10 +25,10 @@ def meft_config(family, config_name, **settings):
     return config_class_for(family)(**values, **settings)
 
 
-@pytest.mark.parametrize("variant", list(VARIANT_DEFAULTS))
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variant_defaults_fill_lambda_and_beta(variant):
     config = meft_config(OPT, "opt-125m", variant=variant)
-    assert (config.lambda_, config.beta) == (VARIANT_DEFAULTS[variant]["lambda_"], VARIANT_DEFAULTS[variant]["beta"])
+    assert (config.lambda_, config.beta) == (VARIANTS[variant].lambda_, VARIANTS[variant].beta)
     assert config.model_type == "meft_opt" and config.plm_model_type == "opt"
     assert isinstance(config, transformers.OPTConfig) and config.hidden_size == 32 and config.init_std == 0.02
 

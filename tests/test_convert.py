@@ -426,7 +426,7 @@ def _adapters_through_the_model(plan, seed: int) -> dict[str, torch.Tensor]:
     from meft_convert.templates.modeling_meft import model_class_for
 
     library_class = plan.config.architectures[0].removeprefix("Meft")
-    auto_class = next(a for a, head in plan.family.heads.items() if head.library_class == library_class)
+    auto_class = plan.family.auto_class_of(library_class)
     with torch.device("meta"):
         model = model_class_for(plan.family, auto_class)(plan.config)
     generator = adapter_generator(seed)

@@ -100,9 +100,36 @@ def test_attention_inputs_computed_a_few_rows_at_a_time_are_the_whole_sequence(c
             assert torch.allclose(got, expected.reshape(-1, expected.shape[-1])[chunk], rtol=1e-12, atol=1e-12)
 
 
+def test_every_block_the_table_names_is_a_kernel():
+    """The table names its blocks (families._block); family_kernels.py defines them."""
+    from meft_convert.templates import families
+    from meft_convert.templates.family_kernels import BLOCKS
+
+    for family in FAMILIES.values():
+        for stack in family.stacks:
+            parts = stack.attention_parts
+            named = [stack.attention, stack.mlp]
+            if parts is not None:
+                named += [parts.inputs, getattr(parts.core, "func", parts.core), parts.finish, parts.causal]
+            for block in named:
+                if block is not None:
+                    assert BLOCKS[block.__name__].__name__ == block.__name__, (family.model_type, block.__name__)
+    with pytest.raises(KeyError, match="no_such_block"):
+        families._block("no_such_block")()
+
+
 def test_unknown_model_type_lists_the_supported_ones():
     with pytest.raises(ValueError, match="supported: " + ", ".join(sorted(FAMILIES))):
         family_for("gpt_neox")
+
+
+def test_heads_are_found_by_auto_class_or_library_class():
+    opt = family_for("opt")
+    assert opt.head_for("AutoModelForCausalLM").library_class == "OPTForCausalLM"
+    with pytest.raises(KeyError, match=r"opt models have no AutoModelForMaskedLM head; their heads: AutoModel \(OPTModel\)"):
+        opt.head_for("AutoModelForMaskedLM")
+    assert opt.auto_class_of("OPTForSequenceClassification") == "AutoModelForSequenceClassification"
+    assert opt.auto_class_of("BertModel") is None
 
 
 def test_bert_decoder_is_refused():
@@ -182,7 +209,7 @@ def test_causal_core_a_chunk_of_queries_at_a_time_is_the_whole_core(case, padded
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gated_mlp_in_training_is_the_library_mlp_bitwise_and_keeps_no_silu(dtype):
-    from meft_convert.templates.families import _gated_mlp
+    from meft_convert.templates.family_kernels import _gated_mlp
 
     config = real_config("tinyllama-1.1b", hidden_size=64, intermediate_size=224)
     mlp = transformers.models.llama.modeling_llama.LlamaMLP(config).to(dtype).requires_grad_(False)
@@ -231,7 +258,7 @@ def _math_kernel_backward(grad, q, k, v, out, lse, scores, causal, scale):
 def test_split_causal_attention_is_lower_right_causal_attention_with_its_gradients(kv_heads):
     from torch.nn.attention.bias import causal_lower_right
 
-    from meft_convert.templates.families import _split_causal
+    from meft_convert.templates.family_kernels import _split_causal
 
     gen = torch.Generator().manual_seed(0)
     start, count, heads, dim = 12, 5, 4, 8
@@ -248,6 +275,6 @@ def test_split_causal_attention_is_lower_right_causal_attention_with_its_gradien
         assert a.shape == b.shape
         assert (a - b).abs().max().item() < 1e-12
     assert (got - want.detach()).abs().max().item() < 1e-12
-    from meft_convert.templates.families import _split_causal_runs
+    from meft_convert.templates.family_kernels import _split_causal_runs
 
     assert not _split_causal_runs(q, k)  # CPU: SDPA's own kernels

@@ -10,6 +10,7 @@ from torch import nn
 
 from meft_convert.templates import arithmetic as A
 from meft_convert.templates import fixed_point as FP
+from meft_convert.templates import meft_table as T
 from meft_convert.templates import reversible as R
 from tests.test_reversible import D, ToyBlock, couplings
 
@@ -18,8 +19,8 @@ from tests.test_reversible import D, ToyBlock, couplings
 def test_remainders_pack_into_about_log2_m_bits(m):
     r = torch.randint(0, m, (3, 37), generator=torch.Generator().manual_seed(m))
     packed = FP.pack_remainders(r, m)
-    assert packed.dtype == torch.uint8 and packed.numel() == FP.packed_remainder_bytes(m, r.numel())
-    k, bits = FP.remainder_layout(m)
+    assert packed.dtype == torch.uint8 and packed.numel() == T.packed_remainder_bytes(m, r.numel())
+    k, bits = T.remainder_layout(m)
     if m > 1:
         assert torch.equal(FP.unpack_remainders(packed, m, r), r)
         assert math.log2(m) <= bits / k <= math.ceil(math.log2(m))  # never more than one at a time
@@ -28,19 +29,19 @@ def test_remainders_pack_into_about_log2_m_bits(m):
 
 
 def test_remainder_layout_packs_groups():
-    assert FP.remainder_layout(10) == (3, 10)  # 10^3 = 1000 < 2^10: 3.33 bits per remainder
-    assert FP.remainder_layout(3) == (5, 8)  # 3^5 = 243 < 2^8: 1.6 bits
-    assert FP.remainder_layout(1024) == (1, 10) and FP.remainder_layout(2) == (1, 1) and FP.remainder_layout(1) == (1, 0)
+    assert T.remainder_layout(10) == (3, 10)  # 10^3 = 1000 < 2^10: 3.33 bits per remainder
+    assert T.remainder_layout(3) == (5, 8)  # 3^5 = 243 < 2^8: 1.6 bits
+    assert T.remainder_layout(1024) == (1, 10) and T.remainder_layout(2) == (1, 1) and T.remainder_layout(1) == (1, 0)
     # extremes of each digit survive the round trip
     r = torch.tensor([[9, 0, 9, 9, 9, 0, 0, 9]])
     assert torch.equal(FP.unpack_remainders(FP.pack_remainders(r, 10), 10, r), r)
 
 
 def test_scales_must_be_reciprocals_of_integers():
-    assert FP.denominator_of(0.1) == 10 and FP.denominator_of(1.0) == 1 and FP.denominator_of(2.0**-10) == 1024
+    assert T.denominator_of(0.1) == 10 and T.denominator_of(1.0) == 1 and T.denominator_of(2.0**-10) == 1024
     for bad in (0.3, 2.0, 0.0, -0.1):
         with pytest.raises(ValueError):
-            FP.denominator_of(bad)
+            T.denominator_of(bad)
 
 
 @pytest.mark.slow

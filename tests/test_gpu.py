@@ -180,7 +180,7 @@ def test_lower_right_query_chunks_run_on_cudnn_split_at_the_diagonal(heads, kv_h
     lower-right causal attention, output and gradients, to bf16 rounding."""
     from torch.nn.attention.bias import causal_lower_right
 
-    from meft_convert.templates import families
+    from meft_convert.templates import family_kernels as kernels
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     start, count = 3072, 1024
@@ -188,9 +188,9 @@ def test_lower_right_query_chunks_run_on_cudnn_split_at_the_diagonal(heads, kv_h
     k, v = (torch.randn(1, kv_heads, start + count, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen,
                         requires_grad=True) for _ in range(2))
     grad = torch.randn_like(q)
-    assert families._split_causal_runs(q, k)
-    got = families._split_causal().apply(q, k, v, start, head_dim**-0.5, families._cudnn_attention,
-                                         families._cudnn_attention_backward)
+    assert kernels._split_causal_runs(q, k)
+    got = kernels._split_causal().apply(q, k, v, start, head_dim**-0.5, kernels._cudnn_attention,
+                                        kernels._cudnn_attention_backward)
     got_grads = torch.autograd.grad(got, (q, k, v), grad)
     want = torch.nn.functional.scaled_dot_product_attention(
         q.float(), k.float(), v.float(), attn_mask=causal_lower_right(count, start + count), scale=head_dim**-0.5,

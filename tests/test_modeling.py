@@ -16,7 +16,7 @@ from meft_convert.templates.adapters import MeftAdapter
 from meft_convert.templates.configuration_meft import config_class_for
 from meft_convert.templates.families import family_for
 from meft_convert.templates.modeling_meft import MeftLayers, model_class_for
-from meft_convert.templates.fixed_point import packed_remainder_bytes
+from meft_convert.templates.meft_table import packed_remainder_bytes
 from tests.conftest import real_config
 from tests.test_reversible import _SavedTracker, kept_bytes
 

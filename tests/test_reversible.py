@@ -11,7 +11,7 @@ from torch import nn
 
 from meft_convert.templates import arithmetic as A
 from meft_convert.templates import blocks as B
-from meft_convert.templates import fixed_point as FP
+from meft_convert.templates.meft_table import packed_remainder_bytes
 from meft_convert.templates import plans as P
 from meft_convert.templates import reversible as R
 
@@ -280,7 +280,7 @@ def saved_bytes(depth: int, mode: str, shape=(4, 64)) -> tuple[int, int]:
 def test_saved_bytes_grow_with_depth_by_the_remainders_only():
     shape = (4, 64)
     elements = 4 * 64 * D
-    remainders_per_layer = 2 * FP.packed_remainder_bytes(10, elements)  # two streams, 3.33 bits each
+    remainders_per_layer = 2 * packed_remainder_bytes(10, elements)  # two streams, 3.33 bits each
     saved2, kept2 = saved_bytes(2, "reversible", shape)
     saved8, kept8 = saved_bytes(8, "reversible", shape)
     assert saved8 - saved2 == 6 * remainders_per_layer

@@ -143,14 +143,14 @@ def test_a_non_deterministic_layer_fails_verification(converted, tmp_path):
     folder, _ = converted("bert", "meft3")
     tampered = tmp_path / "tampered"
     shutil.copytree(folder, tampered)
-    families = tampered / "families.py"
-    code = families.read_text()
+    kernels = tampered / "family_kernels.py"
+    code = kernels.read_text()
     # a different offset at every call: the recompute in backward never sees the forward's
     code = code.replace(
         "    return layer.output.LayerNorm(h + x)\n",
         "    return layer.output.LayerNorm(h + x) + next(_CALLS) * 1e-4\n",
     )
-    families.write_text(code + "\nimport itertools\n\n_CALLS = itertools.count(1)\n")
+    kernels.write_text(code + "\nimport itertools\n\n_CALLS = itertools.count(1)\n")
     report = verify_conversion(folder.parent.parent / "tiny" / "bert", tampered, reference=False)
     assert not report.passed
     assert any("layer 1" in problem for problem in report.problems), report.problems
