@@ -295,7 +295,9 @@ class OneGraph(PartByPart):
         x = _rebuilt(step, y, inp, 1, keep_value)
         x.uncouple(slice(None), y, out.detach(), packed[0] if packed else None, step.factor)
         d_inp = None if dy is None else step.run.grads.of(out, leaf, dy, step.params)
-        return x.stream(), _add(d_other, d_inp), _scaled(dy, step.scale)
+        del out, leaf  # the block's output goes before the stream gradients are formed
+        dx = _scaled(dy, step.scale)
+        return x.stream(), _add(d_other, d_inp), dx
 
     def _whole_block(self, step, leaf: torch.Tensor, replay: bool):
         """The block's parts on `leaf` as one graph, each part reading the stream through a view
