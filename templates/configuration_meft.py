@@ -62,7 +62,8 @@ class MeftConfig:
             their log-sum-exps, checked against SDPA once per kind of chunk, else on SDPA's flash
             kernel. On an H200 (Llama-3-8B, 16k tokens, MEFT1) it saved 0.49 GiB (11%) of
             activation memory on the GPU and cost 4.6% of step time (benchmarks/README.md). Off
-            by default; turn it on for the longest sequences a memory cap allows.
+            by default; turn it on for the longest sequences a memory cap allows. Not with compile_blocks,
+            which keeps every attention block whole.
         offload_remainders: in training on CUDA, keep the packed remainders in pinned host memory,
             copied on a side stream and fetched one half-step ahead in backward, so the GPU memory of
             exact MEFT stops growing with depth. "auto" (default): on for steps of at least

@@ -172,13 +172,19 @@ def _use_compiler(t: torch.Tensor) -> bool:
     return t.is_cuda and _compiler_works(t.device)
 
 
+def compiled_function(fn):
+    """fn through torch.compile, one compiled function per fn for the process (the stream
+    kernels here, and the blocks under compile_blocks). Dynamic: one kernel for all sequence
+    lengths; arguments such as m and the dtypes add a few variants."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
 def _run_kernel(fn, *args):
     """fn(*args), through torch.compile when its tensors live on a CUDA device."""
     if _use_compiler(args[0]):
-        if fn not in _COMPILED:
-            # dynamic: one kernel for all sequence lengths; m and the dtypes add a few variants
-            _COMPILED[fn] = torch.compile(fn, dynamic=True)
-        return _COMPILED[fn](*args)
+        return compiled_function(fn)(*args)
     return fn(*args)
 
 

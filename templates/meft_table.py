@@ -172,6 +172,10 @@ def validate_meft_settings(
         raise ValueError(f"recompute_chunk_tokens must be a non-negative integer (0: off), got {recompute_chunk_tokens!r}")
     if not isinstance(chunk_attention_queries, bool):
         raise ValueError(f"chunk_attention_queries must be true or false, got {chunk_attention_queries!r}")
+    if compile_blocks and chunk_attention_queries:
+        # compiled, an attention block is one function; query chunks need its parts
+        raise ValueError("compile_blocks keeps every attention block whole, so chunk_attention_queries cannot apply; "
+                         "turn one of them off")
     return dict(
         variant=variant,
         lambda_=lambda_,

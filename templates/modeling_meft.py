@@ -41,7 +41,7 @@ from .families import FAMILIES, Family, Stack, family_for
 from .losses import ChunkedLossMixin
 from .arithmetic import CouplingSettings
 from .blocks import Block, CausalCore
-from .fixed_point import stream_dtype_for
+from .fixed_point import compiled_function, stream_dtype_for
 from .meft_table import RUNTIME_SETTINGS, VARIANTS
 from .plans import run_block
 from .reversible import Coupling, run_float_layer, run_stack
@@ -59,17 +59,6 @@ def _mlp_block(mlp, layer, adapter, x):
     return mlp(layer, x, adapter)
 
 
-# compile_blocks: one compiled function per kind of block, shared by all layers (the layer is
-# an argument, so its parameters are inputs of the graph, not constants of one layer's copy)
-_COMPILED_BLOCKS: dict = {}
-
-
-def _compiled(fn):
-    if fn not in _COMPILED_BLOCKS:
-        _COMPILED_BLOCKS[fn] = torch.compile(fn, dynamic=True)
-    return _COMPILED_BLOCKS[fn]
-
-
 def _make_block(kind: str, stack: Stack, layer: nn.Module, compiled: bool = False, split: bool = False,
                 chunk_queries: bool = False) -> Block:
     """F or G of one layer: the attention part mixes positions, the MLP block and adapters act on
@@ -78,7 +67,9 @@ def _make_block(kind: str, stack: Stack, layer: nn.Module, compiled: bool = Fals
     whole sequence (training; evaluation and generation call the library's attention);
     `chunk_queries`: with the core a chunk of queries at a time where the family has that too."""
     adapters = layer.meft
-    run = _compiled if compiled else (lambda fn: fn)
+    # compile_blocks: one compiled function per kind of block, shared by all layers (the layer is
+    # an argument, so its parameters are inputs of the graph, not constants of one layer's copy)
+    run = compiled_function if compiled else (lambda fn: fn)
     attention, mlp = run(_attention_block), run(_mlp_block)
     # the parts call the attention's projections directly, so a projection's module that FSDP2
     # shards on its own (fsdp_units) would not gather its weights: such layers keep it whole
@@ -136,7 +127,6 @@ class MeftLayers(nn.ModuleList):
             audit=config.audit,
             stream_bits=config.stream_bits,
             chunk_tokens=config.recompute_chunk_tokens,
-            offload_remainders=config.offload_remainders is True,
         )
         self.offload_remainders = config.offload_remainders
         self.reversible_layers = config.reversible_layers
@@ -266,7 +256,8 @@ class MeftLayers(nn.ModuleList):
             return self._run_calling_layer_hooks(hidden_states, self.couplings(), layer_args)
         # training only: forward and recompute run the same compiled code, and evaluation and
         # generation (caches, changing shapes) stay eager; attention split into its parts where
-        # the family has them (compiled blocks keep it whole)
+        # the family has them, unless compiled: a compiled block is one function (so
+        # chunk_attention_queries, which needs the parts, is refused with compile_blocks)
         couplings = self.couplings(compiled=self.compile_blocks, split=not self.compile_blocks) if trains else self.couplings()
         if trains:
             mode = self.backward_mode
@@ -275,14 +266,12 @@ class MeftLayers(nn.ModuleList):
                 couplings = self._checkpointed(couplings, mode)
         else:
             mode = "float"
-        coupling = self.coupling
-        if self.offload_remainders == "auto":
-            tokens = hidden_states.numel() // hidden_states.shape[-1]
-            coupling = dataclasses.replace(coupling, offload_remainders=offload_wanted("auto", tokens, hidden_states.is_cuda))
+        tokens = hidden_states.numel() // hidden_states.shape[-1]
+        offload = offload_wanted(self.offload_remainders, tokens, hidden_states.is_cuda)
         x1, x2 = run_stack(
             hidden_states,
             couplings,
-            coupling,
+            dataclasses.replace(self.coupling, offload_remainders=offload),
             layer_args,
             mode=mode,
             reversible_layers=self.reversible_layers,

@@ -56,6 +56,7 @@ def test_round_trip_keeps_every_setting_even_defaults(tmp_path):
         (dict(reversible_layers=-1), "reversible_layers must be"),
         (dict(frac_bits=60), "frac_bits must be"),
         (dict(chunk_attention_queries="yes"), "chunk_attention_queries must be true or false"),
+        (dict(compile_blocks=True, chunk_attention_queries=True), "compile_blocks keeps every attention block whole"),
     ],
 )
 def test_bad_settings_are_refused(settings, match):
