@@ -128,11 +128,6 @@ OFFLOADED_REMAINDER_LAYERS_ON_GPU = 2
 # h200-opt-1.3b-llm-one-graph.json; MEFT1/MEFT2 float and the gated kind assumed alike).
 MEFT_FLOAT_EXTRA_TH = 12.5
 
-ARMS = (
-    "full", "lora", "lora+gc", "lora+gc+chunked-loss", "lora+offload-gc+chunked-loss", "head-only",
-    "meft1", "meft1+offload", "meft1-float", "meft2", "meft2+offload", "meft2-float",
-    "meft3", "meft3+offload", "meft3-float",
-)
 ARM_LABELS = {
     "full": "full fine-tuning",
     "lora": "LoRA (r=8, q and v)",

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from meft_convert import cli
-from meft_convert.estimate import ARMS, estimate_memory, remainder_layout
+from meft_convert.estimate import estimate_memory, remainder_layout
 from tests.test_cli import PROBE  # runs the CLI, reports its exit code and the heavy modules it imported
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,6 +179,13 @@ def test_parameter_count_matches_transformers(name):
 
 def invoke(*args):
     return CliRunner().invoke(cli.main, [str(a) for a in args])
+
+
+ARMS = (
+    "full", "lora", "lora+gc", "lora+gc+chunked-loss", "lora+offload-gc+chunked-loss", "head-only",
+    "meft1", "meft1+offload", "meft1-float", "meft2", "meft2+offload", "meft2-float",
+    "meft3", "meft3+offload", "meft3-float",
+)
 
 
 def test_cli_json_has_every_arm():
