@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .adapters import MeftAdapter, init_adapter_projection, is_adapter_projection
+from .adapters import MeftAdapter, adapter_linear_names, init_adapter_projection, is_adapter_projection
 from .configuration_meft import RUNTIME_SETTINGS, config_class_for
 from .families import FAMILIES, Family, Stack, family_for
 from .losses import ChunkedLossMixin
@@ -754,12 +754,25 @@ def model_class_for(family: Family, auto_class: str) -> type:
             {
                 "config_class": config_class,
                 "_meft_trainable_modules": head.trainable,
+                "_keep_in_fp32_modules": unquantized_modules(library_class, head.trainable),
                 "_meft_family": family.model_type,
                 "__module__": __name__,
                 "__doc__": f"{head.library_class} with exact-reversible MEFT layers.\n\n{__doc__}",
             },
         )
     return _MODEL_CLASSES[name]
+
+
+def unquantized_modules(library_class: type, trainable_modules: tuple[str, ...]) -> set[str]:
+    """The modules transformers' quantizers (bitsandbytes 4- and 8-bit among them) must leave as
+    they are: every adapter's linear layers and the task head MEFT trains, as peft keeps its
+    adapters (a quantized adapter holds integers and cannot train). The quantizers skip the
+    modules `_keep_in_fp32_modules` names, matched as a suffix of a module's path, beside the
+    user's own `llm_int8_skip_modules`; with an fp16 `dtype` they also load them in float32,
+    which MEFT keeps them in anyway (keep_trainable_in_float32)."""
+    linears = adapter_linear_names()
+    adapters = {f"meft.{adapter}.{linear}" for variant in VARIANTS.values() for adapter in variant.adapters for linear in linears}
+    return set(library_class._keep_in_fp32_modules or ()) | adapters | set(trainable_modules)
 
 
 def __getattr__(name: str):
