@@ -472,6 +472,7 @@ def install_meft(model: nn.Module, config, trainable_modules: tuple[str, ...] = 
 def freeze_plm(model: nn.Module, trainable_modules: tuple[str, ...] = ()) -> None:
     """Freezes everything but the adapters (found by type, not by name) and the task head;
     adapters whose output never reaches the model's output stay frozen."""
+    refuse_quantized_trainables(model, trainable_modules)
     model.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, MeftAdapter):
@@ -482,6 +483,22 @@ def freeze_plm(model: nn.Module, trainable_modules: tuple[str, ...] = ()) -> Non
     for name in trainable_modules:
         model.get_submodule(name).requires_grad_(True)
     keep_trainable_in_float32(model, trainable_modules)
+
+
+def refuse_quantized_trainables(model: nn.Module, trainable_modules: tuple[str, ...]) -> None:
+    """Adapters and the task head MEFT trains need floating-point weights: a quantizer that
+    replaced them (bitsandbytes packs weights into integers) leaves nothing to train. Converted
+    checkpoints keep them out of quantization (unquantized_modules); a model quantized before
+    MEFT was added (get_meft_model) may have quantized its head."""
+    for name, module in model.named_modules():
+        if not (isinstance(module, MeftAdapter) or name in trainable_modules):
+            continue
+        quantized = next(((n, p.dtype) for n, p in module.named_parameters() if not p.is_floating_point()), None)
+        if quantized is not None:
+            raise ValueError(
+                f"{name}.{quantized[0]} is quantized ({quantized[1]}), but MEFT trains {name}: load the model with "
+                f"{name!r} in llm_int8_skip_modules of its BitsAndBytesConfig (the modules listed there stay unquantized)"
+            )
 
 
 def keep_trainable_in_float32(model: nn.Module, trainable_modules: tuple[str, ...] = ()) -> None:
