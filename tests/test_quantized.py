@@ -22,6 +22,7 @@ from meft_convert.quiet import quiet_transformers
 from meft_convert.templates.adapters import MeftAdapter
 from tests.conftest import build_checkpoint, real_config
 from tests.test_modeling import assert_reversible_equals_plain_autograd, batch
+from tests.test_smollm2 import causal_lm_gradients
 
 
 def _bitsandbytes_version() -> tuple[int, ...] | None:
@@ -253,12 +254,7 @@ def test_smollm2_in_nf4_trains_with_plain_autograds_gradients(smollm2, smollm2_m
     config = QUANTIZATIONS["nf4-bf16"]()
     model = _load(smollm2_meft3, "AutoModelForCausalLM", config, recompute_chunk_tokens=chunk_tokens).train()
     assert model.config.audit and model.meft_layers.coupling.chunk_tokens == chunk_tokens
-    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
-    grads = {}
-    for mode in ("reversible", "vanilla"):
-        with model.meft_backward(mode):
-            loss = model(input_ids=ids, labels=ids).loss
-            grads[mode] = dict(zip(names, torch.autograd.grad(loss, params)))
+    names, params, grads = causal_lm_gradients(model, ids)
     assert len(params) == 240 and all(p.dtype == torch.float32 for p in params)  # 30 layers, 2 adapters, 4 tensors
     assert all(torch.equal(grads["reversible"][n], grads["vanilla"][n]) for n in names)
     ups = [n for n in names if n.endswith("up_proj.weight")]
