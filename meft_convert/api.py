@@ -84,7 +84,6 @@ def get_meft_model(
     from .convert import TASKS, base_model_name, draw_adapters, meft_config, record_provenance
     from .templates.adapters import adapter_generator
     from .templates.families import family_for
-    from .calibrate import share_replaced_modules
     from .templates.modeling_meft import freeze_plm, model_class_for, refuse_quantized_trainables
     from .verify import quiet_transformers
 
@@ -152,7 +151,7 @@ def get_meft_model(
     adapters = {key: torch.from_numpy(values).to(device=device, dtype=dtype) for key, values in drawn.items()}
     # a PLM loaded in 4 or 8 bits: its quantized layers are taken whole (their packed weights and
     # quantization state mean something only to their own class), the rest tensor by tensor
-    replaced = tuple(name + "." for name in share_replaced_modules(meft, model))
+    replaced = tuple(name + "." for name in calibrate.share_replaced_modules(meft, model))
     state = {key: t for key, t in state.items() if not key.startswith(replaced)}
     expected = {key for key in meft.state_dict() if not key.startswith(replaced)}
     if set(state) | set(adapters) != expected or set(state) & set(adapters):

@@ -781,12 +781,12 @@ def model_class_for(family: Family, auto_class: str) -> type:
 
 
 def unquantized_modules(library_class: type, trainable_modules: tuple[str, ...]) -> set[str]:
-    """The modules transformers' quantizers (bitsandbytes 4- and 8-bit among them) must leave as
-    they are: every adapter's linear layers and the task head MEFT trains, as peft keeps its
-    adapters (a quantized adapter holds integers and cannot train). Every quantizer leaves out
-    the modules `_keep_in_fp32_modules` names (matched as a suffix of a module's path) beside the
-    user's own `llm_int8_skip_modules`; from_pretrained with an fp16 `dtype` also loads them in
-    float32, the dtype MEFT keeps them in anyway (keep_trainable_in_float32)."""
+    """The modules a quantizer must leave as they are: every adapter's linear layers and the task
+    head MEFT trains, as peft keeps its adapters (a quantized adapter holds integers and cannot
+    train). transformers' quantizers (bitsandbytes 4- and 8-bit among them) leave out the modules
+    `_keep_in_fp32_modules` names, matched as a suffix of a module's path, beside the user's own
+    `llm_int8_skip_modules`; from_pretrained with an fp16 `dtype` also loads them in float32, the
+    dtype MEFT keeps them in anyway (keep_trainable_in_float32)."""
     linears = adapter_linear_names()
     adapters = {f"meft.{adapter}.{linear}" for variant in VARIANTS.values() for adapter in variant.adapters for linear in linears}
     return set(library_class._keep_in_fp32_modules or ()) | adapters | set(trainable_modules)
