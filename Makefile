@@ -58,10 +58,11 @@ test-slow: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q -m slow
 
 # the tests that touch version-specific transformers code (layer loops, attention, caches,
-# loading, remote code, the Trainer), against the oldest supported transformers
+# loading, remote code, the Trainer, which layers a quantizer leaves out), against the oldest
+# supported transformers
 OLDEST_TESTS := tests/test_modeling.py tests/test_generation.py tests/test_families.py tests/test_losses.py \
 	tests/test_training.py tests/test_templates_standalone.py tests/test_mixed_precision.py tests/test_convert.py \
-	tests/test_api.py
+	tests/test_api.py tests/test_quantized.py
 test-oldest: $(OLDEST)/.installed
 	$(OLDEST)/bin/python -m pytest -q $(OLDEST_TESTS)
 

@@ -84,7 +84,7 @@ def get_meft_model(
     from .convert import TASKS, base_model_name, draw_adapters, meft_config, record_provenance
     from .templates.families import family_for
     from .templates.meft_table import adapter_generator
-    from .templates.modeling_meft import freeze_plm, model_class_for
+    from .templates.modeling_meft import freeze_plm, model_class_for, refuse_quantized_trainables
     from .verify import quiet_transformers
 
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(MeftSettings)})
@@ -100,6 +100,10 @@ def get_meft_model(
     except ValueError as e:
         raise BadInputError(str(e)) from None
     auto_class = _head_of(family, model)
+    try:  # before calibrating: a head quantized at loading cannot train
+        refuse_quantized_trainables(model, family.head_for(auto_class).trainable)
+    except ValueError as e:
+        raise BadInputError(str(e)) from None
     task = next(t for t, a in TASKS.items() if a == auto_class)
     state = model.state_dict()
     name = getattr(model.config, "_name_or_path", "") or ""
@@ -115,7 +119,9 @@ def get_meft_model(
         return config
 
     config = config_for(None)
-    dtype = _layer_dtype(family, state)
+    # from the parameters, not the state: a quantized layer's state holds float32 scales beside
+    # its integer weights, while its norms keep the dtype the model computes in
+    dtype = _layer_dtype(family, dict(model.named_parameters()))
     causal = auto_class == calibrate.CAUSAL_LM
     folder = _tokenizer_folder(name)
     if tokenizer is None and folder is None and settings.measured(sixteen_bit=dtype in (torch.float16, torch.bfloat16)):
@@ -143,13 +149,18 @@ def get_meft_model(
     drawn = draw_adapters(meft, adapter_generator(settings.seed))
     device = next((t.device for t in state.values()), torch.device("cpu"))
     adapters = {key: torch.from_numpy(values).to(device=device, dtype=dtype) for key, values in drawn.items()}
-    expected = set(meft.state_dict())
+    # a PLM loaded in 4 or 8 bits: its quantized layers are taken whole (their packed weights and
+    # quantization state mean something only to their own class), the rest tensor by tensor
+    replaced = tuple(name + "." for name in calibrate.share_replaced_modules(meft, model))
+    state = {key: t for key, t in state.items() if not key.startswith(replaced)}
+    expected = {key for key in meft.state_dict() if not key.startswith(replaced)}
     if set(state) | set(adapters) != expected or set(state) & set(adapters):
         raise RuntimeError(
             f"the MEFT model's tensors are not the PLM's plus the adapters: missing {sorted(expected - set(state) - set(adapters))[:3]}, "
-            f"unexpected {sorted(set(state) | set(adapters) - expected)[:3]}"
+            f"unexpected {sorted((set(state) | set(adapters)) - expected)[:3]}"
         )
     missing, unexpected = meft.load_state_dict({**state, **adapters}, assign=True, strict=False)
+    missing = [key for key in missing if not key.startswith(replaced)]
     if missing or unexpected:
         raise RuntimeError(f"loading the PLM's tensors: missing {missing[:3]}, unexpected {unexpected[:3]}")
     # buffers that are not saved (rotary frequencies, position ids) are the PLM's too

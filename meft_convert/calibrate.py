@@ -242,10 +242,31 @@ def describe(fig: dict) -> str:
 # ---------------------------------------------------------------------------- the model
 
 
+def share_replaced_modules(target: torch.nn.Module, source: torch.nn.Module) -> list[str]:
+    """Puts into `target` every leaf module of `source` whose class differs from the one `target`
+    has by that name: layers a quantizer replaced (bitsandbytes' Linear4bit, Linear8bitLt), whose
+    packed integer weights and quantization state only their own class computes with. Returns
+    their names."""
+    replaced = []
+    for name, module in list(target.named_modules()):
+        if not name or next(module.children(), None) is not None:
+            continue
+        try:
+            counterpart = source.get_submodule(name)
+        except AttributeError:
+            continue
+        if type(counterpart) is not type(module) and next(counterpart.children(), None) is None:
+            target.set_submodule(name, counterpart)
+            replaced.append(name)
+    return replaced
+
+
 def share_tensors(target: torch.nn.Module, source: torch.nn.Module, skip: type | None = None) -> list[str]:
     """Makes every parameter and buffer of `target` (built on the meta device) the tensor of the
-    same name in `source`, so that both models use one copy. Submodules of type `skip` are left
-    alone; returns the names `source` lacks."""
+    same name in `source`, so that both models use one copy; quantized layers are shared whole
+    (share_replaced_modules). Submodules of type `skip` are left alone; returns the names
+    `source` lacks."""
+    share_replaced_modules(target, source)
     missing = []
     skipped = tuple(name for name, m in target.named_modules() if skip is not None and isinstance(m, skip))
     for name, module in target.named_modules():

@@ -205,6 +205,14 @@ def _read_config(folder: Path) -> dict:
     model_type = config.get("model_type")
     if isinstance(model_type, str) and model_type.startswith("meft_"):
         raise BadInputError(f"{folder} is already a MEFT checkpoint ({model_type})")
+    quantization = config.get("quantization_config")
+    if isinstance(quantization, dict):
+        # its tensors are packed integers and their scales, not the weights conversion copies and calibrates on
+        raise BadInputError(
+            f"{folder} is a quantized checkpoint ({quantization.get('quant_method', 'quantization_config')}); convert "
+            "the unquantized original instead and load the result quantized: from_pretrained(OUTPUT, "
+            "trust_remote_code=True, quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))"
+        )
     try:
         family_for(model_type)
     except ValueError as e:

@@ -71,6 +71,14 @@ def _linear(x: torch.Tensor, linear: nn.Linear, dtype: torch.dtype) -> torch.Ten
     return nn.functional.linear(x, linear.weight.to(dtype), bias)
 
 
+def adapter_linear_names() -> tuple[str, ...]:
+    """The names of an adapter's linear layers, read from one built on the meta device (so
+    that what must stay unquantized follows the adapter's own layout)."""
+    with torch.device("meta"):
+        adapter = MeftAdapter(1, 1, "relu", 0.0)
+    return tuple(name for name, module in adapter.named_children() if isinstance(module, nn.Linear))
+
+
 def is_adapter_projection(module: nn.Module) -> bool:
     return hasattr(module, "_meft_init")
 

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .adapters import MeftAdapter, init_adapter_projection, is_adapter_projection
+from .adapters import MeftAdapter, adapter_linear_names, init_adapter_projection, is_adapter_projection
 from .configuration_meft import config_class_for
 from .families import FAMILIES, Family, Stack, family_for
 from .losses import ChunkedLossMixin
@@ -445,6 +445,7 @@ def install_meft(model: nn.Module, config, trainable_modules: tuple[str, ...] = 
 def freeze_plm(model: nn.Module, trainable_modules: tuple[str, ...] = ()) -> None:
     """Freezes everything but the adapters (found by type, not by name) and the task head;
     adapters whose output never reaches the model's output stay frozen."""
+    refuse_quantized_trainables(model, trainable_modules)
     model.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, MeftAdapter):
@@ -455,6 +456,22 @@ def freeze_plm(model: nn.Module, trainable_modules: tuple[str, ...] = ()) -> Non
     for name in trainable_modules:
         model.get_submodule(name).requires_grad_(True)
     keep_trainable_in_float32(model, trainable_modules)
+
+
+def refuse_quantized_trainables(model: nn.Module, trainable_modules: tuple[str, ...]) -> None:
+    """Adapters and the task head MEFT trains need floating-point weights: a quantizer that
+    replaced them (bitsandbytes packs weights into integers) leaves nothing to train. Converted
+    checkpoints keep them out of quantization (unquantized_modules); a model quantized before
+    MEFT was added (get_meft_model) may have quantized its head."""
+    for name, module in model.named_modules():
+        if not (isinstance(module, MeftAdapter) or name in trainable_modules):
+            continue
+        quantized = next(((n, p.dtype) for n, p in module.named_parameters() if not p.is_floating_point()), None)
+        if quantized is not None:
+            raise ValueError(
+                f"{name}.{quantized[0]} is quantized ({quantized[1]}), but MEFT trains {name}: load the model with "
+                f"{name!r} in llm_int8_skip_modules of its BitsAndBytesConfig (the modules listed there stay unquantized)"
+            )
 
 
 def keep_trainable_in_float32(model: nn.Module, trainable_modules: tuple[str, ...] = ()) -> None:
@@ -727,12 +744,25 @@ def model_class_for(family: Family, auto_class: str) -> type:
             {
                 "config_class": config_class,
                 "_meft_trainable_modules": head.trainable,
+                "_keep_in_fp32_modules": unquantized_modules(library_class, head.trainable),
                 "_meft_family": family.model_type,
                 "__module__": __name__,
                 "__doc__": f"{head.library_class} with exact-reversible MEFT layers.\n\n{__doc__}",
             },
         )
     return _MODEL_CLASSES[name]
+
+
+def unquantized_modules(library_class: type, trainable_modules: tuple[str, ...]) -> set[str]:
+    """The modules a quantizer must leave as they are: every adapter's linear layers and the task
+    head MEFT trains, as peft keeps its adapters (a quantized adapter holds integers and cannot
+    train). transformers' quantizers (bitsandbytes 4- and 8-bit among them) leave out the modules
+    `_keep_in_fp32_modules` names, matched as a suffix of a module's path, beside the user's own
+    `llm_int8_skip_modules`; from_pretrained with an fp16 `dtype` also loads them in float32, the
+    dtype MEFT keeps them in anyway (keep_trainable_in_float32)."""
+    linears = adapter_linear_names()
+    adapters = {f"meft.{adapter}.{linear}" for variant in VARIANTS.values() for adapter in variant.adapters for linear in linears}
+    return set(library_class._keep_in_fp32_modules or ()) | adapters | set(trainable_modules)
 
 
 def __getattr__(name: str):

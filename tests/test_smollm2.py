@@ -76,18 +76,24 @@ def test_defaults_keep_smollm2s_perplexity(defaults, original, wikitext_ids, var
         assert (config[name] < 2**-6) if name in scaled else (config[name] == 1.0)  # 2^-6 and above lose the start
 
 
-@pytest.mark.slow
-def test_reversible_gradients_equal_plain_autograd_bit_for_bit(defaults, wikitext_ids):
-    """Causal-LM loss on 64 wikitext tokens, dropout as configured: every adapter's gradient
-    of the reversible backward is the vanilla oracle's, bit for bit."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(defaults("meft3"), trust_remote_code=True).train()
-    ids = wikitext_ids[:, :64]
+def causal_lm_gradients(model, ids: torch.Tensor) -> tuple[tuple[str, ...], tuple[torch.Tensor, ...], dict]:
+    """The trainable parameters' names, the parameters, and their gradients of the causal-LM
+    loss on `ids` by backward mode: "reversible" and the "vanilla" oracle."""
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
     grads = {}
     for mode in ("reversible", "vanilla"):
         with model.meft_backward(mode):
             loss = model(input_ids=ids, labels=ids).loss
             grads[mode] = dict(zip(names, torch.autograd.grad(loss, params)))
+    return names, params, grads
+
+
+@pytest.mark.slow
+def test_reversible_gradients_equal_plain_autograd_bit_for_bit(defaults, wikitext_ids):
+    """Causal-LM loss on 64 wikitext tokens, dropout as configured: every adapter's gradient
+    of the reversible backward is the vanilla oracle's, bit for bit."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(defaults("meft3"), trust_remote_code=True).train()
+    names, params, grads = causal_lm_gradients(model, wikitext_ids[:, :64])
     assert len(params) == 240  # 30 layers, 2 adapters, 4 tensors
     assert all(torch.equal(grads["reversible"][n], grads["vanilla"][n]) for n in names)
     # zero-initialised adapters: the up-projections learn first (the down-projections' gradient
