@@ -63,11 +63,14 @@ def test_the_cpu_step_run_end_to_end(tmp_path):
     assert (whole["method"], chunked["method"]) == ("meft1", "meft1@1024") and result["seq"] == 2048
     assert result["meft"]["meft1@1024"]["recompute_chunk_tokens"] == 1024
     # at the peak outside the (eager) stream arithmetic: the whole MLP's backward, with its relu
-    # output, the gradient of that and the gradient of fc1's output, each 32 MiB; in chunks of
-    # 1024 none of them is alive at the peak, which moves to the loss
+    # output, the gradient of that and the gradient of fc1's output, 2048 x 8192 each: 32 MiB in
+    # bf16 (torch 2.13's CPU matmul hands one of the gradients back at 64 MiB, as the code of
+    # before the half-steps measured too); in chunks of 1024 none of them is alive at the peak,
+    # which moves to the loss
     whole_peak, chunked_peak = (arm["census"]["outside_stream_arithmetic"] for arm in (whole, chunked))
-    wide = [g for g in whole_peak["groups"] if g["size"] == "32 MiB"]
-    assert sum(g["tensors"] for g in wide) == 3 and all("_opt_mlp" in g["where"] or "_backward" in g["where"] for g in wide)
-    assert not [g for g in chunked_peak["groups"] if g["size"] == "32 MiB"]
+    wide_sizes = ("32 MiB", "64 MiB")
+    wide = [g for g in whole_peak["groups"] if g["size"] in wide_sizes]
+    assert sum(g["tensors"] for g in wide) == 3 and all("opt_mlp" in g["where"] or "backward" in g["where"] for g in wide)
+    assert not [g for g in chunked_peak["groups"] if g["size"] in wide_sizes]
     assert chunked_peak["peak_gib"] < whole_peak["peak_gib"] <= whole["census"]["peak_gib"]
     assert chunked["host"]["python_calls"] > whole["host"]["python_calls"] > 0
