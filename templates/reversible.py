@@ -50,6 +50,7 @@ autograd Function's forward and backward, and the vanilla path).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -114,7 +115,11 @@ class HalfStep:
 
     def __init__(self, run: StackRun, block: Block, scale: float, *, updates: int, slot: int, name: str, params: list,
                  keeps_rebuilt_value: bool, input_read_below: bool):
-        self.run, self.block, self.scale = run, block, scale
+        # weakly: the run owns its half-steps, and a reference back would make a cycle that keeps
+        # every finished run (and its routed tensors: a mask, rotary tables) alive until the
+        # garbage collector next runs, in the middle of a later step
+        self.run = weakref.proxy(run)
+        self.block, self.scale = block, scale
         self.factor = run.arithmetic.factor(scale)  # m of scale = 1/m in exact mode, the scale itself in float mode
         self.updates = updates  # 0: x1 (the F half), 1: x2 (the G half)
         self.slot, self.name, self.params = slot, name, params

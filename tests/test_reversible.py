@@ -649,3 +649,32 @@ def test_a_block_in_one_chunk_is_recomputed_once_and_differentiated_by_one_call(
     assert befores == {"forward": 2 * chunks, "backward": 2 * befores_per_block}
     # two layers: F (attention) and G (a position-wise block, one call a chunk)
     assert len(calls) == 2 * (calls_per_half + chunks)
+
+
+@pytest.mark.parametrize("mode", ["reversible", "vanilla"])
+def test_a_finished_run_is_freed_without_the_garbage_collector(blocks, mode):
+    """A run owns its half-steps; were they to hold it back, every finished run (with the routed
+    tensors it keeps: an attention mask, rotary tables) would live on into later steps."""
+    runs = []
+    original = R.StackRun.__post_init__
+
+    def spy(run):
+        runs.append(weakref.ref(run))
+        original(run)
+
+    x = torch.randn(2, 5, D, requires_grad=True)
+    mask = torch.ones(64, 64)
+    gc.collect()
+    gc.disable()
+    try:
+        R.StackRun.__post_init__ = spy
+        y1, y2 = R.run_stack(x, couplings(blocks), A.CouplingSettings(0.1, 0.1, False), {"mask": mask}, mode=mode)
+        (y1.sum() + y2.sum()).backward()
+        del y1, y2
+        mask_ref = weakref.ref(mask)
+        del mask
+        assert runs and all(ref() is None for ref in runs)
+        assert mask_ref() is None
+    finally:
+        R.StackRun.__post_init__ = original
+        gc.enable()
