@@ -39,7 +39,8 @@ publish them and check them.
         version ships, and verify the model again
     meft-convert estimate MODEL --batch-size B --seq-len S [--json]
         estimate the training memory of MEFT, LoRA and checkpointing from
-        MODEL's config alone, before converting
+        MODEL's config alone, before converting (a quantized base:
+        --load-in-4bit or --load-in-8bit)
 
 The result loads anywhere with transformers and trust_remote_code=True:
 
@@ -376,7 +377,8 @@ weight matrix dequantised to it (transient); full fine-tuning is left out.
 @click.option("--seq-len", "-s", type=click.IntRange(min=1), required=True, help="Tokens per sequence.")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
-              help="Dtype of the weights and activations (default: the config's torch_dtype, else bf16).")
+              help="Dtype of the weights and activations (default: the config's torch_dtype, else bf16); with a "
+                   "quantized base, its compute dtype and that of what stays unquantized.")
 @click.option("--variant", "variants", type=click.Choice(list(VARIANTS)), multiple=True,
               help="MEFT variants to estimate (repeatable; default: all three).")
 @click.option("--lambda", "lambda_", type=ScaleType(), default=None,

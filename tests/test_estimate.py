@@ -177,6 +177,32 @@ def test_parameter_count_matches_transformers(name):
     assert result["parameters"] == pytest.approx(expected, rel=0.01)
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.json")))
+def test_quantized_weights_match_transformers(name):
+    """A quantized base quantizes the layers' linear projections: the estimate counts the
+    weights, output rows and largest matrix of the library's model's nn.Linear (GPT-2's Conv1D)
+    modules in its layers."""
+    import re
+
+    import torch
+    import transformers
+
+    from meft_convert.estimate import read_shape
+
+    values = json.loads((CONFIGS / f"{name}.json").read_text())
+    config = transformers.AutoConfig.for_model(values.pop("model_type"), **{k: v for k, v in values.items() if k != "_name_or_path"})
+    with torch.device("meta"):
+        model = transformers.AutoModel.from_config(config)
+    linear = (torch.nn.Linear, transformers.pytorch_utils.Conv1D)
+    in_layers = re.compile(r"(^|\.)(layers?|h)\.\d+\.")
+    quantized = [m for n, m in model.named_modules() if isinstance(m, linear) and in_layers.search(n)]
+    shape = read_shape(json.loads((CONFIGS / f"{name}.json").read_text()))
+    assert shape.linear_weights == sum(m.weight.numel() for m in quantized)
+    # LLM.int8 keeps a scale per output row; the 4-bit matmul dequantises one matrix at a time
+    assert shape.linear_rows == sum(m.nf if hasattr(m, "nf") else m.out_features for m in quantized)
+    assert shape.largest_linear == max(m.weight.numel() for m in quantized)
+
+
 def invoke(*args):
     return CliRunner().invoke(cli.main, [str(a) for a in args])
 
@@ -397,6 +423,8 @@ def test_cli_quantized_base():
     assert "\nfull " not in text and "frozen weights 5.61 GiB" in text
     assert "frozen base: LLM.int8 (8-bit)" in invoke(*args, "--load-in-8bit").output
     assert "frozen base" not in invoke(*args).output
+    help_text = " ".join(invoke("estimate", "--help").output.split())
+    assert "0.5625 byte per weight" in help_text and "dequantised" in help_text
 
 
 @pytest.mark.parametrize("flags,message", [
