@@ -3,8 +3,9 @@
 For a batch of T = batch × seq tokens, hidden size H, L layers, FFN width I and vocabulary V,
 `estimate_memory` gives, for each way to fine-tune (an *arm*):
 
-- static: what stays allocated between steps (weights in the model's dtype, the trainable
-  parameters and their AdamW states), as DESIGN §5 measures it (gradients set to None);
+- static: what stays allocated between steps (weights in the model's dtype, or the layers'
+  linear projections quantized as bitsandbytes stores them, the trainable parameters and their
+  AdamW states), as DESIGN §5 measures it (gradients set to None);
 - activation: peak − static during one step (forward, backward, optimizer step), the part that
   grows with the batch and the sequence;
 - host: host memory the arm keeps (offloaded checkpoints or remainders); host_pinned: what
