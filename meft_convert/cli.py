@@ -39,7 +39,8 @@ publish them and check them.
         version ships, and verify the model again
     meft-convert estimate MODEL --batch-size B --seq-len S [--json]
         estimate the training memory of MEFT, LoRA and checkpointing from
-        MODEL's config alone, before converting
+        MODEL's config alone, before converting (a quantized base:
+        --load-in-4bit or --load-in-8bit)
 
 The result loads anywhere with transformers and trust_remote_code=True:
 
@@ -359,6 +360,13 @@ calibrates them per model (--lambda auto, typically 2^-8 to 2^-12), and a conver
 config.json holds the calibrated values to pass with --lambda and --beta. The table gives
 each variant's remainder bits per element per layer. Allocator fragmentation,
 the CUDA context and workspaces beyond 64 MiB are not included.
+
+With --load-in-4bit or --load-in-8bit the frozen base is quantized as transformers' bitsandbytes
+integration loads it: the layers' attention and MLP projections take 0.5625 byte per weight in
+4 bits (0.5 plus a float32 scale per 64; double quantization about 0.516), 1 byte plus a float32
+per row in 8 bits; embeddings, the LM head, norms, biases and every trained adapter or head stay
+unquantized. Activations are those of --dtype, the compute dtype, plus one layer's largest
+weight matrix dequantised to it (transient); full fine-tuning is left out.
 """
 
 
@@ -369,7 +377,8 @@ the CUDA context and workspaces beyond 64 MiB are not included.
 @click.option("--seq-len", "-s", type=click.IntRange(min=1), required=True, help="Tokens per sequence.")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
-              help="Dtype of the weights and activations (default: the config's torch_dtype, else bf16).")
+              help="Dtype of the weights and activations (default: the config's torch_dtype, else bf16); with a "
+                   "quantized base, its compute dtype and that of what stays unquantized.")
 @click.option("--variant", "variants", type=click.Choice(list(VARIANTS)), multiple=True,
               help="MEFT variants to estimate (repeatable; default: all three).")
 @click.option("--lambda", "lambda_", type=ScaleType(), default=None,
@@ -382,18 +391,32 @@ the CUDA context and workspaces beyond 64 MiB are not included.
               help="Width of the stream integers (default: 32 for 16-bit models, 64 for fp32, as conversion picks).")
 @click.option("--recompute-chunk-tokens", type=click.IntRange(min=0), default=RECOMPUTE_CHUNK_TOKENS, show_default=True,
               help="Tokens per chunk of MEFT's position-wise recompute (0: the whole sequence).")
+@click.option("--load-in-4bit", is_flag=True,
+              help="A 4-bit frozen base (bitsandbytes NF4 or FP4, the same size), as BitsAndBytesConfig(load_in_4bit=True) "
+                   "loads it: the layers' linear projections quantized, the rest in --dtype.")
+@click.option("--bnb-4bit-use-double-quant/--no-bnb-4bit-use-double-quant", "double_quant", default=None,
+              help="With --load-in-4bit: its scales quantized too (default: off, as in transformers).")
+@click.option("--load-in-8bit", is_flag=True, help="An 8-bit frozen base (LLM.int8, BitsAndBytesConfig(load_in_8bit=True)).")
 @click.option("--revision", metavar="REV", default=None, help="Branch, tag or commit of a hub model.")
 @TOKEN
 @VERBOSE
 def estimate(model: str, batch_size: int, seq_len: int, as_json: bool, dtype, variants, lambda_, beta, stream_bits,
-             recompute_chunk_tokens: int, revision, token, verbose: bool) -> None:
-    def run():
-        from .estimate import estimate_memory, load_config
+             recompute_chunk_tokens: int, load_in_4bit: bool, double_quant: bool | None, load_in_8bit: bool, revision,
+             token, verbose: bool) -> None:
+    if load_in_4bit and load_in_8bit:
+        raise click.UsageError("--load-in-4bit and --load-in-8bit exclude each other: give one")
+    if double_quant and not load_in_4bit:
+        raise click.UsageError("--bnb-4bit-use-double-quant needs --load-in-4bit")
 
+    def run():
+        from .estimate import Quantization, estimate_memory, load_config
+
+        bits = 4 if load_in_4bit else 8 if load_in_8bit else None
         return estimate_memory(
             load_config(model, revision, token), batch_size, seq_len, dtype=dtype,
             variants=tuple(variants) or tuple(VARIANTS), lambda_=lambda_, beta=beta,
             stream_bits=int(stream_bits) if stream_bits else None, recompute_chunk_tokens=recompute_chunk_tokens,
+            quantization=Quantization(bits, bool(double_quant)) if bits else None,
         )
 
     result = _guarded(verbose, run, interrupted="Interrupted.")

@@ -3,8 +3,9 @@
 For a batch of T = batch × seq tokens, hidden size H, L layers, FFN width I and vocabulary V,
 `estimate_memory` gives, for each way to fine-tune (an *arm*):
 
-- static: what stays allocated between steps (weights in the model's dtype, the trainable
-  parameters and their AdamW states), as DESIGN §5 measures it (gradients set to None);
+- static: what stays allocated between steps (weights in the model's dtype, or the layers'
+  linear projections quantized as bitsandbytes stores them, the trainable parameters and their
+  AdamW states), as DESIGN §5 measures it (gradients set to None);
 - activation: peak − static during one step (forward, backward, optimizer step), the part that
   grows with the batch and the sequence;
 - host: host memory the arm keeps (offloaded checkpoints or remainders); host_pinned: what
@@ -128,6 +129,47 @@ OFFLOADED_REMAINDER_LAYERS_ON_GPU = 2
 # h200-opt-1.3b-llm-one-graph.json; MEFT1/MEFT2 float and the gated kind assumed alike).
 MEFT_FLOAT_EXTRA_TH = 12.5
 
+# --- a quantized frozen base (bitsandbytes through transformers' BitsAndBytesConfig) ------
+# Bytes per weight of a quantized linear layer. 4 bits (NF4 and FP4 alike): half a byte per
+# weight plus its absmax scales, one float32 per block of 64 weights (bitsandbytes'
+# quantize_4bit, blocksize 64): 0.5 + 4/64 = 0.5625. With double quantization
+# (bnb_4bit_use_double_quant, bitsandbytes' compress_statistics) the float32 scales are
+# themselves quantized to 8 bits in blocks of 256, each block with one float32 scale
+# (QLoRA, arXiv 2305.14314 §3: 32/64 = 0.5 bit per weight becomes 8/64 + 32/(64·256) ≈ 0.127
+# bit): 0.5 + 1/64 + 4/(64·256). The per-tensor constants (the 16-value NF4 code, the 256-value
+# second-level code, the offset) are a few KiB per matrix and left out.
+BYTES_PER_4BIT_WEIGHT = {False: 0.5 + 4 / 64, True: 0.5 + 1 / 64 + 4 / (64 * 256)}  # by double_quant
+# LLM.int8 (bitsandbytes' Linear8bitLt, frozen): one int8 per weight plus a float32 scale per
+# output row.
+BYTES_PER_8BIT_WEIGHT, BYTES_PER_8BIT_ROW = 1, 4
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How the frozen PLM's linear layers are stored: 4 bits (NF4 or FP4, with or without
+    double quantization) or 8 bits (LLM.int8). Everything else stays in the model's dtype."""
+
+    bits: int
+    double_quant: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise BadInputError(f"a quantized base has 4 or 8 bits, got {self.bits}")
+        if self.double_quant and self.bits != 4:
+            raise BadInputError("double quantization is a 4-bit setting (bnb_4bit_use_double_quant)")
+
+    def linear_bytes(self, weights: int, rows: int) -> float:
+        """Bytes of `weights` quantized weights in matrices of `rows` output rows in all."""
+        if self.bits == 4:
+            return weights * BYTES_PER_4BIT_WEIGHT[self.double_quant]
+        return weights * BYTES_PER_8BIT_WEIGHT + rows * BYTES_PER_8BIT_ROW
+
+    def describe(self) -> str:
+        if self.bits == 8:
+            return "LLM.int8 (8-bit)"
+        return f"NF4/FP4 (4-bit), double quant {'on' if self.double_quant else 'off'}"
+
+
 ARM_LABELS = {
     "full": "full fine-tuning",
     "lora": "LoRA (r=8, q and v)",
@@ -161,6 +203,11 @@ class Shape:
     tied: bool
     lora_params: int
     dtype: str | None
+    # the layers' linear projections (attention and MLP), what a quantized base quantizes:
+    # their weights, their output rows in all, and the largest one matrix of a layer has
+    linear_weights: int = 0
+    linear_rows: int = 0
+    largest_linear: int = 0
 
 
 def _get(config: dict, *keys, default=None):
@@ -190,12 +237,18 @@ def read_shape(config: dict, layers: int | None = None) -> Shape:
     positions = _get(config, "max_position_embeddings", "n_positions", default=0)
     q_out, kv_out = heads * hd, kv * hd
     attn_bias = model_type in ("opt", "gpt2", "bert", "roberta", "bart")
+    extra_weights = extra_rows = 0  # linear weights beside the n layers' own (BART's cross-attention)
     if gated:
         bias = model_type == "qwen2" or bool(config.get("attention_bias"))
-        per_layer = h * (q_out + 2 * kv_out) + q_out * h + (q_out + 2 * kv_out if bias else 0) + 3 * h * i + 2 * h
+        # q, k, v, o and gate, up, down
+        linear_weights, linear_rows = h * (q_out + 2 * kv_out) + q_out * h + 3 * h * i, q_out + 2 * kv_out + h + 2 * i + h
+        largest = max(h * i, h * q_out)
+        per_layer = linear_weights + (q_out + 2 * kv_out if bias else 0) + 2 * h
         params = v * h + n * per_layer + h
         tied = bool(config.get("tie_word_embeddings", False))
     else:
+        # q, k, v, out (GPT-2's fused c_attn the same) and the MLP's two
+        linear_weights, linear_rows, largest = 4 * h * h + 2 * h * i, 4 * h + i + h, max(h * i, h * h)
         attention = 4 * h * h + (4 * h if attn_bias else 0)
         mlp = 2 * h * i + i + h
         per_layer = attention + mlp + 4 * h
@@ -206,6 +259,7 @@ def read_shape(config: dict, layers: int | None = None) -> Shape:
         elif model_type == "bart":
             decoder = config.get("decoder_layers", n // 2) if layers is None else n // 2
             params += decoder * (attention + 2 * h) + v * h + 2 * (positions + 2) * h + 4 * h + v
+            extra_weights, extra_rows = decoder * 4 * h * h, decoder * 4 * h
         elif model_type in ("bert", "roberta"):
             params += v * h + positions * h + config.get("type_vocab_size", 2) * h + 2 * h + h * h + h
         else:
@@ -222,7 +276,9 @@ def read_shape(config: dict, layers: int | None = None) -> Shape:
     labels = _get(config, "num_labels", default=len(config.get("id2label") or {}) or 2)
     head = v * h if causal else h * labels + labels
     return Shape(model_type, h, n, i, v, heads, kv, hd, gated, causal, params, head, tied and causal, n * lora_per_layer,
-                 {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(str(dtype)))
+                 {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(str(dtype)),
+                 linear_weights=n * linear_weights + extra_weights, linear_rows=n * linear_rows + extra_rows,
+                 largest_linear=largest)
 
 
 # --- the engine's accounting ------------------------------------------------------------
@@ -253,6 +309,23 @@ class Step:
     stream_bits: int
     chunk_tokens: int  # recompute_chunk_tokens (0: the whole sequence)
     loss_chunk: int = LOSS_CHUNK_SIZE
+    quantization: Quantization | None = None  # a quantized frozen base; None: all in the model's dtype
+
+    def frozen_weight_bytes(self) -> float:
+        """The PLM's weights, as every arm holds them. Quantized, only the layers' linear
+        projections are: embeddings, the LM head (transformers leaves it out), norms and biases
+        stay in the model's dtype."""
+        if self.quantization is None:
+            return self.s.params * self.dtype_bytes
+        rest = self.s.params - self.s.linear_weights
+        return rest * self.dtype_bytes + self.quantization.linear_bytes(self.s.linear_weights, self.s.linear_rows)
+
+    def dequantized_weight(self) -> float:
+        """A quantized layer computes in the model's dtype through its weight dequantised (an
+        assumption: bitsandbytes' path above 1536 rows dequantizes the matrix and calls
+        cuBLAS, and LLM.int8's backward dequantizes it too): one layer's largest matrix,
+        transient, on top of any arm's peak."""
+        return self.s.largest_linear * self.dtype_bytes if self.quantization else 0.0
 
     @property
     def th(self) -> float:  # one T × H tensor in the model's dtype
@@ -285,10 +358,9 @@ class Step:
 
 
 def _static(step: Step, trainable: int, trainable_bytes: int, copies_of_weights: int = 0) -> float:
-    """Weights in the model's dtype, the trainable parameters (their own copy where they are
-    float32 adapters) and two AdamW states each, plus the runtime's workspaces."""
-    weights = step.s.params * step.dtype_bytes
-    return weights + copies_of_weights + trainable * trainable_bytes * 3 + RUNTIME_OVERHEAD_BYTES
+    """The frozen weights (in the model's dtype, or quantized), the trainable parameters (their
+    own copy where they are float32 adapters) and two AdamW states each, plus the runtime's workspaces."""
+    return step.frozen_weight_bytes() + copies_of_weights + trainable * trainable_bytes * 3 + RUNTIME_OVERHEAD_BYTES
 
 
 def arm_full(step: Step) -> dict:
@@ -428,6 +500,7 @@ def estimate_memory(
     loss_chunk_size: int = LOSS_CHUNK_SIZE,
     layers: int | None = None,
     variant_scales: dict | None = None,
+    quantization: Quantization | None = None,
 ) -> dict:
     """Estimated memory of one training step at `batch_size` × `seq_len`, for each arm.
 
@@ -437,7 +510,9 @@ def estimate_memory(
     remainder_bits_per_element_per_layer (0 in float mode). lambda_/beta override every
     variant's scales (default ASSUMED_SCALES: 2^-8 on MEFT1/MEFT2's scaled stream, 2^-10 on
     MEFT3's; a converted model's config.json holds its calibrated ones), or per variant through
-    variant_scales {variant: (λ, β)}; `layers` overrides the config's depth; stream_bits defaults to 32 for 16-bit models, 64 for fp32."""
+    variant_scales {variant: (λ, β)}; `layers` overrides the config's depth; stream_bits defaults to 32 for 16-bit models, 64 for fp32.
+    `quantization` stores the PLM's linear layers in 4 or 8 bits (a QLoRA-style base, computing
+    in `dtype`): full fine-tuning, which trains those weights, is then left out."""
     if not (isinstance(batch_size, int) and batch_size > 0 and isinstance(seq_len, int) and seq_len > 0):
         raise BadInputError(f"batch size and sequence length must be positive integers, got {batch_size} and {seq_len}")
     s = read_shape(config, layers)
@@ -448,9 +523,9 @@ def estimate_memory(
         if v not in VARIANTS:
             raise BadInputError(f"variant must be one of {', '.join(VARIANTS)}, got {v!r}")
     bits = stream_bits or (64 if dtype == "fp32" else 32)
-    step = Step(s, batch_size * seq_len, DTYPE_BYTES[dtype], bits, recompute_chunk_tokens, loss_chunk_size)
-    arms = {
-        "full": arm_full(step),
+    step = Step(s, batch_size * seq_len, DTYPE_BYTES[dtype], bits, recompute_chunk_tokens, loss_chunk_size, quantization)
+    arms = {} if quantization else {"full": arm_full(step)}  # quantized weights cannot train
+    arms |= {
         "lora": arm_lora(step),
         "lora+gc": arm_lora_gc(step),
         "lora+gc+chunked-loss": arm_lora_gc_chunked(step),
@@ -476,11 +551,12 @@ def estimate_memory(
     out = {}
     for name, arm in arms.items():
         variant = name.split("+")[0].split("-")[0]
+        activation = arm["activation"] + step.dequantized_weight()
         out[name] = dict(
             label=ARM_LABELS.get(name) or _meft_label(name, *scales.get(variant, (1, 1))),
             static_gib=arm["static"] / GIB,
-            activation_gib=arm["activation"] / GIB,
-            peak_gib=(arm["static"] + arm["activation"]) / GIB,
+            activation_gib=activation / GIB,
+            peak_gib=(arm["static"] + activation) / GIB,
             host_gib=arm["host"] / GIB,
             host_pinned_gib=arm.get("pinned", 0) / GIB,
             gradients_gib=_gradient_bytes(step, name) / GIB,
@@ -491,11 +567,13 @@ def estimate_memory(
     return dict(
         model_type=s.model_type, batch_size=batch_size, seq_len=seq_len, tokens=step.tokens, dtype=dtype,
         hidden_size=s.hidden, layers=s.layers, intermediate_size=s.ffn, vocab_size=s.vocab, parameters=s.params,
+        quantization=dict(bits=quantization.bits, double_quant=quantization.double_quant) if quantization else None,
+        quantized_parameters=s.linear_weights if quantization else 0, frozen_weights_gib=step.frozen_weight_bytes() / GIB,
         settings=dict(stream_bits=bits, recompute_chunk_tokens=recompute_chunk_tokens, loss_chunk_size=loss_chunk_size,
                       lora_rank=LORA_RANK, adapter_dim=ADAPTER_DIM,
                       scales={v: dict(lambda_=lam, beta=bet, remainder_bits_per_element_per_layer=meft_remainder_bits(lam, bet))
                               for v, (lam, bet) in scales.items()}),
-        frozen_layer_gib=frozen_layer(step) / GIB,
+        frozen_layer_gib=(frozen_layer(step) + step.dequantized_weight()) / GIB,
         arms=out,
     )
 
@@ -526,8 +604,9 @@ def memory_line(config: dict, batch_size: int, seq_len: int, variant: str, *, ex
     return (
         f"Estimated activation memory of one training step at batch {batch_size} × {seq_len} tokens "
         f"({result['dtype']}): {mine}; LoRA + gradient checkpointing {arms[gc]['activation_gib']:.2f} GiB, "
-        f"with the checkpoints offloaded to host memory {arms[offloaded]['activation_gib']:.2f} GiB; "
-        f"full fine-tuning {arms['full']['activation_gib']:.2f} GiB. Weights and optimizer states: "
+        f"with the checkpoints offloaded to host memory {arms[offloaded]['activation_gib']:.2f} GiB"
+        + (f"; full fine-tuning {arms['full']['activation_gib']:.2f} GiB" if "full" in arms else "")
+        + ". Weights and optimizer states: "
         f"{arms[name]['static_gib']:.2f} GiB. Estimated from the config (`meft-convert estimate`), not measured."
     )
 
@@ -579,6 +658,11 @@ def format_table(result: dict) -> str:
             f"batch {result['batch_size']} × seq {result['seq_len']} = {result['tokens']} tokens, {result['dtype']}, "
             f"int{result['settings']['stream_bits']} streams, MLP recomputed {result['settings']['recompute_chunk_tokens']} "
             f"tokens at a time, loss in {result['settings']['loss_chunk_size']}-token chunks (MEFT)\n")
+    if result["quantization"]:
+        head += (f"frozen base: {Quantization(**result['quantization']).describe()} for the layers' linear projections "
+                 f"({result['quantized_parameters'] / 1e9:.2f}B weights); frozen weights {_gib(result['frozen_weights_gib'])} GiB\n"
+                 f"  embeddings, LM head, norms, biases, adapters and trained heads unquantized; "
+                 f"full fine-tuning left out (quantized weights do not train)\n")
     rows = [("arm", "static", "activation", "peak", "host", "")]
     for name, arm in result["arms"].items():
         rows.append((name, _gib(arm["static_gib"]), _gib(arm["activation_gib"]), _gib(arm["peak_gib"]),

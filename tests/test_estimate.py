@@ -177,6 +177,32 @@ def test_parameter_count_matches_transformers(name):
     assert result["parameters"] == pytest.approx(expected, rel=0.01)
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.json")))
+def test_quantized_weights_match_transformers(name):
+    """A quantized base quantizes the layers' linear projections: the estimate counts the
+    weights, output rows and largest matrix of the library's model's nn.Linear (GPT-2's Conv1D)
+    modules in its layers."""
+    import re
+
+    import torch
+    import transformers
+
+    from meft_convert.estimate import read_shape
+
+    values = json.loads((CONFIGS / f"{name}.json").read_text())
+    config = transformers.AutoConfig.for_model(values.pop("model_type"), **{k: v for k, v in values.items() if k != "_name_or_path"})
+    with torch.device("meta"):
+        model = transformers.AutoModel.from_config(config)
+    linear = (torch.nn.Linear, transformers.pytorch_utils.Conv1D)
+    in_layers = re.compile(r"(^|\.)(layers?|h)\.\d+\.")
+    quantized = [m for n, m in model.named_modules() if isinstance(m, linear) and in_layers.search(n)]
+    shape = read_shape(json.loads((CONFIGS / f"{name}.json").read_text()))
+    assert shape.linear_weights == sum(m.weight.numel() for m in quantized)
+    # LLM.int8 keeps a scale per output row; the 4-bit matmul dequantises one matrix at a time
+    assert shape.linear_rows == sum(m.nf if hasattr(m, "nf") else m.out_features for m in quantized)
+    assert shape.largest_linear == max(m.weight.numel() for m in quantized)
+
+
 def invoke(*args):
     return CliRunner().invoke(cli.main, [str(a) for a in args])
 
@@ -335,3 +361,76 @@ def test_pinned_host_memory_as_measured():
         if row["method"] in ("meft1+offload", "meft3+offload") and row.get("pinned_host_peak_gib"):
             pinned = _estimate(row)["arms"][row["method"]]["host_pinned_gib"]
             assert pinned == pytest.approx(row["pinned_host_peak_gib"], rel=0.01), row["method"]
+
+
+def _llama(**quantized) -> dict:
+    from meft_convert.estimate import Quantization
+
+    config = json.loads((CONFIGS / "llama-3-8b.json").read_text())
+    return estimate_memory(config, 1, 8192, quantization=Quantization(**quantized) if quantized else None)
+
+
+def test_quantized_base_static_memory_by_hand():
+    """DESIGN §7: Llama-3-8B's frozen base in NF4 takes about 5.5 GiB. By hand: 32 layers of
+    q, k, v, o (4096 → 4096, 1024, 1024; 4096 → 4096) and gate, up, down (4096 ↔ 14336), each
+    weight 0.5 byte plus a float32 scale per 64; embeddings and the untied LM head in bf16."""
+    h, i, kv, vocab, layers = 4096, 14336, 1024, 128256, 32
+    quantized = layers * (h * h + 2 * h * kv + h * h + 3 * h * i)
+    assert quantized == 6_979_321_856
+    by_hand = quantized * (0.5 + 4 / 64) + 2 * vocab * h * 2
+    nf4 = _llama(bits=4)
+    assert nf4["quantization"] == {"bits": 4, "double_quant": False}
+    assert nf4["quantized_parameters"] == quantized
+    assert nf4["frozen_weights_gib"] * 2**30 == pytest.approx(by_hand, rel=0.01)
+    assert nf4["frozen_weights_gib"] == pytest.approx(5.61, abs=0.01)
+    adapters = 63 * (2 * 8 * h + 8 + h)  # MEFT1: 2 per layer, the top one frozen; float32 with two AdamW states
+    meft1 = nf4["arms"]["meft1"]
+    assert meft1["static_gib"] * 2**30 == pytest.approx(by_hand + adapters * 12 + 64 * 2**20, rel=0.01)
+    assert 5.5 < meft1["static_gib"] < 5.8
+    for variant in ("meft1", "meft2", "meft3"):  # every MEFT arm holds the same frozen weights
+        for arm in (variant, variant + "+offload", variant + "-float"):
+            assert nf4["arms"][arm]["static_gib"] == pytest.approx(meft1["static_gib"], abs=0.01)
+
+
+def test_quantized_bases_order():
+    """Double quantization (8-bit scales per 64, a float32 per 256 blocks) is smaller than
+    plain NF4, which is smaller than LLM.int8 (1 byte and a float32 per row), smaller than bf16."""
+    bf16, nf4, nf4_double, int8 = _llama(), _llama(bits=4), _llama(bits=4, double_quant=True), _llama(bits=8)
+    frozen = [r["frozen_weights_gib"] for r in (nf4_double, nf4, int8, bf16)]
+    assert frozen == sorted(frozen)
+    assert frozen == pytest.approx([5.31, 5.61, 8.46, 14.96], abs=0.01)
+    saved = (nf4["frozen_weights_gib"] - nf4_double["frozen_weights_gib"]) * 2**30 * 8 / nf4["quantized_parameters"]
+    assert saved == pytest.approx(32 / 64 - 8 / 64 - 32 / (64 * 256))  # bits per weight, QLoRA's 0.373
+    for quantized in (nf4, nf4_double, int8):
+        assert "full" not in quantized["arms"] and quantized["arms"]["lora+gc"]["static_gib"] < bf16["arms"]["lora+gc"]["static_gib"]
+        # the activations of bf16 compute, plus one 4096 × 14336 matrix dequantised to bf16 (112 MiB)
+        for name, arm in quantized["arms"].items():
+            extra = arm["activation_gib"] - bf16["arms"][name]["activation_gib"]
+            assert extra * 2**30 == pytest.approx(4096 * 14336 * 2), name
+    assert bf16["quantization"] is None and "full" in bf16["arms"]
+
+
+def test_cli_quantized_base():
+    args = ("estimate", CONFIGS / "llama-3-8b.json", "-b", 1, "-s", 8192)
+    data = json.loads(invoke(*args, "--load-in-4bit", "--bnb-4bit-use-double-quant", "--json").output)
+    assert data["quantization"] == {"bits": 4, "double_quant": True}
+    assert set(data["arms"]) == set(ARMS) - {"full"}
+    assert data == json.loads(json.dumps(_llama(bits=4, double_quant=True)))
+    assert json.loads(invoke(*args, "--load-in-8bit", "--json").output)["quantization"] == {"bits": 8, "double_quant": False}
+    assert json.loads(invoke(*args, "--load-in-4bit", "--json").output)["quantization"] == {"bits": 4, "double_quant": False}
+    text = invoke(*args, "--load-in-4bit").output
+    assert "frozen base: NF4/FP4 (4-bit), double quant off" in text and "full fine-tuning left out" in text
+    assert "\nfull " not in text and "frozen weights 5.61 GiB" in text
+    assert "frozen base: LLM.int8 (8-bit)" in invoke(*args, "--load-in-8bit").output
+    assert "frozen base" not in invoke(*args).output
+    help_text = " ".join(invoke("estimate", "--help").output.split())
+    assert "0.5625 byte per weight" in help_text and "dequantised" in help_text
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--load-in-4bit", "--load-in-8bit"], "--load-in-4bit and --load-in-8bit exclude each other"),
+    (["--load-in-8bit", "--bnb-4bit-use-double-quant"], "--bnb-4bit-use-double-quant needs --load-in-4bit"),
+])
+def test_cli_quantization_usage_errors(flags, message):
+    result = invoke("estimate", CONFIGS / "llama-3-8b.json", "-b", 1, "-s", 8, *flags)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
