@@ -17,7 +17,7 @@ import pytest
 # the modules template code may import (relative imports of its siblings aside)
 ALLOWED_IMPORTS = {
     "__future__", "abc", "collections", "contextlib", "dataclasses", "enum", "functools", "inspect", "itertools",
-    "math", "numbers", "operator", "os", "re", "types", "typing", "warnings", "torch", "transformers",
+    "math", "numbers", "operator", "os", "re", "types", "typing", "warnings", "weakref", "torch", "transformers",
     # the adapters' initialisation (templates/adapters.py); transformers depends on it
     "numpy",
 }
