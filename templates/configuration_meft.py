@@ -1,7 +1,7 @@
 """Configuration of a MEFT checkpoint: the PLM's own config plus the MEFT settings.
 
-Each family gets one config class, `Meft<PLMConfig>` (e.g. MeftBertConfig), that is the
-PLM's transformers config class with MeftConfig mixed in. Its model_type is
+Each family has one config class, `Meft<PLMConfig>` (e.g. MeftBertConfig), declared at the end
+of this file: the PLM's transformers config class with MeftConfig mixed in. Its model_type is
 "meft_<plm type>", so a converted checkpoint is never mistaken for the original, and all
 of the PLM's fields, defaults and aliases keep working for the PLM's own modules.
 """
@@ -71,7 +71,16 @@ class MeftConfig:
             8k-32k tokens; benchmarks/README.md); off for shorter ones, whose steps wait on the host.
     """
 
-    _plm_config_class: type = None  # set on each family's class
+    _plm_config_class: type = None  # the PLM's config class, which each family's class extends
+
+    def __init_subclass__(cls, **kwargs):
+        # transformers makes each config class a dataclass and keeps an __init__ only if the class
+        # defines one itself: so every family's class gets this one, and its PLM config class
+        cls.__init__ = MeftConfig.__init__
+        cls._plm_config_class = cls.__bases__[-1]
+        if cls.__doc__ is None:
+            cls.__doc__ = f"{cls._plm_config_class.__name__} with MEFT settings.\n\n{MeftConfig.__doc__}"
+        super().__init_subclass__(**kwargs)
 
     def __init__(self, **kwargs):
         # the MEFT settings (defaults and checks: validate_meft_settings); the rest is the PLM's
@@ -97,34 +106,44 @@ class MeftConfig:
         return output
 
 
-_CONFIG_CLASSES: dict[str, type] = {}
+# One class per family, named as families.config_class_name names it (auto_map's "AutoConfig").
+class MeftBertConfig(MeftConfig, transformers.BertConfig):
+    model_type = "meft_bert"
 
 
-def config_class_for(family: Family) -> type:
-    name = config_class_name(family)
-    if name not in _CONFIG_CLASSES:
-        plm_config_class = getattr(transformers, family.config_class)
-        _CONFIG_CLASSES[name] = type(
-            name,
-            (MeftConfig, plm_config_class),
-            {
-                # defined on the class itself so that transformers' dataclass machinery keeps it
-                "__init__": MeftConfig.__init__,
-                "model_type": "meft_" + family.model_type,
-                "_plm_config_class": plm_config_class,
-                "__module__": __name__,
-                "__doc__": f"{plm_config_class.__name__} with MEFT settings.\n\n{MeftConfig.__doc__}",
-            },
-        )
-    return _CONFIG_CLASSES[name]
+class MeftRobertaConfig(MeftConfig, transformers.RobertaConfig):
+    model_type = "meft_roberta"
 
 
-def __getattr__(name: str):
-    # `configuration_meft.MeftBertConfig` in auto_map resolves here
-    for family in FAMILIES.values():
-        if config_class_name(family) == name:
-            return config_class_for(family)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+class MeftBartConfig(MeftConfig, transformers.BartConfig):
+    model_type = "meft_bart"
 
 
-__all__ = ["MeftConfig", "auto_map_for", "config_class_for", "family_for", "validate_meft_settings"]
+class MeftOPTConfig(MeftConfig, transformers.OPTConfig):
+    model_type = "meft_opt"
+
+
+class MeftLlamaConfig(MeftConfig, transformers.LlamaConfig):
+    model_type = "meft_llama"
+
+
+class MeftMistralConfig(MeftConfig, transformers.MistralConfig):
+    model_type = "meft_mistral"
+
+
+class MeftQwen2Config(MeftConfig, transformers.Qwen2Config):
+    model_type = "meft_qwen2"
+
+
+class MeftGPT2Config(MeftConfig, transformers.GPT2Config):
+    model_type = "meft_gpt2"
+
+
+def config_class_for(family: Family) -> type[MeftConfig]:
+    """The MEFT config class of `family`."""
+    return globals()[config_class_name(family)]
+
+
+__all__ = ["MeftConfig", "auto_map_for", "config_class_for", "family_for", "validate_meft_settings"] + [
+    config_class_name(family) for family in FAMILIES.values()
+]

@@ -36,8 +36,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .adapters import MeftAdapter, adapter_linear_names, init_adapter_projection, is_adapter_projection
-from .configuration_meft import config_class_for
-from .families import FAMILIES, Family, Stack, family_for
+from .configuration_meft import (
+    MeftBartConfig,
+    MeftBertConfig,
+    MeftGPT2Config,
+    MeftLlamaConfig,
+    MeftMistralConfig,
+    MeftOPTConfig,
+    MeftQwen2Config,
+    MeftRobertaConfig,
+)
+from .families import Family, Stack, family_for
 from .losses import ChunkedLossMixin
 from .arithmetic import CouplingSettings
 from .blocks import Block, CausalCore
@@ -520,10 +529,28 @@ ADAPTERS_CONFIG_NAME = "meft_adapters.json"
 
 
 class MeftModelMixin:
-    """What every Meft<LibraryClass> adds to its library class."""
+    """What every Meft<LibraryClass> adds to its library class, the last of its bases."""
 
-    _meft_trainable_modules: tuple[str, ...] = ()
+    _meft_trainable_modules: tuple[str, ...] = ()  # the task head MEFT trains (families.py: heads)
     _meft_family: str = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if MeftModelMixin not in cls.__bases__:
+            return  # a subclass of a declared class (FSDP's, a user's) inherits what it needs
+        library_class = cls.__bases__[-1]
+        family = family_for(cls.config_class.model_type.removeprefix("meft_"))
+        auto_class = family.auto_class_of(library_class.__name__)
+        if auto_class is None or cls.__name__ != "Meft" + library_class.__name__:
+            raise TypeError(f"{cls.__name__}: {library_class.__name__} is no head of {family.model_type} models (families.py)")
+        if (auto_class == "AutoModelForCausalLM") != issubclass(cls, ChunkedLossMixin):
+            raise TypeError(f"{cls.__name__}: causal LMs, and only they, compute their loss in chunks (ChunkedLossMixin)")
+        head = family.heads[auto_class]
+        cls._meft_family = family.model_type
+        cls._meft_trainable_modules = head.trainable
+        cls._keep_in_fp32_modules = unquantized_modules(library_class, head.trainable)
+        if cls.__doc__ is None:
+            cls.__doc__ = f"{library_class.__name__} with exact-reversible MEFT layers.\n\n{__doc__}"
 
     def __init__(self, config, *args, **kwargs):
         # some heads (LLaMA's classifier, for one) build their backbone with AutoModel.from_config:
@@ -727,32 +754,6 @@ class MeftModelMixin:
             self.config.label2id = {v: k for k, v in self.config.id2label.items()}
 
 
-_MODEL_CLASSES: dict[str, type] = {}
-
-
-def model_class_for(family: Family, auto_class: str) -> type:
-    head = family.head_for(auto_class)
-    name = "Meft" + head.library_class
-    if name not in _MODEL_CLASSES:
-        config_class = config_class_for(family)
-        library_class = getattr(transformers, head.library_class)
-        _MODEL_CLASSES[name] = type(
-            name,
-            # causal LMs compute their training loss in chunks (losses.py)
-            (MeftModelMixin, ChunkedLossMixin, library_class) if auto_class == "AutoModelForCausalLM"
-            else (MeftModelMixin, library_class),
-            {
-                "config_class": config_class,
-                "_meft_trainable_modules": head.trainable,
-                "_keep_in_fp32_modules": unquantized_modules(library_class, head.trainable),
-                "_meft_family": family.model_type,
-                "__module__": __name__,
-                "__doc__": f"{head.library_class} with exact-reversible MEFT layers.\n\n{__doc__}",
-            },
-        )
-    return _MODEL_CLASSES[name]
-
-
 def unquantized_modules(library_class: type, trainable_modules: tuple[str, ...]) -> set[str]:
     """The modules a quantizer must leave as they are: every adapter's linear layers and the task
     head MEFT trains, as peft keeps its adapters (a quantized adapter holds integers and cannot
@@ -765,11 +766,118 @@ def unquantized_modules(library_class: type, trainable_modules: tuple[str, ...])
     return set(library_class._keep_in_fp32_modules or ()) | adapters | set(trainable_modules)
 
 
-def __getattr__(name: str):
-    # `modeling_meft.MeftBertModel` in auto_map resolves here; classes are built on first use
-    # so that loading one family never imports the others
-    for family in FAMILIES.values():
-        auto_class = family.auto_class_of(name.removeprefix("Meft")) if name.startswith("Meft") else None
-        if auto_class is not None:
-            return model_class_for(family, auto_class)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# ------------------------------------------------------------------------- the model classes
+# One class per head of each family (families.py: heads), named "Meft" + the library class: the
+# names auto_map gives. Causal LMs compute their training loss in chunks (ChunkedLossMixin).
+
+class MeftBertModel(MeftModelMixin, transformers.BertModel):
+    config_class = MeftBertConfig
+
+
+class MeftBertForSequenceClassification(MeftModelMixin, transformers.BertForSequenceClassification):
+    config_class = MeftBertConfig
+
+
+class MeftBertForQuestionAnswering(MeftModelMixin, transformers.BertForQuestionAnswering):
+    config_class = MeftBertConfig
+
+
+class MeftBertForMaskedLM(MeftModelMixin, transformers.BertForMaskedLM):
+    config_class = MeftBertConfig
+
+
+class MeftRobertaModel(MeftModelMixin, transformers.RobertaModel):
+    config_class = MeftRobertaConfig
+
+
+class MeftRobertaForSequenceClassification(MeftModelMixin, transformers.RobertaForSequenceClassification):
+    config_class = MeftRobertaConfig
+
+
+class MeftRobertaForQuestionAnswering(MeftModelMixin, transformers.RobertaForQuestionAnswering):
+    config_class = MeftRobertaConfig
+
+
+class MeftRobertaForMaskedLM(MeftModelMixin, transformers.RobertaForMaskedLM):
+    config_class = MeftRobertaConfig
+
+
+class MeftBartModel(MeftModelMixin, transformers.BartModel):
+    config_class = MeftBartConfig
+
+
+class MeftBartForConditionalGeneration(MeftModelMixin, transformers.BartForConditionalGeneration):
+    config_class = MeftBartConfig
+
+
+class MeftBartForSequenceClassification(MeftModelMixin, transformers.BartForSequenceClassification):
+    config_class = MeftBartConfig
+
+
+class MeftBartForQuestionAnswering(MeftModelMixin, transformers.BartForQuestionAnswering):
+    config_class = MeftBartConfig
+
+
+class MeftOPTModel(MeftModelMixin, transformers.OPTModel):
+    config_class = MeftOPTConfig
+
+
+class MeftOPTForCausalLM(MeftModelMixin, ChunkedLossMixin, transformers.OPTForCausalLM):
+    config_class = MeftOPTConfig
+
+
+class MeftOPTForSequenceClassification(MeftModelMixin, transformers.OPTForSequenceClassification):
+    config_class = MeftOPTConfig
+
+
+class MeftLlamaModel(MeftModelMixin, transformers.LlamaModel):
+    config_class = MeftLlamaConfig
+
+
+class MeftLlamaForCausalLM(MeftModelMixin, ChunkedLossMixin, transformers.LlamaForCausalLM):
+    config_class = MeftLlamaConfig
+
+
+class MeftLlamaForSequenceClassification(MeftModelMixin, transformers.LlamaForSequenceClassification):
+    config_class = MeftLlamaConfig
+
+
+class MeftMistralModel(MeftModelMixin, transformers.MistralModel):
+    config_class = MeftMistralConfig
+
+
+class MeftMistralForCausalLM(MeftModelMixin, ChunkedLossMixin, transformers.MistralForCausalLM):
+    config_class = MeftMistralConfig
+
+
+class MeftMistralForSequenceClassification(MeftModelMixin, transformers.MistralForSequenceClassification):
+    config_class = MeftMistralConfig
+
+
+class MeftQwen2Model(MeftModelMixin, transformers.Qwen2Model):
+    config_class = MeftQwen2Config
+
+
+class MeftQwen2ForCausalLM(MeftModelMixin, ChunkedLossMixin, transformers.Qwen2ForCausalLM):
+    config_class = MeftQwen2Config
+
+
+class MeftQwen2ForSequenceClassification(MeftModelMixin, transformers.Qwen2ForSequenceClassification):
+    config_class = MeftQwen2Config
+
+
+class MeftGPT2Model(MeftModelMixin, transformers.GPT2Model):
+    config_class = MeftGPT2Config
+
+
+class MeftGPT2LMHeadModel(MeftModelMixin, ChunkedLossMixin, transformers.GPT2LMHeadModel):
+    config_class = MeftGPT2Config
+
+
+class MeftGPT2ForSequenceClassification(MeftModelMixin, transformers.GPT2ForSequenceClassification):
+    config_class = MeftGPT2Config
+
+
+def model_class_for(family: Family, auto_class: str) -> type[MeftModelMixin]:
+    """The MEFT model class of `family`'s head `auto_class` ("AutoModelForCausalLM")."""
+    return globals()["Meft" + family.head_for(auto_class).library_class]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import transformers
@@ -85,3 +86,34 @@ def test_auto_map_names_the_classes_the_checkpoint_code_defines():
     for target in auto_map.values():
         module, name = target.split(".")
         assert getattr({"configuration_meft": configuration_meft, "modeling_meft": modeling_meft}[module], name).__name__ == name
+
+
+def test_every_auto_map_entry_is_a_class_statement_in_the_shipped_source():
+    from importlib import resources
+
+    from meft_convert.templates.families import FAMILIES
+
+    shipped = resources.files("meft_convert.templates")
+    for family in FAMILIES.values():
+        for target in auto_map_for(family, list(family.heads)).values():
+            module, name = target.split(".")
+            source = shipped.joinpath(module + ".py").read_text()
+            assert re.search(rf"^class {name}\(", source, re.MULTILINE), target
+
+
+def test_a_declared_model_class_must_be_a_head_of_its_family_with_the_right_loss():
+    import transformers
+
+    from meft_convert.templates import modeling_meft
+
+    with pytest.raises(TypeError, match="BertModel is no head of llama models"):
+        type("MeftBertModel", (modeling_meft.MeftModelMixin, transformers.BertModel),
+             {"config_class": modeling_meft.MeftLlamaConfig})
+    with pytest.raises(TypeError, match="causal LMs, and only they"):
+        type("MeftLlamaForCausalLM", (modeling_meft.MeftModelMixin, transformers.LlamaForCausalLM),
+             {"config_class": modeling_meft.MeftLlamaConfig})
+    assert modeling_meft.MeftLlamaForCausalLM._meft_family == "llama"
+    assert modeling_meft.MeftOPTForSequenceClassification._meft_trainable_modules == ("score",)
+    # subclasses of a declared class (FSDP builds one per sharded module) inherit its description
+    subclass = type("Sharded", (modeling_meft.MeftOPTForCausalLM,), {})
+    assert subclass._meft_trainable_modules == () and subclass._meft_family == "opt"
