@@ -13,18 +13,17 @@ from dataclasses import dataclass, field, fields
 
 from .errors import BadInputError
 from .templates.meft_table import (
-    ADAPTER_DIM,
-    ADAPTER_INIT_STD,
     ADAPTER_INITS,
-    DEFAULT_VARIANT,
+    FRAC_BITS,
     OUTPUT_STREAMS,
     VARIANTS,
+    ModelSettings,
     validate_meft_settings,
 )
 
 # fractional bits of 64-bit exact streams (and of float32 checkpoints' streams, which calibration
-# does not size)
-FRAC_BITS_64 = 32
+# does not size): the table's default
+FRAC_BITS_64 = FRAC_BITS
 
 
 def _option(help: str, **extra) -> dict:
@@ -38,14 +37,16 @@ class MeftSettings:
     (meft_convert/calibrate.py) when it is converted."""
 
     variant: str = field(
-        default=DEFAULT_VARIANT,
+        default=ModelSettings.variant,
         metadata=_option(
             "meft1: F = PLM layer, G = adapter (β = 1). meft2: F = adapter, G = PLM layer (λ = 1). "
             "meft3: F = attention block, G = MLP block. The scaled streams' λ, β: --lambda, --beta.",
             choices=tuple(VARIANTS),
         ),
     )
-    adapter_dim: int = field(default=ADAPTER_DIM, metadata=_option("Bottleneck width r of the adapters (d → r → d)."))
+    adapter_dim: int = field(
+        default=ModelSettings.adapter_dim, metadata=_option("Bottleneck width r of the adapters (d → r → d).")
+    )
     lambda_: float | str | None = field(
         default="auto",
         metadata=_option(
@@ -59,7 +60,9 @@ class MeftSettings:
         default="auto",
         metadata=_option("Scale β of stream x2 (auto: measured, in MEFT2 and MEFT3; 1 in MEFT1); like --lambda.", scale=True),
     )
-    init_std: float = field(default=ADAPTER_INIT_STD, metadata=_option("σ of the adapters' N(0, σ²) initialisation."))
+    init_std: float = field(
+        default=ModelSettings.adapter_init_std, metadata=_option("σ of the adapters' N(0, σ²) initialisation.")
+    )
     adapter_init: str = field(
         default="auto",
         metadata=_option(
@@ -85,11 +88,11 @@ class MeftSettings:
         ),
     )
     reversible_layers: int | None = field(
-        default=None,
+        default=ModelSettings.reversible_layers,
         metadata=_option("Only the lowest K layers recompute activations; the rest store them (default: all).", metavar="K"),
     )
     output_stream: str = field(
-        default="plm",
+        default=ModelSettings.output_stream,
         metadata=_option(
             "plm: return the stream that follows the pretrained layers (best starting point). "
             "mean: the paper's (x1 + x2) / 2.",
@@ -97,7 +100,7 @@ class MeftSettings:
         ),
     )
     exact: bool = field(
-        default=True,
+        default=ModelSettings.exact,
         metadata=_option("Exact fixed-point reconstruction (default), or the paper's approximate float one."),
     )
     seed: int = field(default=0, metadata=_option("Seed of the adapters' initialisation."))

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from .blocks import _part, _row_slices
-from .meft_table import denominator_of
+from .meft_table import ModelSettings, denominator_of
 from .fixed_point import (
     _couple,
     _int_dtype,
@@ -39,10 +39,11 @@ class CouplingSettings:
     lambda_: float
     beta: float
     swap: bool  # swap the two streams after every layer (MEFT1 and MEFT2 do)
-    exact: bool = True
-    frac_bits: int = 32
-    audit: bool = True
-    stream_bits: int = 64  # width of the stream integers: 64, or 32 for 16-bit models
+    # the defaults of a converted model's settings (meft_table.ModelSettings)
+    exact: bool = ModelSettings.exact
+    frac_bits: int = ModelSettings.frac_bits
+    audit: bool = ModelSettings.audit
+    stream_bits: int = ModelSettings.stream_bits  # width of the stream integers: 64, or 32 for 16-bit models
     chunk_tokens: int = 0  # tokens per chunk of position-wise work and coupling arithmetic (0: all)
     offload_remainders: bool = False  # keep the packed remainders in pinned host memory (CUDA)
 

@@ -92,3 +92,29 @@ def test_a_remainder_stored_on_its_own_takes_ceil_log2_m_bits():
     for m in (*range(1, 300), 1000, 1024, 1025, 2**20, 2**20 + 1):
         assert meft_table.single_remainder_bits(m) == math.ceil(math.log2(m)), m
         assert meft_table.remainder_bits(m) <= meft_table.single_remainder_bits(m), m  # packing never costs more
+
+
+def test_one_settings_definition_gives_the_defaults_docs_and_runtime_list_everywhere():
+    from dataclasses import fields
+
+    table = {f.name: f for f in fields(meft_table.ModelSettings)}
+    assert meft_table.MEFT_SETTINGS == tuple(table)
+    assert meft_table.RUNTIME_SETTINGS == ("audit", "loss_chunk_size", "compile_blocks", "recompute_chunk_tokens",
+                                           "offload_remainders", "chunk_attention_queries")
+    # every setting is documented in the config classes' docstring, under its name
+    for name, f in table.items():
+        assert f"    {name}: " in configuration_meft.MeftConfig.__doc__, name
+        assert f"    {name}: " in configuration_meft.MeftLlamaConfig.__doc__, name
+    # the converter's options and the engine's coupling settings default to the table's values
+    converter = settings.MeftSettings()
+    for name, option in (("variant", "variant"), ("adapter_dim", "adapter_dim"), ("adapter_init_std", "init_std"),
+                         ("reversible_layers", "reversible_layers"), ("output_stream", "output_stream"),
+                         ("exact", "exact")):
+        assert getattr(converter, option) == table[name].default, name
+    coupling = arithmetic.CouplingSettings(0.5, 0.5, swap=False)
+    for name in ("exact", "frac_bits", "audit", "stream_bits"):
+        assert getattr(coupling, name) == table[name].default, name
+    assert settings.FRAC_BITS_64 == table["frac_bits"].default == 32
+    assert estimate.RECOMPUTE_CHUNK_TOKENS == table["recompute_chunk_tokens"].default == 4096
+    with pytest.raises(TypeError):
+        meft_table.validate_meft_settings(adapter_size=8)  # a name that is no setting
