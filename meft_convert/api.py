@@ -37,16 +37,6 @@ def _head_of(family, model) -> str:
     raise BadInputError(f"MEFT has no version of {type(model).__name__}; the {family.model_type} classes it has: {known}")
 
 
-def _layer_dtype(family, state: dict):
-    """The dtype of the PLM's layers (what the adapters are drawn in, as convert() stores them)."""
-    import torch
-
-    from .convert import _layer_prefix
-
-    layer0 = (_layer_prefix(state, family) or "") + family.stacks[0].layers + ".0."
-    return next((t.dtype for k, t in state.items() if k.startswith(layer0) and t.is_floating_point()), torch.float32)
-
-
 def _tokenizer_folder(name_or_path: str):
     """The original's folder, if the model was loaded from one: calibration reads its tokenizer
     there, as convert() does."""
@@ -86,6 +76,7 @@ def get_meft_model(
     from .templates.meft_table import adapter_generator
     from .templates.modeling_meft import freeze_plm, model_class_for, refuse_quantized_trainables
     from .verify import quiet_transformers
+    from .weights import layer_dtype
 
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(MeftSettings)})
     if unknown:
@@ -121,7 +112,7 @@ def get_meft_model(
     config = config_for(None)
     # from the parameters, not the state: a quantized layer's state holds float32 scales beside
     # its integer weights, while its norms keep the dtype the model computes in
-    dtype = _layer_dtype(family, dict(model.named_parameters()))
+    dtype = calibrate.TORCH_DTYPES[layer_dtype(family, dict(model.named_parameters()))]
     causal = auto_class == calibrate.CAUSAL_LM
     folder = _tokenizer_folder(name)
     if tokenizer is None and folder is None and settings.measured(sixteen_bit=dtype in (torch.float16, torch.bfloat16)):

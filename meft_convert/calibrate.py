@@ -74,19 +74,12 @@ MIN_FRAC_BITS, MAX_FRAC_BITS_32 = 8, 27
 # the engine's int64 streams hold block outputs below 2^(RANGE_BITS − K) (templates/reversible.py)
 RANGE_BITS_64 = 56
 CAUSAL_LM = "AutoModelForCausalLM"
-FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+# the torch dtypes of safetensors' float dtype names (weights.layer_dtype gives one)
+TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 def calibration_text() -> str:
     return resources.files("meft_convert").joinpath("data/calibration.txt").read_text(encoding="utf-8")
-
-
-def checkpoint_dtype(tensors: dict, layer_marker: str) -> torch.dtype:
-    """The dtype of the checkpoint's layer weights (safetensors headers: TensorInfo by name)."""
-    for key, info in tensors.items():
-        if layer_marker in key and info.dtype in FLOAT_DTYPES:
-            return FLOAT_DTYPES[info.dtype]
-    return torch.float32
 
 
 def max_positions(config) -> int | None:
@@ -545,7 +538,7 @@ def _calibrate_and_free(**kwargs) -> dict:
 
 def calibrate_plan(options, plan, source: Path, weights, log=print) -> dict | None:
     """What convert() calls: calibrate_settings() for the checkpoint in `source`."""
-    dtype = checkpoint_dtype(weights.tensors, plan.family.stacks[0].layers + ".0.")
+    dtype = TORCH_DTYPES[plan.adapter_dtype]
     return calibrate_settings(options, plan.family, plan.config, dtype, source=source, log=log)
 
 

@@ -27,7 +27,16 @@ from .provenance import provenance
 from .settings import MeftSettings, _option, setting_error
 from .templates.families import Family, auto_map_for, family_for
 from .templates.meft_table import MEFT_SETTINGS, VARIANTS, adapter_generator, draw_adapter
-from .weights import FLOAT_DTYPES, ShardCopy, SourceWeights, copy_if_present, find_weights, write_weights
+from .weights import (
+    FLOAT_DTYPES,
+    ShardCopy,
+    SourceWeights,
+    copy_if_present,
+    find_weights,
+    layer_dtype,
+    layer_prefix,
+    write_weights,
+)
 
 # torch, transformers and the templates that import them load inside the functions that use
 # them, so that the CLI parses its arguments and answers --help or a usage error without them,
@@ -220,17 +229,6 @@ def _read_config(folder: Path) -> dict:
     return config
 
 
-def _layer_prefix(keys, family: Family) -> str | None:
-    """The part of the tensor names before the layer list, e.g. 'model.' in
-    'model.decoder.layers.0.fc1.weight' (checkpoints differ in whether they carry it)."""
-    marker = family.stacks[0].layers + ".0."
-    for key in keys:
-        start = key.find(marker)
-        if start == 0 or (start > 0 and key[start - 1] == "."):
-            return key[:start]
-    return None
-
-
 def _architecture(family: Family, declared: list[str] | None, task: str | None, keys) -> tuple[str, str]:
     """(auto class, library class) the result declares: the task's, or the original's if MEFT has it."""
     if task is not None:
@@ -353,7 +351,7 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
         family, plm_config, settings, task=options.task, num_labels=options.num_labels, keys=weights.tensors,
         base_model=base_model_name(options.model, options.revision),
     )
-    dtype = layer_dtype(family, weights)
+    dtype = layer_dtype(family, weights.tensors)
     generator = adapter_generator(options.seed)
 
     # without verification (which builds the models anyway), the checkpoint's own headers tell the
@@ -375,8 +373,8 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
         meft_model = model_class_for(family, auto_class)(config)
     library_keys = library_model.state_dict()
     meft_keys = meft_model.state_dict()
-    class_prefix = _layer_prefix(library_keys, family)
-    file_prefix = _layer_prefix(weights.tensors, family)
+    class_prefix = layer_prefix(library_keys, family)
+    file_prefix = layer_prefix(weights.tensors, family)
     if class_prefix is None or file_prefix is None:
         raise BadInputError(
             f"the checkpoint's tensors do not contain the {family.model_type} layers ({family.stacks[0].layers}.0.*)"
@@ -411,13 +409,6 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     return _Plan(family, config, adapters, dtype, missing, unexpected, trainable, total)
 
 
-def layer_dtype(family: Family, weights: SourceWeights) -> str:
-    """The dtype of the PLM's layers (safetensors' name, e.g. "BF16"), which the adapters are stored in."""
-    layer0 = (_layer_prefix(weights.tensors, family) or "") + family.stacks[0].layers + ".0."
-    float_dtypes = [info.dtype for key, info in weights.tensors.items() if key.startswith(layer0) and info.dtype in FLOAT_DTYPES]
-    return float_dtypes[0] if float_dtypes else "F32"
-
-
 def _headers_know_the_head(config, auto_class: str, weights: SourceWeights) -> bool:
     """Whether the tensors outside the layers are the checkpoint's own: a base model's, a head
     tied to the embeddings, or an untied causal-LM head whose matrix the checkpoint holds
@@ -442,7 +433,7 @@ def _plan_from_headers(
     missing or mismatched. Needs neither torch nor transformers (`config` may be a ConfigJSON)."""
     import re
 
-    prefix = _layer_prefix(weights.tensors, family)
+    prefix = layer_prefix(weights.tensors, family)
     if prefix is None:
         return None
     if any(info.dtype not in FLOAT_DTYPES for info in weights.tensors.values()):
@@ -510,7 +501,7 @@ def _plan_without_torch(options: ConvertOptions, settings: dict, raw_config: dic
     if options.verify or options.num_labels is not None:
         return None
     family = family_for(raw_config["model_type"])
-    dtype = layer_dtype(family, weights)
+    dtype = layer_dtype(family, weights.tensors)
     if options.measured(sixteen_bit=dtype in ("F16", "BF16")):
         return None
     resolved = options.unmeasured()

@@ -423,6 +423,6 @@ def _tensor_count(gradients: dict) -> int:
 
 
 def _checkpoint_dtype(folder: Path, family) -> torch.dtype:
-    from .weights import find_weights
+    from .weights import find_weights, layer_dtype
 
-    return calibrate.checkpoint_dtype(find_weights(folder).tensors, family.stacks[0].layers + ".0.")
+    return calibrate.TORCH_DTYPES[layer_dtype(family, find_weights(folder).tensors)]

@@ -22,7 +22,11 @@ from tqdm.auto import tqdm
 from .errors import BadInputError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
     import numpy as np
+
+    from .templates.families import Family
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -160,6 +164,33 @@ def _has_pt_metadata(file: Path) -> bool:
 # the floating-point dtypes (safetensors' names) tensors are stored in, and numpy's for each
 # (bfloat16, which numpy lacks, is rounded from float32 by stored_bytes)
 FLOAT_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": None}
+# torch's float dtypes by their safetensors names, as str(dtype) writes them (no torch import here)
+_TORCH_FLOAT_NAMES = {"torch.float64": "F64", "torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16"}
+
+
+def layer_prefix(keys: Iterable[str], family: Family) -> str | None:
+    """The part of the tensor names before the layer list, e.g. 'model.' in
+    'model.decoder.layers.0.fc1.weight' (checkpoints differ in whether they carry it)."""
+    marker = family.stacks[0].layers + ".0."
+    for key in keys:
+        start = key.find(marker)
+        if start == 0 or (start > 0 and key[start - 1] == "."):
+            return key[:start]
+    return None
+
+
+def layer_dtype(family: Family, tensors: Mapping) -> str:
+    """The dtype of the PLM's layers by its safetensors name ("BF16"): that of the first float
+    tensor of the first layer, "F32" if it has none. `tensors`, by name: header entries
+    (TensorInfo) or torch tensors (a model's parameters: a quantized layer's state also holds
+    float32 scales beside its integers, while its norms keep the dtype the model computes in).
+    The adapters are stored in this dtype, and calibration and verification run in it."""
+    layer0 = (layer_prefix(tensors, family) or "") + family.stacks[0].layers + ".0."
+    for key, tensor in tensors.items():
+        name = tensor.dtype if isinstance(tensor.dtype, str) else _TORCH_FLOAT_NAMES.get(str(tensor.dtype))
+        if key.startswith(layer0) and name in FLOAT_DTYPES:
+            return name
+    return "F32"
 
 
 def stored_bytes(values: np.ndarray, dtype: str) -> bytes:

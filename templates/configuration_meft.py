@@ -14,6 +14,9 @@ from .families import FAMILIES, Family, auto_map_for, config_class_name, family_
 from .meft_table import MEFT_SETTINGS, ModelSettings, validate_meft_settings
 
 
+_CONFIG_CLASSES: dict[str, type] = {}  # each family's class, by name (the classes add themselves)
+
+
 class MeftConfig:
     """The MEFT settings a converted checkpoint carries, on top of its PLM's config: the fields
     of meft_table.ModelSettings, which defines their defaults, documentation and checks."""
@@ -22,11 +25,14 @@ class MeftConfig:
 
     def __init_subclass__(cls, **kwargs):
         # transformers makes each config class a dataclass and keeps an __init__ only if the class
-        # defines one itself: so every family's class gets this one, and its PLM config class
-        cls.__init__ = MeftConfig.__init__
-        cls._plm_config_class = cls.__bases__[-1]
-        if cls.__doc__ is None:
-            cls.__doc__ = f"{cls._plm_config_class.__name__} with MEFT settings.\n\n{MeftConfig.__doc__}"
+        # defines one itself: so every subclass gets this one unless it has its own
+        if "__init__" not in cls.__dict__:
+            cls.__init__ = MeftConfig.__init__
+        if MeftConfig in cls.__bases__:  # a family's class (a subclass of one inherits all this)
+            cls._plm_config_class = cls.__bases__[-1]
+            _CONFIG_CLASSES[cls.__name__] = cls
+            if cls.__doc__ is None:
+                cls.__doc__ = f"{cls._plm_config_class.__name__} with MEFT settings.\n\n{MeftConfig.__doc__}"
         super().__init_subclass__(**kwargs)
 
     def __init__(self, **kwargs):
@@ -92,7 +98,7 @@ class MeftGPT2Config(MeftConfig, transformers.GPT2Config):
 
 def config_class_for(family: Family) -> type[MeftConfig]:
     """The MEFT config class of `family`."""
-    return globals()[config_class_name(family)]
+    return _CONFIG_CLASSES[config_class_name(family)]
 
 
 __all__ = ["MeftConfig", "auto_map_for", "config_class_for", "family_for", "validate_meft_settings"] + [

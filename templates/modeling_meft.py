@@ -528,6 +528,9 @@ ADAPTERS_WEIGHTS_NAME = "meft_adapters.safetensors"
 ADAPTERS_CONFIG_NAME = "meft_adapters.json"
 
 
+_MODEL_CLASSES: dict[str, type] = {}  # the declared model classes, by name (they add themselves)
+
+
 class MeftModelMixin:
     """What every Meft<LibraryClass> adds to its library class, the last of its bases."""
 
@@ -549,6 +552,7 @@ class MeftModelMixin:
         cls._meft_family = family.model_type
         cls._meft_trainable_modules = head.trainable
         cls._keep_in_fp32_modules = unquantized_modules(library_class, head.trainable)
+        _MODEL_CLASSES[cls.__name__] = cls
         if cls.__doc__ is None:
             cls.__doc__ = f"{library_class.__name__} with exact-reversible MEFT layers.\n\n{__doc__}"
 
@@ -880,4 +884,4 @@ class MeftGPT2ForSequenceClassification(MeftModelMixin, transformers.GPT2ForSequ
 
 def model_class_for(family: Family, auto_class: str) -> type[MeftModelMixin]:
     """The MEFT model class of `family`'s head `auto_class` ("AutoModelForCausalLM")."""
-    return globals()["Meft" + family.head_for(auto_class).library_class]
+    return _MODEL_CLASSES["Meft" + family.head_for(auto_class).library_class]

@@ -117,3 +117,16 @@ def test_a_declared_model_class_must_be_a_head_of_its_family_with_the_right_loss
     # subclasses of a declared class (FSDP builds one per sharded module) inherit its description
     subclass = type("Sharded", (modeling_meft.MeftOPTForCausalLM,), {})
     assert subclass._meft_trainable_modules == () and subclass._meft_family == "opt"
+
+
+def test_a_subclass_of_a_config_class_keeps_its_plm_config_and_the_registry():
+    from meft_convert.templates import configuration_meft
+    from meft_convert.templates.families import LLAMA
+
+    class MyConfig(configuration_meft.MeftLlamaConfig):
+        pass
+
+    config = MyConfig(hidden_size=64, num_attention_heads=4, variant="meft1")
+    assert config._plm_config_class is transformers.LlamaConfig
+    assert (config.hidden_size, config.variant, config.lambda_) == (64, "meft1", 0.1)
+    assert config_class_for(LLAMA) is configuration_meft.MeftLlamaConfig

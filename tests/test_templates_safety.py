@@ -17,7 +17,8 @@ import pytest
 # the modules template code may import (relative imports of its siblings aside)
 ALLOWED_IMPORTS = {
     "__future__", "abc", "collections", "contextlib", "dataclasses", "enum", "functools", "inspect", "itertools",
-    "math", "numbers", "operator", "os", "re", "types", "typing", "warnings", "weakref", "torch", "transformers",
+    "math", "numbers", "operator", "os", "re", "textwrap", "types", "typing", "warnings", "weakref", "torch",
+    "transformers",
     # the adapters' initialisation (templates/adapters.py); transformers depends on it
     "numpy",
 }

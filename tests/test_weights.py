@@ -56,3 +56,20 @@ def test_the_adapter_shard_is_what_safetensors_writes_for_torch_s_tensors(dtype,
     loaded = load_file(str(tmp_path / "ours.safetensors"))
     assert loaded.keys() == cast.keys() and all(torch.equal(loaded[key], cast[key]) for key in cast)
     assert read_header(tmp_path / "ours.safetensors")["__metadata__"] == {"format": "pt"}
+
+
+def test_the_layer_dtype_is_read_alike_from_headers_and_from_parameters(tmp_path):
+    from meft_convert.templates.families import LLAMA, OPT
+    from meft_convert.weights import find_weights, layer_dtype
+
+    tensors = {
+        "model.embed_tokens.weight": torch.zeros(4, 2, dtype=torch.float32),  # outside the layers: not read
+        "model.layers.0.input_layernorm.weight": torch.zeros(2, dtype=torch.bfloat16),
+        "model.layers.0.self_attn.q_proj.weight": torch.zeros(2, 2, dtype=torch.uint8),  # a quantized matrix
+    }
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    assert layer_dtype(LLAMA, find_weights(tmp_path).tensors) == "BF16"
+    assert layer_dtype(LLAMA, tensors) == "BF16"
+    assert layer_dtype(LLAMA, {"model.layers.0.mlp.up_proj.weight": torch.zeros(1, dtype=torch.float16)}) == "F16"
+    assert layer_dtype(OPT, tensors) == "F32"  # no OPT layer: float32
