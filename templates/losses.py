@@ -96,23 +96,17 @@ class ChunkedLossMixin:
         head = self.get_output_embeddings()
         if not isinstance(head, torch.nn.Linear):
             return library_forward(*args, **kwargs)
-        captured = []
-
-        def capture(hidden_states: torch.Tensor) -> torch.Tensor:
-            # the library's forward asks the head for logits; keep its input instead and hand
-            # back a tensor of the logits' shape that takes no memory
-            captured.append(hidden_states)
-            shape = (*hidden_states.shape[:-1], head.out_features)
-            return torch.empty(shape, dtype=hidden_states.dtype, device="meta")
-
         # the norm after the last layer, where the model names one, runs with the head a chunk
         # at a time too: an RMSNorm works in float32, and over a long sequence at once its
         # float32 copies of the hidden states are as large as a whole step of reversible layers
         norm = self.meft_final_norm() if hasattr(self, "meft_final_norm") else None
-        with _forward_replaced(head, capture), _forward_replaced(norm, lambda hidden_states: hidden_states):
+        capture = _CapturedHead(head.out_features)
+        # the library's forward runs with stand-ins for the head and the norm (torch's
+        # set_submodule): a head that keeps its input and a norm that passes it on
+        with _stand_in(self, head, capture), _stand_in(self, norm, torch.nn.Identity()):
             outputs = library_forward(**arguments, return_dict=True)
         loss = chunked_causal_lm_loss(
-            captured[0],
+            capture.hidden_states,
             head,
             labels,
             chunk,
@@ -126,19 +120,29 @@ class ChunkedLossMixin:
         return outputs if return_dict is not False else outputs.to_tuple()
 
 
+class _CapturedHead(torch.nn.Module):
+    """Stands in for the LM head while the library's forward runs: keeps the head's input and
+    hands back a tensor of the logits' shape that takes no memory."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+        self.hidden_states = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        self.hidden_states = hidden_states
+        return torch.empty((*hidden_states.shape[:-1], self.out_features), dtype=hidden_states.dtype, device="meta")
+
+
 @contextlib.contextmanager
-def _forward_replaced(module: torch.nn.Module | None, forward):
-    """module.forward is `forward` inside; an instance attribute, as hooks (accelerate's) set one,
-    put back afterwards."""
+def _stand_in(model: torch.nn.Module, module: torch.nn.Module | None, stand_in: torch.nn.Module):
+    """`module`, a submodule of `model`, is replaced by `stand_in` inside and put back after."""
     if module is None:
         yield
         return
-    previous = module.__dict__.get("forward")
-    module.forward = forward
+    path = next(name for name, candidate in model.named_modules() if candidate is module)
+    model.set_submodule(path, stand_in)
     try:
         yield
     finally:
-        if previous is None:
-            del module.forward
-        else:
-            module.forward = previous
+        model.set_submodule(path, module)

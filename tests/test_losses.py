@@ -48,14 +48,17 @@ def test_chunked_loss_and_gradients_equal_the_library_loss(converted, name):
     assert (norm is not None) == (name in ("llama", "mistral", "qwen2"))
     rows = []
     handle = norm.register_forward_hook(lambda m, args, out: rows.append(args[0].shape)) if norm is not None else None
+    head = model.get_output_embeddings()
     chunked, chunked_grads = _loss_and_grads(model, batch, chunk=7)  # 7 does not divide the 52 labelled tokens
+    # the stand-ins are gone: the model holds its own head and norm again
+    assert model.get_output_embeddings() is head and model.meft_final_norm() is norm
     if handle is not None:
         handle.remove()
-        # the model's own call passes the whole sequence through (an identity then); the norm's
-        # work is in the chunks, each once in forward and once in its recompute
+        # the norm never sees the whole sequence (a stand-in passes it on in the model's own
+        # call): its work is in the chunks, each once in forward and once in its recompute
         labelled = int((batch["labels"][:, 1:] != -100).sum())
-        assert rows[0] == (3, 24, 32) and len(rows) == 1 + 2 * -(-labelled // 7)
-        assert all(shape[0] <= 7 and len(shape) == 2 for shape in rows[1:])
+        assert len(rows) == 2 * -(-labelled // 7)
+        assert all(shape[0] <= 7 and len(shape) == 2 for shape in rows)
     assert whole.logits is not None and chunked.logits is None
     assert abs(chunked.loss.item() - whole.loss.item()) <= 1e-6 * whole.loss.item()
     assert whole_grads.keys() == chunked_grads.keys() and len(whole_grads) > 0
