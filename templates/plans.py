@@ -133,19 +133,8 @@ class PartByPart:
         return x, _add(d_other, d_inp), dx
 
     def _backward(self, step, inp: torch.Tensor, y, packed: list, dy, keep_value: bool):
-        run, block, record, grads, params = step.run, step.block, step.record, step.run.grads, step.params
-        # only the recompute runs under the forward's autocast; the gradients are computed outside
-        # it, as loss.backward() computes plain autograd's (autocast would also apply to the
-        # backward's own kernels and change their rounding)
-        if block.mixing is not None:
-            leaf = _leaves(self._mixing_input(step, inp, replay=True))
-            if record.mixing is not None:
-                record.mixing.restore()
-            with torch.enable_grad(), run.autocast.active():
-                h = block.mixing(_inputs_of(leaf, block.before is None, run.compute_dtype), run.routed_leaves)
-            h_detached = h.detach()
-        else:
-            leaf, h, h_detached = None, None, inp
+        run, block, grads, params = step.run, step.block, step.run.grads, step.params
+        leaf, h, h_detached = self._recompute_mixing(step, inp)
         d_inp = None
         if block.positionwise is None and dy is not None:
             # the mixing part's gradients first: its graph is freed before x's value is allocated
@@ -167,31 +156,15 @@ class PartByPart:
         # chunks from the last: plain autograd sums a parameter's per-chunk gradients in that order
         for i in reversed(range(len(slices))):
             sl = slices[i]
-            if block.positionwise is not None:
-                _restore(record.chunks, i)
-                part_leaf = _part(h_detached, sl).detach().requires_grad_()
-                with torch.enable_grad(), run.autocast.active():
-                    h_part = _part_input(part_leaf, block.mixing is None, run.compute_dtype)
-                    if block.before is None:
-                        part_out = block.positionwise(h_part)
-                    else:
-                        stream_leaf = _part(inp, sl).detach().requires_grad_()
-                        part_out = block.positionwise(h_part, _block_input(stream_leaf, run.compute_dtype))
-                        part_leaf = (part_leaf, stream_leaf)
-                out = part_out.detach()
+            g, g_direct = self._backward_chunk(step, i, sl, inp, h_detached, x, y, packed, dy)
+            if g is None:
+                continue
+            if not chunked:
+                d_h, d_direct = g, g_direct
             else:
-                out = _part(h_detached, sl)
-            x.uncouple(sl, y, out, packed[i] if packed else None, step.factor)
-            if dy is not None and block.positionwise is not None:
-                g = grads.of(part_out, part_leaf, _part(dy, sl), params, routed=False)
-                g, g_direct = g if block.before is not None else (g, None)
-                if not chunked:
-                    d_h, d_direct = g, g_direct
-                else:
-                    _put_rows(d_h, sl, g)
-                    if block.before is not None:
-                        _put_rows(d_direct, sl, g_direct)
-            del out
+                _put_rows(d_h, sl, g)
+                if block.before is not None:
+                    _put_rows(d_direct, sl, g_direct)
         if dy is not None and block.positionwise is not None:
             if block.before is not None:
                 d_parts = grads.of(h, leaf, d_h, params)
@@ -202,6 +175,46 @@ class PartByPart:
             else:
                 d_inp = grads.of(h, leaf, d_h, params) if block.mixing is not None else d_h
         return x.stream(), d_inp, _scaled(dy, step.scale)
+
+    def _recompute_mixing(self, step, inp: torch.Tensor) -> tuple:
+        """(its input leaves, its output with graph, that output detached) of the mixing part
+        recomputed over the whole sequence; (None, None, inp) for a block without one."""
+        run, block = step.run, step.block
+        if block.mixing is None:
+            return None, None, inp
+        leaf = _leaves(self._mixing_input(step, inp, replay=True))
+        if step.record.mixing is not None:
+            step.record.mixing.restore()
+        # only the recompute runs under the forward's autocast; the gradients are computed outside
+        # it, as loss.backward() computes plain autograd's (autocast would also apply to the
+        # backward's own kernels and change their rounding)
+        with torch.enable_grad(), run.autocast.active():
+            h = block.mixing(_inputs_of(leaf, block.before is None, run.compute_dtype), run.routed_leaves)
+        return leaf, h, h.detach()
+
+    def _backward_chunk(self, step, i: int, sl, inp: torch.Tensor, h_detached: torch.Tensor, x, y, packed: list, dy):
+        """Chunk i (rows sl) of a block's backward: its position-wise part recomputed, the stream
+        rebuilt from it (x.uncouple), and the gradients (of the mixing output and, after `before`,
+        of the residual; None, None without a position-wise part or dy)."""
+        run, block = step.run, step.block
+        if block.positionwise is None:
+            x.uncouple(sl, y, _part(h_detached, sl), packed[i] if packed else None, step.factor)
+            return None, None
+        _restore(step.record.chunks, i)
+        part_leaf = _part(h_detached, sl).detach().requires_grad_()
+        with torch.enable_grad(), run.autocast.active():
+            h_part = _part_input(part_leaf, block.mixing is None, run.compute_dtype)
+            if block.before is None:
+                part_out = block.positionwise(h_part)
+            else:
+                stream_leaf = _part(inp, sl).detach().requires_grad_()
+                part_out = block.positionwise(h_part, _block_input(stream_leaf, run.compute_dtype))
+                part_leaf = (part_leaf, stream_leaf)
+        x.uncouple(sl, y, part_out.detach(), packed[i] if packed else None, step.factor)
+        if dy is None:
+            return None, None
+        g = run.grads.of(part_out, part_leaf, _part(dy, sl), step.params, routed=False)
+        return g if block.before is not None else (g, None)
 
     def _mixing_input(self, step, inp: torch.Tensor, replay: bool):
         """What the mixing part reads: the block input, or the `before` part's outputs over the
