@@ -53,6 +53,7 @@ from templates.modeling_meft import freeze_plm, keep_trainable_in_float32, model
 from templates.losses import ChunkedLossMixin  # noqa: E402
 from templates.meft_table import VARIANTS, denominator_of, single_remainder_bits  # noqa: E402
 from templates import fixed_point  # noqa: E402
+from meft_convert.calibrate import share_replaced_modules  # noqa: E402
 
 LOSS_CHUNK = 256  # tokens per chunk of the causal-LM loss (the converter's default)
 
@@ -71,7 +72,15 @@ SHAPES = {
         config="llama-3-8b", head="AutoModelForCausalLM", batch=1, seq=16384, lora=["q_proj", "v_proj"], task_head=(),
         shared=True, mask=False,
     ),
+    "llama-3-70b": dict(
+        config="llama-3-70b", head="AutoModelForCausalLM", batch=1, seq=16384, lora=["q_proj", "v_proj"], task_head=(),
+        shared=True, mask=False,
+    ),
 }
+# the frozen base of the shapes with shared weights (--base): 16-bit, or the layers' linear
+# projections in 4 bits as BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=...,
+# bnb_4bit_use_double_quant=..., bnb_4bit_compute_dtype=bf16) loads them (QLoRA's setting)
+BASES = {"bf16": None, "nf4": dict(quant_type="nf4", double_quant=False), "nf4-double": dict(quant_type="nf4", double_quant=True)}
 LEGACY_SHAPES = ["opt-1.3b", "opt-1.3b-long", "bert-base"]  # the default run, as before
 LEGACY_METHODS = [
     "full", "lora", "lora-bf16", "lora+gc", "lora+gc+chunked-loss", "head-only",
@@ -335,22 +344,42 @@ def _lora(model, shape: dict, method: str):
     return model
 
 
-def build_plain(shape: dict, device, dtype, attention: str = "sdpa"):
-    """The PLM every arm of a shared shape uses: built once on `device` in `dtype`, the library's
-    initialisation skipped, weights drawn once (N(0, 0.02²) matrices, unit norm weights, zero biases).
-    A causal LM carries the chunked loss (the plain library forward where the loss is not asked for)."""
-    config = plm_config(shape, attn_implementation=attention)
+def _no_init_weights():
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # older transformers
         try:
             from transformers.modeling_utils import no_init_weights
         except ImportError:  # initialising on the GPU is fast too
-            no_init_weights = contextlib.nullcontext
+            return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def _draw_weights(model, generator) -> None:
+    """N(0, 0.02²) matrices, unit norm weights, zero biases."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02, generator=generator)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+
+
+def build_plain(shape: dict, device, dtype, attention: str = "sdpa", base: str = "bf16"):
+    """The PLM every arm of a shared shape uses: built once on `device` in `dtype`, the library's
+    initialisation skipped, weights drawn once (_draw_weights); with a 4-bit `base` (BASES) the
+    layers' linear projections are quantized, a layer at a time (build_quantized_layers).
+    A causal LM carries the chunked loss (the plain library forward where the loss is not asked for)."""
+    config = plm_config(shape, attn_implementation=attention)
+    layers = config.num_hidden_layers
+    if BASES[base] is not None:
+        config.num_hidden_layers = 0  # the layers come one by one, quantized
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device), no_init_weights():
+        with torch.device(device), _no_init_weights():
             if shape["head"] == "AutoModelForCausalLM":
                 model = _with_chunked_loss(transformers.AutoModelForCausalLM, config)
             else:
@@ -358,18 +387,56 @@ def build_plain(shape: dict, device, dtype, attention: str = "sdpa"):
     finally:
         torch.set_default_dtype(previous)
     g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.02, generator=g)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.fill_(1.0)
+    _draw_weights(model, g)
     model.to(dtype)
+    if BASES[base] is not None:
+        config.num_hidden_layers = layers
+        build_quantized_layers(model, config, device, dtype, g, **BASES[base])
     model.requires_grad_(False)
     model.train()
     return model
+
+
+def build_quantized_layers(model, config, device, dtype, generator, quant_type: str, double_quant: bool) -> None:
+    """Fills the model's (empty) layer list with its config's layers, each drawn in `dtype` on the
+    device and its linear projections quantized there to bitsandbytes Linear4bit (`quant_type`,
+    `double_quant`: bnb_4bit_use_double_quant; compute dtype `dtype`), as transformers' 4-bit
+    loading leaves them: at most one layer is ever in 16 bits, so a model too large for the GPU in
+    16 bits (Llama-3-70B) is built on it in 4."""
+    import bitsandbytes as bnb
+
+    layer_list = decoder_layers(model)
+    with torch.device("meta"):
+        layer_class = type(decoder_layers(type(model)(_with_layers(config, 1)))[0])
+    previous = torch.get_default_dtype()
+    for index in range(config.num_hidden_layers):
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device), _no_init_weights():
+                layer = layer_class(config, layer_idx=index)
+        finally:
+            torch.set_default_dtype(previous)
+        _draw_weights(layer, generator)
+        for name, linear in [(n, m) for n, m in layer.named_modules() if type(m) is torch.nn.Linear]:
+            quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                          compute_dtype=dtype, compress_statistics=double_quant, quant_type=quant_type,
+                                          device="meta")
+            quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=double_quant,
+                                                 quant_type=quant_type, module=quantized).to(device)
+            if linear.bias is not None:
+                quantized.bias = linear.bias
+            layer.set_submodule(name, quantized)
+        layer_list.append(layer.to(device))
+    model.meft_base = dict(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+                           bnb_4bit_compute_dtype=str(dtype).removeprefix("torch."))
+
+
+def _with_layers(config, layers: int):
+    import copy
+
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = layers
+    return config
 
 
 def _share_meta_tensors(model, plain) -> None:
@@ -413,7 +480,10 @@ def build_shared(plain, shape: dict, method: str, device, dtype, attention: str 
     config = meft_config(plain.config, method, attention)
     with torch.device("meta"):
         model = model_class_for(family_for(plain.config.model_type), shape["head"])(config)
-    result = model.load_state_dict(plain.state_dict(), assign=True, strict=False)
+    # a 4-bit base: its quantized layers are taken whole, the rest tensor by tensor
+    replaced = tuple(name + "." for name in share_replaced_modules(model, plain))
+    state = {key: t for key, t in plain.state_dict().items() if not key.startswith(replaced)}
+    result = model.load_state_dict(state, assign=True, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"the MEFT model lacks the PLM's {result.unexpected_keys[:3]}")
     _share_meta_tensors(model, plain)
@@ -424,7 +494,8 @@ def build_shared(plain, shape: dict, method: str, device, dtype, attention: str 
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"not materialised: {left[:3]}")
-    model.to(dtype)
+    if not replaced:  # a quantized layer's packed weights must keep their dtype
+        model.to(dtype)
     freeze_plm(model, model._meft_trainable_modules)  # also keeps the adapters float32
     if parse_meft(method)["whole_attention"]:
         for layers in model.meft_stacks:
@@ -1191,16 +1262,20 @@ def summarise_long(results: dict, shape_name: str) -> dict:
         if "frozen-layer" in at:
             e["frozen_layer_activation_gib"] = at["frozen-layer"]["activation_gib"]
         entry[str(seq)] = e
-    contexts = {r["method"]: r["max_context"] for r in results.get("max_context", []) if r["shape"] == shape_name}
-    if contexts:
-        entry["max_context"] = contexts
+    searches = [r for r in results.get("max_context", []) if r["shape"] == shape_name]
+    caps = sorted({r["cap_gib"] for r in searches})
+    for cap in caps:
+        contexts = {r["method"]: r["max_context"] for r in searches if r["cap_gib"] == cap}
+        # one cap: the keys as before; several: one entry per cap
+        target = entry if len(caps) == 1 else entry.setdefault(f"cap_{cap:g}_gib", {})
+        target["max_context"] = contexts
         exact = {m: c for m, c in contexts.items() if m.startswith("meft") and parse_meft(m)["exact"] and c}
         if exact:
             best = max(exact, key=exact.get)
-            entry["max_context_best_exact_meft"] = best
+            target["max_context_best_exact_meft"] = best
             for ref in ("lora+gc+chunked-loss", OFFLOAD_GC):
                 if contexts.get(ref):
-                    entry[f"max_context_vs_{ref}"] = exact[best] / contexts[ref]
+                    target[f"max_context_vs_{ref}"] = exact[best] / contexts[ref]
     return entry
 
 
@@ -1219,7 +1294,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="sequence lengths of the batch-1 shapes with shared weights (llama-3-8b)")
     parser.add_argument("--max-context-methods", nargs="*", default=MAX_CONTEXT_METHODS, choices=SHARED_METHODS,
                         help="arms of the max-context search at the shared shapes (none: skip it)")
-    parser.add_argument("--memory-cap-gib", type=float, default=40.0, help="GPU memory cap of the max-context search")
+    parser.add_argument("--base", choices=list(BASES), default="bf16",
+                        help="frozen base of the shapes with shared weights: bf16, or its layers' linear projections in "
+                             "4 bits (bitsandbytes NF4; nf4-double: with double quantization), built a layer at a time")
+    parser.add_argument("--memory-cap-gib", type=float, nargs="+", default=[40.0],
+                        help="GPU memory caps of the max-context search (one search per cap)")
     parser.add_argument("--max-context-limit", type=int, default=262144, help="longest sequence the search tries")
     parser.add_argument("--max-probes", type=int, default=5, help="training steps the search tries per arm")
     parser.add_argument("--time-budget", type=float, default=None,
@@ -1254,7 +1333,7 @@ def main(argv: list[str] | None = None) -> None:
         meft_profile=RUN["profile"], recompute_chunk_tokens=RUN["recompute_chunk_tokens"],
         alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"),
         total_gpu_gib=torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else None,
-        time_budget_s=args.time_budget,
+        time_budget_s=args.time_budget, base=args.base,
     )
     try:
         import peft
@@ -1276,7 +1355,7 @@ def main(argv: list[str] | None = None) -> None:
         if SHAPES[shape].get("shared"):
             print(f"# {shape}: building the shared weights", flush=True)
             t0 = time.perf_counter()
-            plain = build_plain(SHAPES[shape], device, torch.bfloat16)
+            plain = build_plain(SHAPES[shape], device, torch.bfloat16, base=args.base)
             _sync()
             env[f"{shape}_build_s"] = time.perf_counter() - t0
             env[f"{shape}_weights_gib"] = torch.cuda.memory_allocated() / 2**30 if cuda else None
@@ -1285,8 +1364,8 @@ def main(argv: list[str] | None = None) -> None:
                        args.steps, device, torch.bfloat16, budget, census_seqs=tuple(args.census_seqs),
                        profile_seqs=tuple(args.profile_seqs))
             search = [m for m in args.max_context_methods if peft is not None or not m.startswith("lora")]
-            if search:
-                max_context(results, args.out, plain, shape, search, device, torch.bfloat16, args.memory_cap_gib,
+            for cap in args.memory_cap_gib if search else ():
+                max_context(results, args.out, plain, shape, search, device, torch.bfloat16, cap,
                             args.max_context_limit, args.max_probes, budget)
             results["summary"][shape] = summarise_long(results, shape)
             args.out.write_text(json.dumps(results, indent=1))

@@ -5,6 +5,7 @@ Skipped without a GPU (CI has none); benchmarks/README.md records the run on an 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts: deterministic cuBLAS
@@ -200,3 +201,55 @@ def test_lower_right_query_chunks_run_on_cudnn_split_at_the_diagonal(heads, kv_h
         assert a.shape == b.shape, name
         error = (a.float() - b).norm() / b.norm()
         assert error < 1e-2, (name, float(error))
+
+
+def _memory_speed():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "memory_speed.py"
+    spec = importlib.util.spec_from_file_location("memory_speed_benchmark", path)
+    module = sys.modules.get(spec.name) or importlib.util.module_from_spec(spec)
+    if spec.name not in sys.modules:
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+@pytest.mark.parametrize("chunk", [256, 1024, 4096])
+def test_an_nf4_base_at_llama_3_8b_width_trains_bit_for_bit_like_plain_autograd(chunk, monkeypatch):
+    """Two Llama-3-8B layers in NF4 (bitsandbytes Linear4bit, as load_in_4bit loads them), 4096
+    tokens: bitsandbytes multiplies up to 1536 rows with its own 4-bit kernels and dequantizes into
+    cuBLAS above, so the recompute must run the forward's row counts. Chunks of 256 and 1024 rows
+    take the first path, the whole sequence the second: the streams rebuild bit-exactly and the
+    adapters' gradients equal plain autograd's through the same model."""
+    ms = _memory_speed()
+    monkeypatch.setitem(ms.RUN, "profile", "llm")
+    monkeypatch.setitem(ms.RUN, "recompute_chunk_tokens", chunk)
+    shape = dict(ms.SHAPES["llama-3-8b"], seq=4096, overrides=dict(num_hidden_layers=2))
+    device = torch.device("cuda")
+    plain = ms.build_plain(shape, device, torch.bfloat16, attention="eager", base="nf4")
+    batch = ms.make_batch(shape, plain.config, device)
+    torch.use_deterministic_algorithms(True)
+    try:
+        for method in ("meft1+offload", "meft3"):
+            model, _ = ms.build_shared(plain, shape, method, device, torch.bfloat16, attention="eager")
+            [stack] = model.meft_stacks
+            stack.trace = []
+            reversible = ms._grads(model, batch, "reversible", seed=0)
+            seen = {(name, phase): tensors for phase, name, *tensors in stack.trace}
+            stack.trace = None
+            vanilla = ms._grads(model, batch, "vanilla", seed=0)
+            comparison = ms._compare(reversible, vanilla)
+            assert comparison["tensors"] == len(vanilla) > 0
+            assert comparison["bitwise_equal"] == comparison["tensors"], (method, comparison)
+            # every layer's input, rebuilt in backward, is the one forward saw, in all elements
+            names = {name for name, _ in seen}
+            assert len(names) == 2 and all(
+                all(torch.equal(a, b) for a, b in zip(seen[name, "forward"], seen[name, "backward"])) for name in names
+            ), method
+            del model
+    finally:
+        torch.use_deterministic_algorithms(False)

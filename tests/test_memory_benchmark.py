@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -139,3 +140,56 @@ def test_the_long_sequence_run_end_to_end(monkeypatch, tmp_path):
     summary = results["summary"]["llama-3-8b"]
     assert summary["64"]["best_exact_meft_offloaded"] == "meft3+offload"
     assert summary["max_context"] == {"meft3+offload": 256}
+
+
+needs_bitsandbytes = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+
+
+@needs_bitsandbytes
+@pytest.mark.parametrize("base", ["nf4", "nf4-double"])
+def test_a_4bit_base_is_built_a_layer_at_a_time_and_every_arm_trains_on_it(base):
+    import bitsandbytes as bnb
+
+    plain = ms.build_plain(TINY, CPU, torch.bfloat16, base=base)
+    layers = ms.decoder_layers(plain)
+    assert len(layers) == plain.config.num_hidden_layers == 2
+    quantized = [m for m in plain.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 14 and all(m.weight.dtype == torch.uint8 for m in quantized)
+    assert all(m.weight.quant_state.nested == (base == "nf4-double") for m in quantized)
+    assert plain.meft_base["bnb_4bit_use_double_quant"] == (base == "nf4-double")
+    assert type(plain.lm_head) is torch.nn.Linear and plain.lm_head.weight.dtype == torch.bfloat16
+    losses = {}
+    for method in ("lora+gc+chunked-loss", "lora+offload-gc+chunked-loss", "meft1+offload", "meft3-queries"):
+        model, undo = ms.build_shared(plain, TINY, method, CPU, torch.bfloat16)
+        try:
+            if method.startswith("meft"):
+                # the quantized layers are the base's own modules, not copies
+                shared = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+                assert len(shared) == 14 and {id(m) for m in shared} == {id(m) for m in quantized}
+            arm = ms.Arm(model, TINY, method, CPU, torch.bfloat16, undo)
+            [row] = ms.measure_arm(arm, "tiny-llama", [64], steps=1)
+            losses[method] = row["loss"]
+            assert row["trainable"] > 0 and math.isfinite(row["loss"])
+        finally:
+            ms._close(arm)
+    # the same frozen base: every arm starts from about the same loss (adapters near zero)
+    assert max(losses.values()) - min(losses.values()) < 0.05 * max(losses.values()), losses
+
+
+@needs_bitsandbytes
+def test_meft_on_a_4bit_base_gives_plain_autograds_gradients_bit_for_bit():
+    plain = ms.build_plain(TINY, CPU, torch.bfloat16, base="nf4")
+    batch = ms.make_batch(TINY, plain.config, CPU)
+    for method in ("meft1", "meft3-queries+offload"):
+        model, _ = ms.build_shared(plain, TINY, method, CPU, torch.bfloat16)
+        reversible = _cpu_grads(model, batch, "reversible")
+        vanilla = _cpu_grads(model, batch, "vanilla")
+        assert reversible.keys() == vanilla.keys() and len(reversible) > 0
+        assert all(torch.equal(reversible[n], vanilla[n]) for n in reversible), method
+
+
+def _cpu_grads(model, batch, mode: str) -> dict:
+    model.zero_grad(set_to_none=True)
+    with model.meft_backward(mode):
+        model(**batch).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
