@@ -296,6 +296,24 @@ def _what_trains(facts: CardFacts) -> str:
     return "only the adapters train"
 
 
+def _stored_quantization_lines(facts: CardFacts) -> list[str]:
+    """For a checkpoint converted from one published in 4 bits: how its layers are stored and load."""
+    q = (facts.plm_config or {}).get("quantization_config")
+    if not (isinstance(q, dict) and q.get("quant_method") == "bitsandbytes" and q.get("load_in_4bit")):
+        return []
+    details = [q.get("bnb_4bit_quant_type", "fp4").upper()]
+    if q.get("bnb_4bit_use_double_quant"):
+        details.append("double quantization")
+    if q.get("bnb_4bit_compute_dtype"):
+        details.append(f"computing in {q['bnb_4bit_compute_dtype']}")
+    return [
+        (f"The pretrained layers' linear projections are stored in 4 bits (bitsandbytes, {', '.join(details)}), as"
+         f" in `{facts.source}`, and `config.json` keeps its `quantization_config`: the model loads in 4 bits as it"
+         " is, without re-quantizing (`pip install bitsandbytes`); the adapters and any task head stay unquantized."),
+        "",
+    ]
+
+
 def model_card(facts: CardFacts) -> str:
     """The README.md of a converted checkpoint."""
     s = facts.settings
@@ -317,6 +335,7 @@ def model_card(facts: CardFacts) -> str:
         (f"Trainable parameters: {facts.trainable:,} of {facts.total:,} ({percent:.4f}%): {_what_trains(facts)};"
          " the pretrained weights are frozen and kept byte for byte."),
         "",
+        *_stored_quantization_lines(facts),
         *calibration_lines(facts.calibration),
         "## Verification at conversion",
         "",

@@ -35,6 +35,7 @@ from .weights import (
     find_weights,
     layer_dtype,
     layer_prefix,
+    quantized_modules,
     write_weights,
 )
 
@@ -209,18 +210,28 @@ def read_config_json(folder: Path) -> dict:
         raise BadInputError(f"{path} is not valid JSON ({e})") from None
 
 
+def is_bnb_4bit(quantization: dict) -> bool:
+    """Whether a config.json's quantization_config is bitsandbytes' 4-bit one (NF4 or FP4)."""
+    return quantization.get("quant_method") == "bitsandbytes" and bool(quantization.get("load_in_4bit"))
+
+
+def _quantization_name(quantization: dict) -> str:
+    method = quantization.get("quant_method", "quantization_config")
+    return f"{method} 8-bit" if method == "bitsandbytes" and quantization.get("load_in_8bit") else method
+
+
 def _read_config(folder: Path) -> dict:
     config = read_config_json(folder)
     model_type = config.get("model_type")
     if isinstance(model_type, str) and model_type.startswith("meft_"):
         raise BadInputError(f"{folder} is already a MEFT checkpoint ({model_type})")
     quantization = config.get("quantization_config")
-    if isinstance(quantization, dict):
-        # its tensors are packed integers and their scales, not the weights conversion copies and calibrates on
+    if isinstance(quantization, dict) and not is_bnb_4bit(quantization):
+        # only bitsandbytes' 4-bit layout is read: other packings mean nothing to conversion
         raise BadInputError(
-            f"{folder} is a quantized checkpoint ({quantization.get('quant_method', 'quantization_config')}); convert "
-            "the unquantized original instead and load the result quantized: from_pretrained(OUTPUT, "
-            "trust_remote_code=True, quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))"
+            f"{folder} is a quantized checkpoint ({_quantization_name(quantization)}), and only bitsandbytes 4-bit "
+            "checkpoints (*-bnb-4bit) convert as they are; convert the unquantized original instead and load the result "
+            "quantized: from_pretrained(OUTPUT, trust_remote_code=True, quantization_config=BitsAndBytesConfig(...))"
         )
     try:
         family_for(model_type)
@@ -345,6 +356,15 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     from .verify import quiet_transformers
 
     family = family_for(raw_config["model_type"])
+    # a 4-bit checkpoint's packed weights have their own shapes; their quantization state (a few
+    # tensors beside each) is theirs too, copied byte for byte like every other tensor
+    packed = quantized_modules(weights.tensors)
+    packed_weights = {module + ".weight" for module in packed}
+    if isinstance(raw_config.get("quantization_config"), dict) and not packed:
+        raise BadInputError(
+            f"{source}/config.json declares bitsandbytes 4-bit weights, but no tensor of the checkpoint is packed (none "
+            "has its quantization state): save the 4-bit model again with save_pretrained, or remove quantization_config"
+        )
     with quiet_transformers():
         plm_config = transformers.AutoConfig.from_pretrained(source)
     config, auto_class, library_class = meft_config(
@@ -386,11 +406,13 @@ def _plan(options: ConvertOptions, settings: dict, source: Path, raw_config: dic
     mismatched = []
     for key, tensor in library_keys.items():
         info = weights.tensors.get(file_name(key))
+        if file_name(key) in packed_weights:
+            continue
         if info is not None and tuple(info.shape) != tuple(tensor.shape):
             mismatched.append(f"{file_name(key)}: checkpoint {tuple(info.shape)}, config {tuple(tensor.shape)}")
     if mismatched:
         raise BadInputError("tensor shapes do not match the config: " + "; ".join(mismatched[:3]))
-    mapped = {file_name(k) for k in library_keys}
+    mapped = {file_name(k) for k in library_keys} | {key for keys in packed.values() for key in keys}
     # a tensor tied to another (OPT's and GPT-2's lm_head is their embedding matrix) is loaded
     # with the one it is tied to: it is missing from the checkpoint only if all its ties are
     ties: dict[int, set[str]] = {}
@@ -498,7 +520,7 @@ def _plan_without_torch(options: ConvertOptions, settings: dict, raw_config: dic
     gives back unchanged: the MEFT config.json is then its entries plus the MEFT ones, as
     meft_config() adds them. None otherwise, and wherever something is wrong: the plan made with
     torch and transformers (_plan) then decides, and names what is wrong."""
-    if options.verify or options.num_labels is not None:
+    if options.verify or options.num_labels is not None or "quantization_config" in raw_config:
         return None
     family = family_for(raw_config["model_type"])
     dtype = layer_dtype(family, weights.tensors)
@@ -593,6 +615,21 @@ def _publish(tmp: Path, output: Path) -> None:
         tmp.rename(output)
 
 
+def _refuse_without_bitsandbytes(options: ConvertOptions, raw_config: dict, weights: SourceWeights) -> None:
+    """A checkpoint published in 4 bits runs only through bitsandbytes: calibration and verification need it."""
+    import importlib.util
+
+    if "quantization_config" not in raw_config or importlib.util.find_spec("bitsandbytes") is not None:
+        return
+    family = family_for(raw_config["model_type"])
+    runs = options.verify or options.measured(sixteen_bit=layer_dtype(family, weights.tensors) in ("F16", "BF16"))
+    if runs:
+        raise BadInputError(
+            "this checkpoint is stored in 4 bits, which only bitsandbytes computes with, and conversion runs it to "
+            "calibrate and verify: pip install 'meft-convert[bnb]' (or give every setting and --no-verify)"
+        )
+
+
 def _checked_settings(options: ConvertOptions, log: Callable[[str], None]) -> dict:
     settings = options.meft_settings()
     if settings["variant"] == "meft2" and settings["lambda_"] < 1:
@@ -633,6 +670,7 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
         if settings is None:
             settings = _checked_settings(options, log)
         raw_config = _read_config(source)
+        _refuse_without_bitsandbytes(options, raw_config, weights)
         plan = _plan_without_torch(options, settings, raw_config, weights)
         if plan is None:
             plan = _plan(options, settings, source, raw_config, weights)

@@ -170,6 +170,15 @@ class Quantization:
         return f"NF4/FP4 (4-bit), double quant {'on' if self.double_quant else 'off'}"
 
 
+def stored_quantization(config: dict) -> Quantization | None:
+    """How a checkpoint published quantized (*-bnb-4bit) stores its layers, from config.json's
+    quantization_config: bitsandbytes 4-bit, with or without double quantization; None otherwise."""
+    q = config.get("quantization_config")
+    if isinstance(q, dict) and q.get("quant_method") == "bitsandbytes" and q.get("load_in_4bit"):
+        return Quantization(4, bool(q.get("bnb_4bit_use_double_quant")))
+    return None
+
+
 ARM_LABELS = {
     "full": "full fine-tuning",
     "lora": "LoRA (r=8, q and v)",
@@ -512,7 +521,9 @@ def estimate_memory(
     MEFT3's; a converted model's config.json holds its calibrated ones), or per variant through
     variant_scales {variant: (λ, β)}; `layers` overrides the config's depth; stream_bits defaults to 32 for 16-bit models, 64 for fp32.
     `quantization` stores the PLM's linear layers in 4 or 8 bits (a QLoRA-style base, computing
-    in `dtype`): full fine-tuning, which trains those weights, is then left out."""
+    in `dtype`): full fine-tuning, which trains those weights, is then left out. A checkpoint
+    published in 4 bits (config.json's quantization_config) is taken as it is stored unless
+    `quantization` says otherwise."""
     if not (isinstance(batch_size, int) and batch_size > 0 and isinstance(seq_len, int) and seq_len > 0):
         raise BadInputError(f"batch size and sequence length must be positive integers, got {batch_size} and {seq_len}")
     s = read_shape(config, layers)
@@ -523,6 +534,7 @@ def estimate_memory(
         if v not in VARIANTS:
             raise BadInputError(f"variant must be one of {', '.join(VARIANTS)}, got {v!r}")
     bits = stream_bits or (64 if dtype == "fp32" else 32)
+    quantization = quantization or stored_quantization(config)
     step = Step(s, batch_size * seq_len, DTYPE_BYTES[dtype], bits, recompute_chunk_tokens, loss_chunk_size, quantization)
     arms = {} if quantization else {"full": arm_full(step)}  # quantized weights cannot train
     arms |= {

@@ -179,16 +179,35 @@ def layer_prefix(keys: Iterable[str], family: Family) -> str | None:
     return None
 
 
+# what a bitsandbytes 4-bit checkpoint stores beside a packed `.weight`: its quantization state,
+# whose last entry is named after the quant type (".weight.quant_state.bitsandbytes__nf4")
+QUANT_STATE_MARKER = ".weight.quant_state.bitsandbytes__"
+
+
+def quantized_modules(keys: Iterable[str]) -> dict[str, list[str]]:
+    """The modules a 4-bit checkpoint stores packed, by name: the keys of each one's packed weight
+    and quantization state (absmax, quant_map, nested ones with double quantization)."""
+    keys = list(keys)
+    modules = {key.split(QUANT_STATE_MARKER)[0] for key in keys if QUANT_STATE_MARKER in key}
+    owned: dict[str, list[str]] = {module: [] for module in modules}
+    for key in keys:
+        module = key.split(".weight", 1)[0]
+        if module in owned:
+            owned[module].append(key)
+    return owned
+
+
 def layer_dtype(family: Family, tensors: Mapping) -> str:
     """The dtype of the PLM's layers by its safetensors name ("BF16"): that of the first float
     tensor of the first layer, "F32" if it has none. `tensors`, by name: header entries
-    (TensorInfo) or torch tensors (a model's parameters: a quantized layer's state also holds
-    float32 scales beside its integers, while its norms keep the dtype the model computes in).
+    (TensorInfo) or torch tensors (a model's parameters). A quantized layer's state holds its
+    packed integers and float32 quantization state; its norms keep the dtype the model computes in.
     The adapters are stored in this dtype, and calibration and verification run in it."""
     layer0 = (layer_prefix(tensors, family) or "") + family.stacks[0].layers + ".0."
     for key, tensor in tensors.items():
         name = tensor.dtype if isinstance(tensor.dtype, str) else _TORCH_FLOAT_NAMES.get(str(tensor.dtype))
-        if key.startswith(layer0) and name in FLOAT_DTYPES:
+        # weights and biases only: a 4-bit checkpoint's layers also hold float32 quantization state
+        if key.startswith(layer0) and key.endswith(("weight", "bias")) and name in FLOAT_DTYPES:
             return name
     return "F32"
 

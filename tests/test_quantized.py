@@ -193,15 +193,88 @@ def test_a_head_quantized_before_meft_is_refused_naming_the_skip_list(tmp_path):
         get_meft_model(plm, variant="meft3")
 
 
-def test_converting_a_quantized_checkpoint_says_to_convert_the_original(tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize("declared,message", [
+    (dict(quant_method="bitsandbytes", load_in_4bit=True), "declares bitsandbytes 4-bit weights, but no tensor"),
+    (dict(quant_method="bitsandbytes", load_in_8bit=True), r"quantized checkpoint \(bitsandbytes 8-bit\), and only"),
+    (dict(quant_method="gptq", bits=4), r"quantized checkpoint \(gptq\), and only bitsandbytes 4-bit"),
+])
+def test_a_quantized_checkpoint_other_than_a_saved_4bit_one_is_refused_by_name(tiny_checkpoints, tmp_path, declared,
+                                                                               message):
+    """A config that declares quantization its tensors do not have, or a packing conversion cannot
+    read: one error naming it, and nothing written."""
     source = tmp_path / "quantized"
     shutil.copytree(tiny_checkpoints["llama"], source)
     config = json.loads((source / "config.json").read_text())
-    config["quantization_config"] = BNB(load_in_4bit=True).to_dict()
+    config["quantization_config"] = declared
     (source / "config.json").write_text(json.dumps(config))
-    with pytest.raises(BadInputError, match="quantized checkpoint \\(bitsandbytes\\); convert the unquantized original"):
+    with pytest.raises(BadInputError, match=message):
         convert(ConvertOptions(model=str(source), output=tmp_path / "out", show_progress=False), log=lambda _: None)
     assert not (tmp_path / "out").exists()
+
+
+# --- a checkpoint published in 4 bits (*-bnb-4bit) as the converter's input -------------------
+
+
+def _save_in_4bit(source, folder, quantization: BNB):
+    """What a *-bnb-4bit checkpoint is: a model loaded in 4 bits and saved (packed weights, their
+    quantization state, quantization_config in config.json)."""
+    with quiet_transformers():
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, quantization_config=quantization,
+                                                                  device_map="cpu")
+    model.save_pretrained(folder)
+    return folder
+
+
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def llama_bnb_4bit(tiny_checkpoints, tmp_path_factory):
+    return _save_in_4bit(tiny_checkpoints["llama"], tmp_path_factory.mktemp("bnb-4bit") / "llama-bnb-4bit",
+                         QUANTIZATIONS["nf4-double-fp16"]())
+
+
+def test_a_4bit_checkpoint_converts_as_it_is_and_trains_in_4_bits_exactly(llama_bnb_4bit, tmp_path):
+    """Converted with every default (calibrated and verified against the same 4-bit original): every
+    tensor byte for byte, quantization_config kept, loaded back in 4 bits with no quantization config
+    given and the very packed weights (nothing quantized again), reversible gradients plain
+    autograd's bit for bit."""
+    out = convert(ConvertOptions(model=str(llama_bnb_4bit), output=tmp_path / "out", show_progress=False),
+                  log=lambda _: None)
+    report = json.loads((out / "meft_report.json").read_text())
+    assert report["passed"] and report["problems"] == [] and report["gradients"]["bitwise_equal"] == 16
+    assert len(report["reconstruction"]) == 2 and all(r["differing_elements"] == 0 for r in report["reconstruction"])
+    source, converted = _tensors(llama_bnb_4bit), _tensors(out)
+    assert set(source) < set(converted)
+    assert all(converted[k].dtype == t.dtype and torch.equal(converted[k], t) for k, t in source.items())
+    assert {k for k in set(converted) - set(source)} == {k for k in converted if ".meft." in k}
+    config, original = (json.loads((f / "config.json").read_text()) for f in (out, llama_bnb_4bit))
+    assert config["quantization_config"] == original["quantization_config"]
+    assert "4 bits (bitsandbytes, NF4, double quantization, computing in float16)" in (out / "README.md").read_text()
+
+    with quiet_transformers():
+        model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, device_map="cpu",
+                                                                  attention_dropout=0.1)
+    assert_adapters_and_head_unquantized(model, QUANTIZATIONS["nf4-double-fp16"](), head=None)
+    packed = {n: m.weight for n, m in model.named_modules() if isinstance(m, _quantized_class(BNB(load_in_4bit=True)))}
+    assert all(torch.equal(w.data, source[n + ".weight"]) for n, w in packed.items())
+    gradients = assert_reversible_equals_plain_autograd(model, "AutoModelForCausalLM")
+    assert len(gradients) == 16
+
+
+def test_the_estimate_takes_a_4bit_checkpoint_as_it_is_stored(llama_bnb_4bit, tiny_checkpoints):
+    from meft_convert.estimate import estimate_memory, load_config
+
+    stored = estimate_memory(load_config(str(llama_bnb_4bit), None, None), 1, 64)
+    plain = estimate_memory(load_config(str(tiny_checkpoints["llama"]), None, None), 1, 64)
+    assert "full" in plain["arms"] and "full" not in stored["arms"]  # 4-bit weights cannot train
+    assert stored["arms"]["meft3"]["static_gib"] < plain["arms"]["meft3"]["static_gib"]
 
 
 # --- the real SmolLM2-135M in NF4 ------------------------------------------------------------
