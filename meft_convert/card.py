@@ -186,6 +186,9 @@ def verification_rows(report: VerificationReport) -> list[tuple[str, str]]:
         rows.append(("perplexity (original's)", f"{f.perplexity:.4g} ({f.original_perplexity:.4g})"))
         if f.original_float32_perplexity is not None:
             rows.append(("original's perplexity computed in float32", f"{f.original_float32_perplexity:.4g}"))
+        if f.original_perturbed_perplexities:
+            rows.append(("original's perplexity with its embeddings scaled by 1 ± 2^-16",
+                         ", ".join(f"{p:.4g}" for p in f.original_perturbed_perplexities)))
     if f.top1_agreement is not None:
         rows.append(("top-1 prediction agreement", f"{100 * f.top1_agreement:.2f}%"))
         rows.append(("KL divergence original → converted", f"{f.kl_mean:.3e}"))

@@ -68,6 +68,8 @@ class Fidelity:
     original_perplexity: float | None = None
     # fp16/bf16 causal LMs: the original's with its weights computed in float32 (calibrate.TARGET)
     original_float32_perplexity: float | None = None
+    # ... and with its embeddings scaled by 1 ± 2^-16 (calibrate.NOISE_FACTORS, calibrate.TARGET)
+    original_perturbed_perplexities: list | None = None
 
 
 @dataclass
@@ -189,7 +191,8 @@ def _forward(model, inputs, lm: bool):
 
 
 def _fidelity(reference, converted, mask: torch.Tensor, ids: torch.Tensor | None = None,
-              reference_float32_logits: torch.Tensor | None = None) -> Fidelity:
+              reference_float32_logits: torch.Tensor | None = None,
+              reference_perturbed_logits: list[torch.Tensor] | None = None) -> Fidelity:
     """Cosine per real token; for LM heads top-1 agreement and KL; with `ids` (a causal LM on
     one sequence) the perplexity of both, and of the original computed in float32 if given
     (calibrate.float32_logits)."""
@@ -207,6 +210,8 @@ def _fidelity(reference, converted, mask: torch.Tensor, ids: torch.Tensor | None
             fidelity.perplexity = calibrate.perplexity(l1, ids[0])
             if reference_float32_logits is not None:
                 fidelity.original_float32_perplexity = calibrate.perplexity(reference_float32_logits, ids[0])
+            if reference_perturbed_logits is not None:
+                fidelity.original_perturbed_perplexities = [calibrate.perplexity(l, ids[0]) for l in reference_perturbed_logits]
     return fidelity
 
 
@@ -218,6 +223,7 @@ def _target_figures(fidelity: Fidelity, dtype: torch.dtype) -> dict:
             "original_perplexity": fidelity.original_perplexity,
             "perplexity_change": fidelity.perplexity / fidelity.original_perplexity - 1,
             "original_float32_perplexity": fidelity.original_float32_perplexity,
+            "original_perturbed_perplexities": fidelity.original_perturbed_perplexities,
             "top1_agreement": fidelity.top1_agreement,
             "top1_target": calibrate.top1_min_for(dtype),
         }
@@ -326,11 +332,13 @@ def verify_conversion(
         allow_low_fidelity = bool(calibration.get("allow_low_fidelity", False))
     text = calibrate.text_inputs(original, config)
     causal = auto_class_name == calibrate.CAUSAL_LM
+    judged = calibrate.computing_dtype(plm, dtype)  # a 4-bit original's compute dtype sets its targets
     with torch.no_grad():
-        in_float32 = calibrate.float32_logits(plm, text, causal, dtype)
+        in_float32 = calibrate.float32_logits(plm, text, causal, judged)
+        perturbed = calibrate.perturbed_logits(plm, text, causal, judged)
         fidelity = _fidelity(
             _forward(plm, text, lm), _forward(meft, text, lm), text["attention_mask"], text["input_ids"] if causal else None,
-            in_float32,
+            in_float32, perturbed,
         )
     del plm
     settings = config.meft_settings()
@@ -343,7 +351,7 @@ def verify_conversion(
         dtype=str(dtype).removeprefix("torch."),
     )
     losses = []
-    missed = calibrate.shortfall(_target_figures(fidelity, dtype))
+    missed = calibrate.shortfall(_target_figures(fidelity, judged))
     if missed:
         searched = {"lambda_", "beta"} & set(calibration.get("auto", ()))
         if calibration.get("meets_target") is False and searched:  # `auto` searched and found no scale that meets it

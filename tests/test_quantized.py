@@ -282,6 +282,12 @@ def test_the_estimate_takes_a_4bit_checkpoint_as_it_is_stored(llama_bnb_4bit, ti
 TOKENS = 256
 
 
+def _perplexity_and_predictions(model, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+    with torch.no_grad():
+        logits = model.eval()(input_ids=ids).logits[0].float()
+    return math.exp(nn.functional.cross_entropy(logits[:-1], ids[0, 1:]).item()), logits.argmax(-1)
+
+
 @pytest.fixture(scope="module")
 def smollm2_meft3(smollm2, tmp_path_factory):
     """SmolLM2 converted with the scales its default conversion chooses (MEFT3: λ = 2^-11,
@@ -299,19 +305,13 @@ def test_smollm2_in_nf4_keeps_the_quantized_originals_perplexity(smollm2, smollm
     is 32.41)."""
     ids = transformers.AutoTokenizer.from_pretrained(smollm2)(wikitext_test, return_tensors="pt")["input_ids"][:, :TOKENS]
     config = QUANTIZATIONS["nf4-bf16"]()
-
-    def perplexity_and_predictions(model):
-        with torch.no_grad():
-            logits = model.eval()(input_ids=ids).logits[0].float()
-        return math.exp(nn.functional.cross_entropy(logits[:-1], ids[0, 1:]).item()), logits.argmax(-1)
-
     with quiet_transformers():
         original = transformers.AutoModelForCausalLM.from_pretrained(smollm2, quantization_config=config, device_map="cpu")
-    ppl0, predicted0 = perplexity_and_predictions(original)
+    ppl0, predicted0 = _perplexity_and_predictions(original, ids)
     del original
     model = _load(smollm2_meft3, "AutoModelForCausalLM", config)
     assert sum(isinstance(m, _quantized_class(config)) for m in model.modules()) == 30 * 7
-    ppl, predicted = perplexity_and_predictions(model)
+    ppl, predicted = _perplexity_and_predictions(model, ids)
     assert 37 < ppl0 < 40
     assert abs(ppl / ppl0 - 1) <= 0.01, (ppl, ppl0)
     assert (predicted == predicted0).float().mean().item() >= 0.95
@@ -332,3 +332,28 @@ def test_smollm2_in_nf4_trains_with_plain_autograds_gradients(smollm2, smollm2_m
     assert all(torch.equal(grads["reversible"][n], grads["vanilla"][n]) for n in names)
     ups = [n for n in names if n.endswith("up_proj.weight")]
     assert len(ups) == 60 and all(grads["reversible"][n].abs().sum() > 0 for n in ups)
+
+
+@pytest.mark.slow
+def test_smollm2_published_in_nf4_converts_with_defaults_and_keeps_its_start(smollm2, wikitext_test, tmp_path):
+    """SmolLM2 saved in NF4 (bf16 compute), as a *-bnb-4bit checkpoint is, then converted with every
+    default: calibration and verification run on the 4-bit original and pass, and on 256 wikitext
+    tokens the converted model, loaded as it is stored, keeps the 4-bit original's perplexity within
+    1% and its top-1 predictions on at least 95% of the tokens."""
+    published = _save_in_4bit(smollm2, tmp_path / "smollm2-bnb-4bit", QUANTIZATIONS["nf4-bf16"]())
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (smollm2 / name).exists():
+            shutil.copyfile(smollm2 / name, published / name)
+    out = convert(ConvertOptions(model=str(published), output=tmp_path / "meft", show_progress=False), log=lambda _: None)
+    report = json.loads((out / "meft_report.json").read_text())
+    assert report["passed"] and report["gradients"]["bitwise_equal"] == report["gradients"]["tensors"] > 0
+    ids = transformers.AutoTokenizer.from_pretrained(smollm2)(wikitext_test, return_tensors="pt")["input_ids"][:, :TOKENS]
+    with quiet_transformers():
+        original = transformers.AutoModelForCausalLM.from_pretrained(published, device_map="cpu")
+        model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, device_map="cpu")
+    ppl0, predicted0 = _perplexity_and_predictions(original, ids)
+    ppl, predicted = _perplexity_and_predictions(model, ids)
+    assert sum(isinstance(m, _quantized_class(BNB(load_in_4bit=True))) for m in model.modules()) == 30 * 7
+    assert 37 < ppl0 < 40
+    assert abs(ppl / ppl0 - 1) <= 0.01, (ppl, ppl0)
+    assert (predicted == predicted0).float().mean().item() >= 0.95
