@@ -57,6 +57,8 @@ HELP = """Convert MODEL into an exact-reversible MEFT checkpoint in OUTPUT.
 
 MODEL is a local folder or a Hugging Face model id, resolved through the Hugging Face
 cache (set HF_HUB_OFFLINE=1 to use only the cache). Supported model types: {families}.
+A checkpoint published in bitsandbytes 4-bit (*-bnb-4bit) converts as it is stored and
+loads back in 4 bits (calibrating and verifying it needs bitsandbytes).
 
 The result loads anywhere with transformers and trust_remote_code=True:
 
