@@ -267,6 +267,12 @@ def test_a_4bit_checkpoint_converts_as_it_is_and_trains_in_4_bits_exactly(llama_
     gradients = assert_reversible_equals_plain_autograd(model, "AutoModelForCausalLM")
     assert len(gradients) == 16
 
+    # `meft-convert check` verifies it again against the same 4-bit original, with the same figures
+    from meft_convert.check import check_checkpoint
+
+    checked = check_checkpoint(str(out), original=str(llama_bnb_4bit), log=lambda _: None)
+    assert checked.code.identical and checked.report.passed and checked.figure_differences == {}
+
 
 def test_the_estimate_takes_a_4bit_checkpoint_as_it_is_stored(llama_bnb_4bit, tiny_checkpoints):
     from meft_convert.estimate import estimate_memory, load_config
