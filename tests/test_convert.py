@@ -614,3 +614,24 @@ def test_a_folder_converted_without_torch_loads_and_computes_as_the_one_converte
         with torch.no_grad():
             outputs.append(model(input_ids=ids).logits)
     assert torch.isfinite(outputs[0]).all() and torch.equal(outputs[0], outputs[1])
+
+
+def test_a_checkpoint_written_before_the_engine_reshape_loads_and_trains(tiny_checkpoints, tmp_path):
+    """The config.json that 73cb13c wrote for the tiny LLaMA (tests/data/checkpoints): today's code
+    reads the same settings from it, and the model loads with it and trains exactly."""
+    from tests.test_modeling import assert_reversible_equals_plain_autograd
+
+    old = json.loads((Path(__file__).parent / "data" / "checkpoints" / "tinyllama-meft3-73cb13c.config.json").read_text())
+    settings = {key: old[key] for key in ("variant", "adapter_init", "stream_bits")}
+    out = convert(ConvertOptions(model=str(tiny_checkpoints["llama"]), output=tmp_path / "out", lambda_=old["lambda_"],
+                                 beta=old["beta"], verify=False, show_progress=False, **settings), log=lambda _: None)
+    written = json.loads((out / "config.json").read_text())
+    kept = {k: v for k, v in written.items() if k not in ("meft_code_sha256", "meft_calibration", "meft_base_model_local",
+                                                          "meft_base_model")}
+    assert kept == {k: old[k] for k in kept}  # the same entries, key for key
+    (out / "config.json").write_text(json.dumps(old))
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, attention_dropout=0.1)
+    assert type(model).__name__ == old["architectures"][0]
+    assert model.config.meft_settings() == {k: old[k] for k in model.config.meft_settings()}
+    gradients = assert_reversible_equals_plain_autograd(model, "AutoModelForCausalLM")
+    assert len(gradients) == 16
