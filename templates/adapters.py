@@ -40,6 +40,7 @@ class MeftAdapter(nn.Module):
         # checkpoint lacks module by module, and the PLM's rule must not apply to these
         self.down_proj._meft_init = (init_std, False)
         self.up_proj._meft_init = (init_std, init == "zero")
+        self.disabled = False  # set by the model's disable_adapter(): the adapter then outputs zeros
         self.reset_parameters()
 
     @torch.no_grad()
@@ -57,6 +58,8 @@ class MeftAdapter(nn.Module):
             param.copy_(torch.from_numpy(drawn[name]))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return torch.zeros_like(hidden_states)
         # the weights stay float32 (an optimizer step on 16-bit weights under- and overflows);
         # the adapter computes in the dtype of the model it sits in, as the frozen layers do
         dtype = hidden_states.dtype

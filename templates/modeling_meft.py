@@ -619,6 +619,26 @@ class MeftModelMixin:
         ]
 
     @contextlib.contextmanager
+    def disable_adapter(self):
+        """Inside, every adapter outputs zeros (peft's name and meaning): the model is the
+        converted PLM alone, its scaled streams included, as it was before any training with
+        zero-initialised adapters. For a reference model that needs no second copy (DPO's):
+
+            with torch.no_grad(), model.disable_adapter():
+                reference_logits = model(**batch).logits
+
+        A trained head stays as it is. Run a training step's forward and backward on one side of it."""
+        adapters = [m for m in self.modules() if isinstance(m, MeftAdapter)]
+        previous = [adapter.disabled for adapter in adapters]
+        for adapter in adapters:
+            adapter.disabled = True
+        try:
+            yield self
+        finally:
+            for adapter, disabled in zip(adapters, previous):
+                adapter.disabled = disabled
+
+    @contextlib.contextmanager
     def meft_backward(self, mode: str):
         """Temporarily train with `mode`: "reversible" (default) or "vanilla" (ordinary autograd
         through the same couplings: the reference for gradients, and a debugging aid)."""

@@ -401,3 +401,28 @@ def test_offloading_remainders_is_decided_by_the_step_size():
     assert offload_wanted(True, 1, on_cuda=True) and not offload_wanted(False, 10**6, on_cuda=True)
     model = build("tinyllama-1.1b", "AutoModelForCausalLM", variant="meft3")
     assert model.config.offload_remainders == "auto" and model.meft_layers.offload_remainders == "auto"
+
+
+@pytest.mark.parametrize("name,variant", [("llama", "meft1"), ("opt-125m", "meft2"), ("gpt2", "meft3")])
+def test_disable_adapter_gives_the_model_with_silent_adapters_exactly(converted, name, variant):
+    """Inside disable_adapter() every adapter outputs zeros: the logits are bit for bit those of
+    the same model with its up-projections zeroed (adapters that output exactly zero), and outside
+    they are the trained adapters' again."""
+    folder, _ = converted(name, variant, adapter_init="paper", allow_low_fidelity=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    ids = torch.randint(4, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with_adapters = model(input_ids=ids).logits
+        with model.disable_adapter():
+            with model.disable_adapter():  # nested: restores what it found
+                pass
+            disabled = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+        ups = [m.up_proj for m in model.modules() if type(m).__name__ == "MeftAdapter"]
+        assert ups and all(p.abs().sum() > 0 for p in (u.weight for u in ups))
+        for up in ups:
+            up.weight.zero_()
+            up.bias.zero_()
+        silent = model(input_ids=ids).logits
+    assert torch.equal(disabled, silent)
+    assert torch.equal(again, with_adapters) and not torch.equal(with_adapters, disabled)
