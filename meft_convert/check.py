@@ -57,7 +57,8 @@ def _original_of(config: dict) -> tuple[str, str | None]:
         return base, None
     if config.get("meft_base_model_local"):  # only the folder's name is recorded, never its path
         raise BadInputError(
-            f"the checkpoint was converted from a local folder named {base!r}; give its path with --original PATH"
+            f"the checkpoint was converted from a local folder named {base!r}; give its path with --original PATH "
+            "to verify it (the code is checked first either way; --no-verify checks only the code)"
         )
     model, _, revision = base.rpartition("@") if "@" in base else (base, "", "")
     return model, revision or None
