@@ -1,0 +1,64 @@
+"""TRL's SFTTrainer on a converted model, as LLM users fine-tune: its default config (gradient
+checkpointing on), packed rows and padding-free batches. Two steps of each train the adapters
+exactly as the plain-autograd oracle does, and the first loss is the original model's."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import transformers
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="needs trl (pip install -e '.[test]')")
+
+CONFIGS = {
+    "default": {},
+    "packing": dict(packing=True),
+    "padding-free": dict(padding_free=True, max_length=None),  # TRL enforces no max_length without packing
+}
+
+
+@pytest.fixture(scope="module")
+def data():
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(10, 40, (8,), generator=g).tolist()
+    return Dataset.from_list([{"input_ids": torch.randint(3, 1000, (n,), generator=g).tolist()} for n in lengths])
+
+
+def _train(model, data, tokenizer, tmp_path, mode: str = "reversible", **config) -> tuple[list[float], dict]:
+    """Two SGD steps of SFTTrainer; the logged losses and the trained parameters."""
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2,
+                     optim="sgd", use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0,
+                     **{"max_length": 64, **config})
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    context = model.meft_backward(mode) if hasattr(model, "meft_backward") else torch.enable_grad()
+    with context:
+        trainer.train()
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_sft_trainer_trains_a_converted_model_exactly(converted, tiny_checkpoints, minilm, data, tmp_path, config):
+    folder, _ = converted("llama", "meft1")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm)  # any tokenizer: the rows are token ids
+
+    def load():
+        return transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+
+    model = load()
+    losses, trained = _train(model, data, tokenizer, tmp_path, **CONFIGS[config])
+    assert model.is_gradient_checkpointing  # SFTConfig's default, which the reversible layers need not
+    oracle_losses, oracle = _train(load(), data, tokenizer, tmp_path, mode="vanilla", **CONFIGS[config])
+    assert losses == oracle_losses and len(losses) == 2
+    assert trained.keys() == oracle.keys() and all(torch.equal(trained[n], oracle[n]) for n in trained)
+    assert any(".meft." in n for n in trained)
+    # the first step starts where the original does (zero-initialised adapters, calibrated scales)
+    original = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], dtype=torch.float32)
+    original_losses, _ = _train(original, data, tokenizer, tmp_path, **CONFIGS[config])
+    assert abs(losses[0] - original_losses[0]) <= 1e-3 * original_losses[0], (losses[0], original_losses[0])
