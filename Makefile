@@ -62,7 +62,7 @@ test-slow: $(VENV)/.installed
 # supported transformers
 OLDEST_TESTS := tests/test_modeling.py tests/test_generation.py tests/test_families.py tests/test_losses.py \
 	tests/test_training.py tests/test_templates_standalone.py tests/test_mixed_precision.py tests/test_convert.py \
-	tests/test_api.py tests/test_quantized.py
+	tests/test_api.py tests/test_quantized.py tests/test_trl.py
 test-oldest: $(OLDEST)/.installed
 	$(OLDEST)/bin/python -m pytest -q $(OLDEST_TESTS)
 
