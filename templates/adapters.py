@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from transformers import initialization as init
@@ -9,6 +11,9 @@ from transformers.activations import ACT2FN
 
 # the init kinds and the values a fresh adapter is drawn with, in the torch-free table
 from .meft_table import ADAPTER_INITS, adapter_generator, draw_adapter  # noqa: F401
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class MeftAdapter(nn.Module):
