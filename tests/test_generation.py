@@ -56,7 +56,8 @@ def test_next_token_top1_agrees_on_every_position(near_identity, name, variant):
     with torch.no_grad():
         a, b = original(input_ids=ids).logits, converted(input_ids=ids).logits
     assert torch.equal(a.argmax(-1), b.argmax(-1))
-    assert (a - b).abs().max() < 1e-3
+    # measured 1.5e-8 (OPT-350m, MEFT1) to 2.0e-5 (Mistral, MEFT3), the largest logits 0.06 to 0.9
+    assert (a - b).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("variant", list(TINY_SCALES))

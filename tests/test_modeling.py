@@ -278,7 +278,7 @@ def test_small_scales_and_zero_adapters_keep_the_starting_point():
             a = original(input_ids=ids, attention_mask=mask).logits
             b = model(input_ids=ids, attention_mask=mask).logits
         assert torch.equal(a.argmax(-1), b.argmax(-1))
-        assert (a - b).abs().max() < 1e-3, variant
+        assert (a - b).abs().max() < 1e-5, variant  # measured 5.0e-7 to 1.8e-6; the largest logit is 0.055
 
 
 def test_output_stream_mean_is_the_average_of_the_streams():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -87,7 +88,9 @@ def test_every_auto_class_loads_without_meft_convert(standalone_results):
 @pytest.mark.slow
 def test_loaded_models_keep_the_starting_point_and_train_exactly(standalone_results):
     for r in standalone_results:
-        assert r["cosine_min"] > 0.5, r  # random tiny models; the verification reports hold the measured figures
+        # measured on these random tiny models: 0.9907 and above, but the tiny Qwen2's 0.881 (MEFT3) and 0.930
+        floor = 0.85 if "qwen2" in Path(r["folder"]).name else 0.985
+        assert r["cosine_min"] > floor, r
         assert r["grads_equal"] and r["n_grads"] > 0, r
         # after from_pretrained only the adapters and a new task head train
         head = {
