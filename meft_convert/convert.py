@@ -116,6 +116,15 @@ class ConvertOptions(MeftSettings):
     )
     revision: str | None = field(default=None, metadata=_option("Branch, tag or commit of a hub model."))
     force: bool = field(default=False, metadata=_option("Replace the output folder if it exists.", flag_only=True))
+    link: bool = field(
+        default=False,
+        metadata=_option(
+            "Hard-link the original's weight shards into the output instead of copying them (instant, no extra "
+            "disk): both names then share one file, so neither may be edited in place. Needs one file system; "
+            "shards whose header lacks `format: pt` are still copied (that entry is added).",
+            flag_only=True,
+        ),
+    )
     verify: bool = field(
         default=True,
         metadata=_option("Compare the result with the original: fidelity, reconstruction, gradients."),
@@ -666,7 +675,7 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = print) -> Path
         mark_partial(tmp, output)  # so that a run after this one, if it is killed, can clean up
         _use_umask(tmp)
         # the kernel copies the shards while torch and transformers load and the plan is made
-        copy = ShardCopy(weights, tmp, show_progress=options.show_progress).start()
+        copy = ShardCopy(weights, tmp, show_progress=options.show_progress, link=options.link).start()
         if settings is None:
             settings = _checked_settings(options, log)
         raw_config = _read_config(source)

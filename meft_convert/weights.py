@@ -140,6 +140,18 @@ def _copy_with_progress(src: Path, dst: Path, progress: tqdm) -> None:
             progress.update(len(chunk))
 
 
+def _link(src: Path, dst: Path, progress: tqdm) -> None:
+    """A hard link to the file `src` names (a hub cache's shards are links to its blobs)."""
+    try:
+        os.link(os.path.realpath(src), dst)
+    except OSError as e:
+        raise BadInputError(
+            f"could not hard-link {src} into {dst.parent} ({e.strerror}): --link needs both on one file system "
+            "that has hard links; leave it out to copy"
+        ) from None
+    progress.update(dst.stat().st_size)
+
+
 def _copy_adding_pt_metadata(src: Path, dst: Path, progress: tqdm) -> None:
     """A safetensors file without `format: pt` metadata (transformers wants it): the same file
     with that entry added to its JSON header; the tensor bytes, which the header addresses
@@ -268,8 +280,8 @@ class ShardCopy:
     the progress, waits and returns the shards' weight map, or raises what stopped the copy;
     cancel() stops it."""
 
-    def __init__(self, source: SourceWeights, out: Path, show_progress: bool = True):
-        self.source, self.out, self.show_progress = source, out, show_progress
+    def __init__(self, source: SourceWeights, out: Path, show_progress: bool = True, link: bool = False):
+        self.source, self.out, self.show_progress, self.link = source, out, show_progress, link
         n = len(source.files) + 1
         self.names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
         self._stop = threading.Event()
@@ -284,7 +296,9 @@ class ShardCopy:
     def _run(self) -> None:
         try:
             for file, name in zip(self.source.files, self.names):
-                if _has_pt_metadata(file):
+                if _has_pt_metadata(file) and self.link:
+                    _link(file, self.out / name, self._copied)
+                elif _has_pt_metadata(file):
                     _copy_with_progress(file, self.out / name, self._copied)
                 else:
                     _copy_adding_pt_metadata(file, self.out / name, self._copied)

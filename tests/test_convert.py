@@ -636,3 +636,28 @@ def test_a_checkpoint_written_before_the_engine_reshape_loads_and_trains(tiny_ch
     assert model.config.meft_settings() == {k: old[k] for k in model.config.meft_settings()}
     gradients = assert_reversible_equals_plain_autograd(model, "AutoModelForCausalLM")
     assert len(gradients) == 16
+
+
+def test_link_hard_links_the_shards_and_says_what_to_do_where_it_cannot(tiny_checkpoints, tmp_path, monkeypatch):
+    """--link: the output's PLM shard is the original's file (one inode), the model loads and the
+    original is untouched; where the file system refuses, one error names the way out and nothing is left."""
+    import errno
+    import shutil
+
+    source = tmp_path / "llama"
+    shutil.copytree(tiny_checkpoints["llama"], source)
+    options = dict(model=str(source), variant="meft1", verify=False, show_progress=False)
+    out = convert(ConvertOptions(output=tmp_path / "linked", link=True, **options), log=lambda _: None)
+    [original] = find_weights(source).files
+    shard = out / "model-00001-of-00002.safetensors"
+    assert shard.stat().st_ino == original.stat().st_ino and original.stat().st_nlink == 2
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert model.meft_layers is not None
+
+    def refuse(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", refuse)
+    with pytest.raises(BadInputError, match="--link needs both on one file system .* leave it out to copy"):
+        convert(ConvertOptions(output=tmp_path / "elsewhere", link=True, **options), log=lambda _: None)
+    assert not (tmp_path / "elsewhere").exists() and not list(tmp_path.glob(".elsewhere*"))
