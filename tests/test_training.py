@@ -231,3 +231,22 @@ def test_checkpointed_upper_layers_pass_gradients_to_routed_tensors():
     assert any(".encoder." in name for name in reference)
     for name, grad in reference.items():
         assert torch.equal(grad, checkpointed[name]), name
+
+
+@pytest.mark.parametrize("variant", ["meft1", "meft3"])
+def test_saved_tensor_hooks_such_as_activation_offloading_change_no_gradient(variant):
+    """What activation offloading installs (TRL's activation_offloading, torch's save_on_cpu):
+    saved-tensor hooks that move every tensor autograd saves away and back. Here they hand back
+    copies: the reversible backward still gives plain autograd's gradients bit for bit."""
+    from tests.test_modeling import assert_reversible_equals_plain_autograd
+
+    model = build("tinyllama-1.1b", "AutoModelForCausalLM", variant=variant, plm={"attention_dropout": 0.1})
+    packed = []
+
+    def pack(tensor):
+        packed.append(tensor.numel())
+        return tensor.clone()  # a copy, as a move to the host and back gives
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        assert_reversible_equals_plain_autograd(model, "AutoModelForCausalLM")
+    assert packed  # the hooks saw the saved tensors of both runs
