@@ -302,7 +302,9 @@ def _what_trains(facts: CardFacts) -> str:
 def _stored_quantization_lines(facts: CardFacts) -> list[str]:
     """For a checkpoint converted from one published in 4 bits: how its layers are stored and load."""
     q = (facts.plm_config or {}).get("quantization_config")
-    if not (isinstance(q, dict) and q.get("quant_method") == "bitsandbytes" and q.get("load_in_4bit")):
+    from .weights import is_bnb_4bit
+
+    if not is_bnb_4bit(q):
         return []
     details = [q.get("bnb_4bit_quant_type", "fp4").upper()]
     if q.get("bnb_4bit_use_double_quant"):

@@ -33,6 +33,7 @@ from .weights import (
     SourceWeights,
     copy_if_present,
     find_weights,
+    is_bnb_4bit,
     layer_dtype,
     layer_prefix,
     quantized_modules,
@@ -217,11 +218,6 @@ def read_config_json(folder: Path) -> dict:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadInputError(f"{path} is not valid JSON ({e})") from None
-
-
-def is_bnb_4bit(quantization: dict) -> bool:
-    """Whether a config.json's quantization_config is bitsandbytes' 4-bit one (NF4 or FP4)."""
-    return quantization.get("quant_method") == "bitsandbytes" and bool(quantization.get("load_in_4bit"))
 
 
 def _quantization_name(quantization: dict) -> str:

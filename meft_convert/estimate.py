@@ -39,6 +39,7 @@ from .templates.meft_table import (
     remainder_bits,
     remainder_layout,  # noqa: F401 (the engine's layout, read from here too)
 )
+from .weights import is_bnb_4bit
 
 GIB = 2**30
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -174,7 +175,7 @@ def stored_quantization(config: dict) -> Quantization | None:
     """How a checkpoint published quantized (*-bnb-4bit) stores its layers, from config.json's
     quantization_config: bitsandbytes 4-bit, with or without double quantization; None otherwise."""
     q = config.get("quantization_config")
-    if isinstance(q, dict) and q.get("quant_method") == "bitsandbytes" and q.get("load_in_4bit"):
+    if is_bnb_4bit(q):
         return Quantization(4, bool(q.get("bnb_4bit_use_double_quant")))
     return None
 

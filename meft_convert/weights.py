@@ -196,6 +196,13 @@ def layer_prefix(keys: Iterable[str], family: Family) -> str | None:
 QUANT_STATE_MARKER = ".weight.quant_state.bitsandbytes__"
 
 
+def is_bnb_4bit(quantization) -> bool:
+    """Whether a config.json's quantization_config is bitsandbytes' 4-bit one (NF4 or FP4), as a
+    checkpoint published in 4 bits (*-bnb-4bit) carries it."""
+    return (isinstance(quantization, dict) and quantization.get("quant_method") == "bitsandbytes"
+            and bool(quantization.get("load_in_4bit")))
+
+
 def quantized_modules(keys: Iterable[str]) -> dict[str, list[str]]:
     """The modules a 4-bit checkpoint stores packed, by name: the keys of each one's packed weight
     and quantization state (absmax, quant_map, nested ones with double quantization)."""
