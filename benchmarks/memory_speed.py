@@ -1143,12 +1143,12 @@ def run_shared(results: dict, out: Path, plain, shape_name: str, methods: list[s
 
 
 def max_context(results: dict, out: Path, plain, shape_name: str, methods: list[str], device, dtype, cap_gib: float,
-                limit: int, probes: int, budget: Budget, granule: int = 4096) -> None:
+                limit: int, probes: int, budget: Budget, granule: int = 4096, start: int | None = None) -> None:
     """The longest batch-1 sequence (a multiple of `granule`) that one training step of each arm
     runs within `cap_gib` of GPU memory (torch.cuda.set_per_process_memory_fraction). The first probe
-    is the length the arm's measured peaks predict (a line through peak against length, 3% under the
-    cap); then up in steps that double, or down, and bisection. A probe fits if the step ends
-    without OutOfMemoryError and the allocator reserved no more than the cap."""
+    is `start`, or else the length the arm's measured peaks predict (a line through peak against
+    length, 3% under the cap); then up in steps that double, or down, and bisection. A probe fits if
+    the step ends without OutOfMemoryError and the allocator reserved no more than the cap."""
     shape = SHAPES[shape_name]
     cuda = torch.cuda.is_available()
     cap = cap_gib * 2**30
@@ -1165,7 +1165,7 @@ def max_context(results: dict, out: Path, plain, shape_name: str, methods: list[
                 guess = (cap * 0.97 - line[0]) / line[1]
             else:
                 guess = 32768
-            guess = int(min(limit, max(granule, guess // granule * granule)))
+            guess = int(min(limit, max(granule, guess // granule * granule))) if start is None else start
             row = dict(shape=shape_name, method=method, cap_gib=cap_gib, limit=limit, predicted=guess, probes=[],
                        max_context=None, first_failing=None)
             results["max_context"].append(row)
@@ -1183,8 +1183,7 @@ def max_context(results: dict, out: Path, plain, shape_name: str, methods: list[
                         arm = Arm(model, shape, method, device, dtype, undo)
                         del model
                     batch = arm.batch(seq)
-                    if cuda:
-                        torch.cuda.reset_peak_memory_stats()
+                    _reset_peaks()
                     arm.step(batch)
                     _sync()
                     del batch
@@ -1200,8 +1199,10 @@ def max_context(results: dict, out: Path, plain, shape_name: str, methods: list[
                 reserved = torch.cuda.max_memory_reserved() if cuda else 0
                 if ok and cuda and reserved > cap:
                     ok, error = False, "reserved more than the cap"
+                host = _host_stats().get("allocated_bytes.peak")
                 row["probes"].append(dict(seq=seq, fits=ok, seconds=seconds, peak_gib=peak / 2**30,
-                                          reserved_gib=reserved / 2**30, error=error))
+                                          reserved_gib=reserved / 2**30, error=error,
+                                          host_gib=None if host is None else host / 2**30))
                 print(json.dumps(row["probes"][-1]), flush=True)
                 if ok:
                     budget.record(method, seq, seconds * 1000)
@@ -1238,6 +1239,61 @@ def max_context(results: dict, out: Path, plain, shape_name: str, methods: list[
     finally:
         if cuda:
             torch.cuda.set_per_process_memory_fraction(1.0, torch.device(device).index or 0)
+
+
+def measured_peaks(results: dict, shape_name: str, method: str) -> list[dict]:
+    """Every step of an arm that ran to the end at a known length: the timed rows and the
+    max-context probes that fit, each with its GPU peak and, offloaded, its pinned host memory."""
+    points = [dict(seq=r["seq"], peak_gib=r["peak_gib"], host_gib=r.get("pinned_host_peak_gib"), source="step")
+              for r in results["memory_speed"]
+              if r["shape"] == shape_name and r["method"] == method and "error" not in r and r.get("sweep") is None]
+    points += [dict(seq=p["seq"], peak_gib=p["peak_gib"], host_gib=p.get("host_gib"), source=f"probe at {r['cap_gib']:g} GiB")
+               for r in results.get("max_context", []) if r["shape"] == shape_name and r["method"] == method
+               for p in r["probes"] if p["fits"]]
+    return sorted(points, key=lambda p: p["seq"])
+
+
+def predict_context(points: list[dict], cap_gib: float, host_gib: float | None, granule: int = 4096) -> dict | None:
+    """The longest length a line through the measured peaks (GPU memory against length) puts under
+    `cap_gib`, with the line's worst miss on the measured points; offloaded arms also hold pinned
+    host memory in proportion to length, so the host's `host_gib` is a second bound. Which of the
+    two binds is named. A prediction, not a measurement: the JSON says which is which."""
+    line = _fit_line([(p["seq"], p["peak_gib"]) for p in points])
+    if not line or line[1] <= 0:
+        return None
+    intercept, slope = line
+    misses = [p["peak_gib"] - (intercept + slope * p["seq"]) for p in points]
+    entry = dict(cap_gib=cap_gib, points=len(points), longest_measured=points[-1]["seq"],
+                 gib_per_1k_tokens=slope * 1024, intercept_gib=intercept,
+                 fit_worst_miss_gib=max(misses, key=abs), fit_worst_miss_rel=max(
+                     (m / p["peak_gib"] for m, p in zip(misses, points)), key=abs))
+    gpu = int((cap_gib - intercept) / slope) // granule * granule
+    entry["predicted_gpu_bound"] = gpu
+    host = [p["host_gib"] / p["seq"] for p in points if p.get("host_gib")]
+    if host and host_gib:
+        per_token = max(host)
+        entry["host_gib_per_1k_tokens"] = per_token * 1024
+        entry["predicted_host_bound"] = int(host_gib / per_token) // granule * granule
+    bounds = {"gpu": gpu, "host": entry.get("predicted_host_bound")}
+    entry["binds"] = min((k for k in bounds if bounds[k] is not None), key=bounds.get)
+    entry["predicted_max_context"] = bounds[entry["binds"]]
+    return entry
+
+
+def predictions(results: dict, shape_name: str, caps: list[float]) -> dict:
+    """predict_context for every arm measured at a shape and every cap."""
+    env = results.get("environment", {})
+    host = env.get("host_gib")
+    out: dict = {}
+    methods = {r["method"] for r in results["memory_speed"] if r["shape"] == shape_name and "error" not in r}
+    methods |= {r["method"] for r in results.get("max_context", []) if r["shape"] == shape_name}
+    for method in sorted(methods):
+        points = measured_peaks(results, shape_name, method)
+        for cap in caps:
+            entry = predict_context(points, cap, host)
+            if entry:
+                out.setdefault(method, {})[f"{cap:g}"] = entry
+    return out
 
 
 def summarise_long(results: dict, shape_name: str) -> dict:
@@ -1279,6 +1335,10 @@ def summarise_long(results: dict, shape_name: str) -> dict:
     return entry
 
 
+def _cap(text: str) -> float | str:
+    return text if text == "card" else float(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=LEGACY_SHAPES, choices=list(SHAPES))
@@ -1297,8 +1357,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", choices=list(BASES), default="bf16",
                         help="frozen base of the shapes with shared weights: bf16, or its layers' linear projections in "
                              "4 bits (bitsandbytes NF4; nf4-double: with double quantization), built a layer at a time")
-    parser.add_argument("--memory-cap-gib", type=float, nargs="+", default=[40.0],
-                        help="GPU memory caps of the max-context search (one search per cap)")
+    parser.add_argument("--memory-cap-gib", type=_cap, nargs="+", default=[40.0],
+                        help="GPU memory caps of the max-context search, one search per cap ('card': the whole card); "
+                             "the summary also predicts each arm's longest context at each cap and on the whole card")
+    parser.add_argument("--max-context-start", type=int, default=None,
+                        help="first length the search tries (default: where a line through the arm's measured peaks "
+                             "meets the cap)")
     parser.add_argument("--max-context-limit", type=int, default=262144, help="longest sequence the search tries")
     parser.add_argument("--max-probes", type=int, default=5, help="training steps the search tries per arm")
     parser.add_argument("--time-budget", type=float, default=None,
@@ -1334,7 +1398,10 @@ def main(argv: list[str] | None = None) -> None:
         alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"),
         total_gpu_gib=torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else None,
         time_budget_s=args.time_budget, base=args.base,
+        host_gib=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
     )
+    card_gib = env["total_gpu_gib"]
+    caps = [card_gib if c == "card" else c for c in args.memory_cap_gib if c != "card" or card_gib]
     try:
         import peft
 
@@ -1364,10 +1431,11 @@ def main(argv: list[str] | None = None) -> None:
                        args.steps, device, torch.bfloat16, budget, census_seqs=tuple(args.census_seqs),
                        profile_seqs=tuple(args.profile_seqs))
             search = [m for m in args.max_context_methods if peft is not None or not m.startswith("lora")]
-            for cap in args.memory_cap_gib if search else ():
+            for cap in caps if search else ():
                 max_context(results, args.out, plain, shape, search, device, torch.bfloat16, cap,
-                            args.max_context_limit, args.max_probes, budget)
+                            args.max_context_limit, args.max_probes, budget, start=args.max_context_start)
             results["summary"][shape] = summarise_long(results, shape)
+            results["summary"][shape]["predicted"] = predictions(results, shape, sorted({*caps, *([card_gib] if card_gib else [])}))
             args.out.write_text(json.dumps(results, indent=1))
             del plain
             free()

@@ -123,6 +123,34 @@ def test_max_context_search_runs(plain, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["max_context"][0]["max_context"] == 192
 
 
+def test_the_search_starts_where_it_is_told(plain, tmp_path):
+    results = {"memory_speed": [], "max_context": []}
+    ms.max_context(results, tmp_path / "r.json", plain, "llama-3-8b", ["meft3"], CPU, torch.float32, cap_gib=40,
+                   limit=512, probes=1, budget=ms.Budget(None), granule=64, start=320)
+    assert [p["seq"] for p in results["max_context"][0]["probes"]] == [320]
+
+
+def test_the_longest_context_is_predicted_from_measured_peaks_and_names_what_binds():
+    # 2 GiB + 0.1 GiB per 1k tokens on the GPU, 1 GiB per 1k tokens of pinned host memory
+    results = {"memory_speed": [dict(shape="s", method="m", seq=s, peak_gib=2 + 0.1 * s / 1024, pinned_host_peak_gib=s / 1024)
+                                for s in (8192, 16384)],
+               "max_context": [dict(shape="s", method="m", cap_gib=22, probes=[
+                   dict(seq=65536, fits=True, peak_gib=2 + 6.4 + 0.05, host_gib=64.0),
+                   dict(seq=131072, fits=False, peak_gib=22.0, host_gib=None)])]}
+    points = ms.measured_peaks(results, "s", "m")
+    assert [p["seq"] for p in points] == [8192, 16384, 65536]
+    gpu_bound = ms.predict_context(points, cap_gib=22, host_gib=1000)
+    assert gpu_bound["binds"] == "gpu"
+    assert gpu_bound["gib_per_1k_tokens"] == pytest.approx(0.1, rel=0.02)
+    # (22 - 2) / 0.1 GiB per 1k tokens = 200k tokens, less what the 0.05 GiB miss moves the line
+    assert 192 * 1024 <= gpu_bound["predicted_max_context"] <= 200 * 1024
+    assert gpu_bound["predicted_max_context"] % 4096 == 0
+    assert 0.001 < abs(gpu_bound["fit_worst_miss_gib"]) < 0.05  # least squares spreads the 0.05 GiB
+    host_bound = ms.predict_context(points, cap_gib=22, host_gib=100)
+    assert host_bound["binds"] == "host" and host_bound["predicted_max_context"] == 100 * 1024
+    assert ms.predictions(results, "s", [22.0])["m"]["22"]["predicted_gpu_bound"] == gpu_bound["predicted_gpu_bound"]
+
+
 @pytest.mark.slow  # 7 s
 def test_the_long_sequence_run_end_to_end(monkeypatch, tmp_path):
     monkeypatch.setitem(ms.SHAPES, "llama-3-8b", TINY)
@@ -140,6 +168,8 @@ def test_the_long_sequence_run_end_to_end(monkeypatch, tmp_path):
     summary = results["summary"]["llama-3-8b"]
     assert summary["64"]["best_exact_meft_offloaded"] == "meft3+offload"
     assert summary["max_context"] == {"meft3+offload": 256}
+    # the CPU has no card and measures no memory: nothing to predict from
+    assert summary["predicted"] == {}
 
 
 needs_bitsandbytes = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
