@@ -52,8 +52,13 @@ def test_sft_trainer_trains_a_converted_model_exactly(converted, tiny_checkpoint
         return transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
 
     model = load()
+    head_calls, backbone_calls = [], []
+    model.get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
+    model.base_model.register_forward_hook(lambda *_: backbone_calls.append(1))
     losses, trained = _train(model, data, tokenizer, tmp_path, **CONFIGS[config])
     assert model.is_gradient_checkpointing  # SFTConfig's default, which the reversible layers need not
+    # TRL's own chunked loss: the backbone (model.base_model) and the head's weight, never the head's forward
+    assert len(backbone_calls) == 2 and not head_calls
     oracle_losses, oracle = _train(load(), data, tokenizer, tmp_path, mode="vanilla", **CONFIGS[config])
     assert losses == oracle_losses and len(losses) == 2
     assert trained.keys() == oracle.keys() and all(torch.equal(trained[n], oracle[n]) for n in trained)
