@@ -232,7 +232,8 @@ def hub_env(endpoint: str, home: Path, token: str | None = HUB_TOKEN, **extra: s
     """Environment of a process that talks to `endpoint` as the Hub: it must be set before
     huggingface_hub is imported, so such code runs in a subprocess."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
-    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1", **extra)
+    # the stand-in stores weights through Git LFS, not the Hub's Xet storage (tests/hub_server.py)
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", **extra)
     if token is not None:
         env["HF_TOKEN"] = token
     return env

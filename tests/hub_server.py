@@ -1,9 +1,12 @@
 """A small Hub-compatible HTTP server for tests: the routes huggingface_hub uses to create a
 model repository, upload a folder to it, and download it again.
 
-Everything lives in memory. Files are stored as regular git blobs (the preupload answer is
-"regular" for every file, so the client sends them inline in the commit and never needs an
-LFS or Xet backend). Tokens map to user names; a user may write to their own namespace and
+Everything lives in memory. As on the Hub, weight files (*.safetensors and the like) go through
+Git LFS: the preupload answer for them is "lfs", the client asks the LFS batch endpoint where to
+put each object, PUTs it there, has it verified, and the commit names it by sha256; every other
+file is "regular" and travels inline in the commit. The Hub's newer Xet storage is not served:
+clients talk to this server with HF_HUB_DISABLE_XET=1 (hub_env sets it), which is how
+huggingface_hub uploads without hf_xet. Tokens map to user names; a user may write to their own namespace and
 to the organisations they belong to; private repositories are visible to their namespace's
 members only, as on the Hub (anyone else gets 404).
 
@@ -12,7 +15,10 @@ Routes:
     POST /api/validate-yaml                             a README.md's front matter, before upload
     POST /api/models/{repo}/branch/{branch}             create_branch
     POST /api/models/{repo}/preupload/{revision}        upload modes
-    POST /api/models/{repo}/commit/{revision}           commit (ndjson body)
+    POST /api/models/{repo}/commit/{revision}           commit (ndjson body: file, lfsFile, deletedFile)
+    POST /{repo}.git/info/lfs/objects/batch             where to upload each LFS object (basic transfer)
+    PUT  /lfs/objects/{sha256}                          an LFS object's bytes
+    POST /lfs/verify/{sha256}                           that it arrived whole
     GET  /api/models/{repo}[/revision/{revision}]       model_info / repo_info
     GET  /api/models/{repo}/tree/{revision}[/{path}]    list_repo_tree
     HEAD /{repo}/resolve/{revision}/{path}              file metadata (X-Repo-Commit, ETag)
@@ -32,6 +38,19 @@ from urllib.parse import unquote, urlsplit
 import yaml
 
 INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")  # the Hub's .gitattributes
+
+
+def stored_in_lfs(path: str) -> bool:
+    return path.endswith(LFS_SUFFIXES)
+
+
+def lfs_info(content: bytes) -> dict:
+    """What the tree listing says of an LFS file: its sha256, size, and the size of the pointer
+    git stores in its place."""
+    oid = hashlib.sha256(content).hexdigest()
+    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {len(content)}\n"
+    return {"oid": oid, "size": len(content), "pointerSize": len(pointer)}
 
 
 def git_blob_sha1(content: bytes) -> str:
@@ -58,6 +77,7 @@ class HubState:
     tokens: dict[str, str]  # token -> user name
     organisations: dict[str, set[str]] = field(default_factory=dict)  # organisation -> members
     repos: dict[str, Repo] = field(default_factory=dict)
+    lfs_objects: dict[str, bytes] = field(default_factory=dict)  # sha256 -> content
     requests: list[tuple[str, str, int]] = field(default_factory=list)  # (method, path, status)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -114,6 +134,13 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":  # a streamed upload
+            body = bytearray()
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                body += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+            return bytes(body)
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
@@ -136,6 +163,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self._dispatch("POST")
 
+    def do_PUT(self):
+        self._dispatch("PUT")
+
     # ------------------------------------------------------------------ routes
 
     def _route(self, method: str, parts: list[str], user: str | None):
@@ -156,6 +186,13 @@ class Handler(BaseHTTPRequestHandler):
                 return self._model_info(repo_id, self._repo(repo_id, user), rest[1] if rest else "main")
             if method == "GET" and len(rest) >= 2 and rest[0] == "tree":
                 return self._tree(self._repo(repo_id, user), rest[1], "/".join(rest[2:]))
+        if method == "POST" and len(parts) == 6 and parts[1].endswith(".git") and parts[2:] == ["info", "lfs", "objects", "batch"]:
+            repo_id = f"{parts[0]}/{parts[1].removesuffix('.git')}"
+            return self._lfs_batch(self._repo(repo_id, user, write=True))
+        if parts[:2] == ["lfs", "objects"] and method == "PUT" and len(parts) == 3:
+            return self._lfs_put(parts[2])
+        if parts[:2] == ["lfs", "verify"] and method == "POST" and len(parts) == 3:
+            return self._lfs_verify(parts[2], user)
         if method in ("GET", "HEAD") and len(parts) >= 5 and parts[2] == "resolve":
             repo_id = "/".join(parts[:2])
             return self._resolve(self._repo(repo_id, user), parts[3], "/".join(parts[4:]), method)
@@ -231,7 +268,7 @@ class Handler(BaseHTTPRequestHandler):
             answer.append(
                 {
                     "path": entry["path"],
-                    "uploadMode": "regular",
+                    "uploadMode": "lfs" if stored_in_lfs(entry["path"]) else "regular",
                     "shouldIgnore": False,
                     "oid": None if existing is None else git_blob_sha1(existing),
                 }
@@ -253,10 +290,15 @@ class Handler(BaseHTTPRequestHandler):
                     if value.get("encoding") != "base64":
                         raise HubError(400, "files are sent base64-encoded")
                     files[value["path"]] = base64.b64decode(value["content"])
+                elif line["key"] == "lfsFile":
+                    content = self.server.state.lfs_objects.get(value["oid"])
+                    if value.get("algo") != "sha256" or content is None or len(content) != value["size"]:
+                        raise HubError(400, f"LFS object {value['oid']} of {value['path']} was not uploaded")
+                    files[value["path"]] = content
                 elif line["key"] == "deletedFile":
                     files.pop(value["path"], None)
                 else:
-                    raise HubError(400, f"this server stores regular files only, not {line['key']}")
+                    raise HubError(400, f"this server does not take {line['key']}")
             digest = hashlib.sha1(parent.encode() + json.dumps(lines[0]).encode())
             for path in sorted(files):
                 digest.update(path.encode() + git_blob_sha1(files[path]).encode())
@@ -278,7 +320,8 @@ class Handler(BaseHTTPRequestHandler):
         files = repo.commits[self._commit_of(repo, revision)]
         prefix = folder + "/" if folder else ""
         entries = [
-            {"type": "file", "path": path, "size": len(content), "oid": git_blob_sha1(content)}
+            {"type": "file", "path": path, "size": len(content), "oid": git_blob_sha1(content),
+             **({"lfs": lfs_info(content)} if stored_in_lfs(path) else {})}
             for path, content in sorted(files.items())
             if path.startswith(prefix)
         ]
@@ -290,7 +333,40 @@ class Handler(BaseHTTPRequestHandler):
         if content is None:
             raise HubError(404, f"Entry not found: {path}", "EntryNotFound")
         headers = {"X-Repo-Commit": commit, "ETag": f'"{git_blob_sha1(content)}"', "Content-Type": "application/octet-stream"}
+        if stored_in_lfs(path):  # the Hub names an LFS file by its sha256
+            headers.update({"X-Linked-Etag": f'"{hashlib.sha256(content).hexdigest()}"', "X-Linked-Size": str(len(content))})
         return 200, headers, content
+
+    # ------------------------------------------------------------------ Git LFS
+
+    def _lfs_batch(self, repo: Repo):
+        request = json.loads(self._body)
+        if request.get("operation") != "upload" or "basic" not in request.get("transfers", ["basic"]):
+            raise HubError(400, "this server takes uploads through the basic transfer only")
+        base = f"http://{self.headers['Host']}/lfs"
+        objects = []
+        for obj in request["objects"]:
+            entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
+            if obj["oid"] not in self.server.state.lfs_objects:  # else: already stored, nothing to send
+                entry["actions"] = {"upload": {"href": f"{base}/objects/{obj['oid']}", "header": {}},
+                                    "verify": {"href": f"{base}/verify/{obj['oid']}", "header": {}}}
+            objects.append(entry)
+        return self._json({"transfer": "basic", "objects": objects})
+
+    def _lfs_put(self, oid: str):
+        if hashlib.sha256(self._body).hexdigest() != oid:
+            raise HubError(400, f"the bytes sent are not LFS object {oid}")
+        with self.server.state.lock:
+            self.server.state.lfs_objects[oid] = self._body
+        return self._json({})
+
+    def _lfs_verify(self, oid: str, user: str | None):
+        if user is None:
+            raise HubError(401, "You must be authenticated to verify an upload")
+        stored = self.server.state.lfs_objects.get(oid)
+        if stored is None or len(stored) != json.loads(self._body)["size"]:
+            raise HubError(404, f"LFS object {oid} is not here")
+        return self._json({"message": "Everything is good"})
 
 
 class HubServer(ThreadingHTTPServer):

@@ -94,6 +94,16 @@ def test_push_then_load_from_the_hub_and_offline(hub, tiny_checkpoints, tmp_path
     files = repo.commits[repo.branches["main"]]
     assert sorted(files) == sorted(p.name for p in out.iterdir())
     assert all(git_blob_sha1(content) == git_blob_sha1((out / name).read_bytes()) for name, content in files.items())
+    # the weights went as the Hub takes them, through Git LFS: asked for, sent, verified, committed by sha256
+    weights = [name for name in files if name.endswith(".safetensors")]
+    assert weights
+    sent = {path for method, path, status in hub.state.requests if method == "PUT" and status == 200}
+    verified = {path for method, path, status in hub.state.requests if path.startswith("/lfs/verify/") and status == 200}
+    for name in weights:
+        oid = hashlib.sha256((out / name).read_bytes()).hexdigest()
+        assert f"/lfs/objects/{oid}" in sent and f"/lfs/verify/{oid}" in verified
+        assert hub.state.lfs_objects[oid] == (out / name).read_bytes()
+    assert ("POST", "/org/opt-meft3.git/info/lfs/objects/batch", 200) in hub.state.requests
 
     loaded = _run(["-c", LOAD, "org/opt-meft3", str(out)], env, tmp_path)
     assert loaded.returncode == 0, loaded.stderr
