@@ -136,28 +136,51 @@ def measure(model, inputs: dict, causal: bool) -> dict:
         return {"hidden": model.base_model(**inputs).last_hidden_state[0].float()}
 
 
+# a float32 copy of a weight larger than this is made a slice of rows at a time (a vocabulary's head)
+FLOAT32_COPY_BYTES = 64 * 2**20
+
+
+def _linear_in_row_chunks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear in float32 with at most FLOAT32_COPY_BYTES of the weight cast up at a time."""
+    rows = max(1, FLOAT32_COPY_BYTES // (4 * weight.shape[1]))
+    parts = [torch.nn.functional.linear(x, weight[i : i + rows].float(), None if bias is None else bias[i : i + rows].float())
+             for i in range(0, weight.shape[0], rows)]
+    return torch.cat(parts, dim=-1)
+
+
 @contextlib.contextmanager
 def computed_in_float32(model: torch.nn.Module):
     """Runs `model`'s forwards inside it in float32, one module at a time: each module's own
     floating-point tensors are replaced by float32 copies as it starts and get their own storage
     back as it ends, and its floating-point inputs are cast up. The weights (and any model
-    sharing them) end as they were, in the same memory, and one module's float32 copy is the
-    only extra memory."""
+    sharing them) end as they were, in the same memory. The extra memory is one module's float32
+    copy, and no more than FLOAT32_COPY_BYTES of it for the largest: an embedding's lookup is its
+    16-bit rows cast up (no copy of the table), and a linear layer whose weight would exceed it
+    (a vocabulary's head) multiplies a slice of rows at a time."""
 
     def own_tensors(module):
         tables = (module._parameters, module._buffers)
         return [t for table in tables for t in table.values() if t is not None and t.is_floating_point()]
 
+    def in_row_chunks(module) -> bool:
+        return type(module) is torch.nn.Linear and module.weight.is_floating_point() and module.weight.numel() * 4 > FLOAT32_COPY_BYTES
+
     stored = {}  # module -> its tensors' own data, while it runs
     computing = {}  # a 4-bit layer -> its compute dtype, while it runs in float32
+    chunked_inputs = {}  # a large linear layer -> its float32 input, while it runs
 
     def restore(module):
-        for t, data in zip(own_tensors(module), stored.pop(module)):
+        for t, data in zip(own_tensors(module), stored.pop(module, ())):
             t.data = data
         if module in computing:
             module.compute_dtype = computing.pop(module)
 
     def up(module, args, kwargs):
+        if type(module) is torch.nn.Embedding:
+            return None
+        if in_row_chunks(module):  # its own forward runs in 16 bits; `down` replaces its output
+            chunked_inputs[module] = args[0].float()
+            return (args[0].to(module.weight.dtype), *args[1:]), kwargs
         tensors = own_tensors(module)
         stored[module] = [t.data for t in tensors]
         for t in tensors:
@@ -168,14 +191,22 @@ def computed_in_float32(model: torch.nn.Module):
         cast = lambda x: x.float() if torch.is_tensor(x) and x.is_floating_point() else x  # noqa: E731
         return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
+    def down(module, args, output):
+        if type(module) is torch.nn.Embedding:
+            return output.float()
+        if module in chunked_inputs:
+            return _linear_in_row_chunks(chunked_inputs.pop(module), module.weight, module.bias)
+        restore(module)
+        return None
+
     holders = [m for m in model.modules() if own_tensors(m) or isinstance(getattr(m, "compute_dtype", None), torch.dtype)]
-    handles = [h for m in holders for h in (m.register_forward_pre_hook(up, with_kwargs=True),
-                                            m.register_forward_hook(lambda module, args, output: restore(module)))]
+    handles = [h for m in holders for h in (m.register_forward_pre_hook(up, with_kwargs=True), m.register_forward_hook(down))]
     try:
         yield model
     finally:
         for handle in handles:
             handle.remove()
+        chunked_inputs.clear()
         for module in list(stored):  # a forward that raised midway
             restore(module)
 

@@ -156,9 +156,12 @@ def test_a_non_deterministic_layer_fails_verification(converted, tmp_path):
     assert any("layer 1" in problem for problem in report.problems), report.problems
 
 
-def test_a_16_bit_model_computed_in_float32_module_by_module_is_the_float32_model(tiny_checkpoints):
+@pytest.mark.parametrize("copy_bytes", [calibrate.FLOAT32_COPY_BYTES, 4096])
+def test_a_16_bit_model_computed_in_float32_module_by_module_is_the_float32_model(tiny_checkpoints, monkeypatch, copy_bytes):
     """computed_in_float32 gives the float32 model's logits bitwise, and leaves the bf16 weights
-    as they were: same tensors, same dtype, same bits, in the same memory."""
+    as they were: same tensors, same dtype, same bits, in the same memory. With a small copy
+    limit, every linear layer (and the head) multiplies a slice of rows at a time: still bitwise."""
+    monkeypatch.setattr(calibrate, "FLOAT32_COPY_BYTES", copy_bytes)
     original = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], dtype=torch.bfloat16).eval()
     before = {name: (p, p.detach().clone(), p.data_ptr()) for name, p in original.named_parameters()}
     ids = torch.randint(5, original.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
