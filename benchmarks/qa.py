@@ -373,7 +373,8 @@ def main(argv: list[str] | None = None) -> None:
             sweep = [r for r in results["runs"] if r["task"] == task and r["arm"] == arm and r["scored_on"] == "dev"]
             # the best dev accuracy; a tie goes to the smaller rate
             best[task, arm] = max(sweep, key=lambda r: (r["acc"], -r["lr"]))["lr"] if sweep else (args.rates or RATES[arm])[0]
-    finals = [(task, arm, best[task, arm], seed, "test") for task in args.tasks for arm in trained for seed in args.seeds]
+    # seed by seed, so that a run cut short has every arm at its first seeds
+    finals = [(task, arm, best[task, arm], seed, "test") for seed in args.seeds for task in args.tasks for arm in trained]
     finals += [(task, "zero-shot", None, args.seeds[0], "test") for task in args.tasks if "zero-shot" in args.arms]
     for row in _run_all(finals, context, tasks, args.jobs):
         if row["arm"] == "zero-shot":  # no training: every seed would score the same
