@@ -115,3 +115,11 @@ def test_every_arm_runs_end_to_end(smollm2, tmp_path):
     assert summary["zero-shot"]["acc_std"] == 0.0
     assert results["meft_settings"]["meft3"]["variant"] == "meft3"
     assert out.with_suffix(".md").read_text().startswith("| task |")
+
+
+@pytest.mark.parametrize("bad", ["full", "full=fast", "zero-shot=1e-4", "nobody=1e-4"])
+def test_a_fixed_rate_names_a_trained_arm_and_a_number(bad, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        qa.main(["--rate-of", bad, "--out", str(tmp_path / "qa.json")])
+    assert "--rate-of" in capsys.readouterr().err
+    assert not (tmp_path / "qa.json").exists()
