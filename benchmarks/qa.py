@@ -129,13 +129,17 @@ def batch_rows(rows: list[tuple[list[int], int]], pad_id: int, device) -> dict:
     return dict(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
 
 
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 @torch.no_grad()
 def choice_log_likelihoods(model, tokenizer, examples: list[Example], batch: int, max_tokens: int, device) -> list[list[float]]:
     """For each example, the summed log-probability of each choice's tokens after its prompt."""
     model.eval()
     rows = [(i, encode(tokenizer, e.prompt, c, max_tokens)) for i, e in enumerate(examples) for c in e.choices]
     scores: list[list[float]] = [[] for _ in examples]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
     for start in range(0, len(rows), batch):
         part = rows[start : start + batch]
         inputs = batch_rows([r for _, r in part], pad, device)
@@ -160,11 +164,12 @@ def accuracy(examples: list[Example], scores: list[list[float]]) -> dict[str, fl
 # ------------------------------------------------------------------ arms
 
 
-def build_arm(arm: str, original: Path, converted: dict[str, Path], device) -> torch.nn.Module:
+def build_arm(arm: str, paths: dict[str, Path], device) -> torch.nn.Module:
+    """An arm's model: the MEFT conversion (paths[arm]) or the original (paths["original"])."""
     if arm.startswith("meft"):
-        model = transformers.AutoModelForCausalLM.from_pretrained(converted[arm], trust_remote_code=True, dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_pretrained(paths[arm], trust_remote_code=True, dtype=torch.float32)
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_pretrained(paths["original"], dtype=torch.float32)
     if arm.startswith("lora"):
         import peft
 
@@ -183,7 +188,7 @@ def train(model, tokenizer, examples: list[Example], steps: int, batch: int, lr:
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
     torch.manual_seed(seed)
     losses, t0 = [], time.perf_counter()
     for step in range(steps):
@@ -203,7 +208,7 @@ def run_one(arm: str, task: str, data: dict, lr: float | None, seed: int, args, 
             evaluate_on: str) -> dict:
     """One arm on one task: trained at `lr` (None: not at all), scored on `evaluate_on`."""
     torch.manual_seed(seed)
-    model = build_arm(arm, paths["original"], paths, device)
+    model = build_arm(arm, paths, device)
     row = dict(task=task, arm=arm, lr=lr, seed=seed, scored_on=evaluate_on, steps=0 if lr is None else args.steps)
     if lr is not None:
         row.update(train(model, tokenizer, data["train"], args.steps, args.batch, lr, seed, args.max_tokens, device))

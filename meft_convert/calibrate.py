@@ -170,7 +170,7 @@ def computed_in_float32(model: torch.nn.Module):
     chunked_inputs = {}  # a large linear layer -> its float32 input, while it runs
 
     def restore(module):
-        for t, data in zip(own_tensors(module), stored.pop(module, ())):
+        for t, data in zip(own_tensors(module), stored.pop(module)):
             t.data = data
         if module in computing:
             module.compute_dtype = computing.pop(module)
@@ -178,9 +178,9 @@ def computed_in_float32(model: torch.nn.Module):
     def up(module, args, kwargs):
         if type(module) is torch.nn.Embedding:
             return None
-        if in_row_chunks(module):  # its own forward runs in 16 bits; `down` replaces its output
+        if in_row_chunks(module):  # its own forward runs on no rows; `down` gives its output
             chunked_inputs[module] = args[0].float()
-            return (args[0].to(module.weight.dtype), *args[1:]), kwargs
+            return (args[0].new_empty((0, args[0].shape[-1]), dtype=module.weight.dtype), *args[1:]), kwargs
         tensors = own_tensors(module)
         stored[module] = [t.data for t in tensors]
         for t in tensors:
