@@ -9,7 +9,7 @@ the same steps on the same batches in the same order: a learning-rate sweep on o
 a dev split cut from the training data, picks each arm's rate; then three seeds at that rate,
 scored on the test split. The loss is the cross-entropy of the correct choice's tokens.
 
-Data (../shared/data): PIQA's labelled file (valid.jsonl, 1,838 rows) split with a fixed seed into
+Data (../shared/data, or the folder in $MEFT_DATA): PIQA's labelled file (valid.jsonl, 1,838 rows) split with a fixed seed into
 1,338 training and 500 test rows (PIQA's own test labels are not public); RTE and SST-2 train on
 GLUE's train split and test on its dev split, as text-to-label prompts.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import random
 import statistics
 import sys
@@ -40,7 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-DATA = ROOT.parent / "shared" / "data"
+# the data folder; MEFT_DATA points elsewhere (a machine without ../shared)
+DATA = Path(os.environ.get("MEFT_DATA", ROOT.parent / "shared" / "data"))
 ARMS = ("zero-shot", "meft1", "meft3", "lora-qv", "lora-all", "full")
 # learning rates swept per arm: adapters and LoRA take larger steps than full fine-tuning
 RATES = {"meft1": (1e-4, 3e-4, 1e-3), "meft3": (1e-4, 3e-4, 1e-3), "lora-qv": (1e-4, 3e-4, 1e-3),
