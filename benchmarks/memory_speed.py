@@ -45,6 +45,7 @@ import transformers
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from templates.adapters import MeftAdapter  # noqa: E402
 from templates.configuration_meft import MEFT_SETTINGS, config_class_for  # noqa: E402
@@ -53,6 +54,7 @@ from templates.modeling_meft import freeze_plm, keep_trainable_in_float32, model
 from templates.losses import ChunkedLossMixin  # noqa: E402
 from templates.meft_table import VARIANTS, denominator_of, single_remainder_bits  # noqa: E402
 from templates import fixed_point  # noqa: E402
+from step_budget import labelled_layers, overhead, part_budget, step_part  # noqa: E402
 from meft_convert.calibrate import share_replaced_modules  # noqa: E402
 
 LOSS_CHUNK = 256  # tokens per chunk of the causal-LM loss (the converter's default)
@@ -522,11 +524,13 @@ def make_batch(shape: dict, config, device, seed: int = 0) -> dict:
 
 def train_step(model, batch, optimizer, mode: str = "reversible"):
     context = model.meft_backward(mode) if hasattr(model, "meft_backward") else contextlib.nullcontext()
-    with context:
+    with context, step_part("model"):
         loss = model(**batch).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    with step_part("backward"):
+        loss.backward()
+    with step_part("optimizer"):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
 
@@ -787,10 +791,10 @@ def measure_arm(arm: Arm, shape_name: str, seqs: list[int], steps: int, warmup_s
                 except Exception as e:  # a census is extra: the measured row stands without it
                     row["census"] = {"error": _error_text(e)}
                 del batch
-            if seq in profile_seqs and cuda:
+            if seq in profile_seqs:
                 batch = arm.batch(seq)
                 try:
-                    row["profile"] = _profile(lambda: arm.step(batch), top=40)
+                    row["profile"] = _profile(lambda: arm.step(batch), top=40, model=arm.model)
                 except Exception as e:  # extra, like the census
                     row["profile"] = {"error": _error_text(e)}
                 del batch
@@ -815,24 +819,28 @@ def measure(shape_name: str, method: str, steps: int, device, layers: int | None
     result = measure_arm(arm, shape_name, [shape["seq"]], steps, warmup_seq=shape["seq"], peak_step=True)[0]
     if profile and not arm.frozen:
         batch = make_batch(shape, model.config, device)
-        result["profile"] = _profile(lambda: train_step(model, batch, arm.optimizer, arm.mode))
+        result["profile"] = _profile(lambda: train_step(model, batch, arm.optimizer, arm.mode), model=model)
         del batch
     arm.close()
     del model, arm
     return result
 
 
-def _profile(step, top: int = 12) -> dict:
+def _profile(step, top: int = 12, model=None) -> dict:
     """One step under torch.profiler: GPU kernel time against wall time says whether the step
     waits on the GPU or on the host (Python, launches, syncs); the top kernels say where the GPU's
-    time goes."""
+    time goes; `budget` splits the step into the engine's parts (step_budget.py), and for a model
+    without the engine labels each decoder layer, whose forward in backward is the recompute."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    engine = model is None or hasattr(model, "meft_backward")
+    layers = contextlib.nullcontext() if engine else labelled_layers(decoder_layers(model))
+    _sync()
+    with layers, profile(activities=activities) as prof:
         start = time.perf_counter()
         step()
-        torch.cuda.synchronize()
+        _sync()
         wall_ms = (time.perf_counter() - start) * 1000
     # kernels only (device-side events); operator rows would count the same time again
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -847,7 +855,9 @@ def _profile(step, top: int = 12) -> dict:
     def op_row(o):
         return dict(name=o.key[:60], calls=o.count, self_cpu_ms=o.self_cpu_time_total / 1000,
                     self_gpu_ms=getattr(o, "self_device_time_total", 0) / 1000)
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None) or 1
     return dict(
+        budget=part_budget(prof.events(), wall_ms, n_layers),
         wall_ms=wall_ms, gpu_kernel_ms=sum(e.device_time for e in kernels) / 1000, kernel_launches=len(kernels),
         top_kernels=[dict(name=name[:90], ms=ms, calls=calls) for name, (ms, calls) in ranked],
         top_ops_by_calls=[op_row(o) for o in sorted(ops, key=lambda o: -o.count)[:top]],
@@ -1335,6 +1345,42 @@ def summarise_long(results: dict, shape_name: str) -> dict:
     return entry
 
 
+def step_budgets(results: dict) -> dict:
+    """Per shape and length, each profiled arm's step part by part (ms per layer of each phase's
+    parts, GPU and host) and, for each MEFT arm, what its own parts cost beyond the checkpointed
+    step (step_budget.overhead against lora+gc+chunked-loss, else lora+gc, at the same length)."""
+    rows = [r for r in results["memory_speed"] if "error" not in r and "budget" in (r.get("profile") or {})]
+    out: dict = {}
+    for shape, seq in sorted({(r["shape"], r["seq"]) for r in rows}):
+        at = {r["method"]: r for r in rows if r["shape"] == shape and r["seq"] == seq and r.get("sweep") is None}
+        entry: dict = {}
+        for method, r in at.items():
+            b = r["profile"]["budget"]
+            entry[method] = dict(
+                step_ms=r["step_ms"], profiled_wall_ms=b["wall_ms"], gpu_busy_share=b["gpu_busy_share"], sync_ms=b["sync_ms"],
+                per_layer_ms={k: dict(device=v["device_ms"] / b["layers"], host=v["host_ms"] / b["layers"])
+                              for k, v in b["parts"].items()})
+        base = next((m for m in ("lora+gc+chunked-loss", "lora+gc") if m in at), None)
+        if base is not None:
+            for method, r in at.items():
+                if method.startswith("meft"):
+                    entry[method]["beyond_" + base] = overhead(r["profile"]["budget"], at[base]["profile"]["budget"],
+                                                              r["step_ms"], at[base]["step_ms"])
+        if entry:
+            out[f"{shape} {at[next(iter(at))]['batch']}x{seq}"] = entry
+    return out
+
+
+def _print_step_budgets(budgets: dict) -> None:
+    for where, arms in budgets.items():
+        print(f"# step budget {where}: ms per layer, GPU / host, by phase and part", flush=True)
+        for method, e in arms.items():
+            busy = e["gpu_busy_share"]
+            print(f"#   {method}: step {e['step_ms']:.1f} ms, GPU busy {busy if busy is None else round(busy, 3)}", flush=True)
+            for part, v in e["per_layer_ms"].items():
+                print(f"#     {part:22s} {v['device']:8.3f} {v['host']:8.3f}", flush=True)
+
+
 def _cap(text: str) -> float | str:
     return text if text == "card" else float(text)
 
@@ -1454,6 +1500,8 @@ def main(argv: list[str] | None = None) -> None:
             _run(results, args.out, shape_name="opt-1.3b", method=method, steps=3, device=device, seq=seq,
                  batch_size=2, sweep_name="seq")
     results["summary"].update(summarise(results))
+    results["summary"]["step_budget"] = step_budgets(results)
+    _print_step_budgets(results["summary"]["step_budget"])
     env["wall_s"] = time.perf_counter() - budget.start
     args.out.write_text(json.dumps(results, indent=1))
     if not args.skip_checks:

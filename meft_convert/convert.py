@@ -72,7 +72,7 @@ TASKS = {
 }
 TEMPLATE_FILES = (
     "configuration_meft.py", "modeling_meft.py", "families.py", "family_kernels.py", "meft_table.py", "reversible.py",
-    "plans.py", "recompute.py", "arithmetic.py", "blocks.py", "fixed_point.py", "adapters.py", "losses.py",
+    "plans.py", "recompute.py", "arithmetic.py", "blocks.py", "fixed_point.py", "labels.py", "adapters.py", "losses.py",
 )
 EXTRA_FILES = [
     "tokenizer.json",

@@ -10,6 +10,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 
 # the init kinds and the values a fresh adapter is drawn with, in the torch-free table
+from .labels import labelled
 from .meft_table import ADAPTER_INITS, adapter_generator, draw_adapter  # noqa: F401
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ class MeftAdapter(nn.Module):
         for name, param in self.named_parameters():
             param.copy_(torch.from_numpy(drawn[name]))
 
+    @labelled("adapter")
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.disabled:
             return torch.zeros_like(hidden_states)

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from .blocks import _part, _row_slices
+from .labels import labelled
 from .meft_table import ModelSettings, denominator_of
 from .fixed_point import (
     _couple,
@@ -131,6 +132,7 @@ class ExactArithmetic:
         which is also the tensor returned to the caller."""
         return [Stream(t.ints, t.value if t.value is g_input else None, t.checksum) for t in streams]
 
+    @labelled("checksums")
     def checksums(self, x1: Stream, x2: Stream) -> torch.Tensor | None:
         """The audit's fingerprint of a layer's two input streams (None: no audit)."""
         return torch.stack([x1.checksum, x2.checksum]) if self.settings.audit else None
@@ -250,6 +252,7 @@ class HalfStepOutput:
         self.arith, self.single, self.keep_values = arith, chunks == 1, keep_values
         self.value = None if self.single or not keep_values else torch.empty(shape, dtype=arith.value_dtype, device=device)
 
+    @labelled("couple")
     def couple(self, sl: slice, x: Stream, out: torch.Tensor, factor):
         """Rows sl of y = scale·x + out (the block output of those rows); returns their packed remainders."""
         stream_part = self._part(x, sl)
@@ -259,6 +262,7 @@ class HalfStepOutput:
         self._flag(flag)
         return packed
 
+    @labelled("uncouple")
     def uncouple(self, sl: slice, y: Stream, out: torch.Tensor, packed, factor) -> None:
         """Rows sl of x = (y − out) / scale, exactly from the rows' remainders `packed` in exact mode."""
         stream_part = self._part(y, sl)

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from .labels import labelled
 from .meft_table import remainder_layout
 
 
@@ -202,6 +203,7 @@ class RemainderStore:
         self._copies = torch.cuda.Stream(device) if self.offload else None
         self._fetched: dict[int, list] = {}
 
+    @labelled("remainders")
     def add(self, chunks: list) -> None:
         if self.offload:
             chunks = [self._to_host(t) for t in chunks]
@@ -227,6 +229,7 @@ class RemainderStore:
         it = iter(saved)
         self.parts = [[None if t is None else next(it) for t in chunks] for chunks in self.parts]
 
+    @labelled("remainders")
     def prefetch(self, index: int) -> None:
         """Starts copying half-step `index`'s remainders back to the device."""
         if not self.offload or index < 0 or index in self._fetched:
@@ -235,6 +238,7 @@ class RemainderStore:
         with torch.cuda.stream(self._copies):
             self._fetched[index] = [None if t is None else t.to(self.device, non_blocking=True) for t in self.parts[index]]
 
+    @labelled("remainders")
     def take(self, index: int) -> list:
         if not self.offload:
             chunks, self.parts[index] = self.parts[index], []

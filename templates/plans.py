@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 
 from .blocks import Block, CausalCore, Rows, _part, _row_slices, _rows
+from .labels import labelled, part
 from .recompute import _add, _block_input, _detached_output, _inputs_of, _leaves, _part_input, _scaled
 
 
@@ -188,7 +189,7 @@ class PartByPart:
         # only the recompute runs under the forward's autocast; the gradients are computed outside
         # it, as loss.backward() computes plain autograd's (autocast would also apply to the
         # backward's own kernels and change their rounding)
-        with torch.enable_grad(), run.autocast.active():
+        with torch.enable_grad(), run.autocast.active(), part("block"):
             h = block.mixing(_inputs_of(leaf, block.before is None, run.compute_dtype), run.routed_leaves)
         return leaf, h, h.detach()
 
@@ -202,7 +203,7 @@ class PartByPart:
             return None, None
         _restore(step.record.chunks, i)
         part_leaf = _part(h_detached, sl).detach().requires_grad_()
-        with torch.enable_grad(), run.autocast.active():
+        with torch.enable_grad(), run.autocast.active(), part("block"):
             h_part = _part_input(part_leaf, block.mixing is None, run.compute_dtype)
             if block.before is None:
                 part_out = block.positionwise(h_part)
@@ -254,7 +255,7 @@ class PartByPart:
             sl = slices[i]
             _restore(step.record.before, i)
             leaf = _part(inp, sl).detach().requires_grad_()
-            with torch.enable_grad(), run.autocast.active():
+            with torch.enable_grad(), run.autocast.active(), part("block"):
                 outs = tuple(block.before(_block_input(leaf, run.compute_dtype), run.routed_leaves, Rows(sl, lead)))
             outs = tuple(outs[j] for j in wanted)
             g = run.grads.of(outs, leaf, tuple(_part(d, sl) for d in d_parts), step.params)
@@ -312,6 +313,7 @@ class OneGraph(PartByPart):
         dx = _scaled(dy, step.scale)
         return x.stream(), _add(d_other, d_inp), dx
 
+    @labelled("block")
     def _whole_block(self, step, leaf: torch.Tensor, replay: bool):
         """The block's parts on `leaf` as one graph, each part reading the stream through a view
         of its own. In forward the RNG state before each part is recorded, in backward's
@@ -376,6 +378,7 @@ class _CausalChunk:
     input rows, the core from the queries and the context, the position-wise part from the
     core's output and the input rows."""
 
+    @labelled("block")
     def __init__(self, step, inp: torch.Tensor, i: int, rows: Rows, context: _Context):
         run, block, record = step.run, step.block, step.record
         cd = run.compute_dtype

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import get_device_states, set_device_states
 
+from .labels import labelled
+
 
 @dataclass
 class _RngState:
@@ -25,10 +27,12 @@ class _RngState:
     device_states: list
 
     @classmethod
+    @labelled("rng")
     def capture(cls, *tensors: torch.Tensor) -> "_RngState":
         device_ids, device_states = get_device_states(*tensors)
         return cls(torch.get_rng_state(), device_ids, device_states)
 
+    @labelled("rng")
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
         if self.device_ids:
@@ -161,6 +165,7 @@ def _inputs_of(leaves, reads_stream: bool, compute_dtype: torch.dtype):
     return _part_input(leaves, reads_stream, compute_dtype)
 
 
+@labelled("block")
 def _detached_output(fn, x, run, *args, reads_stream: bool = True, stream_part=None):
     """Runs a block part in forward exactly as backward recomputes it: grad enabled, inputs
     leaves that require grad. Kernels can pick different paths when inputs require grad (SDPA
@@ -197,6 +202,7 @@ class _Gradients:
     def end_layer(self) -> None:
         self.routed = [_add(total, g) for total, g in zip(self.routed, self.layer_routed)]
 
+    @labelled("gradients")
     def of(self, out, leaf, grad_out, params, routed: bool = True):
         """Pushes grad_out through a recomputed part: parameter gradients are accumulated,
         routed ones collected for the layer, and the gradient of the part's input returned.

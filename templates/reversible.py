@@ -39,12 +39,13 @@ remainders can live in pinned host memory (`offload_remainders`), copied out on 
 stream in forward and fetched one layer ahead in backward.
 
 The engine knows nothing about transformers: it sees F, G, λ, β and tensors. Its files, each
-importing only those before it: fixed_point.py (the integer format, remainder packing, the fused
-kernels), blocks.py (what F and G are, rows and chunks), arithmetic.py (exact and float
-coupling), recompute.py (a part run in forward as backward recomputes it, RNG and autocast
-replay, gradients), plans.py (how a block runs: one graph, part by part, causal query chunks),
-and this file: the half-steps, which own their inverse, and three short loops over them (the
-autograd Function's forward and backward, and the vanilla path).
+importing only those before it: labels.py (the parts' names in a profiler's trace),
+fixed_point.py (the integer format, remainder packing, the fused kernels), blocks.py (what F and
+G are, rows and chunks), arithmetic.py (exact and float coupling), recompute.py (a part run in
+forward as backward recomputes it, RNG and autocast replay, gradients), plans.py (how a block
+runs: one graph, part by part, causal query chunks), and this file: the half-steps, which own
+their inverse, and three short loops over them (the autograd Function's forward and backward,
+and the vanilla path).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ import torch
 from .arithmetic import CouplingSettings, Stream, arithmetic_for
 from .blocks import Block, Mixing, as_block
 from .fixed_point import RemainderStore
+from .labels import labelled
 from .plans import plan_for, run_block
 from .recompute import (
     _at,
@@ -280,6 +282,7 @@ class _ReversibleStack(torch.autograd.Function):
     """Runs the half-steps forward keeping only final streams and remainders; rebuilds in backward."""
 
     @staticmethod
+    @labelled("forward")
     def forward(ctx, run: StackRun, x1v: torch.Tensor, x2v: torch.Tensor, *grad_inputs: torch.Tensor):
         run.autocast = _AutocastState.capture(x1v.device.type)
         run.rng_device = torch.empty(0, device=x1v.device)  # where RNG states are recorded
@@ -314,6 +317,7 @@ class _ReversibleStack(torch.autograd.Function):
         return (*values, *ints)
 
     @staticmethod
+    @labelled("backward")
     def backward(ctx, dy1: torch.Tensor | None, dy2: torch.Tensor | None, _di1=None, _di2=None):
         if torch.is_grad_enabled():
             raise RuntimeError(
