@@ -119,7 +119,17 @@ def host_counts(shape: dict, method: str) -> dict:
         python_calls = sum(stat[1] for stat in pstats.Stats(profiler).stats.values())
         with _CountOps() as ops:
             arm.step(batch)
-        return dict(layers=arm.model.config.num_hidden_layers, python_calls=python_calls, aten_calls=ops.calls)
+        wall = []
+        for _ in range(5):
+            start = time.perf_counter()
+            arm.step(batch)
+            wall.append((time.perf_counter() - start) * 1000)
+        layers = arm.model.config.num_hidden_layers
+        # where the host time goes, part by part (benchmarks/step_budget.py), per layer
+        parts = ms._profile(lambda: arm.step(batch), model=arm.model)["budget"]["parts"]
+        return dict(layers=layers, python_calls=python_calls, aten_calls=ops.calls, step_ms=sorted(wall)[2],
+                    per_layer={k: dict(host_ms=v["host_ms"] / layers, aten_ops=v["aten_ops"] / layers)
+                               for k, v in parts.items()})
     finally:
         arm.close()
 
@@ -165,7 +175,9 @@ def main(argv: list[str] | None = None) -> dict:
             row["host"] = host_counts(shape, method)
             h = row["host"]
             print(f"{method}: {h['python_calls']} Python calls, {h['aten_calls']} aten calls per step "
-                  f"({h['layers']} layers, tiny widths)", flush=True)
+                  f"({h['layers']} layers, tiny widths), {h['step_ms']:.1f} ms", flush=True)
+            for part, v in sorted(h["per_layer"].items(), key=lambda kv: -kv[1]["aten_ops"]):
+                print(f"    {v['aten_ops']:7.1f} aten ops {v['host_ms']:8.3f} ms per layer  {part}", flush=True)
         row["wall_s"] = time.perf_counter() - start
         results["arms"].append(row)
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -101,7 +101,7 @@ def phase_at(spans: list[tuple[float, float, str]], t: float) -> str:
 
 
 def part_budget(events, wall_ms: float, layers: int) -> dict:
-    """{"parts": {"phase/part": {device_ms, host_ms, kernels}}, "gpu_busy_ms", "gpu_busy_share",
+    """{"parts": {"phase/part": {device_ms, host_ms, kernels, aten_ops}}, "gpu_busy_ms", "gpu_busy_share",
     "sync_ms", "wall_ms", "layers"} of one profiled step's events (torch.profiler's `events()`).
     Phases: model, backward, optimizer (the step's), forward and backward (the engine's, which
     replace model and backward where the engine runs); parts: the engine's and `layer`, else other."""
@@ -125,8 +125,9 @@ def part_budget(events, wall_ms: float, layers: int) -> dict:
         if phase == "backward" and e.name == STEP_PREFIX + "backward":
             continue  # the calling thread waits here while the autograd engine's thread works
         key = f"{phase}/{part or 'other'}"
-        row = parts.setdefault(key, dict(device_ms=0.0, host_ms=0.0, kernels=0))
+        row = parts.setdefault(key, dict(device_ms=0.0, host_ms=0.0, kernels=0, aten_ops=0))
         row["host_ms"] += e.self_cpu_time_total / 1000
+        row["aten_ops"] += e.name.startswith("aten::")
         for k in e.kernels:
             row["device_ms"] += k.duration / 1000
             row["kernels"] += 1

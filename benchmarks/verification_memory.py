@@ -3,7 +3,7 @@
 Builds a checkpoint of a config in tests/data/configs (default: OPT-1.3b in fp16, as
 benchmarks/conversion_speed.py does) with random weights in a scratch folder and runs the README's main command on it under /usr/bin/time -v:
 all defaults, so the `auto` settings are calibrated and the result is verified. Records the
-peak RSS against the checkpoint's size (target: at most 1.5x), the wall time and what the
+peak RSS against the checkpoint's size (target: at most 1.29x), the wall time and what the
 verification checked.
 
     python benchmarks/verification_memory.py --out benchmarks/results/verification-memory.json
@@ -74,7 +74,7 @@ def main() -> None:
             "seconds": run["seconds"],
             "max_rss_bytes": run["max_rss_bytes"],
             "rss_over_checkpoint": run["max_rss_bytes"] / checkpoint_bytes,
-            "target_rss_over_checkpoint": 1.5,
+            "target_rss_over_checkpoint": 1.29,
             "verified": {
                 "dtype": report["dtype"],
                 "fidelity_tokens": report["tokens"],

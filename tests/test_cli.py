@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -272,3 +275,36 @@ def test_num_labels_needs_a_classification_head(tiny_checkpoints, tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "o" / "config.json").read_text())
     assert config["architectures"] == ["MeftOPTForSequenceClassification"] and len(config["id2label"]) == 3
+
+
+_FREED_MEMORY = """
+import sys
+from meft_convert.cli import return_freed_memory_promptly
+if sys.argv[1] == "fixed":
+    assert return_freed_memory_promptly()
+import torch
+
+def rss_mib():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) / 1024
+
+big = torch.ones(16 << 20, dtype=torch.uint8)
+del big  # freeing a 16 MiB mapped block raises glibc's threshold to 16 MiB, unless it is fixed
+start = rss_mib()
+blocks = [torch.ones(4 << 20, dtype=torch.uint8) for _ in range(64)]  # 256 MiB
+del blocks[:-1]  # the last one stays: the freed ones are not at the top of the heap
+print(rss_mib() - start)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
+def test_the_cli_gives_freed_blocks_back_to_the_system(monkeypatch):
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+
+    def kept_mib(mode: str) -> float:
+        run = subprocess.run([sys.executable, "-c", _FREED_MEMORY, mode], capture_output=True, text=True, check=True)
+        return float(run.stdout.split()[-1])
+
+    assert kept_mib("default") > 200  # glibc's heap keeps what was freed
+    assert kept_mib("fixed") < 16  # one 4 MiB block, and noise
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert not cli.return_freed_memory_promptly()  # the user's own setting stands
