@@ -250,3 +250,59 @@ def test_saved_tensor_hooks_such_as_activation_offloading_change_no_gradient(var
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         assert_reversible_equals_plain_autograd(model, "AutoModelForCausalLM")
     assert packed  # the hooks saw the saved tensors of both runs
+
+
+# padding-free packing as TRL's padding_free and DataCollatorWithFlattening give it: sequences
+# joined into one row, position_ids restarting at 0 at each, no attention mask, the first label of
+# each sequence -100. transformers keeps the sequences apart through the mask it builds from
+# position_ids; the reversible backward recomputes every layer with that mask
+PACKED_ENGINES = {
+    "int64": {},
+    "int32-chunked-queries": dict(stream_bits=32, frac_bits=20, recompute_chunk_tokens=5, chunk_attention_queries=True),
+}
+
+
+def _packed_loss(model, rows: list[torch.Tensor], packed: bool, positions: bool = True):
+    """The mean token loss of the rows, as one packed row or each row alone (summed, then divided
+    by the number of predicted tokens, as one packed row averages)."""
+    if packed:
+        ids = torch.cat(rows)[None]
+        labels = torch.cat([r.clone().index_fill_(0, torch.tensor([0]), -100) for r in rows])[None]
+        position_ids = torch.cat([torch.arange(len(r)) for r in rows])[None] if positions else None
+        return model(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False).loss
+    total = sum(model(input_ids=r[None], labels=r[None], use_cache=False).loss * (len(r) - 1) for r in rows)
+    return total / sum(len(r) - 1 for r in rows)
+
+
+def _packed_gradients(model, rows, packed: bool, mode: str = "reversible", positions: bool = True):
+    model.zero_grad(set_to_none=True)
+    with model.meft_backward(mode):
+        loss = _packed_loss(model, rows, packed, positions)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("engine", list(PACKED_ENGINES))
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("variant", ["meft1", "meft3"])
+def test_packed_rows_stay_apart_in_forward_and_in_the_recompute(variant, attention, engine):
+    model = build("tinyllama-1.1b", "AutoModelForCausalLM", variant=variant, plm={"attn_implementation": attention},
+                  **PACKED_ENGINES[engine])
+    model.eval()  # no dropout, so that packed and separate rows see the same computation; gradients still flow
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, 1000, (n,), generator=g) for n in (11, 7, 9)]
+    loss, packed = _packed_gradients(model, rows, packed=True)
+    # the recompute saw the forward's mask: the same bits as plain autograd through the same row
+    loss_v, vanilla = _packed_gradients(model, rows, packed=True, mode="vanilla")
+    assert torch.equal(loss, loss_v)
+    assert vanilla.keys() == packed.keys() and all(torch.equal(vanilla[k], packed[k]) for k in packed)
+    # and the sequences stayed apart: the loss and gradients of each row run alone, to rounding
+    loss_s, alone = _packed_gradients(model, rows, packed=False)
+    assert any(g.abs().max() > 0 for g in alone.values())
+    assert loss.item() == pytest.approx(loss_s.item(), rel=1e-6, abs=0)
+    for key in alone:
+        scale = alone[key].abs().max().item()
+        assert (packed[key] - alone[key]).abs().max().item() <= 1e-5 * scale, key
+    # without the restarting positions the rows would attend across: the comparison can fail
+    loss_joined, _ = _packed_gradients(model, rows, packed=True, positions=False)
+    assert abs(loss_joined.item() - loss_s.item()) > 1e-3
