@@ -128,8 +128,8 @@ def host_counts(shape: dict, method: str) -> dict:
         # where the host time goes, part by part (benchmarks/step_budget.py), per layer
         parts = ms._profile(lambda: arm.step(batch), model=arm.model)["budget"]["parts"]
         return dict(layers=layers, python_calls=python_calls, aten_calls=ops.calls, step_ms=sorted(wall)[2],
-                    per_layer={k: dict(host_ms=v["host_ms"] / layers, aten_ops=v["aten_ops"] / layers)
-                               for k, v in parts.items()})
+                    per_layer={k: dict(host_ms=v["host_ms"] / layers, python_ms=v["python_ms"] / layers,
+                                       aten_ops=v["aten_ops"] / layers) for k, v in parts.items()})
     finally:
         arm.close()
 
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{method}: {h['python_calls']} Python calls, {h['aten_calls']} aten calls per step "
                   f"({h['layers']} layers, tiny widths), {h['step_ms']:.1f} ms", flush=True)
             for part, v in sorted(h["per_layer"].items(), key=lambda kv: -kv[1]["aten_ops"]):
-                print(f"    {v['aten_ops']:7.1f} aten ops {v['host_ms']:8.3f} ms per layer  {part}", flush=True)
+                print(f"    {v['aten_ops']:7.1f} aten ops {v['host_ms']:8.3f} ms, Python {v['python_ms']:6.3f} ms per layer"
+                      f"  {part}", flush=True)
         row["wall_s"] = time.perf_counter() - start
         results["arms"].append(row)
         args.out.parent.mkdir(parents=True, exist_ok=True)

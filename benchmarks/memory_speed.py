@@ -1358,8 +1358,8 @@ def step_budgets(results: dict) -> dict:
             b = r["profile"]["budget"]
             entry[method] = dict(
                 step_ms=r["step_ms"], profiled_wall_ms=b["wall_ms"], gpu_busy_share=b["gpu_busy_share"], sync_ms=b["sync_ms"],
-                per_layer_ms={k: dict(device=v["device_ms"] / b["layers"], host=v["host_ms"] / b["layers"])
-                              for k, v in b["parts"].items()})
+                per_layer_ms={k: dict(device=v["device_ms"] / b["layers"], host=v["host_ms"] / b["layers"],
+                                      python=v["python_ms"] / b["layers"]) for k, v in b["parts"].items()})
         base = next((m for m in ("lora+gc+chunked-loss", "lora+gc") if m in at), None)
         if base is not None:
             for method, r in at.items():

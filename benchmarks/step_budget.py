@@ -7,8 +7,8 @@ the model's forward with its loss, the backward, the optimizer) and, for arms wi
 decoder layers' parts (`layer`), which a checkpointed backward runs again as its recompute.
 
 `part_budget` gives, for each (phase, part), the GPU kernel time its operators launched and the
-host time spent in it (Python and operators alike, each event's own time), plus how busy the GPU
-was over the step. An event belongs to its innermost label; a phase is the innermost phase label
+host time spent in it (Python and operators alike, each event's own time; `python_ms`: the labels'
+own time, the Python run between operators), plus how busy the GPU was over the step. An event belongs to its innermost label; a phase is the innermost phase label
 around it, or, for the autograd engine's own thread (which runs backward outside the labels of
 the thread that called it), the step label whose time span holds it.
 """
@@ -101,7 +101,7 @@ def phase_at(spans: list[tuple[float, float, str]], t: float) -> str:
 
 
 def part_budget(events, wall_ms: float, layers: int) -> dict:
-    """{"parts": {"phase/part": {device_ms, host_ms, kernels, aten_ops}}, "gpu_busy_ms", "gpu_busy_share",
+    """{"parts": {"phase/part": {device_ms, host_ms, python_ms, kernels, aten_ops}}, "gpu_busy_ms", "gpu_busy_share",
     "sync_ms", "wall_ms", "layers"} of one profiled step's events (torch.profiler's `events()`).
     Phases: model, backward, optimizer (the step's), forward and backward (the engine's, which
     replace model and backward where the engine runs); parts: the engine's and `layer`, else other."""
@@ -125,9 +125,11 @@ def part_budget(events, wall_ms: float, layers: int) -> dict:
         if phase == "backward" and e.name == STEP_PREFIX + "backward":
             continue  # the calling thread waits here while the autograd engine's thread works
         key = f"{phase}/{part or 'other'}"
-        row = parts.setdefault(key, dict(device_ms=0.0, host_ms=0.0, kernels=0, aten_ops=0))
+        row = parts.setdefault(key, dict(device_ms=0.0, host_ms=0.0, python_ms=0.0, kernels=0, aten_ops=0))
         row["host_ms"] += e.self_cpu_time_total / 1000
         row["aten_ops"] += e.name.startswith("aten::")
+        if any(_label_of(e)):  # a label's own time: the Python it ran between operators
+            row["python_ms"] += e.self_cpu_time_total / 1000
         for k in e.kernels:
             row["device_ms"] += k.duration / 1000
             row["kernels"] += 1
