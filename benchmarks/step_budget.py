@@ -146,7 +146,8 @@ def part_budget(events, wall_ms: float, layers: int) -> dict:
 
 def overhead(meft: dict, base: dict, meft_step_ms: float, base_step_ms: float) -> dict:
     """What the engine's own parts cost beyond a checkpointed step: each MEFT-only part's GPU and
-    host time, and its share of the step-time gap. Both budgets from part_budget."""
+    host time, and each as a share of the step-time gap (a step waits on the GPU or on the host:
+    which share explains the gap says which). Both budgets from part_budget."""
     gap = meft_step_ms - base_step_ms
     rows = {}
     for part in (*OVERHEAD_PARTS, "other"):
@@ -154,6 +155,7 @@ def overhead(meft: dict, base: dict, meft_step_ms: float, base_step_ms: float) -
                      and k.split("/")[0] in PHASES)
         host_ms = sum(v["host_ms"] for k, v in meft["parts"].items() if k.split("/")[1] == part
                       and k.split("/")[0] in PHASES)
-        rows[part] = dict(device_ms=device, host_ms=host_ms, device_share_of_gap=device / gap if gap > 0 else None)
+        rows[part] = dict(device_ms=device, host_ms=host_ms, device_share_of_gap=device / gap if gap > 0 else None,
+                          host_share_of_gap=host_ms / gap if gap > 0 else None)
     return dict(gap_ms=gap, ratio=meft_step_ms / base_step_ms if base_step_ms else None, parts=rows,
                 gpu_busy_share=meft.get("gpu_busy_share"), base_gpu_busy_share=base.get("gpu_busy_share"))

@@ -88,7 +88,8 @@ def test_the_overhead_is_the_engines_own_parts_against_the_gap():
     base = dict(parts={}, gpu_busy_share=0.95)
     o = budget.overhead(meft, base, meft_step_ms=120.0, base_step_ms=100.0)
     assert o["gap_ms"] == 20.0 and o["ratio"] == pytest.approx(1.2)
-    assert o["parts"]["couple"] == dict(device_ms=3.0, host_ms=1.0, device_share_of_gap=pytest.approx(0.15))
+    assert o["parts"]["couple"] == dict(device_ms=3.0, host_ms=1.0, device_share_of_gap=pytest.approx(0.15),
+                                        host_share_of_gap=pytest.approx(0.05))
     assert o["parts"]["uncouple"]["device_share_of_gap"] == pytest.approx(0.1)
     assert "block" not in o["parts"] and o["parts"]["other"]["device_ms"] == 0  # model/other is not the engine's
 
