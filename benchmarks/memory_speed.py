@@ -1381,6 +1381,23 @@ def _print_step_budgets(budgets: dict) -> None:
                 print(f"#     {part:22s} {v['device']:8.3f} {v['host']:8.3f}", flush=True)
 
 
+def step_ratio_failures(summary: dict, max_ratio: float) -> list[str]:
+    """Each exact MEFT arm whose step time is more than `max_ratio` times LoRA + checkpointing +
+    chunked loss's in this run (summary from summarise and summarise_long), as one line each."""
+    key = "step_time_vs_lora+gc+chunked-loss"
+    found = []
+    for shape, entry in summary.items():
+        if not isinstance(entry, dict):
+            continue
+        groups = [(shape, entry)] + [(f"{shape} at {seq}", e) for seq, e in entry.items() if isinstance(e, dict)]
+        for where, group in groups:
+            for method, ratio in (group.get(key) or {}).items():
+                arm = parse_meft(method) if method.startswith("meft") else None
+                if arm and arm["exact"] and not arm["vanilla"] and ratio > max_ratio:
+                    found.append(f"{where}: {method} takes {ratio:.2f}x LoRA + checkpointing's step (at most {max_ratio:g}x)")
+    return found
+
+
 def _cap(text: str) -> float | str:
     return text if text == "card" else float(text)
 
@@ -1427,6 +1444,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--deterministic", action="store_true",
                         help="also check gradients with torch.use_deterministic_algorithms (needs CUBLAS_WORKSPACE_CONFIG=:4096:8)")
+    parser.add_argument("--max-step-ratio", type=float, default=None,
+                        help="exit 1 if an exact MEFT arm's step takes more than this many times LoRA + checkpointing + "
+                             "chunked loss's in this run (a check against regressions; the targets are 1.05-1.15)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda", help="cpu runs the code paths without memory figures (tests)")
     args = parser.parse_args(argv)
@@ -1530,6 +1550,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"max context {r['shape']} {r['method']:29s} {r['max_context']} (first failing {r['first_failing']}, "
               f"cap {r['cap_gib']} GiB)")
     print(json.dumps(results["summary"], indent=1), flush=True)
+    if args.max_step_ratio is not None:
+        failures = step_ratio_failures(results["summary"], args.max_step_ratio)
+        for line in failures:
+            print(f"step time check failed: {line}", flush=True)
+        if failures:
+            sys.exit(1)
 
 
 if __name__ == "__main__":

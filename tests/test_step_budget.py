@@ -100,8 +100,9 @@ def test_the_long_sequence_run_reports_each_arms_budget_and_the_engines_overhead
     methods = ["lora+gc+chunked-loss", "meft1-queries"]
     ms.main(["--shapes", "llama-3-8b", "--device", "cpu", "--skip-checks", "--depths", "--seq-lengths", "--steps", "1",
              "--methods", *methods, "--long-seqs", "64", "--max-context-methods", "--profile-seqs", "64",
-             "--out", str(out)])
-    budgets = json.loads(out.read_text())["summary"]["step_budget"]["llama-3-8b 1x64"]
+             "--max-step-ratio", "1000", "--out", str(out)])
+    summary = json.loads(out.read_text())["summary"]
+    budgets = summary["step_budget"]["llama-3-8b 1x64"]
     assert set(budgets) == set(methods)
     base, meft = budgets["lora+gc+chunked-loss"], budgets["meft1-queries"]
     assert base["per_layer_ms"]["backward/layer"]["host"] > 0  # the checkpointed recompute
@@ -112,3 +113,18 @@ def test_the_long_sequence_run_reports_each_arms_budget_and_the_engines_overhead
     # per layer: the parts' host time over the layers adds back up to each phase's whole
     layers = TINY["overrides"]["num_hidden_layers"]
     assert beyond["parts"]["couple"]["host_ms"] == pytest.approx(meft["per_layer_ms"]["forward/couple"]["host"] * layers)
+
+    # the regression check: every exact MEFT arm against LoRA + checkpointing, at every length
+    ratio = summary["llama-3-8b"]["64"]["step_time_vs_lora+gc+chunked-loss"]["meft1-queries"]
+    assert ms.step_ratio_failures(summary, ratio * 2) == []
+    [line] = ms.step_ratio_failures(summary, ratio / 2)
+    assert line.startswith("llama-3-8b at 64: meft1-queries takes")
+
+
+def test_the_step_time_check_fails_the_run(monkeypatch, tmp_path):
+    monkeypatch.setitem(ms.SHAPES, "llama-3-8b", TINY)
+    with pytest.raises(SystemExit) as exit_:
+        ms.main(["--shapes", "llama-3-8b", "--device", "cpu", "--skip-checks", "--depths", "--seq-lengths", "--steps", "1",
+                 "--methods", "lora+gc+chunked-loss", "meft1", "--long-seqs", "64", "--max-context-methods",
+                 "--max-step-ratio", "0.01", "--out", str(tmp_path / "run.json")])
+    assert exit_.value.code == 1
