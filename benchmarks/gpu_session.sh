@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One GPU machine's calls for the 4-bit base, the step budget and the QA benchmark (results under
+# $OUT, copied into benchmarks/results afterwards). Run from the repository root, one part per
+# 10-minute call: `PART=nf4-8b bash benchmarks/gpu_session.sh`, then `PART=budget`, `PART=nf4-70b`,
+# `PART=qa`. The machine has no bitsandbytes: the 4-bit parts install the wheel carried in .whl/
+# (pip download bitsandbytes==0.50.2 for manylinux x86-64). The QA part reads the SmolLM2 GGUF from
+# $GGUF and the data from $MEFT_DATA (see benchmarks/qa.py).
+ln -sfn ../templates meft_convert/templates  # the package layout pip would install
+export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader | tee $OUT/gpu.txt
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -o 'H[0-9]00' | tr 'H' 'h' | head -1)
+if [[ "$PART" == nf4* ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
+fi
+if [[ "$PART" == *nf4-8b* ]]; then
+  # Llama-3-8B in NF4 at 16k and 32k, then the longest context under a 24 GB card's 22 GiB
+  timeout ${BENCH_S:-560} python3 benchmarks/memory_speed.py --shapes llama-3-8b --base nf4 --skip-checks --depths \
+    --seq-lengths --steps 2 --long-seqs 16384 32768 \
+    --methods lora+gc+chunked-loss lora+offload-gc+chunked-loss meft1-queries+offload ${EXTRA_METHODS:-} \
+    --max-context-methods lora+offload-gc+chunked-loss meft1-queries+offload --memory-cap-gib ${CAPS:-22} \
+    --max-probes ${PROBES:-4} --time-budget ${BUDGET_S:-500} --out $OUT/$card-nf4-llama-3-8b${TAG:-}.json \
+    > $OUT/$card-nf4-llama-3-8b${TAG:-}.log 2>&1
+  echo "nf4-8b exit $?"; grep -v '^#' $OUT/$card-nf4-llama-3-8b${TAG:-}.log | tail -25
+fi
+if [[ "$PART" == *nf4-70b* ]]; then
+  # Llama-3-70B in NF4 on the whole card: one probe at a length chosen from the 8B's measured slope
+  timeout ${BENCH_S:-560} python3 benchmarks/memory_speed.py --shapes llama-3-70b --base nf4 --skip-checks --depths \
+    --seq-lengths --steps 1 --long-seqs ${SEQS_70B:-8192} --methods meft1-queries+offload \
+    --max-context-methods meft1-queries+offload --memory-cap-gib card --max-context-start ${START_70B:-110592} \
+    --max-probes 1 --time-budget ${BUDGET_S:-500} --out $OUT/$card-nf4-llama-3-70b.json > $OUT/$card-nf4-llama-3-70b.log 2>&1
+  echo "nf4-70b exit $?"; grep -v '^#' $OUT/$card-nf4-llama-3-70b.log | tail -20
+fi
+if [[ "$PART" == *budget* ]]; then
+  # each arm's step part by part (summary.step_budget), OPT-1.3b 8 x 512 with the regression check,
+  # then Llama-3-8B at 16k
+  timeout ${OPT_S:-200} python3 benchmarks/memory_speed.py --shapes opt-1.3b --skip-checks --depths --seq-lengths \
+    --meft-profile llm --profile --methods lora+gc+chunked-loss meft1 meft3+offload --max-step-ratio 1.5 \
+    --out $OUT/$card-budget-opt-1.3b.json > $OUT/$card-budget-opt-1.3b.log 2>&1
+  echo "budget opt exit $?"; grep '^# ' $OUT/$card-budget-opt-1.3b.log | grep -v '^#   [0-9 .]*ms' | tail -60
+  timeout ${LLAMA_S:-330} python3 benchmarks/memory_speed.py --shapes llama-3-8b --skip-checks --depths --seq-lengths \
+    --steps 2 --long-seqs 16384 --methods lora+gc+chunked-loss meft1 meft1-queries+offload meft3+offload \
+    --max-context-methods --profile-seqs 16384 --out $OUT/$card-budget-llama-3-8b.json > $OUT/$card-budget-llama-3-8b.log 2>&1
+  echo "budget llama exit $?"
+fi
+if [[ "$PART" == *qa* ]]; then
+  # the QA protocol (rate sweep, then three seeds) on the tasks given, eight runs at a time
+  TASKS=${TASKS:-piqa rte}
+  timeout ${QA_S:-560} python3 benchmarks/qa.py --tasks $TASKS --gguf "$GGUF" --jobs 8 --threads 2 \
+    --out $OUT/$card-qa-${TASKS// /-}.json > $OUT/$card-qa.log 2>&1
+  echo "qa exit $?"; tail -30 $OUT/$card-qa.log
+fi
