@@ -20,6 +20,7 @@ import cProfile
 import json
 import platform
 import pstats
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -134,6 +135,27 @@ def host_counts(shape: dict, method: str) -> dict:
         arm.close()
 
 
+def host_times(shape: dict, methods: list[str], rounds: int) -> dict:
+    """Median step time of each arm at the shape's depth and TINY_WIDTHS, where a step is all host
+    work (Python, dispatch, autograd): what a GPU step that waits on the host takes. The arms step
+    in turn, round after round, so that a machine's drift reaches every arm alike."""
+    tiny = dict(shape, overrides={**shape.get("overrides", {}), **TINY_WIDTHS[shape["config"]]})
+    arms = {m: _arm(tiny, m, None) for m in methods}
+    times: dict = {m: [] for m in methods}
+    try:
+        for _ in range(rounds):
+            for method, (arm, batch) in arms.items():
+                start = time.perf_counter()
+                arm.step(batch)
+                times[method].append((time.perf_counter() - start) * 1000)
+    finally:
+        for arm, _ in arms.values():
+            arm.close()
+    medians = {m: statistics.median(t) for m, t in times.items()}
+    first = medians[methods[0]]
+    return {m: dict(step_ms=medians[m], vs_first=medians[m] / first, all_ms=times[m]) for m in methods}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="opt-1.3b", choices=sorted(TINY_WIDTHS))
@@ -146,6 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help='config values for the census\'s model, as JSON, e.g. a narrower Llama: '
                              '\'{"hidden_size": 1024, "intermediate_size": 3584, "num_attention_heads": 8, "vocab_size": 32000}\'')
     parser.add_argument("--no-host-counts", action="store_true")
+    parser.add_argument("--host-rounds", type=int, default=0,
+                        help="time every arm's step this many times in turn at tiny widths (all host work); "
+                             "the first method is the reference")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -182,6 +207,12 @@ def main(argv: list[str] | None = None) -> dict:
         row["wall_s"] = time.perf_counter() - start
         results["arms"].append(row)
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+    if args.host_rounds:
+        results["host_times"] = host_times(shape, args.methods, args.host_rounds)
+        for method, t in results["host_times"].items():
+            print(f"{method}: {t['step_ms']:.1f} ms per step, {t['vs_first']:.3f}x {args.methods[0]} "
+                  f"(median of {args.host_rounds}, tiny widths)", flush=True)
         args.out.write_text(json.dumps(results, indent=1))
     return results
 

@@ -241,7 +241,7 @@ class StackRun:
         return [_at(self.routed, p) for p in self.routed_grad_paths] + self.param_list
 
     def capture_rng(self) -> _RngState | None:
-        return _RngState.capture(self.rng_device) if self.record_rng else None
+        return _RngState.capture(self.rng_device.device) if self.record_rng else None
 
     def record_input(self, layer: ReversibleLayer, x1: Stream, x2: Stream) -> None:
         """What forward keeps of a layer's input: the audit's checksums, and the trace's copy."""

@@ -230,7 +230,8 @@ def kept_bytes(run) -> int:
     for layer in run.layers:
         for record in (layer.F.record, layer.G.record):
             for rng in (record.mixing, *record.chunks, *record.before, *record.cores):
-                total += 0 if rng is None else rng.cpu.numel() + sum(t.numel() * t.element_size() for t in rng.device_states)
+                if rng is not None:
+                    total += rng.cpu.numel() + (0 if rng.device_state is None else rng.device_state.numel())
         total += 0 if layer.checksum is None else layer.checksum.numel() * 8
     return total + host_bytes(run)
 
