@@ -61,8 +61,15 @@ class _AutocastState:
             torch.is_autocast_cache_enabled(),
         )
 
+    def active(self) -> contextlib.AbstractContextManager:
+        """The recorded autocast state in effect inside the with-block (nothing to enter when it
+        already is, as in a backward called where its forward ran)."""
+        if self == _AutocastState.capture(self.device_type):
+            return contextlib.nullcontext()
+        return self._entered()
+
     @contextlib.contextmanager
-    def active(self):
+    def _entered(self):
         with contextlib.ExitStack() as stack:
             if self.device_type != "cpu":
                 stack.enter_context(
