@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-host-counts", action="store_true")
     parser.add_argument("--host-rounds", type=int, default=0,
                         help="time every arm's step this many times in turn at tiny widths (all host work); "
-                             "the first method is the reference")
+                             "the first method is the reference. With MEFT_COMPILE=all the stream arithmetic "
+                             "runs compiled, as on a GPU")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.out.write_text(json.dumps(results, indent=1))
     if args.host_rounds:
         results["host_times"] = host_times(shape, args.methods, args.host_rounds)
+        results["compiled_arithmetic"] = ms.fixed_point._COMPILE["everywhere"]
         for method, t in results["host_times"].items():
             print(f"{method}: {t['step_ms']:.1f} ms per step, {t['vs_first']:.3f}x {args.methods[0]} "
                   f"(median of {args.host_rounds}, tiny widths)", flush=True)

@@ -147,8 +147,10 @@ def _uncouple(y: torch.Tensor, block_out: torch.Tensor, packed, m: int, frac_bit
 # but float values can differ in rounding ties between the two, so a run never mixes them.
 # Whether the compiler works is decided once per process, on a tiny tensor, before any value
 # of a run is computed; after that every error (out of memory first) propagates.
-# MEFT_COMPILE=0 turns compiling off.
-_COMPILE: dict = {"enabled": None if os.environ.get("MEFT_COMPILE", "1") != "0" else False}
+# MEFT_COMPILE=0 turns compiling off; MEFT_COMPILE=all compiles on every device, the CPU too
+# (benchmarks/cpu_step.py measures a GPU step's host work that way).
+_COMPILE: dict = {"enabled": None if os.environ.get("MEFT_COMPILE", "1") != "0" else False,
+                  "everywhere": os.environ.get("MEFT_COMPILE") == "all"}
 _COMPILED: dict = {}
 
 
@@ -170,7 +172,7 @@ def _compiler_works(device: torch.device) -> bool:
 
 
 def _use_compiler(t: torch.Tensor) -> bool:
-    return t.is_cuda and _compiler_works(t.device)
+    return (t.is_cuda or _COMPILE["everywhere"]) and _compiler_works(t.device)
 
 
 def compiled_function(fn):

@@ -86,3 +86,42 @@ def test_compiler_is_decided_once_and_later_errors_propagate(monkeypatch):
     with pytest.raises(torch.OutOfMemoryError):
         R.run_stack(torch.randn(2, 3, D, requires_grad=True), couplings(blocks), A.CouplingSettings(0.1, 0.1, False), {})
     assert FP._COMPILE["enabled"] is True
+
+
+_COMPILED_ON_CPU = """
+import torch
+from meft_convert.templates import arithmetic as A, fixed_point as FP, reversible as R
+from tests.test_reversible import D, ToyBlock, couplings
+
+assert FP._use_compiler(torch.zeros(1))
+torch.manual_seed(0)
+blocks = torch.nn.ModuleList([ToyBlock() for _ in range(3)])
+settings = A.CouplingSettings(0.1, 0.1, False)
+x = torch.randn(2, 5, D)
+grads = []
+for mode in ("reversible", "vanilla"):
+    torch.manual_seed(1)  # the same dropout masks in both
+    blocks.zero_grad()
+    h = x.clone().requires_grad_()
+    y1, y2 = R.run_stack(h, couplings(blocks), settings, {}, mode=mode)
+    (y1 * 1.5 + y2).sum().backward()
+    grads.append([h.grad] + [p.grad for p in blocks.parameters()])
+assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(*grads))
+print("compiled", len(FP._COMPILED))
+"""
+
+
+@pytest.mark.slow
+def test_meft_compile_all_runs_the_compiled_kernels_on_the_cpu_too():
+    """MEFT_COMPILE=all (the host-work benchmark's setting): the stream arithmetic compiled on the
+    CPU, the reversible gradients still plain autograd's bit for bit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-c", _COMPILED_ON_CPU], cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "MEFT_COMPILE": "all", "PYTHONPATH": str(root)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert int(run.stdout.split()[-1]) >= 2  # the coupling and its inverse, at least
