@@ -57,7 +57,10 @@ if [[ "$PART" == *qa* ]]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/qa/gguf-*.whl || exit 3
   export MEFT_DATA=/tmp/qa/data
   TASKS=${TASKS:-piqa rte}
-  timeout ${QA_S:-560} python3 benchmarks/qa.py --tasks $TASKS --gguf "$GGUF" --jobs 8 --threads 2 \
+  # runs at a time by the card's memory (a run peaks near 12 GiB; eight ran out of memory on an 80 GB H100)
+  gib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | awk '{print int($1 / 1024)}')
+  JOBS=${JOBS:-$(( gib / 16 < 8 ? gib / 16 : 8 ))}
+  timeout ${QA_S:-560} python3 benchmarks/qa.py --tasks $TASKS --gguf "$GGUF" --jobs $JOBS --threads 2 \
     --out $OUT/$card-qa-${TASKS// /-}.json > $OUT/$card-qa.log 2>&1
   echo "qa exit $?"; tail -30 $OUT/$card-qa.log
 fi

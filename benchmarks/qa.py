@@ -145,10 +145,14 @@ def choice_log_likelihoods(model, tokenizer, examples: list[Example], batch: int
     for start in range(0, len(rows), batch):
         part = rows[start : start + batch]
         inputs = batch_rows([r for _, r in part], pad, device)
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.float()
-        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         targets = inputs["labels"][:, 1:]
-        picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        # a row at a time: the vocabulary-wide float32 log-probabilities of a whole batch are
+        # gigabytes, and several runs share one GPU
+        picked = torch.stack([
+            torch.log_softmax(row[:-1].float(), dim=-1).gather(-1, t.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            for row, t in zip(logits, targets)
+        ])
         sums = (picked * (targets != -100)).sum(-1)
         for (i, _), value in zip(part, sums.tolist()):
             scores[i].append(value)
