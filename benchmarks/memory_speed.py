@@ -54,7 +54,7 @@ from templates.modeling_meft import freeze_plm, keep_trainable_in_float32, model
 from templates.losses import ChunkedLossMixin  # noqa: E402
 from templates.meft_table import VARIANTS, denominator_of, single_remainder_bits  # noqa: E402
 from templates import fixed_point  # noqa: E402
-from step_budget import labelled_layers, overhead, part_budget, step_part  # noqa: E402
+from step_budget import is_device_work, labelled_layers, overhead, part_budget, step_part  # noqa: E402
 from meft_convert.calibrate import share_replaced_modules  # noqa: E402
 
 LOSS_CHUNK = 256  # tokens per chunk of the causal-LM loss (the converter's default)
@@ -843,7 +843,7 @@ def _profile(step, top: int = 12, model=None) -> dict:
         _sync()
         wall_ms = (time.perf_counter() - start) * 1000
     # kernels only (device-side events); operator rows would count the same time again
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [e for e in prof.events() if is_device_work(e)]
     by_name: dict = {}
     for e in kernels:
         ms, calls = by_name.get(e.name, (0.0, 0))

@@ -80,6 +80,13 @@ def _label_of(event) -> tuple[str | None, str | None]:
     return None, None
 
 
+def is_device_work(event) -> bool:
+    """A kernel, copy or memset on the device; not the device-side span the profiler draws for a
+    label (a user annotation), which covers the kernels under it and the gaps between them."""
+    return (event.device_type != torch.autograd.DeviceType.CPU and not getattr(event, "is_user_annotation", False)
+            and not event.name.startswith((PREFIX, STEP_PREFIX)))
+
+
 def _is_host(event) -> bool:
     return event.device_type == torch.autograd.DeviceType.CPU and not getattr(event, "is_async", False)
 
@@ -131,11 +138,13 @@ def part_budget(events, wall_ms: float, layers: int) -> dict:
         if any(_label_of(e)):  # a label's own time: the Python it ran between operators
             row["python_ms"] += e.self_cpu_time_total / 1000
         for k in e.kernels:
+            if k.name.startswith((PREFIX, STEP_PREFIX)):
+                continue  # a label's device-side span, not work
             row["device_ms"] += k.duration / 1000
             row["kernels"] += 1
         if e.name in SYNCS:
             sync_ms += (e.time_range.end - e.time_range.start) / 1000
-    device = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
+    device = [e for e in events if is_device_work(e)]
     busy = _union_ms([(e.time_range.start, e.time_range.end) for e in device])
     return dict(
         parts=dict(sorted(parts.items(), key=lambda kv: -kv[1]["device_ms"] - kv[1]["host_ms"])),

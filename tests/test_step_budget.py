@@ -128,3 +128,17 @@ def test_the_step_time_check_fails_the_run(monkeypatch, tmp_path):
                  "--methods", "lora+gc+chunked-loss", "meft1", "--long-seqs", "64", "--max-context-methods",
                  "--max-step-ratio", "0.01", "--out", str(tmp_path / "run.json")])
     assert exit_.value.code == 1
+
+
+def test_a_labels_device_side_span_is_not_counted_as_gpu_work():
+    # on CUDA the profiler draws each label once more on the device, spanning its kernels and the
+    # gaps between them: the step's busy time is the kernels' alone
+    from torch.autograd.profiler_util import FunctionEvent
+
+    cuda = torch.autograd.DeviceType.CUDA
+    events = [FunctionEvent(1, "meft:backward", 0, 0.0, 1000.0, device_type=cuda, is_user_annotation=True),
+              FunctionEvent(2, "step:model", 0, 0.0, 1000.0, device_type=cuda),
+              FunctionEvent(3, "gemm", 0, 100.0, 300.0, device_type=cuda),
+              FunctionEvent(4, "elementwise", 0, 250.0, 400.0, device_type=cuda)]
+    assert [e.name for e in events if budget.is_device_work(e)] == ["gemm", "elementwise"]
+    assert budget.part_budget(events, wall_ms=1.0, layers=1)["gpu_busy_ms"] == pytest.approx(0.3)
