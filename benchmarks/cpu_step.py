@@ -71,7 +71,9 @@ def census(step, top: int = 14) -> dict:
     of the moments outside the stream arithmetic (EAGER_ONLY): the one a GPU, where that
     arithmetic is fused, has."""
     memory, events = ms.cpu_memory_trace(step, with_stack=True)
-    frames = [e for e in events if e.get("ph") == "X" and e.get("cat") == "python_function" and "templates/" in e["name"]]
+    # the engine's frames, less the profiler labels' wrappers (templates/labels.py), which name no work
+    frames = [e for e in events if e.get("ph") == "X" and e.get("cat") == "python_function" and "templates/" in e["name"]
+              and "templates/labels.py" not in e["name"]]
     ops = [e for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op"]
     # one sweep over the timeline: the frames and the operator open at each memory event
     timeline = sorted([(e["ts"], 0, 0, "frame", e) for e in frames] + [(e["ts"], 0, 0, "op", e) for e in ops]
@@ -128,7 +130,7 @@ def host_counts(shape: dict, method: str) -> dict:
         layers = arm.model.config.num_hidden_layers
         # where the host time goes, part by part (benchmarks/step_budget.py), per layer
         parts = ms._profile(lambda: arm.step(batch), model=arm.model)["budget"]["parts"]
-        return dict(layers=layers, python_calls=python_calls, aten_calls=ops.calls, step_ms=sorted(wall)[2],
+        return dict(layers=layers, python_calls=python_calls, aten_calls=ops.calls, step_ms=statistics.median(wall),
                     per_layer={k: dict(host_ms=v["host_ms"] / layers, python_ms=v["python_ms"] / layers,
                                        aten_ops=v["aten_ops"] / layers) for k, v in parts.items()})
     finally:

@@ -2,8 +2,8 @@
 
 The engine marks its parts (a block's work, its gradients, the coupling and its inverse, the
 remainders' copies, the checksums, the RNG records) with `labelled`; a profiled step can then sum
-the kernel and host time under each name (benchmarks/memory_speed.py --budget-seqs). When no
-profiler runs, a label costs one flag test.
+the kernel and host time under each name (benchmarks/step_budget.py, through memory_speed.py's
+--profile and --profile-seqs). When no profiler runs, a label costs one flag test.
 """
 
 from __future__ import annotations
@@ -29,12 +29,14 @@ def _checked(name: str) -> str:
     return PREFIX + name
 
 
+def _recording() -> bool:
+    return getattr(_profiler, "_is_profiler_enabled", True)
+
+
 def part(name: str) -> contextlib.AbstractContextManager:
     """The profiler range `meft:<name>` around a with-block while a profiler records."""
     label = _checked(name)
-    if not getattr(_profiler, "_is_profiler_enabled", True):
-        return contextlib.nullcontext()
-    return torch.profiler.record_function(label)
+    return torch.profiler.record_function(label) if _recording() else contextlib.nullcontext()
 
 
 def labelled(name: str) -> Callable[[F], F]:
@@ -44,7 +46,7 @@ def labelled(name: str) -> Callable[[F], F]:
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
         def inner(*args, **kwargs):
-            if not getattr(_profiler, "_is_profiler_enabled", True):  # the common case, kept short
+            if not _recording():  # the common case, kept short
                 return fn(*args, **kwargs)
             with torch.profiler.record_function(label):
                 return fn(*args, **kwargs)

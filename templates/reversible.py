@@ -225,7 +225,7 @@ class StackRun:
     remainders: RemainderStore | None = None
     flags: list = field(default_factory=list)  # out-of-range flags, checked once per forward
     flag_names: list = field(default_factory=list)
-    rng_device: torch.Tensor | None = None
+    rng_device: torch.device | None = None  # where RNG states are recorded
     routed_leaves: dict | None = None  # the routed arguments as the blocks see them, in forward or backward
     grads: _Gradients | None = None  # what a backward collects
     upstream: list = field(default_factory=list)  # the stream gradients autograd handed to backward
@@ -241,7 +241,7 @@ class StackRun:
         return [_at(self.routed, p) for p in self.routed_grad_paths] + self.param_list
 
     def capture_rng(self) -> _RngState | None:
-        return _RngState.capture(self.rng_device.device) if self.record_rng else None
+        return _RngState.capture(self.rng_device) if self.record_rng else None
 
     def record_input(self, layer: ReversibleLayer, x1: Stream, x2: Stream) -> None:
         """What forward keeps of a layer's input: the audit's checksums, and the trace's copy."""
@@ -285,7 +285,7 @@ class _ReversibleStack(torch.autograd.Function):
     @labelled("forward")
     def forward(ctx, run: StackRun, x1v: torch.Tensor, x2v: torch.Tensor, *grad_inputs: torch.Tensor):
         run.autocast = _AutocastState.capture(x1v.device.type)
-        run.rng_device = torch.empty(0, device=x1v.device)  # where RNG states are recorded
+        run.rng_device = x1v.device
         run.remainders = RemainderStore(run.settings.offload_remainders, x1v.device)
         run.routed_leaves = _leaf_routed(run.routed)
         arith = run.arithmetic
@@ -337,9 +337,9 @@ class _ReversibleStack(torch.autograd.Function):
         run.routed_leaves = _leaf_routed(run.routed)
         run.grads = _Gradients(run, run.routed_leaves)
         audits: list = []
-        device_ids = [run.rng_device.device.index] if run.record_rng and run.rng_device.is_cuda else []
-        fork = torch.random.fork_rng(devices=device_ids, enabled=run.record_rng, device_type=run.rng_device.device.type
-                                     if run.rng_device.is_cuda else "cuda")
+        on_cuda = run.rng_device.type == "cuda"
+        device_ids = [run.rng_device.index] if run.record_rng and on_cuda else []
+        fork = torch.random.fork_rng(devices=device_ids, enabled=run.record_rng, device_type="cuda")
         with fork:
             for layer in reversed(run.layers):
                 y1, y2, dy1, dy2 = layer.swap(y1, y2, dy1, dy2)  # undo the swap that followed this layer
