@@ -43,10 +43,10 @@ if [[ "$PART" == *nf4-22* ]]; then
   search_8b 22gib-meft1-fine meft1-queries+offload 22 ${START_MEFT_22:-163840} 1 ${FINE_S:-130}
 fi
 if [[ "$PART" == *nf4-70b* ]]; then
-  # Llama-3-70B in NF4 on the whole card: one probe at a length chosen from the 8B's measured slope
+  # Llama-3-70B in NF4 on an 80 GB card (79 GiB, an H200 too): one probe at a length from the 8B's slope
   timeout ${BENCH_S:-560} python3 benchmarks/memory_speed.py --shapes llama-3-70b --base nf4 --skip-checks --depths \
     --seq-lengths --steps 1 --long-seqs ${SEQS_70B:-8192} --methods meft1-queries+offload \
-    --max-context-methods meft1-queries+offload --memory-cap-gib card --max-context-start ${START_70B:-110592} \
+    --max-context-methods meft1-queries+offload --memory-cap-gib ${CAP_70B:-79} --max-context-start ${START_70B:-110592} \
     --max-probes 1 --time-budget ${BUDGET_S:-500} --out $OUT/$card-nf4-llama-3-70b.json > $OUT/$card-nf4-llama-3-70b.log 2>&1
   echo "nf4-70b exit $?"; grep -v '^#' $OUT/$card-nf4-llama-3-70b.log | tail -20
 fi
