@@ -17,7 +17,9 @@ GLUE's train split and test on its dev split, as text-to-label prompts.
     python benchmarks/qa.py --tasks piqa --arms meft1 lora-qv --steps 20 --seeds 0 --out /tmp/qa.json
 
 Runs are independent: `--jobs N` runs N at a time in separate processes (on one GPU a 135M model
-leaves most of it idle; every sweep first, then every seed at its arm's chosen rate).
+leaves most of it idle; every sweep first, then every seed at its arm's chosen rate). `--resume` reads
+an earlier run's JSON and runs only what it lacks, so the protocol can span several shorter sessions.
+On CUDA the float32 matrix products use TF32 (`--no-tf32`: full float32), for every arm alike.
 """
 
 from __future__ import annotations
@@ -215,7 +217,8 @@ def run_one(arm: str, task: str, data: dict, lr: float | None, seed: int, args, 
     """One arm on one task: trained at `lr` (None: not at all), scored on `evaluate_on`."""
     torch.manual_seed(seed)
     model = build_arm(arm, paths, device)
-    row = dict(task=task, arm=arm, lr=lr, seed=seed, scored_on=evaluate_on, steps=0 if lr is None else args.steps)
+    row = dict(task=task, arm=arm, lr=lr, seed=seed, scored_on=evaluate_on, steps=0 if lr is None else args.steps,
+               gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     if lr is not None:
         row.update(train(model, tokenizer, data["train"], args.steps, args.batch, lr, seed, args.max_tokens, device))
     t0 = time.perf_counter()
@@ -293,7 +296,7 @@ _WORKER: dict = {}
 def _init_worker(context: tuple, tasks: dict) -> None:
     args, paths, device = context
     torch.set_num_threads(max(1, args.threads))
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
     _WORKER.update(args=args, paths=paths, device=torch.device(device), tasks=tasks,
                    tokenizer=transformers.AutoTokenizer.from_pretrained(paths["original"]))
 
@@ -312,6 +315,30 @@ def _run_all(jobs: list[tuple], context: tuple, tasks: dict, processes: int):
         return
     with multiprocessing.get_context("spawn").Pool(processes, _init_worker, (context, tasks)) as pool:
         yield from pool.imap_unordered(_work, jobs)
+
+
+# settings that say how a run was carried out, not what it computes: a resumed run may change them
+_RUN_ONLY = ("out", "model", "gguf", "jobs", "threads", "resume", "tasks", "arms")
+
+
+def _job_of(row: dict) -> tuple:
+    """The job that made a recorded run (a zero-shot job's row is recorded under every seed)."""
+    return row["task"], row["arm"], row["lr"], row["seed"], row["scored_on"]
+
+
+def _earlier_runs(out: Path, settings: dict) -> list[dict]:
+    """The runs recorded in `out` by a run with the same settings ([] if there is no file)."""
+    if not out.exists():
+        return []
+    earlier = json.loads(out.read_text())
+    theirs = {k: v for k, v in earlier.get("settings", {}).items() if k not in _RUN_ONLY}
+    differ = sorted(k for k in set(theirs) | set(settings) if theirs.get(k) != settings.get(k))
+    if differ:
+        raise SystemExit(f"--resume: {out} was made with other settings ({', '.join(differ)}); "
+                         "give the same ones, or another --out")
+    runs = earlier.get("runs", [])
+    print(f"# resuming: {len(runs)} runs kept from {out}", flush=True)
+    return runs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -334,6 +361,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads of each run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="TF32 matrix products on CUDA, every arm alike (the reversible recompute runs the same "
+                             "kernels, so exactness holds either way)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in --out (made with the same settings) and run only the others")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
@@ -344,7 +376,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--rate-of: no trained arm {sorted(set(fixed) - set(ARMS[1:]))[0]!r}")
     rates_of = {arm: fixed.get(arm) or tuple(args.rates or RATES[arm]) for arm in ARMS[1:]}
     device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in _RUN_ONLY}
+    earlier = _earlier_runs(args.out, settings) if args.resume else []
 
     from meft_convert.convert import ConvertOptions, convert
 
@@ -361,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     results = dict(command=" ".join(["python", "benchmarks/qa.py", *(argv if argv is not None else sys.argv[1:])]),
                    torch=torch.__version__, transformers=transformers.__version__, device=str(device),
                    gpu=torch.cuda.get_device_name() if device.type == "cuda" else None,
-                   settings={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out", "model")},
+                   settings=settings,
                    meft_settings={arm: {k: json.loads((paths[arm] / "config.json").read_text())[k]
                                         for k in ("variant", "lambda_", "beta", "adapter_init")}
                                   for arm in args.arms if arm.startswith("meft")},
@@ -385,7 +419,10 @@ def main(argv: list[str] | None = None) -> None:
     sweeps = [(task, arm, lr, args.seeds[0], "dev") for task in args.tasks for arm in trained
               for lr in rates_of[arm] if len(rates_of[arm]) > 1]
     context = (args, paths, str(device))
-    for row in _run_all(sweeps, context, tasks, args.jobs):
+    done = {_job_of(r) for r in earlier}
+    for row in earlier:
+        record(row)
+    for row in _run_all([j for j in sweeps if j not in done], context, tasks, args.jobs):
         record(row)
     best = {}
     for task in args.tasks:
@@ -396,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     # seed by seed, so that a run cut short has every arm at its first seeds
     finals = [(task, arm, best[task, arm], seed, "test") for seed in args.seeds for task in args.tasks for arm in trained]
     finals += [(task, "zero-shot", None, args.seeds[0], "test") for task in args.tasks if "zero-shot" in args.arms]
-    for row in _run_all(finals, context, tasks, args.jobs):
+    for row in _run_all([j for j in finals if j not in done], context, tasks, args.jobs):
         if row["arm"] == "zero-shot":  # no training: every seed would score the same
             for seed in args.seeds:
                 record({**row, "seed": seed})

@@ -123,3 +123,23 @@ def test_a_fixed_rate_names_a_trained_arm_and_a_number(bad, tmp_path, capsys):
         qa.main(["--rate-of", bad, "--out", str(tmp_path / "qa.json")])
     assert "--rate-of" in capsys.readouterr().err
     assert not (tmp_path / "qa.json").exists()
+
+
+@needs_full_data
+def test_a_resumed_run_keeps_what_was_run_and_runs_only_the_rest(smollm2, tmp_path, capsys):
+    out = tmp_path / "qa.json"
+    common = ["--model", str(smollm2), "--tasks", "piqa", "--steps", "1", "--batch", "1", "--seeds", "0",
+              "--rates", "1e-4", "--dev-rows", "2", "--max-test", "2", "--device", "cpu", "--out", str(out)]
+    qa.main(common + ["--arms", "zero-shot", "lora-qv"])
+    first = json.loads(out.read_text())["runs"]
+    assert sorted(r["arm"] for r in first) == ["lora-qv", "zero-shot"]
+    # more arms, resumed: the two runs are kept as they were, only the new arm runs
+    qa.main(common + ["--arms", "zero-shot", "lora-qv", "lora-all", "--resume"])
+    runs = json.loads(out.read_text())["runs"]
+    assert "resuming: 2 runs kept" in capsys.readouterr().out
+    assert runs[:2] == first and [r["arm"] for r in runs[2:]] == ["lora-all"]
+    # other settings than the file's: refused by name, the file left as it is
+    before = out.read_text()
+    with pytest.raises(SystemExit, match="other settings \\(steps\\)"):
+        qa.main([*common[:4], "--steps", "2", *common[6:], "--arms", "lora-qv", "--resume"])
+    assert out.read_text() == before
