@@ -277,6 +277,26 @@ def _raise_if_rebuilt_inputs_differ(audits: list) -> None:
 
 # ------------------------------------------------------------------- the autograd Function
 
+_top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _as_is(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _own_saved_tensors():
+    """Saved-tensor hooks the caller installed (TRL's activation offloading, torch's save_on_cpu)
+    are for the caller's graph. The graphs the engine builds in forward and drops (blocks run with
+    grad on, so that forward and recompute pick the same kernels) and the recompute it
+    differentiates at once in backward stay out of them: moving those to the host is copies for
+    nothing, and the forward's are never unpacked, so an offloader's record of them would never
+    empty. Innermost pass-through hooks keep them as plain autograd does; none are added when the
+    caller has none."""
+    if _top_saved_tensors_hooks is not None and _top_saved_tensors_hooks(False) is None:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is)
+
+
 
 class _ReversibleStack(torch.autograd.Function):
     """Runs the half-steps forward keeping only final streams and remainders; rebuilds in backward."""
@@ -294,12 +314,13 @@ class _ReversibleStack(torch.autograd.Function):
             run.flags.append(flag)
             run.flag_names.append("the stack input")
         x2 = arith.twin(x1)  # both streams start at the same point
-        for layer in run.layers:
-            run.record_input(layer, x1, x2)
-            with layer.coupling.gathered():
-                for half in layer.halves:
-                    x1, x2 = half.forward(x1, x2)
-            x1, x2 = layer.swap(x1, x2)
+        with _own_saved_tensors():
+            for layer in run.layers:
+                run.record_input(layer, x1, x2)
+                with layer.coupling.gathered():
+                    for half in layer.halves:
+                        x1, x2 = half.forward(x1, x2)
+                x1, x2 = layer.swap(x1, x2)
         arith.check_range(run.flags, run.flag_names, run.couplings)
         run.flags, run.flag_names, run.routed_leaves = [], [], None
         # the final streams stay outside save_for_backward: backward turns them into the layers'
@@ -340,7 +361,7 @@ class _ReversibleStack(torch.autograd.Function):
         on_cuda = run.rng_device.type == "cuda"
         device_ids = [run.rng_device.index] if run.record_rng and on_cuda else []
         fork = torch.random.fork_rng(devices=device_ids, enabled=run.record_rng, device_type="cuda")
-        with fork:
+        with fork, _own_saved_tensors():
             for layer in reversed(run.layers):
                 y1, y2, dy1, dy2 = layer.swap(y1, y2, dy1, dy2)  # undo the swap that followed this layer
                 run.grads.start_layer()

@@ -252,6 +252,33 @@ def test_saved_tensor_hooks_such_as_activation_offloading_change_no_gradient(var
     assert packed  # the hooks saw the saved tensors of both runs
 
 
+@pytest.mark.parametrize("variant", ["meft1", "meft3"])
+def test_an_offloaders_hooks_see_the_callers_graph_only_and_get_all_of_it_back(variant):
+    """An activation offloader (TRL's) numbers what autograd saves, moves it away and expects every
+    piece back during backward. The reversible step hands it only what plain autograd would keep
+    outside the stack (embeddings, head, loss), never the graphs the engine builds and drops in
+    forward or differentiates at once in backward, and everything it was handed comes back."""
+    model = build("tinyllama-1.1b", "AutoModelForCausalLM", variant=variant)
+    ids, mask = batch()
+    held: dict[int, torch.Tensor] = {}
+    packed = {"vanilla": 0, "reversible": 0}
+    for mode in packed:
+
+        def pack(tensor, mode=mode):
+            packed[mode] += 1
+            held[id(tensor), packed[mode]] = tensor.clone()  # a copy, as a move to the host and back gives
+            return id(tensor), packed[mode]
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, held.pop), model.meft_backward(mode):
+            loss = loss_of(model, "AutoModelForCausalLM", ids, mask)
+            loss.backward()
+        if mode == "reversible":
+            assert held == {}  # all of it came back
+        held.clear()  # plain autograd leaves what it saved for a branch the loss never reads
+    # the stack's layers saved nothing through the caller's hooks (plain autograd keeps each layer's)
+    assert 0 < packed["reversible"] < packed["vanilla"] / 4, packed
+
+
 # padding-free packing as TRL's padding_free and DataCollatorWithFlattening give it: sequences
 # joined into one row, position_ids restarting at 0 at each, no attention mask, the first label of
 # each sequence -100. transformers keeps the sequences apart through the mask it builds from
