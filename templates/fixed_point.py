@@ -2,8 +2,8 @@
 
 A stream holds integers with K fractional bits, fix(t) = round(t·2^K), in int64 or, for 16-bit
 models, int32. A half-step divides a stream's integers by m (a scale 1/m) and keeps the
-remainders, packed into bit planes, as the only per-layer state; `RemainderStore` keeps them on
-the device or in pinned host memory. The three kernels (a stream's start, one coupling, its
+remainders as the only per-layer state, packed into a plane per whole byte and, for the bits left
+over, eight at a time; `RemainderStore` keeps them on the device or in pinned host memory. The three kernels (a stream's start, one coupling, its
 inverse) run fused through torch.compile on CUDA, decided once per process.
 
 Everything here is integer arithmetic on tensors: no blocks, no autograd.
@@ -55,26 +55,41 @@ def max_stream_value(frac_bits: int, stream_bits: int) -> float:
     return _limit(_int_dtype(stream_bits)) * 2.0**-frac_bits
 
 
-def _pack_bits(v: torch.Tensor, bits: int) -> torch.Tensor:
-    """Values in [0, 2^bits) → uint8 bit planes of shape (bits, ⌈n/8⌉): plane j holds bit j of
-    eight values per byte, so each value costs exactly `bits` bits."""
-    flat = torch.nn.functional.pad(v, (0, (-v.numel()) % 8)).reshape(-1, 8)
-    weights = 1 << torch.arange(8, dtype=torch.uint8, device=v.device)  # 1, 2, ..., 128
-    return torch.stack([(((flat >> j) & 1).to(torch.uint8) * weights).sum(1, dtype=torch.uint8) for j in range(bits)])
+def _pack_bits(v: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
+    """Values in [0, 2^bits) → uint8 planes, each its own tensor (joining them would cost a
+    copy): a plane of n bytes per whole byte of the values, one pass each; then the bits left over
+    (r = bits % 8) eight values at a time, as one number of 8·r bits split into r planes of ⌈n/8⌉
+    bytes. So each value costs exactly `bits` bits (packed_remainder_bytes counts them)."""
+    flat = v.reshape(-1)
+    whole, rest = divmod(bits, 8)
+    planes = [((flat >> (8 * i)) & 255).to(torch.uint8) for i in range(whole)]
+    if rest:
+        top = torch.nn.functional.pad(flat >> (8 * whole), (0, (-flat.numel()) % 8)).view(-1, 8).to(torch.int64)
+        word = (top << (rest * torch.arange(8, dtype=torch.int64, device=v.device))).sum(1)  # 8·r ≤ 56 bits
+        planes += [((word >> (8 * j)) & 255).to(torch.uint8) for j in range(rest)]
+    return tuple(planes)
 
 
-def _unpack_bits(planes: torch.Tensor, bits: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    shifts = torch.arange(8, dtype=torch.uint8, device=planes.device)
-    v = torch.zeros(planes.shape[1] * 8, dtype=dtype, device=planes.device)
-    for j in range(bits):
-        v = v | (((planes[j].view(-1, 1) >> shifts) & 1).view(-1).to(dtype) << j)
+def _unpack_bits(planes: Sequence[torch.Tensor], bits: int, count: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of _pack_bits: the first `count` values, as `dtype`."""
+    whole, rest = divmod(bits, 8)
+    v = torch.zeros(count, dtype=dtype, device=planes[0].device)
+    for i in range(whole):
+        v = v | (planes[i].to(dtype) << (8 * i))
+    if rest:
+        word = torch.zeros(planes[whole].shape, dtype=torch.int64, device=v.device)
+        for j in range(rest):
+            word = word | (planes[whole + j].to(torch.int64) << (8 * j))
+        shifts = rest * torch.arange(8, dtype=torch.int64, device=v.device)
+        top = ((word.view(-1, 1) >> shifts) & ((1 << rest) - 1)).view(-1)[:count]
+        v = v | (top.to(dtype) << (8 * whole))
     return v
 
 
-def pack_remainders(r: torch.Tensor, m: int) -> torch.Tensor:
-    """Remainders modulo m → uint8 bit planes of their groups of k (remainder_layout); empty for m = 1."""
+def pack_remainders(r: torch.Tensor, m: int) -> tuple[torch.Tensor, ...]:
+    """Remainders modulo m → uint8 planes of their groups of k (remainder_layout); none for m = 1."""
     if m == 1:
-        return torch.empty(0, dtype=torch.uint8)
+        return ()
     k, bits = remainder_layout(m)
     if k == 1:
         return _pack_bits(r.reshape(-1), bits)
@@ -85,12 +100,12 @@ def pack_remainders(r: torch.Tensor, m: int) -> torch.Tensor:
     return _pack_bits(value, bits)
 
 
-def unpack_remainders(planes: torch.Tensor, m: int, like: torch.Tensor) -> torch.Tensor:
+def unpack_remainders(packed: Sequence[torch.Tensor], m: int, like: torch.Tensor) -> torch.Tensor:
     """Inverse of pack_remainders: remainders shaped (and typed) like `like`."""
     k, bits = remainder_layout(m)
     if k == 1:
-        return _unpack_bits(planes, bits, like.dtype)[: like.numel()].view(like.shape)
-    value = _unpack_bits(planes, bits)
+        return _unpack_bits(packed, bits, like.numel(), like.dtype).view(like.shape)
+    value = _unpack_bits(packed, bits, -(-like.numel() // k))
     digits = []
     for _ in range(k):
         digits.append(value % m)
@@ -201,7 +216,7 @@ class RemainderStore:
     def __init__(self, offload: bool, device: torch.device):
         self.offload = offload and device.type == "cuda"
         self.device = device
-        self.parts: list[list] = []  # per half-step: its chunks' packed tensors (None for m = 1)
+        self.parts: list[list] = []  # per half-step: its chunks' packed planes (a tuple; None for m = 1)
         self._copies = torch.cuda.Stream(device) if self.offload else None
         self._fetched: dict[int, list] = {}
 
@@ -211,25 +226,28 @@ class RemainderStore:
             chunks = [self._to_host(t) for t in chunks]
         self.parts.append(chunks)
 
-    def _to_host(self, t: torch.Tensor | None):
-        if t is None:
+    def _to_host(self, planes: tuple | None) -> tuple | None:
+        if planes is None:
             return None
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        hosts = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in planes)
         self._copies.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._copies):
-            host.copy_(t, non_blocking=True)
-        t.record_stream(self._copies)  # its memory is reused only once the copy is done
-        return host
+            for host, t in zip(hosts, planes):
+                host.copy_(t, non_blocking=True)
+                t.record_stream(self._copies)  # its memory is reused only once the copy is done
+        return hosts
 
     def device_tensors(self) -> list[torch.Tensor]:
         """What save_for_backward keeps (nothing when offloaded)."""
-        return [] if self.offload else [t for chunks in self.parts for t in chunks if t is not None]
+        return [] if self.offload else [t for chunks in self.parts for planes in chunks if planes is not None
+                                        for t in planes]
 
     def restore(self, saved: Sequence[torch.Tensor]) -> None:
         if self.offload:
             return
         it = iter(saved)
-        self.parts = [[None if t is None else next(it) for t in chunks] for chunks in self.parts]
+        self.parts = [[None if planes is None else tuple(next(it) for _ in planes) for planes in chunks]
+                      for chunks in self.parts]
 
     @labelled("remainders")
     def prefetch(self, index: int) -> None:
@@ -238,7 +256,8 @@ class RemainderStore:
             return
         self._copies.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._copies):
-            self._fetched[index] = [None if t is None else t.to(self.device, non_blocking=True) for t in self.parts[index]]
+            self._fetched[index] = [None if planes is None else tuple(t.to(self.device, non_blocking=True) for t in planes)
+                                    for planes in self.parts[index]]
 
     @labelled("remainders")
     def take(self, index: int) -> list:
@@ -248,8 +267,8 @@ class RemainderStore:
         self.prefetch(index)
         torch.cuda.current_stream(self.device).wait_stream(self._copies)
         chunks = self._fetched.pop(index)
-        for t in chunks:
-            if t is not None:
+        for planes in chunks:
+            for t in planes or ():
                 t.record_stream(torch.cuda.current_stream(self.device))
         self.parts[index] = []
         return chunks

@@ -107,9 +107,12 @@ def remainder_bits(m: int) -> float:
 
 
 def packed_remainder_bytes(m: int, count: int) -> int:
-    """Bytes that `count` remainders modulo m take once packed."""
+    """Bytes that `count` remainders modulo m take once packed (fixed_point._pack_bits): their
+    groups of k, a byte plane per whole byte of `bits`, then eight groups' leftover bits (bits %
+    8 each) to every `bits % 8` bytes."""
     k, bits = remainder_layout(m)
-    return bits * (-(-(-(-count // k)) // 8))
+    groups = -(-count // k)
+    return bits // 8 * groups + bits % 8 * -(-groups // 8)
 
 
 # ------------------------------------------------------------------------------ the settings

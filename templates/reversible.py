@@ -22,7 +22,7 @@ Integer arithmetic has no rounding, so the inverse reproduces every bit provided
 recomputed bit-identically: same input (the dequantised integers), same dropout masks
 (the RNG state is recorded before each block and replayed), same kernels (the forward
 runs each block exactly as the recompute does). The remainders r are the only per-layer
-state: a few remainders share one number below m^k, packed into bit planes, so each takes
+state: a few remainders share one number below m^k, packed into byte planes, so each takes
 about log2 m bits (3.33 for m = 10, 8 for m = 256, none for m = 1).
 
 Gradients follow the real-valued coupling (dx1 = λ·dy1 + ..., fix and the integer

@@ -360,7 +360,8 @@ def test_pinned_host_memory_as_measured():
     (40 MiB a stream and layer at 8k) reserve 64 MiB each, as the benchmark's allocator counted."""
     from meft_convert.estimate import packed_remainder_bytes
 
-    assert packed_remainder_bytes(1024, 12345) == 10 * 1544  # 10 bit planes of ⌈12345 / 8⌉ bytes
+    assert packed_remainder_bytes(1024, 12345) == 12345 + 2 * 1544  # a byte plane; 2 bits of 8 values in 2 bytes
+    assert packed_remainder_bytes(256, 12345) == 12345  # one byte each
     for name, row in ROWS:
         if row["method"] in ("meft1+offload", "meft3+offload") and row.get("pinned_host_peak_gib"):
             pinned = _estimate(row)["arms"][row["method"]]["host_pinned_gib"]

@@ -15,17 +15,34 @@ from meft_convert.templates import reversible as R
 from tests.test_reversible import D, ToyBlock, couplings
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 10, 255, 256, 1024, 1000003])
-def test_remainders_pack_into_about_log2_m_bits(m):
-    r = torch.randint(0, m, (3, 37), generator=torch.Generator().manual_seed(m))
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("m", [1, 2, 3, 10, 255, 256, 1024, 4096, 65536, 1000003])
+def test_remainders_pack_into_about_log2_m_bits(m, dtype):
+    r = torch.randint(0, m, (3, 37), generator=torch.Generator().manual_seed(m), dtype=dtype)
+    r[0, :2] = torch.tensor([0, m - 1])  # both ends of the range
     packed = FP.pack_remainders(r, m)
-    assert packed.dtype == torch.uint8 and packed.numel() == T.packed_remainder_bytes(m, r.numel())
+    assert all(p.dtype == torch.uint8 for p in packed)
+    assert sum(p.numel() for p in packed) == T.packed_remainder_bytes(m, r.numel())
     k, bits = T.remainder_layout(m)
     if m > 1:
-        assert torch.equal(FP.unpack_remainders(packed, m, r), r)
+        unpacked = FP.unpack_remainders(packed, m, r)
+        assert unpacked.dtype == dtype and torch.equal(unpacked, r)
         assert math.log2(m) <= bits / k <= math.ceil(math.log2(m))  # never more than one at a time
     else:
-        assert packed.numel() == 0
+        assert packed == ()
+
+
+def test_whole_bytes_of_a_remainder_are_planes_of_their_own():
+    # 8-bit remainders (MEFT1's default scale on 16-bit models, 1/256) are one byte each, in order
+    r = torch.tensor([0, 1, 200, 255, 7])
+    [plane] = FP.pack_remainders(r, 256)
+    assert torch.equal(plane, r.to(torch.uint8))
+    # 12 bits: the low byte of every value, then the high 4 bits of eight values in a 32-bit number, its bytes
+    # four planes (here five values, padded with zeros)
+    r = torch.tensor([0x0AB, 0xF12, 0x800, 0x001, 0x3CD])
+    low, *high = FP.pack_remainders(r, 4096)
+    assert low.tolist() == [0xAB, 0x12, 0x00, 0x01, 0xCD]
+    assert [p.tolist() for p in high] == [[0xF0], [0x08], [0x03], [0x00]]  # 0x0003_08F0: nibbles 0, F, 8, 0, 3
 
 
 def test_remainder_layout_packs_groups():
@@ -46,18 +63,22 @@ def test_scales_must_be_reciprocals_of_integers():
 
 @pytest.mark.slow
 def test_compiled_half_steps_give_the_eager_bits():
-    """On CUDA the half-steps run through torch.compile; their integers must be the eager ones."""
+    """On CUDA the half-steps run through torch.compile; their integers must be the eager ones,
+    for remainders in groups (m = 10), in a byte (256), a byte and bit planes (2048) and a byte
+    and 4-bit fields (4096)."""
     compiled_couple = torch.compile(FP._couple, dynamic=True)
     compiled_uncouple = torch.compile(FP._uncouple, dynamic=True)
     g = torch.Generator().manual_seed(0)
-    x = FP.to_fixed(torch.randn(3, 40, D, generator=g) * 50, 32)
-    out = (torch.randn(3, 40, D, generator=g) * 3).to(torch.bfloat16)
-    eager = FP._couple(x, out, 10, 32, torch.float32)
-    fused = compiled_couple(x, out, 10, 32, torch.float32)
-    for i in (0, 2, 3, 4):  # integers, packed remainders, flag, sum
-        assert torch.equal(eager[i], fused[i])
-    back = compiled_uncouple(fused[0], out, fused[2], 10, 32, torch.float32)
-    assert torch.equal(back[0], x) and torch.equal(back[2], x.sum())
+    x = FP.to_fixed(torch.randn(3, 41, D, generator=g) * 50, 32)
+    out = (torch.randn(3, 41, D, generator=g) * 3).to(torch.bfloat16)
+    for m in (10, 256, 2048, 4096):
+        eager = FP._couple(x, out, m, 32, torch.float32)
+        fused = compiled_couple(x, out, m, 32, torch.float32)
+        for i in (0, 3, 4):  # integers, flag, sum
+            assert torch.equal(eager[i], fused[i]), m
+        assert len(eager[2]) == len(fused[2]) and all(map(torch.equal, eager[2], fused[2])), m  # remainders
+        back = compiled_uncouple(fused[0], out, fused[2], m, 32, torch.float32)
+        assert torch.equal(back[0], x) and torch.equal(back[2], x.sum()), m
 
 
 def test_compiler_is_decided_once_and_later_errors_propagate(monkeypatch):

@@ -217,7 +217,7 @@ def host_bytes(run) -> int:
     store = run.remainders
     if store is None or not store.offload:
         return 0
-    return sum(t.numel() * t.element_size() for chunks in store.parts for t in chunks if t is not None)
+    return sum(t.numel() * t.element_size() for chunks in store.parts for planes in chunks for t in planes or ())
 
 
 def kept_bytes(run) -> int:
