@@ -331,8 +331,9 @@ def _earlier_runs(out: Path, settings: dict) -> list[dict]:
     if not out.exists():
         return []
     earlier = json.loads(out.read_text())
-    theirs = {k: v for k, v in earlier.get("settings", {}).items() if k not in _RUN_ONLY}
-    differ = sorted(k for k in set(theirs) | set(settings) if theirs.get(k) != settings.get(k))
+    theirs = earlier.get("settings", {})
+    differ = sorted(k for k in set(theirs) | set(settings)
+                    if k not in _RUN_ONLY and theirs.get(k) != settings.get(k))
     if differ:
         raise SystemExit(f"--resume: {out} was made with other settings ({', '.join(differ)}); "
                          "give the same ones, or another --out")
@@ -376,8 +377,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--rate-of: no trained arm {sorted(set(fixed) - set(ARMS[1:]))[0]!r}")
     rates_of = {arm: fixed.get(arm) or tuple(args.rates or RATES[arm]) for arm in ARMS[1:]}
     device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in _RUN_ONLY}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out", "model")}
     earlier = _earlier_runs(args.out, settings) if args.resume else []
 
     from meft_convert.convert import ConvertOptions, convert
@@ -420,8 +420,7 @@ def main(argv: list[str] | None = None) -> None:
               for lr in rates_of[arm] if len(rates_of[arm]) > 1]
     context = (args, paths, str(device))
     done = {_job_of(r) for r in earlier}
-    for row in earlier:
-        record(row)
+    results["runs"].extend(earlier)
     for row in _run_all([j for j in sweeps if j not in done], context, tasks, args.jobs):
         record(row)
     best = {}

@@ -3,8 +3,9 @@
 A stream holds integers with K fractional bits, fix(t) = round(t·2^K), in int64 or, for 16-bit
 models, int32. A half-step divides a stream's integers by m (a scale 1/m) and keeps the
 remainders as the only per-layer state, packed into a plane per whole byte and, for the bits left
-over, eight at a time; `RemainderStore` keeps them on the device or in pinned host memory. The three kernels (a stream's start, one coupling, its
-inverse) run fused through torch.compile on CUDA, decided once per process.
+over, eight at a time; `RemainderStore` keeps them on the device or in pinned host memory. The
+three kernels (a stream's start, one coupling, its inverse) run fused through torch.compile on
+CUDA, decided once per process.
 
 Everything here is integer arithmetic on tensors: no blocks, no autograd.
 """

@@ -157,4 +157,3 @@ def _path_of(model: torch.nn.Module, module: torch.nn.Module) -> str:
         path = next(name for name, candidate in model.named_modules() if candidate is module)
         paths[id(module)] = path
     return path
-
